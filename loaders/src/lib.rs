@@ -1,1 +1,59 @@
+//! cubeqwen-loaders: model files (GGUF, safetensors) to typed host tensors.
+//!
+//! The interface other crates use:
+//! - [`load_model`] opens a GGUF file or a Hugging Face checkpoint directory and returns a [`HostModel`]:
+//!   the [`Qwen2Config`], the [`TokenizerData`] and every tensor under its GGUF name
+//!   (`token_embd.weight`, `blk.N.attn_q.weight`, ...), dequantized.
+//! - Tensor shapes are row-major (outermost first): `token_embd.weight` is `[vocab, d]`.
+//! - 2-D weights are held as f16 ([`TensorData::F16`]); 1-D tensors (norm weights, biases) as f32.
 
+use half::f16;
+
+/// Qwen2 model hyper-parameters read from `qwen2.*` metadata (or HF `config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2Config {
+    pub hidden: usize,
+    pub layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    /// true when the file has no `output.weight`: the lm_head is `token_embd.weight`.
+    pub tied_embeddings: bool,
+}
+
+/// What a BPE tokenizer needs, from `tokenizer.ggml.*` (or HF `tokenizer.json`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerData {
+    /// `tokenizer.ggml.model`, e.g. "gpt2".
+    pub model: String,
+    /// `tokenizer.ggml.pre`, e.g. "qwen2".
+    pub pre: String,
+    pub tokens: Vec<String>,
+    /// GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    pub token_types: Vec<i32>,
+    /// "a b" pairs, in priority order.
+    pub merges: Vec<String>,
+    pub eos_id: Option<u32>,
+    pub bos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Row-major shape, outermost first.
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
