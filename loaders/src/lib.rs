@@ -57,3 +57,39 @@ pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: TensorData,
 }
+
+/// A whole model on the host: config, tokenizer and every tensor by GGUF name.
+#[derive(Debug, Clone)]
+pub struct HostModel {
+    pub config: Qwen2Config,
+    pub tokenizer: TokenizerData,
+    pub tensors: std::collections::BTreeMap<String, HostTensor>,
+}
+
+impl HostModel {
+    /// The tensor `name`, or an error naming it.
+    pub fn tensor(&self, name: &str) -> anyhow::Result<&HostTensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("model has no tensor `{name}`"))
+    }
+}
+
+impl TensorData {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F16(v) => v.len(),
+            TensorData::F32(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The values widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::F32(v) => v.clone(),
+        }
+    }
+}
