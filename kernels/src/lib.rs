@@ -1,1 +1,16 @@
+//! cubeqwen-kernels: every kernel of the Qwen2 forward pass, written once with CubeCL.
+//!
+//! One file per kernel family. Each file holds, in this order: the `#[cube]` kernel(s),
+//! the host-side `launch` function (checks shapes, returns errors instead of panicking),
+//! and a plain-Rust `reference` in f64 that the tests compare against.
+//!
+//! | family | file | reference |
+//! |---|---|---|
+//! | RMSNorm | [`rmsnorm`] | [`rmsnorm::reference`] |
 
+pub mod buffer;
+pub mod rmsnorm;
+pub mod runtime;
+pub mod testing;
+
+pub use buffer::DeviceTensor;

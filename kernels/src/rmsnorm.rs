@@ -1,0 +1,113 @@
+//! RMSNorm: `y = x / sqrt(mean(x²) + eps) * w`, one row per cube.
+//!
+//! Storage `F` (f16 in the model), weight in f32, sum of squares and scaling in f32.
+
+use anyhow::{ensure, Result};
+use cubecl::prelude::*;
+
+use crate::DeviceTensor;
+
+/// Threads per row. A power of two (the tree reduction halves it).
+pub const BLOCK: usize = 256;
+
+#[cube(launch)]
+fn rms_norm_kernel<F: Float>(
+    input: &Array<F>,
+    weight: &Array<f32>,
+    output: &mut Array<F>,
+    cols: usize,
+    eps: f32,
+    #[comptime] block: usize,
+) {
+    let row = CUBE_POS as usize;
+    let tid = UNIT_POS as usize;
+    let base = row * cols;
+
+    let mut partial = 0.0f32;
+    let mut i = tid;
+    while i < cols {
+        let v = f32::cast_from(input[base + i]);
+        partial += v * v;
+        i += block;
+    }
+
+    let mut sums = SharedMemory::<f32>::new(block);
+    sums[tid] = partial;
+    sync_cube();
+
+    // CUBE_DIM == block; a runtime value so the loop variable is mutable.
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            sums[tid] = sums[tid] + sums[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+
+    let scale = f32::inverse_sqrt(sums[0] / f32::cast_from(cols) + eps);
+    let mut j = tid;
+    while j < cols {
+        let v = f32::cast_from(input[base + j]);
+        output[base + j] = F::cast_from(v * scale * weight[j]);
+        j += block;
+    }
+}
+
+/// RMSNorm over the last dimension of `input` ([rows, cols]) into `output` (same shape).
+pub fn rms_norm<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    input: &DeviceTensor<R, F>,
+    weight: &DeviceTensor<R, f32>,
+    output: &DeviceTensor<R, F>,
+    eps: f32,
+) -> Result<()> {
+    ensure!(
+        input.shape.len() == 2,
+        "rms_norm: input must be [rows, cols], got {:?}",
+        input.shape
+    );
+    let (rows, cols) = (input.shape[0], input.shape[1]);
+    ensure!(
+        weight.shape == [cols],
+        "rms_norm: weight must be [{cols}], got {:?}",
+        weight.shape
+    );
+    ensure!(
+        output.shape == input.shape,
+        "rms_norm: output shape {:?} differs from input {:?}",
+        output.shape,
+        input.shape
+    );
+    ensure!(
+        eps.is_finite() && eps > 0.0,
+        "rms_norm: eps must be > 0, got {eps}"
+    );
+    ensure!(
+        rows <= u32::MAX as usize,
+        "rms_norm: too many rows ({rows})"
+    );
+    rms_norm_kernel::launch::<F, R>(
+        client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(BLOCK as u32),
+        input.arg(),
+        weight.arg(),
+        output.arg(),
+        cols,
+        eps,
+        BLOCK,
+    );
+    Ok(())
+}
+
+/// f64 reference: rows of `x` ([rows][cols], row-major) normalised and scaled by `w`.
+pub fn reference(x: &[f64], w: &[f64], cols: usize, eps: f64) -> Vec<f64> {
+    x.chunks(cols)
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / cols as f64;
+            let s = 1.0 / (ms + eps).sqrt();
+            row.iter().zip(w).map(move |(v, w)| v * s * w)
+        })
+        .collect()
+}

@@ -1,0 +1,172 @@
+//! Picking the device: `auto` (CUDA when a driver and a GPU answer, else wgpu), `cuda` or `wgpu`.
+//!
+//! Code that runs kernels is written once, generic over `R: Runtime`, as a [`RuntimeJob`];
+//! [`dispatch`] runs it on the picked device.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use cubecl::prelude::*;
+
+/// The device a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    #[default]
+    Auto,
+    Cuda,
+    Wgpu,
+}
+
+impl FromStr for DeviceKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cuda" => Ok(Self::Cuda),
+            "wgpu" => Ok(Self::Wgpu),
+            other => bail!("unknown device `{other}`: expected auto, cuda or wgpu"),
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cuda => "cuda",
+            Self::Wgpu => "wgpu",
+        })
+    }
+}
+
+/// Work that runs on whichever runtime was picked.
+pub trait RuntimeJob {
+    type Output;
+    /// `device` describes the picked device for the user, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)".
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<Self::Output>;
+}
+
+/// Why CUDA cannot be used here, or `None` when a CUDA device answers.
+pub fn cuda_unavailable_reason() -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::{result, sys};
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Some("no CUDA driver library (libcuda.so) was found".into());
+        }
+        if let Err(e) = result::init() {
+            return Some(format!("the CUDA driver failed to initialise: {e:?}"));
+        }
+        match result::device::get_count() {
+            Ok(0) => Some("the CUDA driver reports no GPU".into()),
+            Ok(_) => None,
+            Err(e) => Some(format!("the CUDA driver could not count GPUs: {e:?}")),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Some("this build of cubeqwen has no CUDA support (cargo feature `cuda` is off)".into())
+    }
+}
+
+/// Where compiled kernels are cached between runs: `$CUBEQWEN_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/cubeqwen/kernels`, else `~/.cache/cubeqwen/kernels`.
+pub fn kernel_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("CUBEQWEN_KERNEL_CACHE") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("cubeqwen").join("kernels")
+}
+
+/// Points cubecl's persistent compilation cache at [`kernel_cache_dir`] (once, before any client).
+/// CUDA caches compiled PTX there, so a second run does not JIT again.
+fn configure_cubecl() {
+    use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::default();
+        if std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_none() {
+            config.compilation.cache = Some(CacheConfig::File(kernel_cache_dir()));
+        }
+        // Another part of the process may have configured cubecl first; keep theirs then.
+        let _ = std::panic::catch_unwind(|| CubeClRuntimeConfig::set(config));
+    });
+}
+
+fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
+    match kind {
+        DeviceKind::Auto => Ok(if cuda_unavailable_reason().is_none() {
+            DeviceKind::Cuda
+        } else {
+            DeviceKind::Wgpu
+        }),
+        DeviceKind::Cuda => match cuda_unavailable_reason() {
+            None => Ok(DeviceKind::Cuda),
+            Some(why) => bail!("--device cuda was asked for, but {why}; use --device wgpu or auto"),
+        },
+        DeviceKind::Wgpu => Ok(DeviceKind::Wgpu),
+    }
+}
+
+fn client_or_error<R: Runtime>(device: &R::Device, what: &str) -> Result<ComputeClient<R>> {
+    // cubecl panics when a backend cannot start; turn that into an error for the user.
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)));
+    std::panic::set_hook(prev);
+    client.map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        anyhow::anyhow!("could not start the {what} device: {msg}")
+    })
+}
+
+/// The device that `kind` resolves to, as the user would name it (`cuda` or `wgpu`).
+pub fn resolve_kind(kind: DeviceKind) -> Result<DeviceKind> {
+    resolve(kind)
+}
+
+/// Runs `job` on the device `kind` resolves to.
+pub fn dispatch<J: RuntimeJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
+    configure_cubecl();
+    match resolve(kind)? {
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            use cubecl::cuda::{CudaDevice, CudaRuntime};
+            let client = client_or_error::<CudaRuntime>(&CudaDevice { index: 0 }, "CUDA")?;
+            let name = format!("cuda:0 ({})", cuda_device_name());
+            job.run(client, &name)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => unreachable!("resolve() refuses CUDA without the feature"),
+        DeviceKind::Wgpu => {
+            use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+            let client = client_or_error::<WgpuRuntime>(&WgpuDevice::DefaultDevice, "wgpu")?;
+            let name = format!("wgpu ({})", wgpu_adapter_name());
+            job.run(client, &name)
+        }
+        DeviceKind::Auto => unreachable!("resolve() never returns Auto"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device_name() -> String {
+    use cudarc::driver::result;
+    result::device::get(0)
+        .and_then(result::device::get_name)
+        .unwrap_or_else(|_| "unknown GPU".into())
+}
+
+fn wgpu_adapter_name() -> String {
+    std::env::var("CUBECL_WGPU_DEFAULT_DEVICE").unwrap_or_else(|_| "default adapter".into())
+}

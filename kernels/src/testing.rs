@@ -1,0 +1,128 @@
+//! Helpers for parity tests: seeded random inputs, poisoned outputs, error norms.
+
+use half::f16;
+
+/// A small, fast, seeded generator (SplitMix64) so tests need no extra dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// `n` values ~ N(mean, std²), rounded to f16.
+    pub fn f16_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f16> {
+        (0..n)
+            .map(|_| f16::from_f64(mean + std * self.normal()))
+            .collect()
+    }
+    pub fn f32_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| (mean + std * self.normal()) as f32)
+            .collect()
+    }
+}
+
+/// A seed that differs on every run unless `CUBEQWEN_SEED` pins it; tests print it.
+pub fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("CUBEQWEN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return s;
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+/// A value no correct kernel writes: NaN in f16.
+pub const POISON_F16: f16 = f16::NAN;
+
+/// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes.
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "length mismatch");
+    if out.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum();
+    let den: f64 = reference.iter().map(|b| b * b).sum();
+    assert!(
+        den > 0.0,
+        "reference is all zeros: the test would prove nothing"
+    );
+    (num / den).sqrt()
+}
+
+/// Largest |out − ref| and its index.
+pub fn max_abs_err(out: &[f64], reference: &[f64]) -> (f64, usize) {
+    out.iter()
+        .zip(reference)
+        .enumerate()
+        .map(|(i, (a, b))| ((a - b).abs(), i))
+        .fold(
+            (0.0, 0),
+            |m, x| if x.0 > m.0 || x.0.is_nan() { x } else { m },
+        )
+}
+
+pub fn f16_to_f64(v: &[f16]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+pub fn f32_to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// The device tests run on: `$CUBEQWEN_TEST_DEVICE` (auto, cuda, wgpu), default auto.
+/// An explicit `cuda` that cannot start fails the test; it never falls back silently.
+pub fn test_device() -> crate::runtime::DeviceKind {
+    std::env::var("CUBEQWEN_TEST_DEVICE")
+        .ok()
+        .map(|s| {
+            s.parse()
+                .expect("CUBEQWEN_TEST_DEVICE must be auto, cuda or wgpu")
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `job` on the test device, printing which one, and fails the test on any error.
+pub fn run_test<J: crate::runtime::RuntimeJob>(job: J) -> J::Output {
+    struct Announce<J>(J);
+    impl<J: crate::runtime::RuntimeJob> crate::runtime::RuntimeJob for Announce<J> {
+        type Output = J::Output;
+        fn run<R: cubecl::Runtime>(
+            self,
+            client: cubecl::prelude::ComputeClient<R>,
+            device: &str,
+        ) -> anyhow::Result<J::Output> {
+            eprintln!("test device: {device}");
+            self.0.run(client, device)
+        }
+    }
+    match crate::runtime::dispatch(test_device(), Announce(job)) {
+        Ok(v) => v,
+        Err(e) => panic!("{e:#}"),
+    }
+}

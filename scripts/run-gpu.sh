@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repo root, after scripts/stage-gpu.sh staged stage/.
+#   bash stage/run-gpu.sh [tests|selftest|bench|all] [extra args for the test binaries]
+# Every test runs on CUDA (CUBEQWEN_TEST_DEVICE=cuda: a missing GPU fails, never falls back).
+set -uo pipefail
+root=$(pwd); what=${1:-all}; shift || true
+out=${OUT:-$root/stage/out}; mkdir -p "$out"
+bin=$root/stage/run; mkdir -p "$bin"
+for f in stage/bin/*.gz; do gunzip -c "$f" > "$bin/$(basename "$f" .gz)"; chmod +x "$bin/$(basename "$f" .gz)"; done
+export CUBEQWEN_TEST_DEVICE=cuda CUBEQWEN_KERNEL_CACHE=$root/stage/kernel-cache
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+status=0
+if [ "$what" = all ] || [ "$what" = selftest ]; then
+  rm -rf "$CUBEQWEN_KERNEL_CACHE"
+  for run in first second; do
+    s=$(date +%s.%N)
+    "$bin/bin-cubeqwen-bin-cubeqwen" selftest --device cuda 2>&1 | tee -a "$out/selftest.log" || status=1
+    e=$(date +%s.%N)
+    echo "selftest $run run (kernel cache $( [ $run = first ] && echo empty || echo warm )): $(echo "$e - $s" | bc) s" | tee -a "$out/selftest.log"
+  done
+fi
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  while read -r name pkg kind; do
+    [ "$kind" = test ] || continue
+    echo "=== $name (in $pkg)" | tee -a "$out/tests.log"
+    (cd "$root/$pkg" && "$bin/$name" --test-threads=1 "$@") 2>&1 | tee -a "$out/tests.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done < stage/bin/MANIFEST
+  grep -E "^test result|^=== " "$out/tests.log" > "$out/summary.txt"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  while read -r name pkg kind; do
+    [ "$kind" = bench ] || continue
+    echo "=== $name" | tee -a "$out/bench.log"
+    (cd "$root/$pkg" && "$bin/$name" --bench "$@") 2>&1 | tee -a "$out/bench.log"
+  done < stage/bin/MANIFEST
+fi
+echo "run-gpu: exit $status"
+exit $status

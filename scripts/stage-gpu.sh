@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the CUDA-enabled test binaries, benches and the cubeqwen binary here (release,
+# stripped), stages them in the git-ignored folder stage/ (< 64 MiB), and prints the one
+# device command that runs them all on the GPU machine.
+#
+#   bash scripts/stage-gpu.sh [--no-bench]
+#
+# On the GPU machine: `bash stage/run-gpu.sh` (with `stage` carried). Logs go to $OUT when set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf stage && mkdir -p stage/bin
+manifest=stage/bin/MANIFEST   # lines: <binary> <package dir relative to repo> <kind>
+
+collect() { # $1 = kind; stdin = cargo json
+  python3 -c '
+import json, sys, os, shutil, subprocess
+kind, root = sys.argv[1], os.getcwd()
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"): continue
+    t = m["target"]
+    if kind == "test" and not m["profile"]["test"]: continue
+    if kind == "bin" and "bin" not in t["kind"]: continue
+    pkg = os.path.relpath(os.path.dirname(m["manifest_path"]), root)
+    exe = m["executable"]
+    name = "%s-%s-%s-%s" % (kind, os.path.basename(pkg) if pkg != "." else "cubeqwen", t["kind"][0], t["name"])
+    dst = os.path.join("stage/bin", name)
+    shutil.copy(exe, dst)
+    subprocess.run(["strip", dst], check=True)
+    subprocess.run(["gzip", "-9", dst], check=True)
+    print(name, pkg, kind)
+' "$1" >> "$manifest"
+}
+
+cargo test --release --workspace --no-run --message-format=json 2>/dev/null | collect test
+cargo build --release --bin cubeqwen --message-format=json 2>/dev/null | collect bin
+if [ "${1:-}" != "--no-bench" ] && ls benches/*.rs >/dev/null 2>&1; then
+  cargo bench --workspace --no-run --message-format=json 2>/dev/null | collect bench
+fi
+cp scripts/run-gpu.sh stage/run-gpu.sh
+du -sh stage; cat "$manifest"
+size=$(du -sb stage | cut -f1)
+[ "$size" -lt $((60 * 1024 * 1024)) ] || { echo "stage/ is $size bytes: over the carry limit" >&2; exit 1; }
+echo
+echo "device command (carry [\"stage\"]):  bash stage/run-gpu.sh"

@@ -1,0 +1,9 @@
+//! cubeqwen: Qwen2/Qwen2.5 inference with every kernel written in CubeCL.
+//!
+//! - kernels: crate `cubeqwen-kernels` (folder `kernels/`), one file per family with its reference.
+//! - loaders: crate `cubeqwen-loaders` (folder `loaders/`): GGUF, safetensors, dequantization.
+//! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
+
+pub mod selftest;
+
+pub use cubeqwen_kernels::runtime::{dispatch, DeviceKind, RuntimeJob};
