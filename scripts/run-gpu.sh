@@ -14,11 +14,12 @@ status=0
 if [ "$what" = all ] || [ "$what" = selftest ]; then
   rm -rf "$CUBEQWEN_KERNEL_CACHE"
   for run in first second; do
-    s=$(date +%s.%N)
+    s=$(date +%s%N)
     "$bin/bin-cubeqwen-bin-cubeqwen" selftest --device cuda 2>&1 | tee -a "$out/selftest.log" || status=1
-    e=$(date +%s.%N)
-    echo "selftest $run run (kernel cache $( [ $run = first ] && echo empty || echo warm )): $(echo "$e - $s" | bc) s" | tee -a "$out/selftest.log"
+    e=$(date +%s%N)
+    echo "selftest $run run (kernel cache $( [ $run = first ] && echo empty || echo warm )): $(( (e - s) / 1000000 )) ms" | tee -a "$out/selftest.log"
   done
+  echo "kernel cache: $(find "$CUBEQWEN_KERNEL_CACHE" -type f 2>/dev/null | wc -l) files, $(du -sh "$CUBEQWEN_KERNEL_CACHE" 2>/dev/null | cut -f1)" | tee -a "$out/selftest.log"
 fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   while read -r name pkg kind; do

@@ -19,7 +19,7 @@ fn rms_norm_kernel<F: Float>(
     eps: f32,
     #[comptime] block: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     let tid = UNIT_POS as usize;
     let base = row * cols;
 
