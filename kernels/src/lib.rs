@@ -9,6 +9,8 @@
 //! | RMSNorm | [`rmsnorm`] | [`rmsnorm::reference`] |
 
 pub mod buffer;
+pub mod grid;
+pub mod matmul;
 pub mod rmsnorm;
 pub mod runtime;
 pub mod testing;

@@ -126,3 +126,20 @@ pub fn run_test<J: crate::runtime::RuntimeJob>(job: J) -> J::Output {
         Err(e) => panic!("{e:#}"),
     }
 }
+
+/// Whether the big shapes run (row counts 128/2048, 1.5B/7B widths): on with
+/// `CUBEQWEN_FULL_SHAPES=1` (the GPU runner sets it); CI on software Vulkan runs the rest.
+pub fn full_shapes() -> bool {
+    std::env::var("CUBEQWEN_FULL_SHAPES").is_ok_and(|v| v == "1")
+}
+
+/// Rows to compare against an f64 reference: all of them when few, else the first, the
+/// last and 14 random ones (the reference of a 2048-row matmul would take minutes).
+pub fn sample_rows(m: usize, rng: &mut Rng) -> Vec<usize> {
+    if m <= 32 {
+        return (0..m).collect();
+    }
+    let mut rows = vec![0, m - 1];
+    rows.extend((0..14).map(|_| (rng.next_u64() % m as u64) as usize));
+    rows
+}

@@ -1,0 +1,507 @@
+//! Matmul `y = x · Wᵀ (+ bias)`: x [m, k], W [n, k] (GGUF row layout `[out][in]`), bias [n] (f32),
+//! y [m, n]. Storage `F` (f16 in the model), accumulation in f32.
+//!
+//! Variants behind one interface ([`matmul`] with a [`MatmulVariant`]):
+//! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
+//! - `Cmma`: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate); CUDA only.
+//! - `Gemv`: for few rows (decode): 32 threads share one output, vectorised loads along k.
+//! - `Auto`: `Gemv` for m ≤ 4, else `Cmma` where the device has f16 tensor cores, else `Tiled`.
+
+use anyhow::{bail, ensure, Result};
+use cubecl::ir::features::MmaConfig;
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::*;
+use half::f16;
+
+use crate::grid::{cube_count_1d, linear_cube_pos};
+use crate::DeviceTensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulVariant {
+    #[default]
+    Auto,
+    Tiled,
+    Cmma,
+    Gemv,
+}
+
+impl std::str::FromStr for MatmulVariant {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "tiled" => Self::Tiled,
+            "cmma" => Self::Cmma,
+            "gemv" => Self::Gemv,
+            _ => bail!("unknown matmul variant `{s}`: expected auto, tiled, cmma or gemv"),
+        })
+    }
+}
+
+const TILE: usize = 16;
+
+#[cube(launch)]
+fn matmul_tiled<F: Float>(
+    x: &Array<F>,
+    w: &Array<F>,
+    bias: &Array<f32>,
+    y: &mut Array<F>,
+    m: usize,
+    n: usize,
+    k: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+) {
+    let tx = UNIT_POS_X as usize; // along n
+    let ty = UNIT_POS_Y as usize; // along m
+    let row = CUBE_POS_Y as usize * 16 + ty;
+    let col = CUBE_POS_X as usize * 16 + tx;
+
+    let mut xs = SharedMemory::<f32>::new(256usize);
+    let mut ws = SharedMemory::<f32>::new(256usize);
+    let mut acc = 0.0f32;
+    let mut k0 = 0usize;
+    while k0 < k {
+        // xs[ty][tx] = x[row][k0 + tx]; ws[ty][tx] = W[CUBE_POS_X*16 + ty][k0 + tx]
+        let kk = k0 + tx;
+        let wrow = CUBE_POS_X as usize * 16 + ty;
+        let mut xv = 0.0f32;
+        if row < m && kk < k {
+            xv = f32::cast_from(x[row * k + kk]);
+        }
+        let mut wv = 0.0f32;
+        if wrow < n && kk < k {
+            wv = f32::cast_from(w[wrow * k + kk]);
+        }
+        xs[ty * 16 + tx] = xv;
+        ws[ty * 16 + tx] = wv;
+        sync_cube();
+        #[unroll]
+        for i in 0..16usize {
+            acc += xs[ty * 16 + i] * ws[tx * 16 + i];
+        }
+        sync_cube();
+        k0 += 16;
+    }
+    if row < m && col < n {
+        if comptime!(has_bias) {
+            acc += bias[col_off + col];
+        }
+        y[row * ldy + col_off + col] = F::cast_from(acc);
+    }
+}
+
+/// Threads that share one output in the GEMV kernel, and outputs per cube.
+const GEMV_THREADS: usize = 32;
+const GEMV_ROWS: usize = 8;
+
+#[cube(launch)]
+fn matmul_gemv<F: Float, V: Size>(
+    x: &Array<Vector<F, V>>,
+    w: &Array<Vector<F, V>>,
+    bias: &Array<f32>,
+    y: &mut Array<F>,
+    n: usize,
+    k_vec: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+) {
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let row = CUBE_POS_Z as usize; // which x row
+    let col = linear_cube_pos() * 8 + ty; // which output
+
+    let mut partial = 0.0f32;
+    if col < n {
+        let xb = row * k_vec;
+        let wb = col * k_vec;
+        let mut i = tx;
+        while i < k_vec {
+            let xv = Vector::<f32, V>::cast_from(x[xb + i]);
+            let wv = Vector::<f32, V>::cast_from(w[wb + i]);
+            let p = xv * wv;
+            #[unroll]
+            for l in 0..V::value() {
+                partial += p[l];
+            }
+            i += 32;
+        }
+    }
+    let mut sums = SharedMemory::<f32>::new(256usize);
+    sums[ty * 32 + tx] = partial;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if tx < stride {
+            sums[ty * 32 + tx] = sums[ty * 32 + tx] + sums[ty * 32 + tx + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if tx == 0 && col < n {
+        let mut acc = sums[ty * 32];
+        if comptime!(has_bias) {
+            acc += bias[col_off + col];
+        }
+        y[row * ldy + col_off + col] = F::cast_from(acc);
+    }
+}
+
+/// One plane (32 threads) computes a 16×16 output tile with tensor cores; operands are staged
+/// through shared memory with zero padding, so any m, n, k works.
+#[cube(launch)]
+fn matmul_cmma(
+    x: &Array<f16>,
+    w: &Array<f16>,
+    bias: &Array<f32>,
+    y: &mut Array<f16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+) {
+    let lane = UNIT_POS as usize;
+    let row0 = CUBE_POS_Y as usize * 16;
+    let col0 = CUBE_POS_X as usize * 16;
+
+    let mut a_s = SharedMemory::<f16>::new(256usize);
+    let mut b_s = SharedMemory::<f16>::new(256usize);
+    let mut c_s = SharedMemory::<f32>::new(256usize);
+
+    let acc = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+    let a = unsafe {
+        cmma::Matrix::<f16>::uninitialized(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+        )
+    };
+    let b = unsafe {
+        cmma::Matrix::<f16>::uninitialized(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+        )
+    };
+
+    let mut k0 = 0usize;
+    while k0 < k {
+        // 32 lanes × 8 elements = one 16×16 tile each for A and B.
+        #[unroll]
+        for e in 0..8usize {
+            let idx = lane * 8 + e;
+            let r = idx / 16;
+            let c = idx % 16;
+            let kk = k0 + c;
+            let mut av = f16::new(0.0);
+            if row0 + r < m && kk < k {
+                av = x[(row0 + r) * k + kk];
+            }
+            a_s[idx] = av;
+            // B is k×n col-major: element (kk, col) at col*16 + kk, i.e. W's own row layout.
+            let mut bv = f16::new(0.0);
+            if col0 + r < n && kk < k {
+                bv = w[(col0 + r) * k + kk];
+            }
+            b_s[idx] = bv;
+        }
+        sync_cube();
+        cmma::load(&a, &a_s.to_slice(), 16u32);
+        cmma::load(&b, &b_s.to_slice(), 16u32);
+        cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
+        sync_cube();
+        k0 += 16;
+    }
+    cmma::store(
+        &mut c_s.to_slice_mut(),
+        &acc,
+        16u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    sync_cube();
+    #[unroll]
+    for e in 0..8usize {
+        let idx = lane * 8 + e;
+        let r = row0 + idx / 16;
+        let c = col0 + idx % 16;
+        if r < m && c < n {
+            let mut v = c_s[idx];
+            if comptime!(has_bias) {
+                v += bias[col_off + c];
+            }
+            y[r * ldy + col_off + c] = f16::cast_from(v);
+        }
+    }
+}
+
+/// Whether the device has the f16×f16→f32 16×16×16 tensor-core shape the `Cmma` variant uses.
+pub fn cmma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    client.features().matmul.cmma.contains(&MmaConfig {
+        a_type: ElemType::Float(FloatKind::F16).into(),
+        b_type: ElemType::Float(FloatKind::F16).into(),
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        k: 16,
+        n: 16,
+    })
+}
+
+/// The variant `Auto` resolves to for `m` rows on this device.
+pub fn resolve_variant<R: Runtime>(
+    client: &ComputeClient<R>,
+    variant: MatmulVariant,
+    m: usize,
+) -> MatmulVariant {
+    match variant {
+        MatmulVariant::Auto if m <= 4 => MatmulVariant::Gemv,
+        MatmulVariant::Auto if cmma_supported(client) => MatmulVariant::Cmma,
+        MatmulVariant::Auto => MatmulVariant::Tiled,
+        v => v,
+    }
+}
+
+/// `y = x · Wᵀ (+ bias)`; see the module docs for shapes.
+pub fn matmul<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    variant: MatmulVariant,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    bias: Option<&DeviceTensor<R, f32>>,
+    y: &DeviceTensor<R, F>,
+) -> Result<()> {
+    matmul_into(client, variant, x, w, bias, y, 0)
+}
+
+/// Like [`matmul`], but writes the `n` outputs of `w` into columns `col_off..col_off + n` of a
+/// wider `y` ([m, n_total]); `bias` (if any) is [n_total] and read at the same columns.
+pub fn matmul_into<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    variant: MatmulVariant,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    bias: Option<&DeviceTensor<R, f32>>,
+    y: &DeviceTensor<R, F>,
+    col_off: usize,
+) -> Result<()> {
+    ensure!(
+        x.shape.len() == 2 && w.shape.len() == 2,
+        "matmul: x {:?} and W {:?} must be 2-D",
+        x.shape,
+        w.shape
+    );
+    let (m, k) = (x.shape[0], x.shape[1]);
+    let n = w.shape[0];
+    ensure!(
+        w.shape[1] == k,
+        "matmul: x is [{m}, {k}] but W is {:?} (expected [n, {k}])",
+        w.shape
+    );
+    ensure!(
+        y.shape.len() == 2 && y.shape[0] == m && y.shape[1] >= col_off + n,
+        "matmul: y must be [{m}, {}] or wider, got {:?}",
+        col_off + n,
+        y.shape
+    );
+    let ldy = y.shape[1];
+    if let Some(b) = bias {
+        ensure!(
+            b.shape == [ldy],
+            "matmul: bias must be [{ldy}], got {:?}",
+            b.shape
+        );
+    }
+    let dummy;
+    let bias_arg = match bias {
+        Some(b) => b.arg(),
+        None => {
+            dummy = DeviceTensor::<R, f32>::empty(client, &[1])?;
+            dummy.arg()
+        }
+    };
+    let has_bias = bias.is_some();
+    let tiles = |d: usize| -> Result<u32> {
+        let t = d.div_ceil(TILE);
+        ensure!(
+            t <= 65535,
+            "matmul: dimension {d} needs {t} tiles, more than one launch allows"
+        );
+        Ok(t as u32)
+    };
+    match resolve_variant(client, variant, m) {
+        MatmulVariant::Tiled => {
+            matmul_tiled::launch::<F, R>(
+                client,
+                CubeCount::Static(tiles(n)?, tiles(m)?, 1),
+                CubeDim::new_2d(TILE as u32, TILE as u32),
+                x.arg(),
+                w.arg(),
+                bias_arg,
+                y.arg(),
+                m,
+                n,
+                k,
+                ldy,
+                col_off,
+                has_bias,
+            );
+        }
+        MatmulVariant::Cmma => {
+            ensure!(
+                F::as_type_native_unchecked().elem_type() == ElemType::Float(FloatKind::F16),
+                "matmul: the cmma variant takes f16 tensors"
+            );
+            ensure!(
+                cmma_supported(client),
+                "matmul: this device has no f16 tensor cores (cmma); use the tiled or gemv variant"
+            );
+            ensure!(
+                client.properties().hardware.plane_size_max == 32,
+                "matmul: the cmma variant needs 32-wide planes"
+            );
+            matmul_cmma::launch::<R>(
+                client,
+                CubeCount::Static(tiles(n)?, tiles(m)?, 1),
+                CubeDim::new_1d(32),
+                x.arg(),
+                w.arg(),
+                bias_arg,
+                y.arg(),
+                m,
+                n,
+                k,
+                ldy,
+                col_off,
+                has_bias,
+            );
+        }
+        MatmulVariant::Gemv => {
+            ensure!(m <= 65535, "matmul: gemv takes at most 65535 rows, got {m}");
+            let vec = client
+                .io_optimized_vector_sizes(size_of::<F>())
+                .filter(|v| k % v == 0 && *v <= 8)
+                .max()
+                .unwrap_or(1);
+            let count = cube_count_1d(n.div_ceil(GEMV_ROWS), m as u32)?;
+            matmul_gemv::launch::<F, R>(
+                client,
+                count,
+                CubeDim::new_2d(GEMV_THREADS as u32, GEMV_ROWS as u32),
+                vec,
+                // SAFETY: same buffers, viewed as vectors of `vec` elements; k % vec == 0.
+                unsafe { ArrayArg::from_raw_parts(x.handle.clone(), x.len() / vec) },
+                unsafe { ArrayArg::from_raw_parts(w.handle.clone(), w.len() / vec) },
+                bias_arg,
+                y.arg(),
+                n,
+                k / vec,
+                ldy,
+                col_off,
+                has_bias,
+            );
+        }
+        MatmulVariant::Auto => unreachable!(),
+    }
+    Ok(())
+}
+
+/// A weight [n, k] kept as row chunks that each fit one device buffer (wgpu caps a buffer at
+/// its `max_storage_buffer_binding_size`; the 151936×896 f16 lm_head is 272 MB).
+pub struct RowChunked<R: Runtime, F: CubeElement> {
+    pub chunks: Vec<DeviceTensor<R, F>>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl<R: Runtime, F: Float + CubeElement> RowChunked<R, F> {
+    /// Uploads `data` ([n, k], row-major) in chunks of at most the device's buffer size.
+    pub fn upload(client: &ComputeClient<R>, data: &[F], n: usize, k: usize) -> Result<Self> {
+        let max_bytes = (client.properties().memory.max_page_size as usize).min(1 << 30);
+        Self::upload_rows(
+            client,
+            data,
+            n,
+            k,
+            (max_bytes / (k * size_of::<F>())).max(1),
+        )
+    }
+
+    /// Uploads `data` in chunks of `rows_per_chunk` rows.
+    pub fn upload_rows(
+        client: &ComputeClient<R>,
+        data: &[F],
+        n: usize,
+        k: usize,
+        rows_per_chunk: usize,
+    ) -> Result<Self> {
+        ensure!(
+            data.len() == n * k,
+            "weight has {} values, expected {n}×{k}",
+            data.len()
+        );
+        ensure!(rows_per_chunk > 0, "rows_per_chunk must be > 0");
+        let chunks = data
+            .chunks(rows_per_chunk * k)
+            .map(|c| DeviceTensor::from_slice(client, c, &[c.len() / k, k]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { chunks, n, k })
+    }
+
+    /// `y = x · Wᵀ` over all chunks; y is [m, n].
+    pub fn matmul(
+        &self,
+        client: &ComputeClient<R>,
+        variant: MatmulVariant,
+        x: &DeviceTensor<R, F>,
+        bias: Option<&DeviceTensor<R, f32>>,
+        y: &DeviceTensor<R, F>,
+    ) -> Result<()> {
+        ensure!(
+            y.shape.len() == 2 && y.shape[1] == self.n,
+            "matmul: y must be [m, {}], got {:?}",
+            self.n,
+            y.shape
+        );
+        let mut off = 0;
+        for c in &self.chunks {
+            matmul_into(client, variant, x, c, bias, y, off)?;
+            off += c.shape[0];
+        }
+        Ok(())
+    }
+}
+
+/// f64 reference: `y[i][j] = Σ_l x[i][l]·w[j][l] + b[j]`.
+pub fn reference(
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
+            let dot: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            y[i * n + j] = dot + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+    y
+}
