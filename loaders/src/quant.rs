@@ -89,6 +89,11 @@ impl GgmlType {
         }
     }
 
+    /// The type named `name` (llama.cpp spelling, e.g. `Q4_K`), if known.
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        GgmlType::ALL.iter().copied().find(|t| t.name() == name)
+    }
+
     pub fn id(self) -> u32 {
         self as u32
     }
