@@ -9,6 +9,26 @@
 
 use half::f16;
 
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod inspect;
+pub mod model;
+pub mod quant;
+pub mod random;
+pub mod tokenizer;
+pub mod writer;
+
+pub use config::{config_from_gguf, DEFAULT_ROPE_THETA};
+pub use gguf::{GgufFile, TensorInfo, Value, ValueType};
+pub use hf::{hf_to_gguf_name, load_hf_dir};
+pub use inspect::inspect;
+pub use model::load_model;
+pub use quant::{dequantize, dequantize_to_f16, GgmlType};
+pub use random::{byte_level_tokenizer, random_qwen2, tiny_config};
+pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
+pub use writer::{convert_to_f16, write_gguf_f16, GgufWriter};
+
 /// Qwen2 model hyper-parameters read from `qwen2.*` metadata (or HF `config.json`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2Config {
@@ -59,7 +79,7 @@ pub struct HostTensor {
 }
 
 /// A whole model on the host: config, tokenizer and every tensor by GGUF name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HostModel {
     pub config: Qwen2Config,
     pub tokenizer: TokenizerData,

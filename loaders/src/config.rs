@@ -1,0 +1,230 @@
+//! [`Qwen2Config`] from GGUF `qwen2.*` metadata, and the tensors a Qwen2 model must have.
+
+use crate::gguf::GgufFile;
+use crate::Qwen2Config;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+
+/// Used when a file has no `qwen2.rope.freq_base` (llama.cpp's default as well).
+/// Qwen2/Qwen2.5 files normally carry 1e6.
+pub const DEFAULT_ROPE_THETA: f32 = 10_000.0;
+
+impl Qwen2Config {
+    /// Query projection width: `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Key/value projection width: `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Checks the numbers are usable: nonzero, heads divisible by kv heads, no overflow.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("hidden", self.hidden),
+            ("layers", self.layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("ffn", self.ffn),
+            ("vocab", self.vocab),
+        ] {
+            ensure!(v > 0, "config {name} is 0");
+            ensure!(v <= 1 << 31, "config {name} = {v} is implausibly large");
+        }
+        ensure!(
+            self.n_heads.is_multiple_of(self.n_kv_heads),
+            "config: {} attention heads is not a multiple of {} kv heads",
+            self.n_heads,
+            self.n_kv_heads
+        );
+        ensure!(
+            self.n_heads.checked_mul(self.head_dim).is_some(),
+            "config: n_heads * head_dim overflows"
+        );
+        ensure!(
+            self.rope_theta.is_finite() && self.rope_theta > 0.0,
+            "config rope_theta {} is not a positive number",
+            self.rope_theta
+        );
+        ensure!(
+            self.rms_eps.is_finite() && self.rms_eps >= 0.0,
+            "config rms_eps {} is not a non-negative number",
+            self.rms_eps
+        );
+        Ok(())
+    }
+
+    /// The non-layer tensors: (GGUF name, row-major shape, required).
+    /// `output.weight` is optional: absent means tied embeddings.
+    pub fn global_tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let d = self.hidden;
+        vec![
+            ("token_embd.weight".to_string(), vec![self.vocab, d], true),
+            ("output_norm.weight".to_string(), vec![d], true),
+            ("output.weight".to_string(), vec![self.vocab, d], false),
+        ]
+    }
+
+    /// The tensors of layer `i`: (GGUF name, row-major shape), all required.
+    pub fn layer_tensors(&self, i: usize) -> Vec<(String, Vec<usize>)> {
+        let (d, q, kv, f) = (self.hidden, self.q_dim(), self.kv_dim(), self.ffn);
+        let b = |s: &str| format!("blk.{i}.{s}");
+        vec![
+            (b("attn_norm.weight"), vec![d]),
+            (b("attn_q.weight"), vec![q, d]),
+            (b("attn_q.bias"), vec![q]),
+            (b("attn_k.weight"), vec![kv, d]),
+            (b("attn_k.bias"), vec![kv]),
+            (b("attn_v.weight"), vec![kv, d]),
+            (b("attn_v.bias"), vec![kv]),
+            (b("attn_output.weight"), vec![d, q]),
+            (b("ffn_norm.weight"), vec![d]),
+            (b("ffn_gate.weight"), vec![f, d]),
+            (b("ffn_up.weight"), vec![f, d]),
+            (b("ffn_down.weight"), vec![d, f]),
+        ]
+    }
+
+    /// Every tensor of the model, with its shape and whether it is required.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let mut v = self.global_tensors();
+        for i in 0..self.layers {
+            v.extend(self.layer_tensors(i).into_iter().map(|(n, s)| (n, s, true)));
+        }
+        v
+    }
+
+    /// Checks every required tensor exists with the right shape, given a lookup from name to
+    /// row-major shape, and that `tied_embeddings` agrees with `output.weight`'s absence.
+    /// `source` names the file in errors. Stops at the first problem.
+    pub fn check_tensors(
+        &self,
+        source: &str,
+        shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<()> {
+        let check = |name: &str, want: &[usize], required: bool| -> Result<()> {
+            match shape_of(name) {
+                None if required => {
+                    bail!("{source}: missing required tensor `{name}` (expected shape {want:?})")
+                }
+                None => Ok(()),
+                Some(got) => {
+                    ensure!(
+                        got == want,
+                        "{source}: tensor `{name}` has shape {got:?}, expected {want:?}"
+                    );
+                    Ok(())
+                }
+            }
+        };
+        for (name, want, required) in self.global_tensors() {
+            check(&name, &want, required)?;
+        }
+        for i in 0..self.layers {
+            for (name, want) in self.layer_tensors(i) {
+                check(&name, &want, true)?;
+            }
+        }
+        ensure!(
+            self.tied_embeddings == shape_of("output.weight").is_none(),
+            "{source}: tied_embeddings is {} but output.weight is {}",
+            self.tied_embeddings,
+            if self.tied_embeddings {
+                "present"
+            } else {
+                "absent"
+            }
+        );
+        Ok(())
+    }
+}
+
+fn need<T>(g: &GgufFile, key: &str, v: Result<Option<T>>) -> Result<T> {
+    v?.ok_or_else(|| anyhow!("{}: missing metadata `{key}`", g.path().display()))
+}
+
+/// The architecture named by `general.architecture`; errors unless it is `qwen2`.
+pub fn check_architecture(g: &GgufFile) -> Result<()> {
+    let arch = need(g, "general.architecture", g.get_str("general.architecture"))?;
+    ensure!(
+        arch == "qwen2",
+        "{}: architecture `{arch}` is not supported (only qwen2)",
+        g.path().display()
+    );
+    Ok(())
+}
+
+/// Read the Qwen2 config from GGUF metadata. `vocab` comes from `token_embd.weight`'s shape,
+/// `tied_embeddings` from whether `output.weight` exists.
+pub fn config_from_gguf(g: &GgufFile) -> Result<Qwen2Config> {
+    check_architecture(g)?;
+    let u = |k: &str| -> Result<usize> {
+        let key = format!("qwen2.{k}");
+        Ok(need(g, &key, g.get_u64(&key))? as usize)
+    };
+    let hidden = u("embedding_length")?;
+    let n_heads = u("attention.head_count")?;
+    let n_kv_heads = match g.get_u64("qwen2.attention.head_count_kv")? {
+        Some(v) => v as usize,
+        None => n_heads,
+    };
+    ensure!(
+        n_heads > 0,
+        "{}: qwen2.attention.head_count is 0",
+        g.path().display()
+    );
+    let head_dim = match g.get_u64("qwen2.attention.key_length")? {
+        Some(v) => v as usize,
+        None => {
+            ensure!(
+                hidden % n_heads == 0,
+                "{}: embedding_length {hidden} is not a multiple of head_count {n_heads}",
+                g.path().display()
+            );
+            hidden / n_heads
+        }
+    };
+    if let Some(vl) = g.get_u64("qwen2.attention.value_length")? {
+        ensure!(
+            vl as usize == head_dim,
+            "{}: attention.value_length {vl} differs from the key length {head_dim} (unsupported)",
+            g.path().display()
+        );
+    }
+    let embd = g.tensor_info("token_embd.weight").ok_or_else(|| {
+        anyhow!(
+            "{}: missing required tensor `token_embd.weight`",
+            g.path().display()
+        )
+    })?;
+    ensure!(
+        embd.ne.len() == 2,
+        "{}: tensor `token_embd.weight` has shape {:?}, expected [vocab, {hidden}]",
+        g.path().display(),
+        embd.shape()
+    );
+    let cfg = Qwen2Config {
+        hidden,
+        layers: u("block_count")?,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ffn: u("feed_forward_length")?,
+        vocab: embd.ne[1] as usize,
+        rope_theta: g
+            .get_f32("qwen2.rope.freq_base")?
+            .unwrap_or(DEFAULT_ROPE_THETA),
+        rms_eps: need(
+            g,
+            "qwen2.attention.layer_norm_rms_epsilon",
+            g.get_f32("qwen2.attention.layer_norm_rms_epsilon"),
+        )?,
+        context_length: u("context_length")?,
+        tied_embeddings: g.tensor_info("output.weight").is_none(),
+    };
+    cfg.validate()
+        .with_context(|| format!("{}: bad qwen2 config", g.path().display()))?;
+    Ok(cfg)
+}

@@ -1,0 +1,126 @@
+//! Small random Qwen2 models for tests (here and in other crates: parity tracers, kernels).
+
+use std::collections::BTreeMap;
+
+use cubeqwen_loaders::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
+use half::f16;
+
+/// A small deterministic random-number generator (SplitMix64 + Box–Muller).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// The config of a toy model: hidden 64, head_dim 16, ffn 96, vocab 300, rope theta 1e6,
+/// eps 1e-6, with the given layer and head counts.
+pub fn toy_config(
+    layers: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    tied_embeddings: bool,
+) -> Qwen2Config {
+    Qwen2Config {
+        hidden: 64,
+        layers,
+        n_heads,
+        n_kv_heads,
+        head_dim: 16,
+        ffn: 96,
+        vocab: 300,
+        rope_theta: 1e6,
+        rms_eps: 1e-6,
+        context_length: 4096,
+        tied_embeddings,
+    }
+}
+
+/// A 2-D f16 tensor of N(0, std²) values.
+pub fn random_f16(rng: &mut Rng, rows: usize, cols: usize, std: f64) -> HostTensor {
+    HostTensor {
+        shape: vec![rows, cols],
+        data: TensorData::F16(
+            (0..rows * cols)
+                .map(|_| f16::from_f64(rng.normal() * std))
+                .collect(),
+        ),
+    }
+}
+
+/// A 1-D f32 tensor of `mean + N(0, std²)` values.
+pub fn random_f32(rng: &mut Rng, len: usize, mean: f64, std: f64) -> HostTensor {
+    HostTensor {
+        shape: vec![len],
+        data: TensorData::F32(
+            (0..len)
+                .map(|_| (mean + rng.normal() * std) as f32)
+                .collect(),
+        ),
+    }
+}
+
+/// A random model for `config`: 2-D weights f16 ~ N(0, 0.05²) (embeddings N(0, 0.5²) so that
+/// logits are not all tiny), norm weights ~ 1 ± 0.1, biases ~ N(0, 0.1²) (nonzero). It has an
+/// `output.weight` unless `config.tied_embeddings`.
+pub fn toy_model(config: &Qwen2Config, seed: u64) -> HostModel {
+    let c = config;
+    let mut rng = Rng::new(seed);
+    let (d, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let mut t = BTreeMap::new();
+    t.insert(
+        "token_embd.weight".to_string(),
+        random_f16(&mut rng, c.vocab, d, 0.5),
+    );
+    for l in 0..c.layers {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        t.insert(n("attn_norm.weight"), random_f32(&mut rng, d, 1.0, 0.1));
+        t.insert(n("attn_q.weight"), random_f16(&mut rng, qd, d, 0.05));
+        t.insert(n("attn_q.bias"), random_f32(&mut rng, qd, 0.0, 0.1));
+        t.insert(n("attn_k.weight"), random_f16(&mut rng, kvd, d, 0.05));
+        t.insert(n("attn_k.bias"), random_f32(&mut rng, kvd, 0.0, 0.1));
+        t.insert(n("attn_v.weight"), random_f16(&mut rng, kvd, d, 0.05));
+        t.insert(n("attn_v.bias"), random_f32(&mut rng, kvd, 0.0, 0.1));
+        t.insert(n("attn_output.weight"), random_f16(&mut rng, d, qd, 0.05));
+        t.insert(n("ffn_norm.weight"), random_f32(&mut rng, d, 1.0, 0.1));
+        t.insert(n("ffn_gate.weight"), random_f16(&mut rng, c.ffn, d, 0.05));
+        t.insert(n("ffn_up.weight"), random_f16(&mut rng, c.ffn, d, 0.05));
+        t.insert(n("ffn_down.weight"), random_f16(&mut rng, d, c.ffn, 0.05));
+    }
+    t.insert(
+        "output_norm.weight".to_string(),
+        random_f32(&mut rng, d, 1.0, 0.1),
+    );
+    if !c.tied_embeddings {
+        t.insert(
+            "output.weight".to_string(),
+            random_f16(&mut rng, c.vocab, d, 0.05),
+        );
+    }
+    HostModel {
+        config: c.clone(),
+        tokenizer: TokenizerData::default(),
+        tensors: t,
+    }
+}
