@@ -4,6 +4,10 @@
 //! - loaders: crate `cubeqwen-loaders` (folder `loaders/`): GGUF, safetensors, dequantization.
 //! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
 
+pub mod chat;
+pub mod reference;
+pub mod sampling;
 pub mod selftest;
+pub mod tokenizer;
 
 pub use cubeqwen_kernels::runtime::{dispatch, DeviceKind, RuntimeJob};

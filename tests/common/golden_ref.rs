@@ -1,5 +1,6 @@
+#![allow(dead_code)]
 //! Golden checks of the reference on the real Qwen2.5-Coder-0.5B-Instruct model, shared by
-//! `tests/golden.rs` (which loads the model with `cubeqwen_loaders::load_model`).
+//! `tests/reference_golden.rs` (which loads the model with `cubeqwen_loaders::load_model`).
 //!
 //! Data (copied from the project's golden set, see `data/golden_cases.txt`): prompt ids,
 //! per-position prompt argmax, greedy ids and greedy top-2 margins for the `france` and
@@ -8,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use cubeqwen_reference::{argmax, greedy, top2, RefModel};
+use cubeqwen::reference::{argmax, greedy, top2, RefModel};
 
 /// Greedy steps are compared up to (not including) the first step whose golden top-2 margin
 /// is below this: there the oracle's and our rounding may legitimately pick differently.

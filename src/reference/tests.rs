@@ -1,8 +1,8 @@
 //! Unit tests of the reference forward pass on small models.
 
 use super::*;
-use crate::ops::{rope_angle, rope_head, rope_inv_freq};
-use crate::toy::{toy_config, toy_model, Rng};
+use crate::reference::ops::{rope_angle, rope_head, rope_inv_freq};
+use crate::reference::toy::{toy_config, toy_model, Rng};
 use cubeqwen_loaders::{TensorData, TokenizerData};
 use half::f16;
 use std::collections::BTreeMap;

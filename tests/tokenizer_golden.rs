@@ -1,98 +1,19 @@
 //! Golden tests against the real Qwen2.5-Coder-0.5B-Instruct tokenizer and the reference outputs
-//! in `shared/golden/qwen2.5-coder-0.5b-instruct/golden.json`.
+//! in `tests/data/golden.json`.
 //!
-//! Skipped (with a message) when the model GGUF is not on this machine; otherwise every check
-//! must pass. Paths: `CUBEQWEN_MODEL` (default `$CUBEQWEN_CACHE` or `~/.cache/cubeqwen`, file
-//! `qwen2.5-coder-0.5b-instruct.gguf`), `CUBEQWEN_GOLDEN` (default: the first
-//! `shared/golden/qwen2.5-coder-0.5b-instruct` above this crate).
+//! Needs the real model (`common::model::model_path`: a missing model fails the test).
 
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use cubeqwen::chat::{render_user_prompt, ChatMessage, ChatTemplate};
+use cubeqwen::sampling::{argmax, Sampler, SamplingParams};
+use cubeqwen::tokenizer::Tokenizer;
 use cubeqwen_loaders::TokenizerData;
 use serde_json::Value;
-use textgen_dev::chat::{render_user_prompt, ChatMessage, ChatTemplate};
-use textgen_dev::sampling::{argmax, Sampler, SamplingParams};
-use textgen_dev::tokenizer::Tokenizer;
 
-const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct.gguf";
-const GOLDEN_SUBDIR: &str = "shared/golden/qwen2.5-coder-0.5b-instruct";
+mod common;
 
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CUBEQWEN_MODEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var("CUBEQWEN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/cubeqwen")
-        });
-    cache.join(MODEL_FILE)
-}
-
-fn golden_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("CUBEQWEN_GOLDEN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join(GOLDEN_SUBDIR))
-        .find(|p| p.join("golden.json").is_file())
-        .expect("golden.json not found: set CUBEQWEN_GOLDEN")
-}
-
-/// THE one place that loads the model's tokenizer metadata.
-///
-/// For now: a JSON dump of the GGUF's `tokenizer.*` keys made by `scripts/dump_tokdata.py`
-/// (Python `gguf` package), cached at `$CUBEQWEN_TOKDATA_JSON` or `/tmp/tokdata.json`.
-/// Once the Rust GGUF reader lands, replace the body with
-/// `cubeqwen_loaders::load_tokenizer_data(gguf).expect("reading the GGUF tokenizer")`.
-fn load_tokenizer_data(gguf: &Path) -> TokenizerData {
-    let json_path = std::env::var("CUBEQWEN_TOKDATA_JSON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("/tmp/tokdata.json"));
-    if !json_path.is_file() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dump_tokdata.py");
-        let status = std::process::Command::new("python3")
-            .arg(&script)
-            .arg(gguf)
-            .arg(&json_path)
-            .status()
-            .expect("running python3 (needs `pip install gguf`)");
-        assert!(status.success(), "{} failed", script.display());
-    }
-    let text = std::fs::read_to_string(&json_path).expect("reading the tokenizer JSON");
-    tokenizer_data_from_json(&serde_json::from_str(&text).expect("tokenizer JSON"))
-}
-
-fn tokenizer_data_from_json(j: &Value) -> TokenizerData {
-    let s = |k: &str| j[k].as_str().map(str::to_string);
-    let id = |k: &str| j[k].as_u64().map(|v| v as u32);
-    let strings = |k: &str| -> Vec<String> {
-        j[k].as_array()
-            .unwrap_or_else(|| panic!("{k} missing"))
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    };
-    TokenizerData {
-        model: s("model").unwrap_or_default(),
-        pre: s("pre").unwrap_or_default(),
-        tokens: strings("tokens"),
-        token_types: j["token_type"]
-            .as_array()
-            .expect("token_type missing")
-            .iter()
-            .map(|v| v.as_i64().unwrap() as i32)
-            .collect(),
-        merges: strings("merges"),
-        eos_id: id("eos_id"),
-        bos_id: id("bos_id"),
-        pad_id: id("pad_id"),
-        add_bos: j["add_bos"].as_bool().unwrap_or(false),
-        chat_template: s("chat_template"),
-    }
-}
+use common::model::{golden_dir, model_path};
 
 struct Fixture {
     data: TokenizerData,
@@ -100,25 +21,18 @@ struct Fixture {
     golden: Value,
 }
 
-/// Built once per test binary; `None` when the model is not on this machine.
-fn fixture() -> Option<&'static Fixture> {
-    static F: OnceLock<Option<Fixture>> = OnceLock::new();
+/// Built once per test binary.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let gguf = model_path();
-        if !gguf.is_file() {
-            eprintln!(
-                "SKIP: {} not found (scripts/fetch-model.sh fetches it)",
-                gguf.display()
-            );
-            return None;
-        }
-        let data = load_tokenizer_data(&gguf);
+        let data =
+            cubeqwen_loaders::load_tokenizer_data(&gguf).expect("reading the GGUF tokenizer");
         let tok = Tokenizer::from_data(&data).expect("building the tokenizer");
         let text = std::fs::read_to_string(golden_dir().join("golden.json")).unwrap();
         let golden = serde_json::from_str(&text).unwrap();
-        Some(Fixture { data, tok, golden })
+        Fixture { data, tok, golden }
     })
-    .as_ref()
 }
 
 fn cases(f: &Fixture) -> &Vec<Value> {
@@ -142,7 +56,7 @@ fn case<'a>(f: &'a Fixture, name: &str) -> &'a Value {
 
 #[test]
 fn metadata_facts() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     assert_eq!(f.tok.vocab_size(), 151936);
     assert_eq!(f.tok.eos_ids(), vec![151645, 151643]);
     assert!(f.tok.is_special(151643) && f.tok.is_special(151644) && f.tok.is_special(151645));
@@ -155,7 +69,7 @@ fn metadata_facts() {
 
 #[test]
 fn golden_prompt_ids_all_cases() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     let template = ChatTemplate::from_data(&f.data).unwrap();
     assert!(!template.is_fallback());
     let mut checked = 0;
@@ -180,7 +94,7 @@ fn golden_prompt_ids_all_cases() {
 
 #[test]
 fn real_template_multi_turn() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     let t = ChatTemplate::from_data(&f.data).unwrap();
     let msgs = [
         ChatMessage::system("Answer in French."),
@@ -205,7 +119,7 @@ fn real_template_multi_turn() {
 
 #[test]
 fn decode_roundtrips_golden_texts() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     for c in cases(f) {
         let name = c["name"].as_str().unwrap();
         let rendered = c["rendered"].as_str().unwrap();
@@ -225,7 +139,7 @@ fn decode_roundtrips_golden_texts() {
 
 #[test]
 fn greedy_texts_decode() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     for c in cases(f).iter().filter(|c| c.get("greedy_ids").is_some()) {
         let mut ids = ids_of(&c["greedy_ids"]);
         while ids.last().is_some_and(|&i| f.tok.is_eos(i)) {
@@ -257,7 +171,7 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> String {
 
 #[test]
 fn stream_decoder_multibyte() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     let mut partial_tokens = 0;
     for s in [
         case(f, "tokenizer_mix")["prompt"].as_str().unwrap(),
@@ -284,7 +198,7 @@ fn stream_decoder_multibyte() {
 
 #[test]
 fn greedy_sampler_matches_golden_first_token() {
-    let Some(f) = fixture() else { return };
+    let f = fixture();
     let dir = golden_dir();
     for c in cases(f).iter().filter(|c| c.get("greedy_ids").is_some()) {
         let name = c["name"].as_str().unwrap();
