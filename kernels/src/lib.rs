@@ -8,11 +8,15 @@
 //! |---|---|---|
 //! | RMSNorm | [`rmsnorm`] | [`rmsnorm::reference`] |
 
+pub mod attention;
 pub mod buffer;
+pub mod elementwise;
 pub mod grid;
 pub mod matmul;
 pub mod rmsnorm;
+pub mod rope;
 pub mod runtime;
+pub mod select;
 pub mod testing;
 
 pub use buffer::DeviceTensor;

@@ -1,5 +1,5 @@
 //! Matmul `y = x · Wᵀ (+ bias)`: x [m, k], W [n, k] (GGUF row layout `[out][in]`), bias [n] (f32),
-//! y [m, n]. Storage `F` (f16 in the model), accumulation in f32.
+//! y [m, n]. Storage `F` (f16 in the model), accumulation in f32, output `O` (f16, or f32 for logits).
 //!
 //! Variants behind one interface ([`matmul`] with a [`MatmulVariant`]):
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
@@ -41,11 +41,11 @@ impl std::str::FromStr for MatmulVariant {
 const TILE: usize = 16;
 
 #[cube(launch)]
-fn matmul_tiled<F: Float>(
+fn matmul_tiled<F: Float, O: Float>(
     x: &Array<F>,
     w: &Array<F>,
     bias: &Array<f32>,
-    y: &mut Array<F>,
+    y: &mut Array<O>,
     m: usize,
     n: usize,
     k: usize,
@@ -88,7 +88,7 @@ fn matmul_tiled<F: Float>(
         if comptime!(has_bias) {
             acc += bias[col_off + col];
         }
-        y[row * ldy + col_off + col] = F::cast_from(acc);
+        y[row * ldy + col_off + col] = O::cast_from(acc);
     }
 }
 
@@ -97,11 +97,11 @@ const GEMV_THREADS: usize = 32;
 const GEMV_ROWS: usize = 8;
 
 #[cube(launch)]
-fn matmul_gemv<F: Float, V: Size>(
+fn matmul_gemv<F: Float, O: Float, V: Size>(
     x: &Array<Vector<F, V>>,
     w: &Array<Vector<F, V>>,
     bias: &Array<f32>,
-    y: &mut Array<F>,
+    y: &mut Array<O>,
     n: usize,
     k_vec: usize,
     ldy: usize,
@@ -145,18 +145,18 @@ fn matmul_gemv<F: Float, V: Size>(
         if comptime!(has_bias) {
             acc += bias[col_off + col];
         }
-        y[row * ldy + col_off + col] = F::cast_from(acc);
+        y[row * ldy + col_off + col] = O::cast_from(acc);
     }
 }
 
 /// One plane (32 threads) computes a 16×16 output tile with tensor cores; operands are staged
 /// through shared memory with zero padding, so any m, n, k works.
 #[cube(launch)]
-fn matmul_cmma(
+fn matmul_cmma<O: Float>(
     x: &Array<f16>,
     w: &Array<f16>,
     bias: &Array<f32>,
-    y: &mut Array<f16>,
+    y: &mut Array<O>,
     m: usize,
     n: usize,
     k: usize,
@@ -244,7 +244,7 @@ fn matmul_cmma(
             if comptime!(has_bias) {
                 v += bias[col_off + c];
             }
-            y[r * ldy + col_off + c] = f16::cast_from(v);
+            y[r * ldy + col_off + c] = O::cast_from(v);
         }
     }
 }
@@ -276,26 +276,26 @@ pub fn resolve_variant<R: Runtime>(
 }
 
 /// `y = x · Wᵀ (+ bias)`; see the module docs for shapes.
-pub fn matmul<R: Runtime, F: Float + CubeElement>(
+pub fn matmul<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
     variant: MatmulVariant,
     x: &DeviceTensor<R, F>,
     w: &DeviceTensor<R, F>,
     bias: Option<&DeviceTensor<R, f32>>,
-    y: &DeviceTensor<R, F>,
+    y: &DeviceTensor<R, O>,
 ) -> Result<()> {
     matmul_into(client, variant, x, w, bias, y, 0)
 }
 
 /// Like [`matmul`], but writes the `n` outputs of `w` into columns `col_off..col_off + n` of a
 /// wider `y` ([m, n_total]); `bias` (if any) is [n_total] and read at the same columns.
-pub fn matmul_into<R: Runtime, F: Float + CubeElement>(
+pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
     variant: MatmulVariant,
     x: &DeviceTensor<R, F>,
     w: &DeviceTensor<R, F>,
     bias: Option<&DeviceTensor<R, f32>>,
-    y: &DeviceTensor<R, F>,
+    y: &DeviceTensor<R, O>,
     col_off: usize,
 ) -> Result<()> {
     ensure!(
@@ -344,7 +344,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement>(
     };
     match resolve_variant(client, variant, m) {
         MatmulVariant::Tiled => {
-            matmul_tiled::launch::<F, R>(
+            matmul_tiled::launch::<F, O, R>(
                 client,
                 CubeCount::Static(tiles(n)?, tiles(m)?, 1),
                 CubeDim::new_2d(TILE as u32, TILE as u32),
@@ -373,7 +373,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement>(
                 client.properties().hardware.plane_size_max == 32,
                 "matmul: the cmma variant needs 32-wide planes"
             );
-            matmul_cmma::launch::<R>(
+            matmul_cmma::launch::<O, R>(
                 client,
                 CubeCount::Static(tiles(n)?, tiles(m)?, 1),
                 CubeDim::new_1d(32),
@@ -397,7 +397,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement>(
                 .max()
                 .unwrap_or(1);
             let count = cube_count_1d(n.div_ceil(GEMV_ROWS), m as u32)?;
-            matmul_gemv::launch::<F, R>(
+            matmul_gemv::launch::<F, O, R>(
                 client,
                 count,
                 CubeDim::new_2d(GEMV_THREADS as u32, GEMV_ROWS as u32),
@@ -462,13 +462,13 @@ impl<R: Runtime, F: Float + CubeElement> RowChunked<R, F> {
     }
 
     /// `y = x · Wᵀ` over all chunks; y is [m, n].
-    pub fn matmul(
+    pub fn matmul<O: Float + CubeElement>(
         &self,
         client: &ComputeClient<R>,
         variant: MatmulVariant,
         x: &DeviceTensor<R, F>,
         bias: Option<&DeviceTensor<R, f32>>,
-        y: &DeviceTensor<R, F>,
+        y: &DeviceTensor<R, O>,
     ) -> Result<()> {
         ensure!(
             y.shape.len() == 2 && y.shape[1] == self.n,

@@ -1,6 +1,7 @@
 //! RMSNorm: `y = x / sqrt(mean(x²) + eps) * w`, one row per cube.
 //!
-//! Storage `F` (f16 in the model), weight in f32, sum of squares and scaling in f32.
+//! Input `I` (the f32 residual stream, or f16), output `O` (f16 for the matmuls), weight in f32,
+//! sum of squares and scaling in f32. [`residual_add_rms_norm`] fuses `x += r` before the norm.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
@@ -11,13 +12,15 @@ use crate::DeviceTensor;
 pub const BLOCK: usize = 256;
 
 #[cube(launch)]
-fn rms_norm_kernel<F: Float>(
-    input: &Array<F>,
+fn rms_norm_kernel<I: Float, O: Float, Rs: Float>(
+    input: &mut Array<I>,
+    residual: &Array<Rs>,
     weight: &Array<f32>,
-    output: &mut Array<F>,
+    output: &mut Array<O>,
     cols: usize,
     eps: f32,
     #[comptime] block: usize,
+    #[comptime] add_residual: bool,
 ) {
     let row = CUBE_POS;
     let tid = UNIT_POS as usize;
@@ -26,7 +29,11 @@ fn rms_norm_kernel<F: Float>(
     let mut partial = 0.0f32;
     let mut i = tid;
     while i < cols {
-        let v = f32::cast_from(input[base + i]);
+        let mut v = f32::cast_from(input[base + i]);
+        if comptime!(add_residual) {
+            v += f32::cast_from(residual[base + i]);
+            input[base + i] = I::cast_from(v);
+        }
         partial += v * v;
         i += block;
     }
@@ -49,17 +56,51 @@ fn rms_norm_kernel<F: Float>(
     let mut j = tid;
     while j < cols {
         let v = f32::cast_from(input[base + j]);
-        output[base + j] = F::cast_from(v * scale * weight[j]);
+        output[base + j] = O::cast_from(v * scale * weight[j]);
         j += block;
     }
 }
 
 /// RMSNorm over the last dimension of `input` ([rows, cols]) into `output` (same shape).
-pub fn rms_norm<R: Runtime, F: Float + CubeElement>(
+pub fn rms_norm<R: Runtime, I: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
-    input: &DeviceTensor<R, F>,
+    input: &DeviceTensor<R, I>,
     weight: &DeviceTensor<R, f32>,
-    output: &DeviceTensor<R, F>,
+    output: &DeviceTensor<R, O>,
+    eps: f32,
+) -> Result<()> {
+    launch::<R, I, O, f32>(client, input, None, weight, output, eps)
+}
+
+/// `x += r` (the residual add, stored back into `x`), then `output = rmsnorm(x)`.
+pub fn residual_add_rms_norm<
+    R: Runtime,
+    I: Float + CubeElement,
+    Rs: Float + CubeElement,
+    O: Float + CubeElement,
+>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, I>,
+    r: &DeviceTensor<R, Rs>,
+    weight: &DeviceTensor<R, f32>,
+    output: &DeviceTensor<R, O>,
+    eps: f32,
+) -> Result<()> {
+    ensure!(
+        r.shape == x.shape,
+        "residual_add_rms_norm: r {:?} differs from x {:?}",
+        r.shape,
+        x.shape
+    );
+    launch::<R, I, O, Rs>(client, x, Some(r), weight, output, eps)
+}
+
+fn launch<R: Runtime, I: Float + CubeElement, O: Float + CubeElement, Rs: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    input: &DeviceTensor<R, I>,
+    residual: Option<&DeviceTensor<R, Rs>>,
+    weight: &DeviceTensor<R, f32>,
+    output: &DeviceTensor<R, O>,
     eps: f32,
 ) -> Result<()> {
     ensure!(
@@ -84,19 +125,29 @@ pub fn rms_norm<R: Runtime, F: Float + CubeElement>(
         "rms_norm: eps must be > 0, got {eps}"
     );
     ensure!(
-        rows <= u32::MAX as usize,
-        "rms_norm: too many rows ({rows})"
+        rows <= 65535,
+        "rms_norm: at most 65535 rows per launch, got {rows}"
     );
-    rms_norm_kernel::launch::<F, R>(
+    let dummy;
+    let residual_arg = match residual {
+        Some(r) => r.arg(),
+        None => {
+            dummy = DeviceTensor::<R, Rs>::empty(client, &[1])?;
+            dummy.arg()
+        }
+    };
+    rms_norm_kernel::launch::<I, O, Rs, R>(
         client,
         CubeCount::Static(rows as u32, 1, 1),
         CubeDim::new_1d(BLOCK as u32),
         input.arg(),
+        residual_arg,
         weight.arg(),
         output.arg(),
         cols,
         eps,
         BLOCK,
+        residual.is_some(),
     );
     Ok(())
 }

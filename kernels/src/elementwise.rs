@@ -1,0 +1,157 @@
+//! The small kernels: embedding gather, SwiGLU, residual add.
+
+use anyhow::{ensure, Result};
+use cubecl::prelude::*;
+
+use crate::grid::{cube_count_1d, linear_cube_pos};
+use crate::matmul::RowChunked;
+use crate::DeviceTensor;
+
+const BLOCK: usize = 256;
+
+#[cube(launch)]
+fn embedding_kernel<F: Float, O: Float>(
+    ids: &Array<u32>,
+    table: &Array<F>,
+    out: &mut Array<O>,
+    row0: usize,
+    rows: usize,
+    dim: usize,
+    total: usize,
+) {
+    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    if idx < total {
+        let t = idx / dim;
+        let d = idx % dim;
+        let id = ids[t] as usize;
+        if id >= row0 && id < row0 + rows {
+            out[idx] = O::cast_from(table[(id - row0) * dim + d]);
+        }
+    }
+}
+
+/// `out[t] = table[ids[t]]` (rows of a possibly row-chunked [vocab, d] table).
+/// `ids_host` are the same ids, checked here against the vocabulary before any launch.
+pub fn embedding<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    ids: &DeviceTensor<R, u32>,
+    ids_host: &[u32],
+    table: &RowChunked<R, F>,
+    out: &DeviceTensor<R, O>,
+) -> Result<()> {
+    let tokens = ids_host.len();
+    ensure!(
+        ids.shape == [tokens],
+        "embedding: ids {:?} do not match {tokens} host ids",
+        ids.shape
+    );
+    ensure!(
+        out.shape == [tokens, table.k],
+        "embedding: out must be [{tokens}, {}], got {:?}",
+        table.k,
+        out.shape
+    );
+    if let Some(bad) = ids_host.iter().find(|&&i| i as usize >= table.n) {
+        anyhow::bail!(
+            "embedding: token id {bad} is outside the vocabulary of {}",
+            table.n
+        );
+    }
+    let total = tokens * table.k;
+    let mut row0 = 0;
+    for chunk in &table.chunks {
+        let rows = chunk.shape[0];
+        embedding_kernel::launch::<F, O, R>(
+            client,
+            cube_count_1d(total.div_ceil(BLOCK), 1)?,
+            CubeDim::new_1d(BLOCK as u32),
+            ids.arg(),
+            chunk.arg(),
+            out.arg(),
+            row0,
+            rows,
+            table.k,
+            total,
+        );
+        row0 += rows;
+    }
+    Ok(())
+}
+
+#[cube(launch)]
+fn swiglu_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>, total: usize) {
+    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    if idx < total {
+        let g = f32::cast_from(gate[idx]);
+        let u = f32::cast_from(up[idx]);
+        let silu = g / (1.0 + f32::exp(-g));
+        out[idx] = F::cast_from(silu * u);
+    }
+}
+
+/// `out = silu(gate) · up`, computed in f32. `out` may be `gate` itself.
+pub fn swiglu<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    gate: &DeviceTensor<R, F>,
+    up: &DeviceTensor<R, F>,
+    out: &DeviceTensor<R, F>,
+) -> Result<()> {
+    ensure!(
+        gate.shape == up.shape && out.shape == up.shape,
+        "swiglu: gate {:?}, up {:?} and out {:?} must have one shape",
+        gate.shape,
+        up.shape,
+        out.shape
+    );
+    let total = up.len();
+    swiglu_kernel::launch::<F, R>(
+        client,
+        cube_count_1d(total.div_ceil(BLOCK), 1)?,
+        CubeDim::new_1d(BLOCK as u32),
+        gate.arg(),
+        up.arg(),
+        out.arg(),
+        total,
+    );
+    Ok(())
+}
+
+#[cube(launch)]
+fn add_kernel<X: Float, Y: Float>(x: &mut Array<X>, y: &Array<Y>, total: usize) {
+    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    if idx < total {
+        x[idx] = X::cast_from(f32::cast_from(x[idx]) + f32::cast_from(y[idx]));
+    }
+}
+
+/// `x += y` (the residual add), in f32.
+pub fn add_assign<R: Runtime, X: Float + CubeElement, Y: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, X>,
+    y: &DeviceTensor<R, Y>,
+) -> Result<()> {
+    ensure!(
+        x.shape == y.shape,
+        "add: x {:?} and y {:?} differ",
+        x.shape,
+        y.shape
+    );
+    let total = x.len();
+    add_kernel::launch::<X, Y, R>(
+        client,
+        cube_count_1d(total.div_ceil(BLOCK), 1)?,
+        CubeDim::new_1d(BLOCK as u32),
+        x.arg(),
+        y.arg(),
+        total,
+    );
+    Ok(())
+}
+
+/// f64 reference of SwiGLU.
+pub fn swiglu_reference(gate: &[f64], up: &[f64]) -> Vec<f64> {
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
+}

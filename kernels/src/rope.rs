@@ -1,0 +1,159 @@
+//! RoPE, NEOX style (Qwen2): in each head, element `i` rotates with `i + head_dim/2`.
+//!
+//! The angles `pos · theta^(-2i/hd)` are formed in f32 on the host (the inverse frequency
+//! rounded to f32, then an f32 product, as the reference does) and their cos/sin tables
+//! ([max_pos, hd/2], f32) are computed once in f64 and uploaded. The kernel only looks them up,
+//! so positions past 2048 (which f16 cannot hold) and long contexts are as exact as position 0.
+
+use anyhow::{ensure, Result};
+use cubecl::prelude::*;
+
+use crate::grid::{cube_count_1d, linear_cube_pos};
+use crate::DeviceTensor;
+
+const BLOCK: usize = 256;
+
+#[cube(launch)]
+fn rope_kernel<F: Float>(
+    x: &mut Array<F>,
+    positions: &Array<u32>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    heads: usize,
+    half: usize,
+    total: usize,
+) {
+    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    if idx < total {
+        let per_token = heads * half;
+        let t = idx / per_token;
+        let rem = idx % per_token;
+        let h = rem / half;
+        let i = rem % half;
+        let base = t * per_token * 2 + h * half * 2;
+        let p = positions[t] as usize;
+        let c = cos[p * half + i];
+        let s = sin[p * half + i];
+        let a = f32::cast_from(x[base + i]);
+        let b = f32::cast_from(x[base + i + half]);
+        x[base + i] = F::cast_from(a * c - b * s);
+        x[base + i + half] = F::cast_from(b * c + a * s);
+    }
+}
+
+/// The inverse frequency of pair `i`, rounded to f32 (as `reference` and the Qwen2 spec do).
+pub fn inv_freq(theta: f32, i: usize, head_dim: usize) -> f32 {
+    (theta as f64).powf(-((2 * i) as f64) / head_dim as f64) as f32
+}
+
+/// cos/sin tables on the device for positions `0..max_pos`.
+pub struct RopeTables<R: Runtime> {
+    pub cos: DeviceTensor<R, f32>,
+    pub sin: DeviceTensor<R, f32>,
+    pub head_dim: usize,
+    pub max_pos: usize,
+}
+
+impl<R: Runtime> RopeTables<R> {
+    pub fn new(
+        client: &ComputeClient<R>,
+        theta: f32,
+        head_dim: usize,
+        max_pos: usize,
+    ) -> Result<Self> {
+        ensure!(
+            head_dim % 2 == 0 && head_dim > 0,
+            "rope: head_dim must be even, got {head_dim}"
+        );
+        ensure!(
+            theta.is_finite() && theta > 1.0,
+            "rope: theta must be > 1, got {theta}"
+        );
+        ensure!(max_pos > 0, "rope: max_pos must be > 0");
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for i in 0..half {
+                let a = (p as f32 * inv_freq(theta, i, head_dim)) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: DeviceTensor::from_slice(client, &cos, &[max_pos, half])?,
+            sin: DeviceTensor::from_slice(client, &sin, &[max_pos, half])?,
+            head_dim,
+            max_pos,
+        })
+    }
+}
+
+/// Rotates `x` ([tokens, heads·head_dim]) in place; token `t` is at `positions[t]`.
+/// `max_position` is the largest value in `positions` (checked on the host by the caller that
+/// made them; passed so a bad position is an error, not an out-of-bounds read).
+pub fn rope<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    positions: &DeviceTensor<R, u32>,
+    max_position: usize,
+    tables: &RopeTables<R>,
+) -> Result<()> {
+    ensure!(
+        x.shape.len() == 2,
+        "rope: x must be [tokens, heads*head_dim], got {:?}",
+        x.shape
+    );
+    let (tokens, width) = (x.shape[0], x.shape[1]);
+    ensure!(
+        width % tables.head_dim == 0,
+        "rope: row width {width} is not a multiple of head_dim {}",
+        tables.head_dim
+    );
+    ensure!(
+        positions.shape == [tokens],
+        "rope: positions must be [{tokens}], got {:?}",
+        positions.shape
+    );
+    ensure!(
+        max_position < tables.max_pos,
+        "rope: position {max_position} is past the tables ({} positions)",
+        tables.max_pos
+    );
+    let half = tables.head_dim / 2;
+    let heads = width / tables.head_dim;
+    let total = tokens * heads * half;
+    rope_kernel::launch::<F, R>(
+        client,
+        cube_count_1d(total.div_ceil(BLOCK), 1)?,
+        CubeDim::new_1d(BLOCK as u32),
+        x.arg(),
+        positions.arg(),
+        tables.cos.arg(),
+        tables.sin.arg(),
+        heads,
+        half,
+        total,
+    );
+    Ok(())
+}
+
+/// f64 reference: rotates `x` ([tokens][heads·hd]) with angles formed as in [`RopeTables`].
+pub fn reference(x: &[f64], positions: &[usize], head_dim: usize, theta: f32) -> Vec<f64> {
+    let half = head_dim / 2;
+    let width = x.len() / positions.len();
+    let mut out = x.to_vec();
+    for (t, &p) in positions.iter().enumerate() {
+        for h in 0..width / head_dim {
+            let base = t * width + h * head_dim;
+            for i in 0..half {
+                let a = (p as f32 * inv_freq(theta, i, head_dim)) as f64;
+                let (s, c) = a.sin_cos();
+                let (x0, x1) = (x[base + i], x[base + i + half]);
+                out[base + i] = x0 * c - x1 * s;
+                out[base + i + half] = x1 * c + x0 * s;
+            }
+        }
+    }
+    out
+}
