@@ -5,6 +5,8 @@
 //! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
 
 pub mod chat;
+pub mod forward;
+pub mod model;
 pub mod reference;
 pub mod sampling;
 pub mod selftest;

@@ -155,3 +155,43 @@ pub fn swiglu_reference(gate: &[f64], up: &[f64]) -> Vec<f64> {
         .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
         .collect()
 }
+
+#[cube(launch)]
+fn copy_rows_kernel<F: Float>(src: &Array<F>, dst: &mut Array<F>, offset: usize, total: usize) {
+    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    if idx < total {
+        dst[idx] = src[offset + idx];
+    }
+}
+
+/// Rows `first..first + count` of `src` ([rows, cols]) as a new [count, cols] tensor.
+pub fn copy_rows<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    src: &DeviceTensor<R, F>,
+    first: usize,
+    count: usize,
+) -> Result<DeviceTensor<R, F>> {
+    ensure!(
+        src.shape.len() == 2,
+        "copy_rows: src must be 2-D, got {:?}",
+        src.shape
+    );
+    let (rows, cols) = (src.shape[0], src.shape[1]);
+    ensure!(
+        count > 0 && first + count <= rows,
+        "copy_rows: rows {first}..{} of {rows}",
+        first + count
+    );
+    let dst = DeviceTensor::<R, F>::empty(client, &[count, cols])?;
+    let total = count * cols;
+    copy_rows_kernel::launch::<F, R>(
+        client,
+        cube_count_1d(total.div_ceil(BLOCK), 1)?,
+        CubeDim::new_1d(BLOCK as u32),
+        src.arg(),
+        dst.arg(),
+        first * cols,
+        total,
+    );
+    Ok(dst)
+}

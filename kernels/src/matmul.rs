@@ -427,6 +427,16 @@ pub struct RowChunked<R: Runtime, F: CubeElement> {
     pub k: usize,
 }
 
+impl<R: Runtime, F: CubeElement> Clone for RowChunked<R, F> {
+    fn clone(&self) -> Self {
+        Self {
+            chunks: self.chunks.clone(),
+            n: self.n,
+            k: self.k,
+        }
+    }
+}
+
 impl<R: Runtime, F: Float + CubeElement> RowChunked<R, F> {
     /// Uploads `data` ([n, k], row-major) in chunks of at most the device's buffer size.
     pub fn upload(client: &ComputeClient<R>, data: &[F], n: usize, k: usize) -> Result<Self> {
