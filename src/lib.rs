@@ -5,7 +5,9 @@
 //! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
 
 pub mod chat;
+pub mod fetch;
 pub mod forward;
+pub mod generate;
 pub mod model;
 pub mod reference;
 pub mod sampling;

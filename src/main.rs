@@ -1,15 +1,22 @@
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
-use cubeqwen::{dispatch, selftest, DeviceKind};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use cubecl::prelude::*;
+use cubeqwen::chat::{ChatMessage, ChatTemplate};
+use cubeqwen::forward::Session;
+use cubeqwen::generate::{Request, generate};
+use cubeqwen::model::DeviceModel;
+use cubeqwen::sampling::SamplingParams;
+use cubeqwen::tokenizer::Tokenizer;
+use cubeqwen::{DeviceKind, RuntimeJob, dispatch, selftest};
+use cubeqwen_kernels::matmul::MatmulVariant;
 
 #[derive(Parser)]
-#[command(
-    name = "cubeqwen",
-    version,
-    about = "Qwen2/Qwen2.5 inference with CubeCL kernels"
-)]
+#[command(name = "cubeqwen", version, about = "Qwen2/Qwen2.5 inference with CubeCL kernels")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt (or a chat message) with a Qwen2 model.
+    Generate(GenerateArgs),
     /// Run every kernel once on the device against its f64 reference and print the errors.
     Selftest {
         /// auto (CUDA if a GPU and driver are present, else wgpu), cuda or wgpu.
@@ -26,6 +35,64 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Print a model file's architecture, config, tokenizer and tensor table.
+    Inspect { file: PathBuf },
+    /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Output tensor type (only f16).
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GenerateArgs {
+    /// GGUF file or Hugging Face checkpoint directory (default: the cached
+    /// Qwen2.5-Coder-0.5B-Instruct, fetched when missing).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Raw prompt text, tokenized as is.
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// A user message, wrapped in the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message for --chat (default: what the template says).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// KV cache size in tokens (default: 4096, capped by the model's context length).
+    #[arg(long)]
+    ctx: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceKind,
+    /// Matmul kernel: auto, tiled, cmma or gemv.
+    #[arg(long, default_value = "auto")]
+    matmul: MatmulVariant,
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +107,68 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Generate(args) => {
+            let params = SamplingParams {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                min_p: args.min_p,
+                repeat_penalty: args.repeat_penalty,
+                repeat_last_n: args.repeat_last_n,
+                seed: args.seed,
+            };
+            params.validate()?;
+            if args.max_tokens == 0 {
+                bail!("--max-tokens must be at least 1");
+            }
+            let path = match &args.model {
+                Some(p) => p.clone(),
+                None => cubeqwen::fetch::default_model()?,
+            };
+            if !path.exists() {
+                bail!("model file {} does not exist", path.display());
+            }
+            let t0 = Instant::now();
+            let host = cubeqwen_loaders::load_model(&path)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let load_time = t0.elapsed();
+            let tokenizer = Tokenizer::from_data(&host.tokenizer).context("building the tokenizer")?;
+            let text = match (&args.prompt, &args.chat) {
+                (Some(p), None) => p.clone(),
+                (None, Some(c)) => {
+                    let template = ChatTemplate::from_data(&host.tokenizer)?;
+                    let mut msgs = Vec::new();
+                    if let Some(s) = &args.system {
+                        msgs.push(ChatMessage::system(s.clone()));
+                    }
+                    msgs.push(ChatMessage::user(c.clone()));
+                    template.render(&msgs, true)?
+                }
+                _ => bail!("give exactly one of --prompt and --chat"),
+            };
+            if text.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let prompt_ids = tokenizer.encode(&text)?;
+            if prompt_ids.is_empty() {
+                bail!("the prompt has no tokens");
+            }
+            let ctx = args.ctx.unwrap_or(4096.min(host.config.context_length));
+            if ctx == 0 || ctx > host.config.context_length {
+                bail!("--ctx {ctx} is outside 1..={} (the model's context length)", host.config.context_length);
+            }
+            if prompt_ids.len() >= ctx {
+                bail!(
+                    "the prompt has {} tokens, more than the context of {ctx} can hold with room to generate (raise --ctx, up to {})",
+                    prompt_ids.len(),
+                    host.config.context_length
+                );
+            }
+            let req = Request { prompt_ids, max_tokens: args.max_tokens, params, stop: args.stop.clone() };
+            let job = GenerateJob { host, tokenizer, req, ctx, args: args.clone(), load_time };
+            dispatch(args.device, job)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Selftest { device, seed } => {
             let seed = seed.unwrap_or_else(cubeqwen_kernels::testing::fresh_seed);
             let (device_name, checks) = dispatch(device, Named(selftest::SelfTest { seed }))?;
@@ -57,24 +186,95 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             println!("{} passed, {failed} failed", checks.len() - failed);
-            Ok(if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Inspect { file } => {
+            print!("{}", cubeqwen_loaders::inspect(&file)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { input, output, dtype } => {
+            if dtype != "f16" {
+                bail!("--dtype {dtype} is not supported: only f16");
+            }
+            let t0 = Instant::now();
+            cubeqwen_loaders::convert_to_f16(&input, &output)?;
+            eprintln!("wrote {} in {:.1?}", output.display(), t0.elapsed());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+struct GenerateJob {
+    host: cubeqwen_loaders::HostModel,
+    tokenizer: Tokenizer,
+    req: Request,
+    ctx: usize,
+    args: GenerateArgs,
+    load_time: std::time::Duration,
+}
+
+impl RuntimeJob for GenerateJob {
+    type Output = ();
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<()> {
+        let GenerateJob { host, tokenizer, req, ctx, args, load_time } = self;
+        let json = args.format == "json";
+        let model = DeviceModel::upload(&client, &host, ctx)?;
+        drop(host);
+        eprintln!(
+            "device: {device}; loaded in {:.2?}, uploaded {:.1} MB in {:.2?}",
+            load_time,
+            model.upload_bytes as f64 / 1e6,
+            model.upload_time
+        );
+        let mut session = Session::new(&client, &model, ctx)?;
+        session.variant = args.matmul;
+        let mut stdout = std::io::stdout();
+        let mut on_text = |s: &str| {
+            if !json {
+                let _ = stdout.write_all(s.as_bytes());
+                let _ = stdout.flush();
+            }
+        };
+        let out = generate(&client, &mut session, &tokenizer, &req, &mut on_text)?;
+        let n = out.tokens.len();
+        let prefill_tps = req.prompt_ids.len() as f64 / out.prefill_time.as_secs_f64();
+        let decode_tps = (n.saturating_sub(1)) as f64 / out.decode_time.as_secs_f64().max(1e-9);
+        if json {
+            let v = serde_json::json!({
+                "prompt_tokens": req.prompt_ids,
+                "tokens": out.tokens,
+                "text": out.text,
+                "stop_reason": out.stop_reason.as_str(),
+                "margins": out.margins,
+                "timings": {
+                    "load_s": load_time.as_secs_f64(),
+                    "prefill_s": out.prefill_time.as_secs_f64(),
+                    "decode_s": out.decode_time.as_secs_f64(),
+                    "prefill_tokens_per_s": prefill_tps,
+                    "decode_tokens_per_s": decode_tps,
+                },
+                "device": device,
+            });
+            println!("{v}");
+        } else {
+            println!();
+        }
+        eprintln!(
+            "[{} prompt tokens, {n} generated, stop: {}] prefill {:.2?} ({prefill_tps:.1} tok/s), decode {:.2?} ({decode_tps:.2} tok/s)",
+            req.prompt_ids.len(),
+            out.stop_reason.as_str(),
+            out.prefill_time,
+            out.decode_time
+        );
+        Ok(())
     }
 }
 
 /// Wraps a job so its output comes back with the device's name.
 struct Named<J>(J);
-impl<J: cubeqwen::RuntimeJob> cubeqwen::RuntimeJob for Named<J> {
+impl<J: RuntimeJob> RuntimeJob for Named<J> {
     type Output = (String, J::Output);
-    fn run<R: cubecl::Runtime>(
-        self,
-        client: cubecl::prelude::ComputeClient<R>,
-        device: &str,
-    ) -> Result<Self::Output> {
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<Self::Output> {
         Ok((device.to_string(), self.0.run(client, device)?))
     }
 }
