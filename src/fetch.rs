@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
 pub const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 pub const MODEL_BYTES: u64 = 491_400_064;

@@ -8,12 +8,12 @@
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen_kernels::attention::{attention, KvCache};
+use cubeqwen_kernels::attention::{attention_with_fault, KvCache};
 use cubeqwen_kernels::buffer::check_launches;
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
-use cubeqwen_kernels::rope::rope;
+use cubeqwen_kernels::rope::rope_with_fault;
 use cubeqwen_kernels::DeviceTensor;
 use half::f16;
 
@@ -61,6 +61,18 @@ pub enum Logits {
     All,
 }
 
+/// Known bugs the forward pass can be told to commit, so tests can prove the parity tracer
+/// finds them (never set in production; all off by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// RoPE with adjacent pairs (2i, 2i+1) instead of halves (i, i + hd/2).
+    pub rope_adjacent_pairs: bool,
+    /// The q projection without its bias.
+    pub drop_q_bias: bool,
+    /// Query head h reads kv head h % n_kv instead of h / (n_heads / n_kv).
+    pub wrong_gqa_mapping: bool,
+}
+
 /// A sequence in progress: its KV cache and how many positions it holds.
 pub struct Session<'m, R: Runtime> {
     pub model: &'m DeviceModel<R>,
@@ -70,6 +82,7 @@ pub struct Session<'m, R: Runtime> {
     pub variant: MatmulVariant,
     /// Prompts longer than this are prefilled in chunks of this many tokens.
     pub prefill_chunk: usize,
+    pub faults: Faults,
 }
 
 impl<'m, R: Runtime> Session<'m, R> {
@@ -94,6 +107,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             max_ctx,
             variant: MatmulVariant::Auto,
             prefill_chunk: 512,
+            faults: Faults::default(),
         })
     }
 
@@ -186,20 +200,23 @@ impl<'m, R: Runtime> Session<'m, R> {
             }
             see(&name("attn_norm"), StepTensor::F16(&h))?;
 
-            matmul(client, v, &h, &layer.wq, Some(&layer.bq), &q)?;
+            let bq = (!self.faults.drop_q_bias).then_some(&layer.bq);
+            matmul(client, v, &h, &layer.wq, bq, &q)?;
             matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
             matmul(client, v, &h, &layer.wv, Some(&layer.bv), &vv)?;
             see(&name("q"), StepTensor::F16(&q))?;
             see(&name("k"), StepTensor::F16(&k))?;
             see(&name("v"), StepTensor::F16(&vv))?;
 
-            rope(client, &q, &pos_d, start + t - 1, &m.rope)?;
-            rope(client, &k, &pos_d, start + t - 1, &m.rope)?;
+            let adjacent = self.faults.rope_adjacent_pairs;
+            rope_with_fault(client, &q, &pos_d, start + t - 1, &m.rope, adjacent)?;
+            rope_with_fault(client, &k, &pos_d, start + t - 1, &m.rope, adjacent)?;
             see(&name("q_rope"), StepTensor::F16(&q))?;
             see(&name("k_rope"), StepTensor::F16(&k))?;
 
             cache.append(client, &k, &vv, start)?;
-            attention(client, &q, cache, c.n_heads, start, &att)?;
+            let wrong_gqa = self.faults.wrong_gqa_mapping;
+            attention_with_fault(client, &q, cache, c.n_heads, start, &att, wrong_gqa)?;
             see(&name("attn"), StepTensor::F16(&att))?;
 
             matmul(client, v, &att, &layer.wo, None, &proj)?;

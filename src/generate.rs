@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::select::top_k;
 

@@ -13,5 +13,6 @@ pub mod reference;
 pub mod sampling;
 pub mod selftest;
 pub mod tokenizer;
+pub mod trace;
 
 pub use cubeqwen_kernels::runtime::{dispatch, DeviceKind, RuntimeJob};

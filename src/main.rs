@@ -3,20 +3,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cubecl::prelude::*;
 use cubeqwen::chat::{ChatMessage, ChatTemplate};
 use cubeqwen::forward::Session;
-use cubeqwen::generate::{Request, generate};
+use cubeqwen::generate::{generate, Request};
 use cubeqwen::model::DeviceModel;
 use cubeqwen::sampling::SamplingParams;
 use cubeqwen::tokenizer::Tokenizer;
-use cubeqwen::{DeviceKind, RuntimeJob, dispatch, selftest};
+use cubeqwen::{dispatch, selftest, DeviceKind, RuntimeJob};
 use cubeqwen_kernels::matmul::MatmulVariant;
 
 #[derive(Parser)]
-#[command(name = "cubeqwen", version, about = "Qwen2/Qwen2.5 inference with CubeCL kernels")]
+#[command(
+    name = "cubeqwen",
+    version,
+    about = "Qwen2/Qwen2.5 inference with CubeCL kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,7 +136,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let host = cubeqwen_loaders::load_model(&path)
                 .with_context(|| format!("loading {}", path.display()))?;
             let load_time = t0.elapsed();
-            let tokenizer = Tokenizer::from_data(&host.tokenizer).context("building the tokenizer")?;
+            let tokenizer =
+                Tokenizer::from_data(&host.tokenizer).context("building the tokenizer")?;
             let text = match (&args.prompt, &args.chat) {
                 (Some(p), None) => p.clone(),
                 (None, Some(c)) => {
@@ -155,7 +160,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let ctx = args.ctx.unwrap_or(4096.min(host.config.context_length));
             if ctx == 0 || ctx > host.config.context_length {
-                bail!("--ctx {ctx} is outside 1..={} (the model's context length)", host.config.context_length);
+                bail!(
+                    "--ctx {ctx} is outside 1..={} (the model's context length)",
+                    host.config.context_length
+                );
             }
             if prompt_ids.len() >= ctx {
                 bail!(
@@ -164,8 +172,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     host.config.context_length
                 );
             }
-            let req = Request { prompt_ids, max_tokens: args.max_tokens, params, stop: args.stop.clone() };
-            let job = GenerateJob { host, tokenizer, req, ctx, args: args.clone(), load_time };
+            let req = Request {
+                prompt_ids,
+                max_tokens: args.max_tokens,
+                params,
+                stop: args.stop.clone(),
+            };
+            let job = GenerateJob {
+                host,
+                tokenizer,
+                req,
+                ctx,
+                args: args.clone(),
+                load_time,
+            };
             dispatch(args.device, job)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -186,13 +206,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             println!("{} passed, {failed} failed", checks.len() - failed);
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Convert { input, output, dtype } => {
+        Command::Convert {
+            input,
+            output,
+            dtype,
+        } => {
             if dtype != "f16" {
                 bail!("--dtype {dtype} is not supported: only f16");
             }
@@ -216,7 +244,14 @@ struct GenerateJob {
 impl RuntimeJob for GenerateJob {
     type Output = ();
     fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<()> {
-        let GenerateJob { host, tokenizer, req, ctx, args, load_time } = self;
+        let GenerateJob {
+            host,
+            tokenizer,
+            req,
+            ctx,
+            args,
+            load_time,
+        } = self;
         let json = args.format == "json";
         let model = DeviceModel::upload(&client, &host, ctx)?;
         drop(host);

@@ -57,13 +57,18 @@ fn attention_chunk_kernel<F: Float>(
     start: usize,
     scale: f32,
     #[comptime] head_dim: usize,
+    #[comptime] wrong_gqa: bool,
 ) {
     let chunk = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
     let t = CUBE_POS_Z as usize;
     let chunks = CUBE_COUNT_X as usize;
     let tid = UNIT_POS as usize;
-    let g = h / group;
+    let mut g = h / group;
+    if comptime!(wrong_gqa) {
+        // Fault injection for the tracer's tests: interleaved instead of grouped heads.
+        g = h % (n_heads / group);
+    }
 
     let mut q_s = SharedMemory::<f32>::new(head_dim);
     let mut scores = SharedMemory::<f32>::new(256usize);
@@ -271,6 +276,20 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     start: usize,
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
+    attention_with_fault(client, q, cache, n_heads, start, out, false)
+}
+
+/// [`attention`], or with `wrong_gqa` query head `h` reading kv head `h % n_kv` instead of
+/// `h / (n_heads / n_kv)`: a fault the parity tracer's tests inject on purpose.
+pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    n_heads: usize,
+    start: usize,
+    out: &DeviceTensor<R, F>,
+    wrong_gqa: bool,
+) -> Result<()> {
     let hd = cache.head_dim;
     ensure!(
         q.shape.len() == 2 && q.shape[1] == n_heads * hd,
@@ -323,6 +342,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         start,
         1.0 / (hd as f32).sqrt(),
         hd,
+        wrong_gqa,
     );
     attention_combine_kernel::launch::<F, R>(
         client,

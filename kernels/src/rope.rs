@@ -22,6 +22,7 @@ fn rope_kernel<F: Float>(
     heads: usize,
     half: usize,
     total: usize,
+    #[comptime] adjacent_pairs: bool,
 ) {
     let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
     if idx < total {
@@ -34,10 +35,17 @@ fn rope_kernel<F: Float>(
         let p = positions[t] as usize;
         let c = cos[p * half + i];
         let s = sin[p * half + i];
-        let a = f32::cast_from(x[base + i]);
-        let b = f32::cast_from(x[base + i + half]);
-        x[base + i] = F::cast_from(a * c - b * s);
-        x[base + i + half] = F::cast_from(b * c + a * s);
+        // Fault injection for the tracer's tests: GPT-J pairs (2i, 2i+1) instead of NEOX halves.
+        let mut i0 = base + i;
+        let mut i1 = base + i + half;
+        if comptime!(adjacent_pairs) {
+            i0 = base + 2 * i;
+            i1 = base + 2 * i + 1;
+        }
+        let a = f32::cast_from(x[i0]);
+        let b = f32::cast_from(x[i1]);
+        x[i0] = F::cast_from(a * c - b * s);
+        x[i1] = F::cast_from(b * c + a * s);
     }
 }
 
@@ -99,6 +107,19 @@ pub fn rope<R: Runtime, F: Float + CubeElement>(
     max_position: usize,
     tables: &RopeTables<R>,
 ) -> Result<()> {
+    rope_with_fault(client, x, positions, max_position, tables, false)
+}
+
+/// [`rope`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity tracer's
+/// tests inject on purpose.
+pub fn rope_with_fault<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    positions: &DeviceTensor<R, u32>,
+    max_position: usize,
+    tables: &RopeTables<R>,
+    adjacent_pairs: bool,
+) -> Result<()> {
     ensure!(
         x.shape.len() == 2,
         "rope: x must be [tokens, heads*head_dim], got {:?}",
@@ -134,6 +155,7 @@ pub fn rope<R: Runtime, F: Float + CubeElement>(
         heads,
         half,
         total,
+        adjacent_pairs,
     );
     Ok(())
 }
