@@ -23,7 +23,7 @@ pub use config::{config_from_gguf, DEFAULT_ROPE_THETA};
 pub use gguf::{GgufFile, TensorInfo, Value, ValueType};
 pub use hf::{hf_to_gguf_name, load_hf_dir};
 pub use inspect::inspect;
-pub use model::load_model;
+pub use model::{load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
 pub use random::{byte_level_tokenizer, random_qwen2, tiny_config};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};

@@ -22,11 +22,15 @@ pub fn load_model(path: &Path) -> Result<HostModel> {
     if path.is_dir() {
         return crate::hf::load_hf_dir(path);
     }
-    let g = GgufFile::open(path)?;
-    let file = path.display().to_string();
-    let config = config_from_gguf(&g)?;
+    model_from_gguf(&GgufFile::open(path)?)
+}
+
+/// The model in an open GGUF file (see [`load_model`]).
+pub fn model_from_gguf(g: &GgufFile) -> Result<HostModel> {
+    let file = g.path().display().to_string();
+    let config = config_from_gguf(g)?;
     config.check_tensors(&file, |n| g.tensor_info(n).map(|t| t.shape()))?;
-    let tokenizer = tokenizer_from_gguf(&g)?;
+    let tokenizer = tokenizer_from_gguf(g)?;
     let raw = g
         .tensors()
         .iter()
@@ -176,14 +180,16 @@ fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
                 })
             })
             .collect();
-        s.spawn(|| {
-            let mut shown = false;
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-                if !shown && start.elapsed() > Duration::from_secs(1) {
+        // Shows the bar once the work has taken a second (woken early when it ends).
+        let monitor = s.spawn(|| {
+            let show_at = start + Duration::from_secs(1);
+            while !done.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= show_at {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                    shown = true;
+                    return;
                 }
+                std::thread::park_timeout(show_at - now);
             }
         });
         for w in workers {
@@ -192,7 +198,8 @@ fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
                 slot.get_or_insert(anyhow!("{file}: a dequantization thread panicked"));
             }
         }
-        done.store(true, Ordering::Relaxed);
+        done.store(true, Ordering::Release);
+        monitor.thread().unpark();
     });
     bar.finish_and_clear();
     match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {

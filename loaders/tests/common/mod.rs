@@ -85,7 +85,8 @@ pub fn write_hf_dir(
         hf_config_json(m, m.config.tied_embeddings),
     )
     .unwrap();
-    let mut parts: Vec<Vec<(String, Dtype, Vec<usize>, Vec<u8>)>> = vec![Vec::new(); shards];
+    type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+    let mut parts: Vec<Vec<Entry>> = vec![Vec::new(); shards];
     for (i, (name, t)) in m.tensors.iter().enumerate() {
         let dt = dtype_of(name, t.shape.len());
         parts[i % shards].push((gguf_to_hf(name), dt, t.shape.clone(), encode(&t.data, dt)));
