@@ -651,3 +651,20 @@ fn hf_bad_tensors_and_config() {
     std::fs::write(d.join("tokenizer.json"), "[").unwrap();
     assert_has(&hf_err(&d), &["tokenizer.json", "not valid JSON"]);
 }
+
+#[test]
+fn missing_paths_are_named() {
+    let e = format!(
+        "{:#}",
+        load_model(Path::new("/nonexistent/x.gguf")).unwrap_err()
+    );
+    assert_has(&e, &["/nonexistent/x.gguf"]);
+    let e = format!(
+        "{:#}",
+        load_tokenizer_data(Path::new("/nonexistent/y.gguf")).unwrap_err()
+    );
+    assert_has(&e, &["/nonexistent/y.gguf"]);
+    let t = tempfile::tempdir().unwrap();
+    let e = format!("{:#}", load_model(t.path()).unwrap_err());
+    assert_has(&e, &["config.json"]);
+}
