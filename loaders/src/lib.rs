@@ -10,7 +10,7 @@
 //! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader; [`quant`] holds
 //!   [`GgmlType`] and the llama.cpp-exact dequantizers.
 //! - [`write_gguf_f16`], [`convert_to_f16`] and [`GgufWriter`] (module [`writer`]) write GGUF v3.
-//! - [`random_qwen2`] builds small synthetic models for tests; [`inspect`] describes a GGUF file.
+//! - [`random_qwen2`] builds small synthetic models for tests; [`inspect()`] describes a GGUF file.
 //!
 //! Errors are `anyhow` errors naming the file and the problem; malformed input never panics.
 
