@@ -200,6 +200,12 @@ fn huge_counts_and_lengths_are_rejected_without_allocating() {
     let mut r = Raw::new(3, 0, 1);
     r.str("x").u32(9).u32(9).u64(1).u32(4).u64(u64::MAX);
     assert_has(&r.parse_err(), &["cannot fit"]);
+    // More array elements than the metadata limit, all present in the file.
+    let n = cubeqwen_loaders::gguf::MAX_ARRAY_ELEMENTS + 1;
+    let mut r = Raw::new(3, 0, 1);
+    r.str("big").u32(9).u32(0).u64(n);
+    r.0.resize(r.0.len() + n as usize, 1);
+    assert_has(&r.parse_err(), &["`big`", "exceeds the limit"]);
     // tensor name length
     let mut r = Raw::new(3, 1, 0);
     r.u64(u64::MAX).data(64);
@@ -648,6 +654,18 @@ fn hf_bad_tensors_and_config() {
     )
     .unwrap();
     assert_has(&hf_err(&d), &["tokenizer.json", "far beyond"]);
+    common::write_hf_tokenizer(&small_model(), &d);
+    assert!(load_tokenizer_data(&d).is_ok());
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"vocab_size\":16", "\"vocab_size\":1000000000000"),
+    )
+    .unwrap();
+    assert_has(
+        &format!("{:#}", load_tokenizer_data(&d).unwrap_err()),
+        &["vocab_size 1000000000000 is far beyond"],
+    );
+    std::fs::write(d.join("config.json"), &cfg).unwrap();
     std::fs::write(d.join("tokenizer.json"), "[").unwrap();
     assert_has(&hf_err(&d), &["tokenizer.json", "not valid JSON"]);
 }
