@@ -143,7 +143,21 @@ pub(crate) fn dequantize_all(
         .collect())
 }
 
+/// Below this many source bytes the work is done on the calling thread (no threads, no bar).
+const PARALLEL_THRESHOLD: u64 = 1 << 22;
+
+fn run_job(job: Job<'_>, file: &str) -> Result<()> {
+    let r = match job.dst {
+        Out::F16(d) => dequantize_to_f16(job.ty, job.src, d),
+        Out::F32(d) => dequantize(job.ty, job.src, d),
+    };
+    r.with_context(|| format!("{file}: tensor `{}`", job.name))
+}
+
 fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
+    if total_bytes < PARALLEL_THRESHOLD {
+        return jobs.into_iter().try_for_each(|j| run_job(j, file));
+    }
     let n_threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(jobs.len().max(1));
@@ -167,16 +181,13 @@ fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
                 s.spawn(|| loop {
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
                     let Some(job) = job else { break };
-                    let r = match job.dst {
-                        Out::F16(d) => dequantize_to_f16(job.ty, job.src, d),
-                        Out::F32(d) => dequantize(job.ty, job.src, d),
-                    };
-                    if let Err(e) = r {
+                    let n = job.src.len() as u64;
+                    if let Err(e) = run_job(job, file) {
                         let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                        slot.get_or_insert(e.context(format!("{file}: tensor `{}`", job.name)));
+                        slot.get_or_insert(e);
                         break;
                     }
-                    bar.inc(job.src.len() as u64);
+                    bar.inc(n);
                 })
             })
             .collect();
