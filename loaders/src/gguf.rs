@@ -16,6 +16,10 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
 /// Arrays nested deeper than this are rejected (protects the stack).
 pub const MAX_ARRAY_DEPTH: usize = 8;
+/// Most metadata array elements a file may hold in total (all arrays together). A parsed
+/// element takes 32 bytes in memory for 1 to 8 in the file, so this caps metadata memory at
+/// about 1 GiB. Real tokenizers hold a few hundred thousand tokens and merges.
+pub const MAX_ARRAY_ELEMENTS: u64 = 1 << 25;
 
 /// GGUF metadata value type ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +206,8 @@ pub struct GgufFile {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Array elements still allowed (see [`MAX_ARRAY_ELEMENTS`]).
+    element_budget: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -277,7 +283,12 @@ impl<'a> Reader<'a> {
                     "{what}: array of {n} {et:?} elements cannot fit in the {} bytes left",
                     self.remaining()
                 );
-                let mut v = Vec::with_capacity(n as usize);
+                ensure!(
+                    n <= self.element_budget,
+                    "{what}: array of {n} elements exceeds the limit of {MAX_ARRAY_ELEMENTS} metadata array elements"
+                );
+                self.element_budget -= n;
+                let mut v = Vec::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
                     v.push(self.value(et, depth + 1, what)?);
                 }
@@ -316,7 +327,11 @@ impl GgufFile {
 
     fn parse(path: &Path, mmap: Mmap) -> Result<GgufFile> {
         let (version, metadata, tensors, alignment, data_offset) = {
-            let mut r = Reader { buf: &mmap, pos: 0 };
+            let mut r = Reader {
+                buf: &mmap,
+                pos: 0,
+                element_budget: MAX_ARRAY_ELEMENTS,
+            };
             let magic = r.arr::<4>("magic")?;
             ensure!(
                 &magic == GGUF_MAGIC,
@@ -340,7 +355,7 @@ impl GgufFile {
                 "metadata count {n_kv} cannot fit in the {} bytes of the file",
                 mmap.len()
             );
-            let mut metadata: Vec<(String, Value)> = Vec::with_capacity(n_kv as usize);
+            let mut metadata: Vec<(String, Value)> = Vec::with_capacity(n_kv.min(1024) as usize);
             let mut keys = std::collections::HashSet::new();
             for i in 0..n_kv {
                 let key = r
@@ -371,7 +386,7 @@ impl GgufFile {
                 "tensor count {n_tensors} cannot fit in the {} bytes of the file",
                 mmap.len()
             );
-            let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
+            let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(4096) as usize);
             let mut names = std::collections::HashSet::new();
             for i in 0..n_tensors {
                 let name = r

@@ -6,6 +6,13 @@
 //!   (`token_embd.weight`, `blk.N.attn_q.weight`, ...), dequantized.
 //! - Tensor shapes are row-major (outermost first): `token_embd.weight` is `[vocab, d]`.
 //! - 2-D weights are held as f16 ([`TensorData::F16`]); 1-D tensors (norm weights, biases) as f32.
+//! - [`load_tokenizer_data`] reads only the tokenizer (GGUF metadata, or HF `tokenizer.json`).
+//! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader; [`quant`] holds
+//!   [`GgmlType`] and the llama.cpp-exact dequantizers.
+//! - [`write_gguf_f16`], [`convert_to_f16`] and [`GgufWriter`] (module [`writer`]) write GGUF v3.
+//! - [`random_qwen2`] builds small synthetic models for tests; [`inspect()`] describes a GGUF file.
+//!
+//! Errors are `anyhow` errors naming the file and the problem; malformed input never panics.
 
 use half::f16;
 
@@ -23,7 +30,7 @@ pub use config::{config_from_gguf, DEFAULT_ROPE_THETA};
 pub use gguf::{GgufFile, TensorInfo, Value, ValueType};
 pub use hf::{hf_to_gguf_name, load_hf_dir};
 pub use inspect::inspect;
-pub use model::load_model;
+pub use model::{load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
 pub use random::{byte_level_tokenizer, random_qwen2, tiny_config};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};

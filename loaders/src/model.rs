@@ -22,11 +22,15 @@ pub fn load_model(path: &Path) -> Result<HostModel> {
     if path.is_dir() {
         return crate::hf::load_hf_dir(path);
     }
-    let g = GgufFile::open(path)?;
-    let file = path.display().to_string();
-    let config = config_from_gguf(&g)?;
+    model_from_gguf(&GgufFile::open(path)?)
+}
+
+/// The model in an open GGUF file (see [`load_model`]).
+pub fn model_from_gguf(g: &GgufFile) -> Result<HostModel> {
+    let file = g.path().display().to_string();
+    let config = config_from_gguf(g)?;
     config.check_tensors(&file, |n| g.tensor_info(n).map(|t| t.shape()))?;
-    let tokenizer = tokenizer_from_gguf(&g)?;
+    let tokenizer = tokenizer_from_gguf(g)?;
     let raw = g
         .tensors()
         .iter()
@@ -139,7 +143,21 @@ pub(crate) fn dequantize_all(
         .collect())
 }
 
+/// Below this many source bytes the work is done on the calling thread (no threads, no bar).
+const PARALLEL_THRESHOLD: u64 = 1 << 22;
+
+fn run_job(job: Job<'_>, file: &str) -> Result<()> {
+    let r = match job.dst {
+        Out::F16(d) => dequantize_to_f16(job.ty, job.src, d),
+        Out::F32(d) => dequantize(job.ty, job.src, d),
+    };
+    r.with_context(|| format!("{file}: tensor `{}`", job.name))
+}
+
 fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
+    if total_bytes < PARALLEL_THRESHOLD {
+        return jobs.into_iter().try_for_each(|j| run_job(j, file));
+    }
     let n_threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(jobs.len().max(1));
@@ -163,27 +181,26 @@ fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
                 s.spawn(|| loop {
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
                     let Some(job) = job else { break };
-                    let r = match job.dst {
-                        Out::F16(d) => dequantize_to_f16(job.ty, job.src, d),
-                        Out::F32(d) => dequantize(job.ty, job.src, d),
-                    };
-                    if let Err(e) = r {
+                    let n = job.src.len() as u64;
+                    if let Err(e) = run_job(job, file) {
                         let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                        slot.get_or_insert(e.context(format!("{file}: tensor `{}`", job.name)));
+                        slot.get_or_insert(e);
                         break;
                     }
-                    bar.inc(job.src.len() as u64);
+                    bar.inc(n);
                 })
             })
             .collect();
-        s.spawn(|| {
-            let mut shown = false;
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-                if !shown && start.elapsed() > Duration::from_secs(1) {
+        // Shows the bar once the work has taken a second (woken early when it ends).
+        let monitor = s.spawn(|| {
+            let show_at = start + Duration::from_secs(1);
+            while !done.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= show_at {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                    shown = true;
+                    return;
                 }
+                std::thread::park_timeout(show_at - now);
             }
         });
         for w in workers {
@@ -192,7 +209,8 @@ fn run_jobs(jobs: Vec<Job<'_>>, total_bytes: u64, file: &str) -> Result<()> {
                 slot.get_or_insert(anyhow!("{file}: a dequantization thread panicked"));
             }
         }
-        done.store(true, Ordering::Relaxed);
+        done.store(true, Ordering::Release);
+        monitor.thread().unpark();
     });
     bar.finish_and_clear();
     match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {

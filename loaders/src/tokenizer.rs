@@ -112,6 +112,9 @@ pub fn summary(t: &TokenizerData) -> String {
     )
 }
 
+/// At most this many `[PAD{id}]` tokens are added to reach the model's vocab size.
+pub const MAX_PADDING: usize = 1 << 16;
+
 /// Build [`TokenizerData`] from the text of a HF `tokenizer.json` (BPE model: vocab + merges +
 /// added_tokens) and, optionally, `tokenizer_config.json` (eos/bos/pad tokens, add_bos_token,
 /// chat_template). `vocab_size` pads the token list like llama.cpp's converter does
@@ -159,14 +162,21 @@ pub fn tokenizer_from_hf_json(
         }
     }
     let max_id = entries.iter().map(|e| e.0).max().map_or(0, |m| m + 1);
-    let n = max_id.max(vocab_size);
-    // Ids are bounded by the number of entries (plus the model's vocab), never by a raw number.
+    // The list is sized by the entries actually present (plus bounded padding), never by a raw
+    // number from the file.
+    let limit = entries.len() + MAX_PADDING;
     ensure!(
-        n <= entries.len() + vocab_size + 1024,
+        max_id <= limit,
         "tokenizer.json: token id {} is far beyond the {} tokens listed",
         max_id - 1,
         entries.len()
     );
+    ensure!(
+        vocab_size <= limit,
+        "vocab_size {vocab_size} is far beyond the {} tokens in tokenizer.json",
+        entries.len()
+    );
+    let n = max_id.max(vocab_size);
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; n];
     for (id, tok, ty) in entries {
         if let Some((old, _)) = &tokens[id] {

@@ -97,12 +97,34 @@ impl<'a> GgufWriter<'a> {
         Ok(self)
     }
 
-    pub fn add_f32(&mut self, name: &str, shape: &[usize], v: &[f32]) -> Result<&mut Self> {
+    /// Add an F32 tensor (borrowed, not copied, on little-endian hosts).
+    pub fn add_f32(&mut self, name: &str, shape: &[usize], v: &'a [f32]) -> Result<&mut Self> {
+        let bytes: Cow<'a, [u8]> = if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(v))
+        } else {
+            Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        self.add_raw(name, shape, GgmlType::F32, bytes)
+    }
+
+    /// Add an F16 tensor (borrowed, not copied, on little-endian hosts).
+    pub fn add_f16(&mut self, name: &str, shape: &[usize], v: &'a [f16]) -> Result<&mut Self> {
+        let bytes: Cow<'a, [u8]> = if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(v))
+        } else {
+            Cow::Owned(v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect())
+        };
+        self.add_raw(name, shape, GgmlType::F16, bytes)
+    }
+
+    /// Add an owned F32 tensor.
+    pub fn add_f32_owned(&mut self, name: &str, shape: &[usize], v: &[f32]) -> Result<&mut Self> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.add_raw(name, shape, GgmlType::F32, bytes)
     }
 
-    pub fn add_f16(&mut self, name: &str, shape: &[usize], v: &[f16]) -> Result<&mut Self> {
+    /// Add an owned F16 tensor.
+    pub fn add_f16_owned(&mut self, name: &str, shape: &[usize], v: &[f16]) -> Result<&mut Self> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
         self.add_raw(name, shape, GgmlType::F16, bytes)
     }
@@ -285,17 +307,15 @@ pub fn add_model_tensors<'a>(w: &mut GgufWriter<'a>, model: &'a HostModel) -> Re
             t.data.len(),
             t.shape
         );
-        if t.shape.len() >= 2 {
-            match &t.data {
-                TensorData::F16(v) => w.add_f16(name, &t.shape, v)?,
-                TensorData::F32(v) => {
-                    let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-                    w.add_f16(name, &t.shape, &h)?
-                }
-            };
-        } else {
-            w.add_f32(name, &t.shape, &t.data.to_f32())?;
-        }
+        match (&t.data, t.shape.len() >= 2) {
+            (TensorData::F16(v), true) => w.add_f16(name, &t.shape, v)?,
+            (TensorData::F32(v), true) => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                w.add_f16_owned(name, &t.shape, &h)?
+            }
+            (TensorData::F32(v), false) => w.add_f32(name, &t.shape, v)?,
+            (TensorData::F16(_), false) => w.add_f32_owned(name, &t.shape, &t.data.to_f32())?,
+        };
     }
     Ok(())
 }
