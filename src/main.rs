@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run the forward pass on the device capturing every named step and compare each with the
+    /// f64 reference (or a file of Hugging Face activations); exit 1 at the first departure.
+    Trace(TraceArgs),
     /// Print a model file's architecture, config, tokenizer and tensor table.
     Inspect { file: PathBuf },
     /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
@@ -97,6 +100,38 @@ struct GenerateArgs {
     matmul: MatmulVariant,
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     format: String,
+}
+
+#[derive(Args, Clone)]
+struct TraceArgs {
+    /// GGUF file or Hugging Face checkpoint directory (default: the cached real model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text (tokenized as is). With --against FILE the file's input_ids are used.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceKind,
+    /// `cpu` (the f64 reference) or a safetensors file from scripts/hf_dump_activations.py.
+    #[arg(long, default_value = "cpu")]
+    against: String,
+    /// Only these layers, e.g. 0..4 (global steps are always shown).
+    #[arg(long)]
+    layers: Option<String>,
+    /// Relative-error tolerance per step.
+    #[arg(long, default_value_t = 3e-2)]
+    tol: f64,
+}
+
+fn parse_layers(s: &str) -> Result<std::ops::Range<usize>> {
+    let (a, b) = s
+        .split_once("..")
+        .with_context(|| format!("--layers {s}: expected A..B"))?;
+    let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+    if a >= b {
+        bail!("--layers {s}: empty range");
+    }
+    Ok(a..b)
 }
 
 fn main() -> ExitCode {
@@ -212,6 +247,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Trace(args) => {
+            let path = match &args.model {
+                Some(p) => p.clone(),
+                None => cubeqwen::fetch::default_model()?,
+            };
+            let host = cubeqwen_loaders::load_model(&path)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let layers = args.layers.as_deref().map(parse_layers).transpose()?;
+            if let Some(r) = &layers {
+                if r.end > host.config.layers {
+                    bail!(
+                        "--layers {}..{}: the model has {} layers",
+                        r.start,
+                        r.end,
+                        host.config.layers
+                    );
+                }
+            }
+            let (ids, expected) = if args.against == "cpu" {
+                let text = args
+                    .prompt
+                    .clone()
+                    .context("--prompt is required with --against cpu")?;
+                if text.is_empty() {
+                    bail!("the prompt is empty");
+                }
+                let ids = Tokenizer::from_data(&host.tokenizer)?.encode(&text)?;
+                eprintln!("running the f64 reference over {} tokens...", ids.len());
+                let cap = cubeqwen::trace::reference_trace(&host, &ids)?;
+                (ids, cap)
+            } else {
+                let (ids, cap) = cubeqwen::trace::file_trace(std::path::Path::new(&args.against))?;
+                if args.prompt.is_some() {
+                    eprintln!(
+                        "note: --prompt ignored; the file's input_ids ({} tokens) are used",
+                        ids.len()
+                    );
+                }
+                (ids, cap)
+            };
+            let n_layers = host.config.layers;
+            let job = TraceJob {
+                host,
+                ids,
+                expected,
+                layers,
+                tol: args.tol,
+                n_layers,
+            };
+            let departed = dispatch(args.device, job)?;
+            Ok(if departed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -302,6 +393,28 @@ impl RuntimeJob for GenerateJob {
             out.decode_time
         );
         Ok(())
+    }
+}
+
+struct TraceJob {
+    host: cubeqwen_loaders::HostModel,
+    ids: Vec<u32>,
+    expected: cubeqwen::reference::trace::Capture,
+    layers: Option<std::ops::Range<usize>>,
+    tol: f64,
+    n_layers: usize,
+}
+
+impl RuntimeJob for TraceJob {
+    type Output = bool;
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<bool> {
+        eprintln!("device: {device}; tracing {} tokens", self.ids.len());
+        let model = DeviceModel::upload(&client, &self.host, self.ids.len().max(1))?;
+        let got = cubeqwen::trace::device_trace(&client, &model, &self.ids, Default::default())?;
+        let reports =
+            cubeqwen::trace::compare(&self.expected, &got, self.n_layers, self.layers, self.tol)?;
+        print!("{}", cubeqwen::trace::format_report(&reports, self.tol));
+        Ok(cubeqwen::trace::first_departure(&reports).is_some())
     }
 }
 
