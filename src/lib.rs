@@ -8,6 +8,7 @@ pub mod chat;
 pub mod fetch;
 pub mod forward;
 pub mod generate;
+pub mod haiku;
 pub mod model;
 pub mod reference;
 pub mod sampling;
