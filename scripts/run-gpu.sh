@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repo root, after scripts/stage-gpu.sh staged stage/.
-#   bash stage/run-gpu.sh [tests|selftest|bench|all] [extra args for the test binaries]
-# Every test runs on CUDA (CUBEQWEN_TEST_DEVICE=cuda: a missing GPU fails, never falls back).
+#   bash stage/run-gpu.sh [tests|selftest|hf|bench|all] [extra args for the test binaries]
+# Every test runs on CUDA (CUBEQWEN_TEST_DEVICE=cuda: a missing GPU fails, never falls back),
+# with the big shapes (CUBEQWEN_FULL_SHAPES=1) and the CUDA-only tests (--include-ignored).
+# Not staged (scripts/stage-gpu.sh): the loaders' tests (no kernels) and the tests that read
+# the real model (too big to carry here): golden_device, haiku, tokenizer_golden,
+# reference_golden. CI runs them on wgpu.
+# `hf` runs scripts/hf_reference.py (torch + transformers) and compares cubeqwen with it.
 set -uo pipefail
 root=$(pwd); what=${1:-all}; shift || true
 out=${OUT:-$root/stage/out}; mkdir -p "$out"
 bin=$root/stage/run; mkdir -p "$bin"
 for f in stage/bin/*.gz; do gunzip -c "$f" > "$bin/$(basename "$f" .gz)"; chmod +x "$bin/$(basename "$f" .gz)"; done
-export CUBEQWEN_TEST_DEVICE=cuda CUBEQWEN_KERNEL_CACHE=$root/stage/kernel-cache
+export CUBEQWEN_TEST_DEVICE=cuda CUBEQWEN_KERNEL_CACHE=$root/stage/kernel-cache CUBEQWEN_FULL_SHAPES=1
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
@@ -25,10 +30,23 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   while read -r name pkg kind; do
     [ "$kind" = test ] || continue
     echo "=== $name (in $pkg)" | tee -a "$out/tests.log"
-    (cd "$root/$pkg" && "$bin/$name" --test-threads=1 "$@") 2>&1 | tee -a "$out/tests.log"
+    (cd "$root/$pkg" && "$bin/$name" --test-threads=1 --include-ignored "$@") 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done < stage/bin/MANIFEST
   grep -E "^test result|^=== " "$out/tests.log" > "$out/summary.txt"
+fi
+if [ "$what" = all ] || [ "$what" = hf ]; then
+  cq="$bin/bin-cubeqwen-bin-cubeqwen"
+  for cfg in 0.5b 1.5b; do
+    dir=/tmp/hf-$cfg
+    extra=""; [ $cfg = 0.5b ] && extra="--activations"
+    python3 scripts/hf_reference.py "$dir" --config $cfg --seed 0 --prompt-len 64 --steps 64 $extra 2>&1 | grep -v Warning | tee -a "$out/hf.log" || status=1
+    "$cq" hf-parity "$dir" --device cuda 2>&1 | tee -a "$out/hf.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+  echo "=== cubeqwen trace against the transformers activations (0.5b)" | tee -a "$out/hf.log"
+  "$cq" trace --model /tmp/hf-0.5b/model --against /tmp/hf-0.5b/activations.safetensors --device cuda 2>&1 | tee -a "$out/hf.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   while read -r name pkg kind; do

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod forward;
 pub mod generate;
 pub mod haiku;
+pub mod hf_parity;
 pub mod model;
 pub mod reference;
 pub mod sampling;

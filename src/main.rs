@@ -42,6 +42,13 @@ enum Command {
     /// Run the forward pass on the device capturing every named step and compare each with the
     /// f64 reference (or a file of Hugging Face activations); exit 1 at the first departure.
     Trace(TraceArgs),
+    /// Compare the device forward pass with Hugging Face transformers' outputs written by
+    /// scripts/hf_reference.py into DIR.
+    HfParity {
+        dir: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: DeviceKind,
+    },
     /// Print a model file's architecture, config, tokenizer and tensor table.
     Inspect { file: PathBuf },
     /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
@@ -303,6 +310,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::HfParity { dir, device } => {
+            let (report, ok) = dispatch(device, HfParityJob(dir))?;
+            println!("{report}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -393,6 +409,16 @@ impl RuntimeJob for GenerateJob {
             out.decode_time
         );
         Ok(())
+    }
+}
+
+struct HfParityJob(PathBuf);
+
+impl RuntimeJob for HfParityJob {
+    type Output = (String, bool);
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<(String, bool)> {
+        let (report, ok) = cubeqwen::hf_parity::run(&client, &self.0)?;
+        Ok((format!("device: {device}\n{report}"), ok))
     }
 }
 

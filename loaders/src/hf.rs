@@ -22,8 +22,10 @@ pub struct HfConfig {
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub head_dim: Option<usize>,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f32,
+    /// transformers < 5 writes `rope_theta` here; transformers 5 writes it in `rope_parameters`.
+    pub rope_theta: Option<f32>,
+    pub rope_parameters: Option<RopeParameters>,
+    pub rope_scaling: Option<serde_json::Value>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f32,
     #[serde(default = "default_ctx")]
@@ -32,8 +34,25 @@ pub struct HfConfig {
     pub tie_word_embeddings: bool,
 }
 
-fn default_theta() -> f32 {
-    10_000.0
+/// `rope_parameters` of transformers 5 configs.
+#[derive(Debug, Deserialize)]
+pub struct RopeParameters {
+    pub rope_theta: Option<f32>,
+    pub rope_type: Option<String>,
+}
+
+/// transformers' Qwen2 default when no theta is given anywhere.
+pub const HF_DEFAULT_ROPE_THETA: f32 = 10_000.0;
+
+impl HfConfig {
+    /// The RoPE base: `rope_parameters.rope_theta`, else `rope_theta`, else transformers' default.
+    pub fn rope_theta(&self) -> f32 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(HF_DEFAULT_ROPE_THETA)
+    }
 }
 fn default_eps() -> f32 {
     1e-6
@@ -53,6 +72,16 @@ pub fn read_hf_config(dir: &Path) -> Result<HfConfig> {
     ensure!(
         mt == "qwen2",
         "{}: model_type `{mt}` is not supported (only qwen2)",
+        p.display()
+    );
+    let rope_type = c
+        .rope_parameters
+        .as_ref()
+        .and_then(|r| r.rope_type.as_deref())
+        .unwrap_or("default");
+    ensure!(
+        rope_type == "default" && c.rope_scaling.as_ref().is_none_or(|v| v.is_null()),
+        "{}: RoPE scaling (`{rope_type}` / rope_scaling) is not supported",
         p.display()
     );
     Ok(c)
@@ -196,7 +225,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
         head_dim: hc.head_dim.unwrap_or(hc.hidden_size / n_heads),
         ffn: hc.intermediate_size,
         vocab: embd[0],
-        rope_theta: hc.rope_theta,
+        rope_theta: hc.rope_theta(),
         rms_eps: hc.rms_norm_eps,
         context_length: hc.max_position_embeddings,
         tied_embeddings: !has_lm_head,
@@ -220,4 +249,47 @@ pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
         tokenizer,
         tensors,
     })
+}
+
+#[cfg(test)]
+mod rope_config_tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<HfConfig> {
+        let dir =
+            std::env::temp_dir().join(format!("cq-hfcfg-{}-{}", std::process::id(), extra.len()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("config.json"),
+            format!(
+                r#"{{"model_type":"qwen2","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+                "intermediate_size":128,"vocab_size":256{extra}}}"#
+            ),
+        )?;
+        let c = read_hf_config(&dir);
+        std::fs::remove_dir_all(&dir)?;
+        c
+    }
+
+    #[test]
+    fn rope_theta_from_either_place() {
+        assert_eq!(
+            parse(r#","rope_theta":1000000.0"#).unwrap().rope_theta(),
+            1e6
+        );
+        // transformers 5 layout
+        let c =
+            parse(r#","rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#).unwrap();
+        assert_eq!(c.rope_theta(), 5e5);
+        assert_eq!(parse("").unwrap().rope_theta(), HF_DEFAULT_ROPE_THETA);
+    }
+
+    #[test]
+    fn rope_scaling_is_refused() {
+        let e = parse(r#","rope_parameters":{"rope_theta":1e6,"rope_type":"yarn","factor":4.0}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+        let e = parse(r#","rope_scaling":{"type":"linear","factor":2.0}"#).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
 }

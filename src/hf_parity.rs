@@ -1,0 +1,141 @@
+//! `cubeqwen hf-parity DIR`: the device forward pass against Hugging Face transformers
+//! (`scripts/hf_reference.py` wrote DIR: a random-weight Qwen2 checkpoint and the f32 logits
+//! of its prompt and greedy continuation).
+//!
+//! Checks: relative logit error ‖ours−ref‖/‖ref‖ ≤ 1e-2 at every prompt position; top-1
+//! identical wherever the reference's top-2 margin exceeds 0.05; greedy steps identical up to
+//! the first step whose reference margin is at most 0.05.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use cubecl::prelude::*;
+use cubeqwen_kernels::select::argmax;
+
+use crate::forward::{Logits, Session};
+use crate::model::DeviceModel;
+
+pub const MAX_REL: f64 = 1e-2;
+pub const MARGIN: f32 = 0.05;
+
+pub struct Reference {
+    pub input_ids: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_margins: Vec<f32>,
+}
+
+pub fn read_reference(path: &Path) -> Result<Reference> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let get = |name: &str| {
+        st.tensor(name)
+            .map_err(|_| anyhow::anyhow!("{}: no tensor `{name}`", path.display()))
+    };
+    let i64s = |name: &str| -> Result<Vec<u32>> {
+        Ok(get(name)?
+            .data()
+            .chunks(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect())
+    };
+    let f32s = |name: &str| -> Result<Vec<f32>> {
+        Ok(get(name)?
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect())
+    };
+    Ok(Reference {
+        input_ids: i64s("input_ids")?,
+        logits: f32s("logits")?,
+        greedy_ids: i64s("greedy_ids")?,
+        greedy_margins: f32s("greedy_margins")?,
+    })
+}
+
+fn top2(row: &[f32]) -> (usize, f32) {
+    let (mut bi, mut bv, mut sv) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > bv {
+            sv = bv;
+            (bi, bv) = (i, v);
+        } else if v > sv {
+            sv = v;
+        }
+    }
+    (bi, bv - sv)
+}
+
+/// Runs the checks on the device; returns the report and whether everything passed.
+pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String, bool)> {
+    let host = cubeqwen_loaders::load_model(&dir.join("model"))?;
+    let r = read_reference(&dir.join("reference.safetensors"))?;
+    let vocab = host.config.vocab;
+    let p = r.input_ids.len();
+    ensure!(
+        r.logits.len() == p * vocab,
+        "reference logits are not [{p}, {vocab}]"
+    );
+    let ctx = p + r.greedy_ids.len() + 1;
+    let model = DeviceModel::upload(client, &host, ctx)?;
+    let mut session = Session::new(client, &model, ctx)?;
+    let got = session
+        .forward(client, &r.input_ids, Logits::All, None)?
+        .to_vec(client)?;
+    let mut worst = (0.0f64, 0);
+    let mut top1_checked = 0;
+    let mut top1_bad = Vec::new();
+    for pos in 0..p {
+        let (g, w) = (
+            &got[pos * vocab..(pos + 1) * vocab],
+            &r.logits[pos * vocab..(pos + 1) * vocab],
+        );
+        let num: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        if !(rel <= worst.0) {
+            worst = (rel, pos);
+        }
+        let (wi, wm) = top2(w);
+        if wm > MARGIN {
+            top1_checked += 1;
+            if top2(g).0 != wi {
+                top1_bad.push(pos);
+            }
+        }
+    }
+    // Greedy continuation from the prefill.
+    let mut tokens = vec![top2(&got[(p - 1) * vocab..]).0 as u32];
+    while tokens.len() < r.greedy_ids.len() {
+        let l = session.forward(client, &tokens[tokens.len() - 1..], Logits::Last, None)?;
+        tokens.push(argmax(client, &l)?.to_vec(client)?[0]);
+    }
+    let trusted = r
+        .greedy_margins
+        .iter()
+        .position(|&m| m <= MARGIN)
+        .unwrap_or(r.greedy_ids.len());
+    let same = tokens
+        .iter()
+        .zip(&r.greedy_ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let ok = worst.0 <= MAX_REL && top1_bad.is_empty() && same >= trusted;
+    let report = format!(
+        "{}: {} layers, d {}, {} prompt tokens\n  worst per-position logit rel err {:.3e} at position {} (limit {MAX_REL:.0e})\n  top-1 equal at {}/{} positions with reference margin > {MARGIN}{}\n  greedy: {same}/{} steps equal (required: {trusted}, the steps before the first margin <= {MARGIN})\n  {}",
+        dir.display(),
+        host.config.layers,
+        host.config.hidden,
+        p,
+        worst.0,
+        worst.1,
+        top1_checked - top1_bad.len(),
+        top1_checked,
+        if top1_bad.is_empty() { String::new() } else { format!(" (differ at {top1_bad:?})") },
+        r.greedy_ids.len(),
+        if ok { "PASS" } else { "FAIL" }
+    );
+    Ok((report, ok))
+}
