@@ -30,7 +30,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   while read -r name pkg kind; do
     [ "$kind" = test ] || continue
     echo "=== $name (in $pkg)" | tee -a "$out/tests.log"
-    (cd "$root/$pkg" && "$bin/$name" --test-threads=1 --include-ignored "$@") 2>&1 | tee -a "$out/tests.log"
+    (cd "$root/$pkg" && "$bin/$name" --test-threads=1 --include-ignored --nocapture "$@") 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done < stage/bin/MANIFEST
   grep -E "^test result|^=== " "$out/tests.log" > "$out/summary.txt"

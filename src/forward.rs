@@ -23,6 +23,11 @@ use crate::model::DeviceModel;
 pub enum StepTensor<'a, R: Runtime> {
     F16(&'a DeviceTensor<R, f16>),
     F32(&'a DeviceTensor<R, f32>),
+    /// Already on the host (the logits of every row, read back block by block).
+    Host {
+        shape: [usize; 2],
+        data: &'a [f32],
+    },
 }
 
 impl<R: Runtime> StepTensor<'_, R> {
@@ -37,6 +42,9 @@ impl<R: Runtime> StepTensor<'_, R> {
                 t.shape.clone(),
                 t.to_vec(client)?.iter().map(|&v| v as f64).collect(),
             ),
+            Self::Host { shape, data } => {
+                (shape.to_vec(), data.iter().map(|&v| v as f64).collect())
+            }
         })
     }
 }
@@ -52,9 +60,12 @@ pub trait StepObserver<R: Runtime> {
     ) -> Result<()>;
 }
 
+/// Rows of logits computed per block when every row's logits are wanted.
+const LOGIT_ROWS: usize = 32;
+
 /// Which rows get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
+enum Logits {
     /// Only the last token (generation).
     Last,
     /// Every token of the call (prompt checks, tracing).
@@ -112,14 +123,36 @@ impl<'m, R: Runtime> Session<'m, R> {
     }
 
     /// Runs `ids` (at positions `len..len + ids.len()`) through the model, appending to the
-    /// cache, and returns logits ([rows, vocab], f32) for the rows `which` asks for.
+    /// cache, and returns the logits of the last token ([1, vocab], f32, on the device).
     pub fn forward(
+        &mut self,
+        client: &ComputeClient<R>,
+        ids: &[u32],
+        obs: Option<&mut dyn StepObserver<R>>,
+    ) -> Result<DeviceTensor<R, f32>> {
+        let (last, _) = self.run(client, ids, Logits::Last, obs)?;
+        last.ok_or_else(|| anyhow::anyhow!("forward: no logits"))
+    }
+
+    /// Like [`Session::forward`], but returns the logits of every token, read back to the host
+    /// ([ids.len() × vocab], row-major). They are computed a block of rows at a time, so a long
+    /// prompt never needs a [tokens, vocab] buffer on the device.
+    pub fn forward_all(
+        &mut self,
+        client: &ComputeClient<R>,
+        ids: &[u32],
+        obs: Option<&mut dyn StepObserver<R>>,
+    ) -> Result<Vec<f32>> {
+        Ok(self.run(client, ids, Logits::All, obs)?.1)
+    }
+
+    fn run(
         &mut self,
         client: &ComputeClient<R>,
         ids: &[u32],
         which: Logits,
         mut obs: Option<&mut dyn StepObserver<R>>,
-    ) -> Result<DeviceTensor<R, f32>> {
+    ) -> Result<(Option<DeviceTensor<R, f32>>, Vec<f32>)> {
         ensure!(!ids.is_empty(), "forward: no tokens");
         ensure!(
             self.len + ids.len() <= self.max_ctx,
@@ -129,27 +162,20 @@ impl<'m, R: Runtime> Session<'m, R> {
             self.max_ctx,
             self.model.config.context_length
         );
-        let mut parts = Vec::new();
-        for chunk in ids.chunks(self.prefill_chunk.max(1)) {
-            let last_chunk = std::ptr::eq(chunk.as_ptr_range().end, ids.as_ptr_range().end);
+        let mut last = None;
+        let mut all = Vec::new();
+        let n_chunks = ids.len().div_ceil(self.prefill_chunk.max(1));
+        for (i, chunk) in ids.chunks(self.prefill_chunk.max(1)).enumerate() {
             let want = match which {
                 Logits::All => Some(Logits::All),
-                Logits::Last if last_chunk => Some(Logits::Last),
+                Logits::Last if i + 1 == n_chunks => Some(Logits::Last),
                 Logits::Last => None,
             };
-            parts.push(self.forward_chunk(client, chunk, want, &mut obs)?);
+            let (l, mut a) = self.forward_chunk(client, chunk, want, &mut obs)?;
+            last = l.or(last);
+            all.append(&mut a);
         }
-        let parts: Vec<_> = parts.into_iter().flatten().collect();
-        if parts.len() == 1 {
-            return Ok(parts.into_iter().next().unwrap());
-        }
-        // All logits of a chunked prompt: stitch the chunks' rows together on the host.
-        let vocab = self.model.config.vocab;
-        let mut all = Vec::with_capacity(ids.len() * vocab);
-        for p in &parts {
-            all.extend(p.to_vec(client)?);
-        }
-        DeviceTensor::from_slice(client, &all, &[ids.len(), vocab])
+        Ok((last, all))
     }
 
     fn forward_chunk(
@@ -158,7 +184,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         ids: &[u32],
         which: Option<Logits>,
         obs: &mut Option<&mut dyn StepObserver<R>>,
-    ) -> Result<Option<DeviceTensor<R, f32>>> {
+    ) -> Result<(Option<DeviceTensor<R, f32>>, Vec<f32>)> {
         let m = self.model;
         let c = &m.config;
         let (t, d) = (ids.len(), c.hidden);
@@ -242,20 +268,37 @@ impl<'m, R: Runtime> Session<'m, R> {
         see("output_norm", StepTensor::F16(&h))?;
         self.len += t;
 
-        let logits = match which {
-            None => None,
-            Some(which) => {
-                let rows = match which {
-                    Logits::All => h,
-                    Logits::Last => copy_rows(client, &h, t - 1, 1)?,
-                };
-                let logits = DeviceTensor::<R, f32>::empty(client, &[rows.shape[0], c.vocab])?;
-                m.lm_head.matmul(client, v, &rows, None, &logits)?;
+        let mut last = None;
+        let mut all = Vec::new();
+        match which {
+            None => {}
+            Some(Logits::Last) => {
+                let row = copy_rows(client, &h, t - 1, 1)?;
+                let logits = DeviceTensor::<R, f32>::empty(client, &[1, c.vocab])?;
+                m.lm_head.matmul(client, v, &row, None, &logits)?;
                 see("logits", StepTensor::F32(&logits))?;
-                Some(logits)
+                last = Some(logits);
             }
-        };
+            Some(Logits::All) => {
+                // LOGIT_ROWS rows at a time: 32 × 151936 f32 is 19 MB on the device.
+                all.reserve(t * c.vocab);
+                for r0 in (0..t).step_by(LOGIT_ROWS) {
+                    let n = LOGIT_ROWS.min(t - r0);
+                    let rows = copy_rows(client, &h, r0, n)?;
+                    let logits = DeviceTensor::<R, f32>::empty(client, &[n, c.vocab])?;
+                    m.lm_head.matmul(client, v, &rows, None, &logits)?;
+                    all.extend(logits.to_vec(client)?);
+                }
+                see(
+                    "logits",
+                    StepTensor::Host {
+                        shape: [t, c.vocab],
+                        data: &all,
+                    },
+                )?;
+            }
+        }
         check_launches(client)?;
-        Ok(logits)
+        Ok((last, all))
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::select::top_k;
 
-use crate::forward::{Logits, Session};
+use crate::forward::Session;
 use crate::sampling::{Sampler, SamplingParams, StopChecker, StopStatus};
 use crate::tokenizer::Tokenizer;
 
@@ -87,7 +87,7 @@ pub fn generate<R: Runtime>(
     };
 
     let t0 = Instant::now();
-    let mut logits = session.forward(client, &req.prompt_ids, Logits::Last, None)?;
+    let mut logits = session.forward(client, &req.prompt_ids, None)?;
     let mut step = 0;
     loop {
         if step >= req.max_tokens {
@@ -133,7 +133,7 @@ pub fn generate<R: Runtime>(
             out.stop_reason = StopReason::Context;
             break;
         }
-        logits = session.forward(client, &[next], Logits::Last, None)?;
+        logits = session.forward(client, &[next], None)?;
     }
     if out.stop_reason != StopReason::StopString {
         let flushed = decoder.flush();

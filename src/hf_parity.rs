@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::select::argmax;
 
-use crate::forward::{Logits, Session};
+use crate::forward::Session;
 use crate::model::DeviceModel;
 
 pub const MAX_REL: f64 = 1e-2;
@@ -81,9 +81,7 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
     let ctx = p + r.greedy_ids.len() + 1;
     let model = DeviceModel::upload(client, &host, ctx)?;
     let mut session = Session::new(client, &model, ctx)?;
-    let got = session
-        .forward(client, &r.input_ids, Logits::All, None)?
-        .to_vec(client)?;
+    let got = session.forward_all(client, &r.input_ids, None)?;
     let mut worst = (0.0f64, 0);
     let mut top1_checked = 0;
     let mut top1_bad = Vec::new();
@@ -109,7 +107,7 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
     // Greedy continuation from the prefill.
     let mut tokens = vec![top2(&got[(p - 1) * vocab..]).0 as u32];
     while tokens.len() < r.greedy_ids.len() {
-        let l = session.forward(client, &tokens[tokens.len() - 1..], Logits::Last, None)?;
+        let l = session.forward(client, &tokens[tokens.len() - 1..], None)?;
         tokens.push(argmax(client, &l)?.to_vec(client)?[0]);
     }
     let trusted = r

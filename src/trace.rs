@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cubecl::prelude::*;
 use cubeqwen_loaders::{HostModel, TensorData};
 
-use crate::forward::{Faults, Logits, Session, StepObserver, StepTensor};
+use crate::forward::{Faults, Session, StepObserver, StepTensor};
 use crate::model::DeviceModel;
 use crate::reference::trace::{step_names, Capture, Tracer};
 use crate::reference::RefModel;
@@ -53,7 +53,7 @@ pub fn device_trace<R: Runtime>(
         capture: Capture::all(),
     };
     obs.capture.begin(0, ids);
-    session.forward(client, ids, Logits::All, Some(&mut obs))?;
+    session.forward_all(client, ids, Some(&mut obs))?;
     Ok(obs.capture)
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen::forward::{Logits, Session};
+use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen::reference::RefModel;
 use cubeqwen_kernels::runtime::RuntimeJob;
@@ -68,9 +68,7 @@ impl RuntimeJob for Case {
             .map(|_| (rng.next_u64() % cfg.vocab as u64) as u32)
             .collect();
         let mut errs = Vec::new();
-        let got = session
-            .forward(&client, &prompt, Logits::All, None)?
-            .to_vec(&client)?;
+        let got = session.forward_all(&client, &prompt, None)?;
         let want = reference.forward(&mut ref_cache, &prompt, 0)?;
         for (p, w) in want.iter().enumerate() {
             let g: Vec<f64> = got[p * cfg.vocab..(p + 1) * cfg.vocab]
@@ -83,9 +81,7 @@ impl RuntimeJob for Case {
         let mut next = cubeqwen::reference::argmax(want.last().unwrap()).unwrap() as u32;
         for s in 0..self.decode_steps {
             let pos = session.len;
-            let got = session
-                .forward(&client, &[next], Logits::Last, None)?
-                .to_vec(&client)?;
+            let got = session.forward(&client, &[next], None)?.to_vec(&client)?;
             let want = reference.forward(&mut ref_cache, &[next], pos)?;
             let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
             errs.push((

@@ -8,7 +8,7 @@ mod common;
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen::chat::render_user_prompt;
-use cubeqwen::forward::{Logits, Session};
+use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen::tokenizer::Tokenizer;
 use cubeqwen_kernels::runtime::RuntimeJob;
@@ -73,9 +73,7 @@ impl RuntimeJob for Golden {
 
             // Prefill with logits at every position.
             let mut session = Session::new(&client, &model, 1024)?;
-            let logits = session
-                .forward(&client, &prompt, Logits::All, None)?
-                .to_vec(&client)?;
+            let logits = session.forward_all(&client, &prompt, None)?;
             let argmax = ids(&case["prompt_argmax"]);
             let mut argmax_miss = 0;
             for (p, &want) in argmax.iter().enumerate() {
@@ -123,8 +121,7 @@ impl RuntimeJob for Golden {
             // software-Vulkan CI run short); `generate` itself is exercised by tests/haiku.rs.
             let mut tokens = vec![top2(last).0];
             while tokens.len() < greedy_ids.len() && !tokenizer.is_eos(*tokens.last().unwrap()) {
-                let l =
-                    session.forward(&client, &tokens[tokens.len() - 1..], Logits::Last, None)?;
+                let l = session.forward(&client, &tokens[tokens.len() - 1..], None)?;
                 tokens.push(device_argmax(&client, &l)?.to_vec(&client)?[0]);
             }
             let out_text = tokenizer.decode(&tokens)?;

@@ -64,11 +64,12 @@ fn attention_chunk_kernel<F: Float>(
     let t = CUBE_POS_Z as usize;
     let chunks = CUBE_COUNT_X as usize;
     let tid = UNIT_POS as usize;
-    let mut g = h / group;
-    if comptime!(wrong_gqa) {
-        // Fault injection for the tracer's tests: interleaved instead of grouped heads.
-        g = h % (n_heads / group);
-    }
+    // Fault injection for the tracer's tests: interleaved instead of grouped heads.
+    let g = if comptime!(wrong_gqa) {
+        h % (n_heads / group)
+    } else {
+        h / group
+    };
 
     let mut q_s = SharedMemory::<f32>::new(head_dim);
     let mut scores = SharedMemory::<f32>::new(256usize);
@@ -81,15 +82,10 @@ fn attention_chunk_kernel<F: Float>(
     }
     sync_cube();
 
-    let last = start + t; // last visible position
+    // This chunk holds positions j0..j0 + 256; the query sees 0..=start + t.
     let j0 = chunk * 256;
-    let mut n_valid = 0usize;
-    if j0 <= last {
-        n_valid = last + 1 - j0;
-        if n_valid > 256 {
-            n_valid = 256;
-        }
-    }
+    let visible_end = max(min(start + t + 1, j0 + 256), j0);
+    let n_valid = visible_end - j0;
 
     // Scores of this chunk's positions.
     let kbase = g * max_ctx;
@@ -103,17 +99,15 @@ fn attention_chunk_kernel<F: Float>(
             s += q_s[e] * f32::cast_from(k_cache[row + e]);
         }
         scores[j] = s;
-        if s > local_max {
-            local_max = s;
-        }
+        local_max = f32::max(local_max, s);
         j += 128;
     }
     red[tid] = local_max;
     sync_cube();
     let mut stride = CUBE_DIM as usize / 2;
     while stride > 0 {
-        if tid < stride && red[tid + stride] > red[tid] {
-            red[tid] = red[tid + stride];
+        if tid < stride {
+            red[tid] = f32::max(red[tid], red[tid + stride]);
         }
         sync_cube();
         stride /= 2;

@@ -91,8 +91,11 @@ fn configure_cubecl() {
     use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let mut config = CubeClRuntimeConfig::default();
-        if std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_none() {
+        // What cubecl itself would load (cubecl.toml, CUBECL_* variables), plus our cache.
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none()
+            && std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_none()
+        {
             config.compilation.cache = Some(CacheConfig::File(kernel_cache_dir()));
         }
         // Another part of the process may have configured cubecl first; keep theirs then.
