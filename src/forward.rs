@@ -60,6 +60,9 @@ pub trait StepObserver<R: Runtime> {
     ) -> Result<()>;
 }
 
+/// Last-row logits on the device, and every row's logits on the host (whichever were asked for).
+type LogitsOut<R> = (Option<DeviceTensor<R, f32>>, Vec<f32>);
+
 /// Rows of logits computed per block when every row's logits are wanted.
 const LOGIT_ROWS: usize = 32;
 
@@ -152,7 +155,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         ids: &[u32],
         which: Logits,
         mut obs: Option<&mut dyn StepObserver<R>>,
-    ) -> Result<(Option<DeviceTensor<R, f32>>, Vec<f32>)> {
+    ) -> Result<LogitsOut<R>> {
         ensure!(!ids.is_empty(), "forward: no tokens");
         ensure!(
             self.len + ids.len() <= self.max_ctx,
@@ -184,7 +187,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         ids: &[u32],
         which: Option<Logits>,
         obs: &mut Option<&mut dyn StepObserver<R>>,
-    ) -> Result<(Option<DeviceTensor<R, f32>>, Vec<f32>)> {
+    ) -> Result<LogitsOut<R>> {
         let m = self.model;
         let c = &m.config;
         let (t, d) = (ids.len(), c.hidden);

@@ -92,7 +92,7 @@ impl<R: Runtime> DeviceModel<R> {
     pub fn upload(client: &ComputeClient<R>, host: &HostModel, max_ctx: usize) -> Result<Self> {
         let c = host.config.clone();
         ensure!(
-            c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0,
+            c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads),
             "{} query heads cannot share {} kv heads",
             c.n_heads,
             c.n_kv_heads

@@ -298,12 +298,12 @@ pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
         q.shape
     );
     ensure!(
-        n_heads % cache.n_kv == 0,
+        n_heads.is_multiple_of(cache.n_kv),
         "attention: {n_heads} query heads cannot share {} kv heads",
         cache.n_kv
     );
     ensure!(
-        hd <= 256 && hd % 2 == 0,
+        hd <= 256 && hd.is_multiple_of(2),
         "attention: head_dim {hd} unsupported (even, at most 256)"
     );
     let tokens = q.shape[0];

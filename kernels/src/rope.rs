@@ -70,7 +70,7 @@ impl<R: Runtime> RopeTables<R> {
         max_pos: usize,
     ) -> Result<Self> {
         ensure!(
-            head_dim % 2 == 0 && head_dim > 0,
+            head_dim.is_multiple_of(2) && head_dim > 0,
             "rope: head_dim must be even, got {head_dim}"
         );
         ensure!(

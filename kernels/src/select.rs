@@ -19,7 +19,7 @@ fn topk_kernel<F: Float>(
     vocab: usize,
     k: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     let tid = UNIT_POS as usize;
     let base = row * vocab;
     let mut best_v = SharedMemory::<f32>::new(256usize);

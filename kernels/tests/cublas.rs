@@ -1,6 +1,7 @@
 //! Matmul parity with cuBLAS (GemmEx, f16 inputs, f32 compute) on the GPU: our variants and
 //! cuBLAS on the same inputs, each against the f64 reference, at every Qwen shape; printed as
 //! a table. CUDA only: `#[ignore]`d here, run by `stage/run-gpu.sh` (with --include-ignored).
+#![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;

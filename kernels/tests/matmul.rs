@@ -89,7 +89,7 @@ impl RuntimeJob for Case {
 }
 
 fn run_shapes(variant: MatmulVariant, rows: &[usize]) {
-    let mut shapes: Vec<(usize, usize)> = SHAPES_05B.to_vec();
+    let shapes: Vec<(usize, usize)> = SHAPES_05B.to_vec();
     let mut rows = rows.to_vec();
     if full_shapes() {
         // On the GPU: long row counts. The 1.5B/7B widths are in the cuBLAS table
