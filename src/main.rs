@@ -167,6 +167,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if args.max_tokens == 0 {
                 bail!("--max-tokens must be at least 1");
             }
+            if args
+                .prompt
+                .as_deref()
+                .or(args.chat.as_deref())
+                .is_some_and(str::is_empty)
+            {
+                bail!("the prompt is empty");
+            }
             let path = match &args.model {
                 Some(p) => p.clone(),
                 None => cubeqwen::fetch::default_model()?,
