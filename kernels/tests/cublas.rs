@@ -1,147 +1,188 @@
-//! Matmul parity with cuBLAS (GemmEx, f16 inputs, f32 compute) on the GPU: our variants and
-//! cuBLAS on the same inputs, each against the f64 reference, at every Qwen shape; printed as
-//! a table. CUDA only: `#[ignore]`d here, run by `stage/run-gpu.sh` (with --include-ignored).
+//! Matmul parity with cuBLAS (GemmEx, f16 inputs and output, f32 compute) on the GPU, on the
+//! same device buffers: cuBLAS reads the x and W that cubecl uploaded and writes into a
+//! cubecl-allocated, poisoned y. Every variant and cuBLAS are each compared with the f64
+//! reference at every Qwen shape, and printed as a table. CUDA only: `#[ignore]`d here, run by
+//! `scripts/run-gpu.sh` (with --include-ignored).
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 #![cfg(feature = "cuda")]
 
-use std::sync::Arc;
-
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
-use cubeqwen_kernels::matmul::{matmul, reference, MatmulVariant, RowChunked};
-use cubeqwen_kernels::runtime::RuntimeJob;
+use cubeqwen_kernels::matmul::{reference, resolve_variant, MatmulVariant, RowChunked};
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::DeviceTensor;
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::CudaContext;
+use cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaStream};
 use half::f16;
 
+type R = CudaRuntime;
 const TOL: f64 = 2e-3;
 
-fn cublas_matmul(
-    blas: &CudaBlas,
-    stream: &Arc<cudarc::driver::CudaStream>,
-    x: &[f16],
-    w: &[f16],
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<Vec<f16>> {
-    let xd = stream.clone_htod(x)?;
-    let wd = stream.clone_htod(w)?;
-    let mut yd = stream.alloc_zeros::<f16>(m * n)?;
-    // Row-major y[m][n] = x[m][k]·w[n][k]ᵀ is column-major yᵀ (n×m) = w (op T of k×n) · xᵀ (k×m).
-    let cfg = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_T,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
-        alpha: f16::ONE,
-        lda: k as i32,
-        ldb: k as i32,
-        beta: f16::ZERO,
-        ldc: n as i32,
-    };
-    unsafe { blas.gemm(cfg, &wd, &xd, &mut yd)? };
-    Ok(stream.clone_dtoh(&yd)?)
+/// The raw device address of a cubecl buffer (cubecl and cudarc share the primary context).
+/// The returned guard keeps the allocation alive.
+fn device_ptr(client: &ComputeClient<R>, t: &DeviceTensor<R, f16>) -> Result<(u64, impl Sized)> {
+    let res = client
+        .get_resource(t.handle.clone())
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .context("getting a cubecl buffer's device pointer")?;
+    let r = res.resource();
+    ensure!(
+        r.size as usize >= t.len() * 2,
+        "cubecl buffer holds {} bytes, expected at least {}",
+        r.size,
+        t.len() * 2
+    );
+    Ok((r.ptr, res))
 }
 
-struct Table;
+/// Row-major `y[m][n] = x[m][k] · W[n][k]ᵀ` by cuBLAS into `y`, one GemmEx per weight chunk.
+/// Column-major, that is `yᵀ (n×m) = W (opT of k×n) · xᵀ (k×m)`; a chunk of weight rows
+/// `n0..n0+c` writes the sub-matrix starting at column `n0` of y's rows (ldc = n).
+fn cublas_matmul(
+    client: &ComputeClient<R>,
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    x: &DeviceTensor<R, f16>,
+    w: &RowChunked<R, f16>,
+    y: &DeviceTensor<R, f16>,
+) -> Result<()> {
+    let (m, k, n) = (x.shape[0], x.shape[1], w.n);
+    // cubecl's uploads and launches run on its own stream: wait for them before cuBLAS reads.
+    cubecl::future::block_on(client.sync()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (xp, _xg) = device_ptr(client, x)?;
+    let (yp, _yg) = device_ptr(client, y)?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let mut n0 = 0;
+    for chunk in &w.chunks {
+        let (wp, _wg) = device_ptr(client, chunk)?;
+        let rows = chunk.shape[0];
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                rows as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                sys::cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                xp as *const _,
+                sys::cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                (yp + 2 * n0 as u64) as *mut _,
+                sys::cudaDataType_t::CUDA_R_16F,
+                n as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        n0 += rows;
+    }
+    ensure!(n0 == n, "weight chunks hold {n0} rows, expected {n}");
+    stream.synchronize()?;
+    Ok(())
+}
 
-impl RuntimeJob for Table {
-    type Output = Vec<String>;
-    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<Vec<String>> {
-        ensure!(
-            device.starts_with("cuda"),
-            "cuBLAS parity needs the CUDA device, got {device}"
-        );
-        let ctx = CudaContext::new(0)?;
-        let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone())?;
-        let seed = fresh_seed();
-        let mut rng = Rng::new(seed);
-        let mut failures = Vec::new();
-        println!("seed {seed}");
-        println!(
-            "{:>5} {:>6} {:>6} | {:>10} {:>10} {:>10} | {:>10} | {:>10}",
-            "m", "n", "k", "auto", "tiled", "variant", "cuBLAS", "auto-cuBLAS"
-        );
-        let shapes = [
-            (896, 896),
-            (128, 896),
-            (4864, 896),
-            (896, 4864),
-            (151936, 896),
-            (1536, 1536),
-            (256, 1536),
-            (8960, 1536),
-            (1536, 8960),
-            (3584, 3584),
-            (512, 3584),
-            (18944, 3584),
-            (3584, 18944),
-            (152064, 3584),
-        ];
-        for m in [1, 7, 128, 2048] {
-            for (n, k) in shapes {
-                if m == 2048 && n * k > 100_000_000 {
-                    continue; // the 2048-row lm_head needs > 1 GiB of output alone
+fn table() -> Result<Vec<String>> {
+    let client = R::client(&CudaDevice { index: 0 });
+    let ctx = CudaContext::new(0)?;
+    let stream = ctx.default_stream();
+    let blas = CudaBlas::new(stream.clone())?;
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut failures = Vec::new();
+    println!("seed {seed}; relative error of each against f64 on sampled rows (gemv: m <= 128)");
+    println!(
+        "{:>5} {:>6} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>6} | {:>9} | {:>11}",
+        "m", "n", "k", "tiled", "cmma", "gemv", "auto", "=", "cuBLAS", "auto-cuBLAS"
+    );
+    let shapes = [
+        (896, 896),
+        (128, 896),
+        (4864, 896),
+        (896, 4864),
+        (151936, 896),
+        (1536, 1536),
+        (256, 1536),
+        (8960, 1536),
+        (1536, 8960),
+        (3584, 3584),
+        (512, 3584),
+        (18944, 3584),
+        (3584, 18944),
+        (152064, 3584),
+    ];
+    for m in [1, 7, 128, 2048] {
+        for (n, k) in shapes {
+            if m == 2048 && n * k > 100_000_000 {
+                continue; // the 2048-row lm_head needs > 1 GiB of output alone
+            }
+            let x = rng.f16_vec(m * k, 0.0, 1.0);
+            let w = rng.f16_vec(n * k, 0.0, 1.0 / (k as f64).sqrt());
+            let xd = DeviceTensor::<R, f16>::from_slice(&client, &x, &[m, k])?;
+            let wc = RowChunked::<R, f16>::upload(&client, &w, n, k)?;
+            let rows = sample_rows(m, &mut rng);
+            let xs: Vec<f64> = rows
+                .iter()
+                .flat_map(|&r| f16_to_f64(&x[r * k..(r + 1) * k]))
+                .collect();
+            let want = reference(&xs, &f16_to_f64(&w), None, rows.len(), n, k);
+            let pick = |y: &[f16]| -> Vec<f64> {
+                rows.iter()
+                    .flat_map(|&r| f16_to_f64(&y[r * n..(r + 1) * n]))
+                    .collect()
+            };
+            let poisoned =
+                || DeviceTensor::<R, f16>::from_slice(&client, &vec![POISON_F16; m * n], &[m, n]);
+            let mut cells = Vec::new();
+            let mut auto_y = Vec::new();
+            for v in [
+                MatmulVariant::Tiled,
+                MatmulVariant::Cmma,
+                MatmulVariant::Gemv,
+                MatmulVariant::Auto,
+            ] {
+                if v == MatmulVariant::Gemv && m > 128 {
+                    cells.push("-".to_string());
+                    continue;
                 }
-                let x = rng.f16_vec(m * k, 0.0, 1.0);
-                let w = rng.f16_vec(n * k, 0.0, 1.0 / (k as f64).sqrt());
-                let xd = DeviceTensor::<R, f16>::from_slice(&client, &x, &[m, k])?;
-                let wc = RowChunked::<R, f16>::upload(&client, &w, n, k)?;
-                let rows = sample_rows(m, &mut rng);
-                let xs: Vec<f64> = rows
-                    .iter()
-                    .flat_map(|&r| f16_to_f64(&x[r * k..(r + 1) * k]))
-                    .collect();
-                let want = reference(&xs, &f16_to_f64(&w), None, rows.len(), n, k);
-                let pick = |y: &[f16]| -> Vec<f64> {
-                    rows.iter()
-                        .flat_map(|&r| f16_to_f64(&y[r * n..(r + 1) * n]))
-                        .collect()
-                };
-                let mut ours = Vec::new();
-                let mut auto_y = Vec::new();
-                for v in [MatmulVariant::Auto, MatmulVariant::Tiled] {
-                    let yd = DeviceTensor::<R, f16>::from_slice(
-                        &client,
-                        &vec![POISON_F16; m * n],
-                        &[m, n],
-                    )?;
-                    if wc.chunks.len() == 1 {
-                        matmul(&client, v, &xd, &wc.chunks[0], None, &yd)?;
-                    } else {
-                        wc.matmul(&client, v, &xd, None, &yd)?;
-                    }
-                    let y = yd.to_vec(&client)?;
-                    ours.push(rel_err(&pick(&y), &want));
-                    if v == MatmulVariant::Auto {
-                        auto_y = y;
-                    }
+                let yd = poisoned()?;
+                wc.matmul(&client, v, &xd, None, &yd)?;
+                let y = yd.to_vec(&client)?;
+                let e = rel_err(&pick(&y), &want);
+                if !(e <= TOL) {
+                    failures.push(format!("m={m} n={n} k={k}: {v:?} rel_err {e:.3e}"));
                 }
-                let yc = cublas_matmul(&blas, &stream, &x, &w, m, n, k)?;
-                let cub = rel_err(&pick(&yc), &want);
-                let diff = rel_err(&f16_to_f64(&auto_y), &f16_to_f64(&yc));
-                let variant =
-                    cubeqwen_kernels::matmul::resolve_variant(&client, MatmulVariant::Auto, m);
-                println!("{m:>5} {n:>6} {k:>6} | {:>10.3e} {:>10.3e} {:>10} | {cub:>10.3e} | {diff:>10.3e}", ours[0], ours[1], format!("{variant:?}"));
-                for (name, e) in [("auto", ours[0]), ("tiled", ours[1]), ("cuBLAS", cub)] {
-                    if !(e <= TOL) {
-                        failures.push(format!("m={m} n={n} k={k}: {name} rel_err {e:.3e}"));
-                    }
+                cells.push(format!("{e:.3e}"));
+                if v == MatmulVariant::Auto {
+                    auto_y = y;
                 }
             }
+            let yc = poisoned()?;
+            cublas_matmul(&client, &blas, &stream, &xd, &wc, &yc)?;
+            let yc = yc.to_vec(&client)?;
+            let cub = rel_err(&pick(&yc), &want);
+            if !(cub <= TOL) {
+                failures.push(format!("m={m} n={n} k={k}: cuBLAS rel_err {cub:.3e}"));
+            }
+            let diff = rel_err(&f16_to_f64(&auto_y), &f16_to_f64(&yc));
+            let auto = format!("{:?}", resolve_variant(&client, MatmulVariant::Auto, m));
+            println!(
+                "{m:>5} {n:>6} {k:>6} | {:>9} {:>9} {:>9} {:>9} {auto:>6} | {cub:>9.3e} | {diff:>11.3e}",
+                cells[0], cells[1], cells[2], cells[3]
+            );
         }
-        Ok(failures)
     }
+    Ok(failures)
 }
 
 #[test]
-#[ignore = "needs CUDA and cuBLAS: run on the GPU machine by stage/run-gpu.sh"]
+#[ignore = "needs CUDA and cuBLAS: run on the GPU machine by scripts/run-gpu.sh"]
 fn matmul_against_cublas_table() {
-    let failures = run_test(Table);
+    let failures = table().unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -2,37 +2,9 @@
 
 use std::collections::BTreeMap;
 
+pub use cubeqwen_kernels::testing::Rng;
 use cubeqwen_loaders::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
 use half::f16;
-
-/// A small deterministic random-number generator (SplitMix64 + Box–Muller).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal.
-    pub fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
 
 /// The config of a toy model: hidden 64, head_dim 16, ffn 96, vocab 300, rope theta 1e6,
 /// eps 1e-6, with the given layer and head counts.
