@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 
 pub use cubeqwen_kernels::testing::Rng;
 use cubeqwen_loaders::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
-use half::f16;
 
 /// The config of a toy model: hidden 64, head_dim 16, ffn 96, vocab 300, rope theta 1e6,
 /// eps 1e-6, with the given layer and head counts.
@@ -33,11 +32,7 @@ pub fn toy_config(
 pub fn random_f16(rng: &mut Rng, rows: usize, cols: usize, std: f64) -> HostTensor {
     HostTensor {
         shape: vec![rows, cols],
-        data: TensorData::F16(
-            (0..rows * cols)
-                .map(|_| f16::from_f64(rng.normal() * std))
-                .collect(),
-        ),
+        data: TensorData::F16(rng.f16_vec(rows * cols, 0.0, std)),
     }
 }
 
@@ -45,11 +40,7 @@ pub fn random_f16(rng: &mut Rng, rows: usize, cols: usize, std: f64) -> HostTens
 pub fn random_f32(rng: &mut Rng, len: usize, mean: f64, std: f64) -> HostTensor {
     HostTensor {
         shape: vec![len],
-        data: TensorData::F32(
-            (0..len)
-                .map(|_| (mean + rng.normal() * std) as f32)
-                .collect(),
-        ),
+        data: TensorData::F32(rng.f32_vec(len, mean, std)),
     }
 }
 
