@@ -145,9 +145,7 @@ pub fn dispatch<J: RuntimeJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     match resolve(kind)? {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
-            use cubecl::cuda::{CudaDevice, CudaRuntime};
-            let client = client_or_error::<CudaRuntime>(&CudaDevice { index: 0 }, "CUDA")?;
-            let name = format!("cuda:0 ({})", cuda_device_name());
+            let (client, name) = start_cuda()?;
             job.run(client, &name)
         }
         #[cfg(not(feature = "cuda"))]
@@ -160,6 +158,23 @@ pub fn dispatch<J: RuntimeJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
         }
         DeviceKind::Auto => unreachable!("resolve() never returns Auto"),
     }
+}
+
+/// The CUDA client, set up as [`dispatch`] sets it up (cubecl configuration, kernel cache, a
+/// clear error when CUDA is missing), and the device's name. For code that needs the concrete
+/// CUDA runtime, such as the cuBLAS parity test sharing cubecl's device buffers.
+#[cfg(feature = "cuda")]
+pub fn cuda_client() -> Result<(ComputeClient<cubecl::cuda::CudaRuntime>, String)> {
+    configure_cubecl();
+    resolve(DeviceKind::Cuda)?;
+    start_cuda()
+}
+
+#[cfg(feature = "cuda")]
+fn start_cuda() -> Result<(ComputeClient<cubecl::cuda::CudaRuntime>, String)> {
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    let client = client_or_error::<CudaRuntime>(&CudaDevice { index: 0 }, "CUDA")?;
+    Ok((client, format!("cuda:0 ({})", cuda_device_name())))
 }
 
 #[cfg(feature = "cuda")]

@@ -7,9 +7,10 @@
 #![cfg(feature = "cuda")]
 
 use anyhow::{ensure, Context, Result};
-use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use cubeqwen_kernels::matmul::{reference, resolve_variant, MatmulVariant, RowChunked};
+use cubeqwen_kernels::runtime::cuda_client;
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::DeviceTensor;
 use cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
@@ -28,10 +29,10 @@ fn device_ptr(client: &ComputeClient<R>, t: &DeviceTensor<R, f16>) -> Result<(u6
         .context("getting a cubecl buffer's device pointer")?;
     let r = res.resource();
     ensure!(
-        r.size as usize >= t.len() * 2,
+        r.size as usize >= t.len() * size_of::<f16>(),
         "cubecl buffer holds {} bytes, expected at least {}",
         r.size,
-        t.len() * 2
+        t.len() * size_of::<f16>()
     );
     Ok((r.ptr, res))
 }
@@ -73,7 +74,7 @@ fn cublas_matmul(
                 sys::cudaDataType_t::CUDA_R_16F,
                 k as i32,
                 (&beta) as *const f32 as *const _,
-                (yp + 2 * n0 as u64) as *mut _,
+                (yp + (n0 * size_of::<f16>()) as u64) as *mut _,
                 sys::cudaDataType_t::CUDA_R_16F,
                 n as i32,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -88,7 +89,8 @@ fn cublas_matmul(
 }
 
 fn table() -> Result<Vec<String>> {
-    let client = R::client(&CudaDevice { index: 0 });
+    let (client, device) = cuda_client()?;
+    println!("test device: {device}");
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let blas = CudaBlas::new(stream.clone())?;
