@@ -25,6 +25,13 @@ if [ "$what" = all ] || [ "$what" = selftest ]; then
     echo "selftest $run run (kernel cache $( [ $run = first ] && echo empty || echo warm )): $(( (e - s) / 1000000 )) ms" | tee -a "$out/selftest.log"
   done
   echo "kernel cache: $(find "$CUBEQWEN_KERNEL_CACHE" -type f 2>/dev/null | wc -l) files, $(du -sh "$CUBEQWEN_KERNEL_CACHE" 2>/dev/null | cut -f1)" | tee -a "$out/selftest.log"
+  # Baseline in the same run: the kernel cache switched off, twice.
+  for run in first second; do
+    s=$(date +%s%N)
+    CUBEQWEN_NO_KERNEL_CACHE=1 "$bin/bin-cubeqwen-bin-cubeqwen" selftest --device cuda >> "$out/selftest.log" 2>&1 || status=1
+    e=$(date +%s%N)
+    echo "selftest $run run with CUBEQWEN_NO_KERNEL_CACHE=1 (baseline): $(( (e - s) / 1000000 )) ms" | tee -a "$out/selftest.log"
+  done
 fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   while read -r name pkg kind; do
