@@ -59,6 +59,10 @@ pub const POISON_F16: f16 = f16::NAN;
 /// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes.
 pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
     assert_eq!(out.len(), reference.len(), "length mismatch");
+    assert!(
+        reference.iter().all(|v| v.is_finite()),
+        "reference has non-finite values (NaN or inf): it cannot judge anything"
+    );
     if out.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
