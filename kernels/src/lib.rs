@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod buffer;
+pub mod decode;
 pub mod elementwise;
 pub mod grid;
 pub mod matmul;

@@ -1,0 +1,1158 @@
+//! Fused kernels for one decode step (a single token), so that a layer is five launches
+//! instead of sixteen, and no per-token value travels from the host: the token's position
+//! lives in a device buffer `state` (`state[0]` = position) that the last kernel of a step
+//! advances, and the sampled id stays on the device for the next step's embedding.
+//!
+//! | kernel | does | replaces |
+//! |---|---|---|
+//! | [`embed_token`] | `x = table[token]` (f32 residual stream) | `embedding` |
+//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, 3 `matmul`, 2 `rope`, `KvCache::append` |
+//! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
+//! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
+//! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, 2 `matmul`, `swiglu` |
+//! | [`lm_head_top2`] + [`top2_finish`] | logits, their top 2 → next token; `pos += 1` | `matmul`, `top_k` |
+//!
+//! Each kernel rounds its intermediates to the storage type `F` where the unfused path stores
+//! them (the normed input, q/k/v before RoPE, gate and up), so both paths compute the same
+//! function up to the order of f32 additions. A dot product is shared by [`LANES`] units that
+//! read 16-byte vectors along k; `split` planes share one row when k is long.
+//!
+//! References: [`reference_attn_in`], [`reference_ffn_in`], [`reference_gemv_residual`]; the
+//! attention and top-2 references are [`crate::attention::reference`] and
+//! [`crate::select::top_k_reference`].
+
+use anyhow::{ensure, Result};
+use cubecl::ir::features::Plane;
+use cubecl::prelude::*;
+
+use crate::attention::KvCache;
+use crate::matmul::RowChunked;
+use crate::rope::RopeTables;
+use crate::DeviceTensor;
+
+/// Units that share one dot product (one plane on GPUs).
+pub const LANES: usize = 32;
+const LANES_LOG2: usize = 5;
+/// Key positions per cube of the decode attention.
+pub const ATT_CHUNK: usize = 256;
+/// Units per cube of the decode attention.
+const ATT_THREADS: usize = 128;
+/// Planes per cube of the fused GEMVs; `split` of them share a row (a row pair for
+/// `attn_in`/`ffn_in`), so a cube computes `PLANES / split` rows.
+const PLANES: usize = 8;
+/// Rows per cube of the lm_head.
+const HEAD_ROWS: usize = 8;
+
+/// Sum of the two accumulators of a row pair.
+#[derive(CubeType, Clone, Copy)]
+struct Pair {
+    a: f32,
+    b: f32,
+}
+
+/// Sum over the [`LANES`] lanes of this unit's plane row (`UNIT_POS_Y`): a plane sum where
+/// planes are exactly [`LANES`] wide, else a shared-memory tree (`red` holds
+/// `LANES × CUBE_DIM_Y` values). Every unit of the cube must call it (it may synchronise).
+#[cube]
+#[allow(unused_assignments)]
+fn lanes_sum(partial: f32, red: &mut SharedMemory<f32>, #[comptime] plane: bool) -> f32 {
+    let mut out = 0.0f32;
+    if comptime!(plane) {
+        out = plane_sum(partial);
+    } else {
+        let lane = UNIT_POS_X as usize;
+        let base = UNIT_POS_Y as usize * LANES;
+        red[base + lane] = partial;
+        sync_cube();
+        #[unroll]
+        for step in 1..LANES_LOG2 + 1 {
+            let stride = LANES >> step;
+            if lane < stride {
+                red[base + lane] += red[base + lane + stride];
+            }
+            sync_cube();
+        }
+        out = red[base];
+        sync_cube();
+    }
+    out
+}
+
+/// Adds the `split` per-plane sums of each row group: plane `y` holds part `y % split` of row
+/// group `y / split`; the result is valid in every unit. `parts` holds `CUBE_DIM_Y` values.
+#[cube]
+#[allow(unused_assignments)]
+fn split_sum(v: f32, parts: &mut SharedMemory<f32>, #[comptime] split: usize) -> f32 {
+    let mut out = 0.0f32;
+    if comptime!(split > 1) {
+        let y = UNIT_POS_Y as usize;
+        if UNIT_POS_X == 0 {
+            parts[y] = v;
+        }
+        sync_cube();
+        let first = (y / split) * split;
+        #[unroll]
+        for s in 0..split {
+            out += parts[first + s];
+        }
+        sync_cube();
+    } else {
+        out = v;
+    }
+    out
+}
+
+/// RMSNorm of `x[0..d]` (f32) with weight `nw`, rounded to `F`, into `h` (every unit helps;
+/// `red` holds `CUBE_DIM` values, a power of two).
+#[cube]
+fn norm_to_shared<F: Float>(
+    x: &Array<f32>,
+    nw: &Array<f32>,
+    h: &mut SharedMemory<f32>,
+    red: &mut SharedMemory<f32>,
+    eps: f32,
+    #[comptime] d: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let threads = CUBE_DIM as usize;
+    let mut ss = 0.0f32;
+    let mut i = tid;
+    while i < d {
+        let v = x[i];
+        ss += v * v;
+        i += threads;
+    }
+    red[tid] = ss;
+    sync_cube();
+    let mut stride = threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            red[tid] += red[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let scale = f32::inverse_sqrt(red[0] / f32::cast_from(d) + eps);
+    let mut j = tid;
+    while j < d {
+        h[j] = f32::cast_from(F::cast_from(x[j] * scale * nw[j]));
+        j += threads;
+    }
+    sync_cube();
+}
+
+/// Partial dot products of rows `r0` and `r1` of `w0`/`w1` ([rows, k_vec] vectors) with `h`
+/// (shared, scalar), over the vectors `first, first + stride, ...`.
+#[cube]
+fn dot2_shared<F: Float, V: Size>(
+    w0: &Array<Vector<F, V>>,
+    r0: usize,
+    w1: &Array<Vector<F, V>>,
+    r1: usize,
+    h: &SharedMemory<f32>,
+    k_vec: usize,
+    first: usize,
+    stride: usize,
+) -> Pair {
+    let mut a = 0.0f32;
+    let mut b = 0.0f32;
+    let mut i = first;
+    while i < k_vec {
+        let va = Vector::<f32, V>::cast_from(w0[r0 * k_vec + i]);
+        let vb = Vector::<f32, V>::cast_from(w1[r1 * k_vec + i]);
+        let base = i * V::value();
+        #[unroll]
+        for l in 0..V::value() {
+            let hv = h[base + l];
+            a += va[l] * hv;
+            b += vb[l] * hv;
+        }
+        i += stride;
+    }
+    Pair { a, b }
+}
+
+/// `x = f32(table[token[0]])`, one row of the embedding table (a chunk of it: rows
+/// `row0..row0 + rows`; units of other chunks write nothing).
+#[cube(launch)]
+fn embed_token_kernel<F: Float>(
+    token: &Array<u32>,
+    table: &Array<F>,
+    x: &mut Array<f32>,
+    row0: usize,
+    rows: usize,
+    #[comptime] d: usize,
+) {
+    let i = ABSOLUTE_POS as usize;
+    let id = token[0] as usize;
+    if i < d && id >= row0 && id < row0 + rows {
+        x[i] = f32::cast_from(table[(id - row0) * d + i]);
+    }
+}
+
+/// Attention input of one token: `h = F(RMSNorm(x))`; q, k, v = `F(h·Wᵀ + b)`; q and k rotated
+/// (NEOX pairs i, i + hd/2) at position `state[0]`; q written out, k and v written into the
+/// cache at that position. One plane pair-row per (head, i < hd/2): the pair (i, i + hd/2).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+fn attn_in_kernel<F: Float, V: Size>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
+    wq: &Array<Vector<F, V>>,
+    wk: &Array<Vector<F, V>>,
+    wv: &Array<Vector<F, V>>,
+    bq: &Array<f32>,
+    bk: &Array<f32>,
+    bv: &Array<f32>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    state: &Array<u32>,
+    q: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    max_ctx: usize,
+    eps: f32,
+    #[comptime] d: usize,
+    #[comptime] n_heads: usize,
+    #[comptime] n_kv: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] split: usize,
+    #[comptime] plane: bool,
+) {
+    let mut h = SharedMemory::<f32>::new(d);
+    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
+    let mut parts = SharedMemory::<f32>::new(PLANES);
+    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
+
+    let half = head_dim / 2;
+    let q_pairs = n_heads * half;
+    let kv_pairs = n_kv * half;
+    let total = q_pairs + 2 * kv_pairs;
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let p = CUBE_POS as usize * (PLANES / split) + y / split;
+    let k_vec = d / V::value();
+    let first = (y % split) * LANES + lane;
+    let stride = LANES * split;
+
+    // Which projection, head and pair index i this plane row computes.
+    let mut sec: u32 = 2u32;
+    let mut local: usize = 0usize;
+    if p < q_pairs {
+        sec = 0u32;
+        local = p;
+    } else if p < q_pairs + kv_pairs {
+        sec = 1u32;
+        local = p - q_pairs;
+    } else if p < total {
+        local = p - q_pairs - kv_pairs;
+    }
+    let head = local / half;
+    let i = local % half;
+    let r0 = head * head_dim + i;
+    let r1 = r0 + half;
+
+    let mut acc_a = 0.0f32;
+    let mut acc_b = 0.0f32;
+    if p < total {
+        if sec == 0u32 {
+            let r = dot2_shared::<F, V>(wq, r0, wq, r1, &h, k_vec, first, stride);
+            acc_a = r.a;
+            acc_b = r.b;
+        } else if sec == 1u32 {
+            let r = dot2_shared::<F, V>(wk, r0, wk, r1, &h, k_vec, first, stride);
+            acc_a = r.a;
+            acc_b = r.b;
+        } else {
+            let r = dot2_shared::<F, V>(wv, r0, wv, r1, &h, k_vec, first, stride);
+            acc_a = r.a;
+            acc_b = r.b;
+        }
+    }
+    let a = split_sum(lanes_sum(acc_a, &mut red, plane), &mut parts, split);
+    let b = split_sum(lanes_sum(acc_b, &mut red, plane), &mut parts, split);
+
+    if p < total && lane == 0 && y % split == 0 {
+        let pos = state[0] as usize;
+        if sec == 2u32 {
+            let at = (head * max_ctx + pos) * head_dim;
+            v_cache[at + i] = F::cast_from(a + bv[r0]);
+            v_cache[at + i + half] = F::cast_from(b + bv[r1]);
+        } else {
+            let mut x0 = 0.0f32;
+            let mut x1 = 0.0f32;
+            if sec == 0u32 {
+                x0 = f32::cast_from(F::cast_from(a + bq[r0]));
+                x1 = f32::cast_from(F::cast_from(b + bq[r1]));
+            } else {
+                x0 = f32::cast_from(F::cast_from(a + bk[r0]));
+                x1 = f32::cast_from(F::cast_from(b + bk[r1]));
+            }
+            let c = cos[pos * half + i];
+            let s = sin[pos * half + i];
+            let o0 = F::cast_from(x0 * c - x1 * s);
+            let o1 = F::cast_from(x1 * c + x0 * s);
+            if sec == 0u32 {
+                q[r0] = o0;
+                q[r1] = o1;
+            } else {
+                let at = (head * max_ctx + pos) * head_dim;
+                k_cache[at + i] = o0;
+                k_cache[at + i + half] = o1;
+            }
+        }
+    }
+}
+
+/// Attention of one query token at position `state[0]` over a chunk of [`ATT_CHUNK`] cache
+/// positions, one cube per (chunk, query head). With `single` (one chunk covers every
+/// position) the cube writes the normalised output; otherwise it writes its unnormalised
+/// output and (max, sum) for [`attention_merge_kernel`]. Chunks past the position write an
+/// empty part (sum 0).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn attention_kernel<F: Float>(
+    q: &Array<F>,
+    k_cache: &Array<F>,
+    v_cache: &Array<F>,
+    state: &Array<u32>,
+    out: &mut Array<F>,
+    part_out: &mut Array<f32>,
+    part_max_sum: &mut Array<f32>,
+    max_ctx: usize,
+    scale: f32,
+    #[comptime] group: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] single: bool,
+) {
+    let chunk = CUBE_POS_X as usize;
+    let head = CUBE_POS_Y as usize;
+    let chunks = CUBE_COUNT_X as usize;
+    let tid = UNIT_POS as usize;
+    let kv_head = head / group;
+    let pos = state[0] as usize;
+
+    let mut q_s = SharedMemory::<f32>::new(head_dim);
+    let mut scores = SharedMemory::<f32>::new(ATT_CHUNK);
+    let mut red = SharedMemory::<f32>::new(ATT_THREADS);
+
+    let mut d = tid;
+    while d < head_dim {
+        q_s[d] = f32::cast_from(q[head * head_dim + d]) * scale;
+        d += ATT_THREADS;
+    }
+    sync_cube();
+
+    let first_key = chunk * ATT_CHUNK;
+    let mut n_keys = 0usize;
+    if pos + 1 > first_key {
+        n_keys = min(pos + 1 - first_key, ATT_CHUNK);
+    }
+    let kv_base = kv_head * max_ctx + first_key;
+
+    let mut local_max = f32::new(-1.0e30);
+    let mut j = tid;
+    while j < n_keys {
+        let row = (kv_base + j) * head_dim;
+        let mut s = 0.0f32;
+        #[unroll]
+        for e in 0..head_dim {
+            s += q_s[e] * f32::cast_from(k_cache[row + e]);
+        }
+        scores[j] = s;
+        local_max = f32::max(local_max, s);
+        j += ATT_THREADS;
+    }
+    red[tid] = local_max;
+    sync_cube();
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            red[tid] = f32::max(red[tid], red[tid + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let m = red[0];
+    sync_cube();
+
+    let mut local_sum = 0.0f32;
+    let mut jj = tid;
+    while jj < n_keys {
+        let e = f32::exp(scores[jj] - m);
+        scores[jj] = e;
+        local_sum += e;
+        jj += ATT_THREADS;
+    }
+    red[tid] = local_sum;
+    sync_cube();
+    let mut stride2 = CUBE_DIM as usize / 2;
+    while stride2 > 0 {
+        if tid < stride2 {
+            red[tid] += red[tid + stride2];
+        }
+        sync_cube();
+        stride2 /= 2;
+    }
+    let l = red[0];
+
+    let part = head * chunks + chunk;
+    let mut dim = tid;
+    while dim < head_dim {
+        let mut acc = 0.0f32;
+        let mut key = 0usize;
+        while key < n_keys {
+            acc += scores[key] * f32::cast_from(v_cache[(kv_base + key) * head_dim + dim]);
+            key += 1;
+        }
+        if comptime!(single) {
+            out[head * head_dim + dim] = F::cast_from(acc / l);
+        } else {
+            part_out[part * head_dim + dim] = acc;
+        }
+        dim += ATT_THREADS;
+    }
+    if !comptime!(single) && tid == 0 {
+        part_max_sum[part * 2] = m;
+        part_max_sum[part * 2 + 1] = l;
+    }
+}
+
+/// Merges the chunk parts of [`attention_kernel`] with the online-softmax rule; one cube per
+/// query head, units over dimensions.
+#[cube(launch)]
+fn attention_merge_kernel<F: Float>(
+    part_out: &Array<f32>,
+    part_max_sum: &Array<f32>,
+    out: &mut Array<F>,
+    chunks: usize,
+    #[comptime] head_dim: usize,
+) {
+    let head = CUBE_POS as usize;
+    let base = head * chunks;
+    let mut mx = f32::new(-1.0e30);
+    for c in 0..chunks {
+        if part_max_sum[(base + c) * 2 + 1] > 0.0 {
+            mx = f32::max(mx, part_max_sum[(base + c) * 2]);
+        }
+    }
+    let mut denom = 0.0f32;
+    for c in 0..chunks {
+        let l = part_max_sum[(base + c) * 2 + 1];
+        if l > 0.0 {
+            denom += f32::exp(part_max_sum[(base + c) * 2] - mx) * l;
+        }
+    }
+    let mut dim = UNIT_POS as usize;
+    while dim < head_dim {
+        let mut acc = 0.0f32;
+        for c in 0..chunks {
+            if part_max_sum[(base + c) * 2 + 1] > 0.0 {
+                acc += f32::exp(part_max_sum[(base + c) * 2] - mx)
+                    * part_out[(base + c) * head_dim + dim];
+            }
+        }
+        out[head * head_dim + dim] = F::cast_from(acc / denom);
+        dim += CUBE_DIM as usize;
+    }
+}
+
+/// `x[r] += Σ_k W[r][k]·a[k]` for every row r of W ([n, k]): the o-projection and the down
+/// projection with their residual add.
+#[cube(launch)]
+fn gemv_residual_kernel<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    a: &Array<Vector<F, V>>,
+    x: &mut Array<f32>,
+    n: usize,
+    k_vec: usize,
+    #[comptime] split: usize,
+    #[comptime] plane: bool,
+) {
+    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
+    let mut parts = SharedMemory::<f32>::new(PLANES);
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let row = CUBE_POS as usize * (PLANES / split) + y / split;
+    let mut acc = 0.0f32;
+    if row < n {
+        let mut i = (y % split) * LANES + lane;
+        while i < k_vec {
+            let p =
+                Vector::<f32, V>::cast_from(w[row * k_vec + i]) * Vector::<f32, V>::cast_from(a[i]);
+            #[unroll]
+            for l in 0..V::value() {
+                acc += p[l];
+            }
+            i += LANES * split;
+        }
+    }
+    let sum = split_sum(lanes_sum(acc, &mut red, plane), &mut parts, split);
+    if row < n && lane == 0 && y % split == 0 {
+        x[row] += sum;
+    }
+}
+
+/// FFN input of one token: `h = F(RMSNorm(x))`, gate and up = `F(h·Wᵀ)`,
+/// `s = F(silu(gate)·up)`; one plane row per output i (rows i of W_gate and W_up).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn ffn_in_kernel<F: Float, V: Size>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
+    w_gate: &Array<Vector<F, V>>,
+    w_up: &Array<Vector<F, V>>,
+    s: &mut Array<F>,
+    ffn: usize,
+    eps: f32,
+    #[comptime] d: usize,
+    #[comptime] split: usize,
+    #[comptime] plane: bool,
+) {
+    let mut h = SharedMemory::<f32>::new(d);
+    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
+    let mut parts = SharedMemory::<f32>::new(PLANES);
+    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
+
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let row = CUBE_POS as usize * (PLANES / split) + y / split;
+    let k_vec = d / V::value();
+    let mut acc_g = 0.0f32;
+    let mut acc_u = 0.0f32;
+    if row < ffn {
+        let first = (y % split) * LANES + lane;
+        let r = dot2_shared::<F, V>(w_gate, row, w_up, row, &h, k_vec, first, LANES * split);
+        acc_g = r.a;
+        acc_u = r.b;
+    }
+    let g = split_sum(lanes_sum(acc_g, &mut red, plane), &mut parts, split);
+    let u = split_sum(lanes_sum(acc_u, &mut red, plane), &mut parts, split);
+    if row < ffn && lane == 0 && y % split == 0 {
+        let g = f32::cast_from(F::cast_from(g));
+        let u = f32::cast_from(F::cast_from(u));
+        s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
+    }
+}
+
+/// Logits of one token for rows `row0..row0 + n` of the lm_head (a chunk `w` of it) from the
+/// normed `h` ([k] in `F`), and each cube's best two (value, id) into `partial`
+/// (4 values per cube: v1, id1, v2, id2; ids as f32 bit patterns). Ties go to the lower id;
+/// NaN is never picked.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn lm_head_top2_kernel<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    h: &Array<Vector<F, V>>,
+    logits: &mut Array<f32>,
+    partial: &mut Array<f32>,
+    n: usize,
+    k_vec: usize,
+    row0: usize,
+    part0: usize,
+    #[comptime] plane: bool,
+) {
+    let mut red = SharedMemory::<f32>::new(LANES * HEAD_ROWS);
+    let mut vals = SharedMemory::<f32>::new(HEAD_ROWS);
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let row = CUBE_POS as usize * HEAD_ROWS + y;
+    let mut acc = 0.0f32;
+    if row < n {
+        let mut i = lane;
+        while i < k_vec {
+            let p =
+                Vector::<f32, V>::cast_from(w[row * k_vec + i]) * Vector::<f32, V>::cast_from(h[i]);
+            #[unroll]
+            for l in 0..V::value() {
+                acc += p[l];
+            }
+            i += LANES;
+        }
+    }
+    let sum = lanes_sum(acc, &mut red, plane);
+    if lane == 0 {
+        let mut v = f32::new(-3.0e38);
+        if row < n {
+            logits[row0 + row] = sum;
+            // NaN compares false: it never beats the sentinel.
+            if sum > v {
+                v = sum;
+            }
+        }
+        vals[y] = v;
+    }
+    sync_cube();
+    if UNIT_POS == 0 {
+        let base = CUBE_POS as usize * HEAD_ROWS;
+        let mut b1 = f32::new(-3.0e38);
+        let mut i1 = 4294967295u32;
+        let mut b2 = f32::new(-3.0e38);
+        let mut i2 = 4294967295u32;
+        #[unroll]
+        for r in 0..HEAD_ROWS {
+            let v = vals[r];
+            let id = (row0 + base + r) as u32;
+            if base + r < n {
+                if v > b1 {
+                    b2 = b1;
+                    i2 = i1;
+                    b1 = v;
+                    i1 = id;
+                } else if v > b2 {
+                    b2 = v;
+                    i2 = id;
+                }
+            }
+        }
+        let at = (part0 + CUBE_POS as usize) * 4;
+        partial[at] = b1;
+        partial[at + 1] = f32::reinterpret(i1);
+        partial[at + 2] = b2;
+        partial[at + 3] = f32::reinterpret(i2);
+    }
+}
+
+/// Reduces the per-cube best two of [`lm_head_top2_kernel`]: writes the winner to `token[0]`
+/// (the next step's input), `(id1, v1, v2)` to `out` (`out[0]` the id bits), and advances
+/// `state[0]` by one position.
+#[cube(launch)]
+fn top2_finish_kernel(
+    partial: &Array<f32>,
+    token: &mut Array<u32>,
+    out: &mut Array<f32>,
+    state: &mut Array<u32>,
+    parts: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let threads = CUBE_DIM as usize;
+    let mut v1s = SharedMemory::<f32>::new(256usize);
+    let mut i1s = SharedMemory::<u32>::new(256usize);
+    let mut v2s = SharedMemory::<f32>::new(256usize);
+    let mut i2s = SharedMemory::<u32>::new(256usize);
+    let mut b1 = f32::new(-3.0e38);
+    let mut i1 = 4294967295u32;
+    let mut b2 = f32::new(-3.0e38);
+    let mut i2 = 4294967295u32;
+    let mut p = tid;
+    while p < parts {
+        // Candidates in id order within a thread: strict comparisons keep the lower id.
+        for c in 0..2usize {
+            let v = partial[p * 4 + c * 2];
+            let id = u32::reinterpret(partial[p * 4 + c * 2 + 1]);
+            if v > b1 || (v == b1 && id < i1) {
+                b2 = b1;
+                i2 = i1;
+                b1 = v;
+                i1 = id;
+            } else if v > b2 || (v == b2 && id < i2) {
+                b2 = v;
+                i2 = id;
+            }
+        }
+        p += threads;
+    }
+    v1s[tid] = b1;
+    i1s[tid] = i1;
+    v2s[tid] = b2;
+    i2s[tid] = i2;
+    sync_cube();
+    let mut stride = threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            // Merge the two sorted pairs (a1 ≥ a2) and (c1 ≥ c2) into the best two.
+            let a1 = v1s[tid];
+            let ai1 = i1s[tid];
+            let a2 = v2s[tid];
+            let ai2 = i2s[tid];
+            let c1 = v1s[tid + stride];
+            let ci1 = i1s[tid + stride];
+            let c2 = v2s[tid + stride];
+            let ci2 = i2s[tid + stride];
+            let c_first = c1 > a1 || (c1 == a1 && ci1 < ai1);
+            if c_first {
+                v1s[tid] = c1;
+                i1s[tid] = ci1;
+                // second: better of a1 and c2
+                if a1 > c2 || (a1 == c2 && ai1 < ci2) {
+                    v2s[tid] = a1;
+                    i2s[tid] = ai1;
+                } else {
+                    v2s[tid] = c2;
+                    i2s[tid] = ci2;
+                }
+            } else if c1 > a2 || (c1 == a2 && ci1 < ai2) {
+                v2s[tid] = c1;
+                i2s[tid] = ci1;
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if tid == 0 {
+        token[0] = i1s[0];
+        out[0] = f32::reinterpret(i1s[0]);
+        out[1] = v1s[0];
+        out[2] = v2s[0];
+        state[0] = state[0] + 1;
+    }
+}
+
+fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    client.properties().hardware.plane_size_min == LANES as u32
+        && client.properties().hardware.plane_size_max == LANES as u32
+        && client.features().plane.contains(Plane::Ops)
+}
+
+/// The widest vector (≤ 8 elements) that divides `k`.
+fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem: usize, k: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(elem)
+        .filter(|v| k % v == 0 && *v <= 8)
+        .max()
+        .unwrap_or(1)
+}
+
+/// Planes per row: enough that each plane reads a few vectors, never more than 8.
+fn split_for(k_vec: usize) -> usize {
+    (k_vec / (LANES * 4))
+        .clamp(1, PLANES)
+        .next_power_of_two()
+        .min(PLANES)
+}
+
+fn vectors<R: Runtime, F: CubeElement>(t: &DeviceTensor<R, F>) -> ArrayArg<R> {
+    // SAFETY: the same buffer viewed as vectors of `vec` elements (the length is in elements;
+    // the launcher divides it by the vector size); callers check that `vec` divides k.
+    unsafe { ArrayArg::from_raw_parts(t.handle.clone(), t.len()) }
+}
+
+fn cube_count(n: usize) -> Result<CubeCount> {
+    ensure!(
+        n > 0 && n <= 65535,
+        "decode: {n} cubes do not fit one launch axis"
+    );
+    Ok(CubeCount::Static(n as u32, 1, 1))
+}
+
+/// The per-token state of a decode step on the device.
+pub struct DecodeState<R: Runtime> {
+    /// `[position]`: where this step's token sits; [`top2_finish`] advances it.
+    pub state: DeviceTensor<R, u32>,
+    /// `[id]`: the token this step embeds; [`top2_finish`] writes the next one.
+    pub token: DeviceTensor<R, u32>,
+    /// `[id bits, top-1 logit, top-2 logit]` of the last step.
+    pub top2: DeviceTensor<R, f32>,
+}
+
+impl<R: Runtime> DecodeState<R> {
+    pub fn new(client: &ComputeClient<R>, position: u32, token: u32) -> Result<Self> {
+        Ok(Self {
+            state: DeviceTensor::from_slice(client, &[position], &[1])?,
+            token: DeviceTensor::from_slice(client, &[token], &[1])?,
+            top2: DeviceTensor::from_slice(client, &[0.0, 0.0, 0.0], &[3])?,
+        })
+    }
+}
+
+/// `x = table[token[0]]` as f32.
+pub fn embed_token<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    token: &DeviceTensor<R, u32>,
+    table: &RowChunked<R, F>,
+    x: &DeviceTensor<R, f32>,
+) -> Result<()> {
+    let d = table.k;
+    ensure!(
+        x.shape == [1, d] || x.shape == [d],
+        "embed_token: x must hold {d} values, got {:?}",
+        x.shape
+    );
+    let mut row0 = 0;
+    for chunk in &table.chunks {
+        embed_token_kernel::launch::<F, R>(
+            client,
+            cube_count(d.div_ceil(256))?,
+            CubeDim::new_1d(256),
+            token.arg(),
+            chunk.arg(),
+            x.arg(),
+            row0,
+            chunk.shape[0],
+            d,
+        );
+        row0 += chunk.shape[0];
+    }
+    Ok(())
+}
+
+/// The weights [`attn_in`] reads.
+pub struct AttnInWeights<'a, R: Runtime, F: CubeElement> {
+    pub norm: &'a DeviceTensor<R, f32>,
+    pub wq: &'a DeviceTensor<R, F>,
+    pub wk: &'a DeviceTensor<R, F>,
+    pub wv: &'a DeviceTensor<R, F>,
+    pub bq: &'a DeviceTensor<R, f32>,
+    pub bk: &'a DeviceTensor<R, f32>,
+    pub bv: &'a DeviceTensor<R, f32>,
+}
+
+/// RMSNorm → q/k/v + bias → RoPE → cache append for the token at `state[0]`; writes q [1, qd].
+#[allow(clippy::too_many_arguments)]
+pub fn attn_in<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, f32>,
+    w: &AttnInWeights<'_, R, F>,
+    rope: &RopeTables<R>,
+    st: &DecodeState<R>,
+    eps: f32,
+    n_heads: usize,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+) -> Result<()> {
+    let d = x.len();
+    let hd = cache.head_dim;
+    let (qd, kvd) = (n_heads * hd, cache.n_kv * hd);
+    ensure!(
+        w.wq.shape == [qd, d] && w.wk.shape == [kvd, d] && w.wv.shape == [kvd, d],
+        "attn_in: weights q {:?}, k {:?}, v {:?} do not match [{qd}|{kvd}, {d}]",
+        w.wq.shape,
+        w.wk.shape,
+        w.wv.shape
+    );
+    ensure!(
+        w.bq.shape == [qd] && w.bk.shape == [kvd] && w.bv.shape == [kvd] && w.norm.shape == [d],
+        "attn_in: bias or norm shapes do not match"
+    );
+    ensure!(q.len() == qd, "attn_in: q must hold {qd} values");
+    ensure!(
+        rope.head_dim == hd && hd % 2 == 0,
+        "attn_in: RoPE tables are for head_dim {}, not {hd}",
+        rope.head_dim
+    );
+    let vec = vector_size(client, size_of::<F>(), d);
+    let split = split_for(d / vec);
+    let pairs = (qd + 2 * kvd) / 2;
+    attn_in_kernel::launch::<F, R>(
+        client,
+        cube_count(pairs.div_ceil(PLANES / split))?,
+        CubeDim::new_2d(LANES as u32, PLANES as u32),
+        vec,
+        x.arg(),
+        w.norm.arg(),
+        vectors(w.wq),
+        vectors(w.wk),
+        vectors(w.wv),
+        w.bq.arg(),
+        w.bk.arg(),
+        w.bv.arg(),
+        rope.cos.arg(),
+        rope.sin.arg(),
+        st.state.arg(),
+        q.arg(),
+        cache.k.arg(),
+        cache.v.arg(),
+        cache.max_ctx,
+        eps,
+        d,
+        n_heads,
+        cache.n_kv,
+        hd,
+        split,
+        plane_ok(client),
+    );
+    Ok(())
+}
+
+/// Scratch for [`attention`] over up to `max_ctx` positions.
+pub struct AttentionScratch<R: Runtime> {
+    part_out: DeviceTensor<R, f32>,
+    part_max_sum: DeviceTensor<R, f32>,
+}
+
+impl<R: Runtime> AttentionScratch<R> {
+    pub fn new(
+        client: &ComputeClient<R>,
+        n_heads: usize,
+        head_dim: usize,
+        max_ctx: usize,
+    ) -> Result<Self> {
+        let parts = n_heads * max_ctx.div_ceil(ATT_CHUNK);
+        Ok(Self {
+            part_out: DeviceTensor::empty(client, &[parts, head_dim])?,
+            part_max_sum: DeviceTensor::empty(client, &[parts, 2])?,
+        })
+    }
+}
+
+/// Attention of the token at `state[0]` (which the host knows as `pos`, to size the grid):
+/// out [1, n_heads·hd] from q and the cache positions `0..=pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    st: &DecodeState<R>,
+    pos: usize,
+    n_heads: usize,
+    scratch: &AttentionScratch<R>,
+    out: &DeviceTensor<R, F>,
+) -> Result<()> {
+    let hd = cache.head_dim;
+    ensure!(
+        q.len() == n_heads * hd && out.len() == q.len(),
+        "attention: q and out must hold {} values",
+        n_heads * hd
+    );
+    ensure!(
+        n_heads % cache.n_kv == 0 && hd <= ATT_CHUNK,
+        "attention: {n_heads} heads on {} kv heads of dim {hd} unsupported",
+        cache.n_kv
+    );
+    ensure!(
+        pos < cache.max_ctx,
+        "attention: position {pos} is outside the cache of {}",
+        cache.max_ctx
+    );
+    let chunks = (pos + 1).div_ceil(ATT_CHUNK);
+    ensure!(
+        chunks * n_heads * hd <= scratch.part_out.len(),
+        "attention: scratch too small"
+    );
+    let single = chunks == 1;
+    attention_kernel::launch::<F, R>(
+        client,
+        CubeCount::Static(chunks as u32, n_heads as u32, 1),
+        CubeDim::new_1d(ATT_THREADS as u32),
+        q.arg(),
+        cache.k.arg(),
+        cache.v.arg(),
+        st.state.arg(),
+        out.arg(),
+        scratch.part_out.arg(),
+        scratch.part_max_sum.arg(),
+        cache.max_ctx,
+        1.0 / (hd as f32).sqrt(),
+        n_heads / cache.n_kv,
+        hd,
+        single,
+    );
+    if !single {
+        attention_merge_kernel::launch::<F, R>(
+            client,
+            cube_count(n_heads)?,
+            CubeDim::new_1d(hd.min(256) as u32),
+            scratch.part_out.arg(),
+            scratch.part_max_sum.arg(),
+            out.arg(),
+            chunks,
+            hd,
+        );
+    }
+    Ok(())
+}
+
+/// `x += W·a`: W [n, k], a [k] (f16 storage), x [n] f32.
+pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    w: &DeviceTensor<R, F>,
+    a: &DeviceTensor<R, F>,
+    x: &DeviceTensor<R, f32>,
+) -> Result<()> {
+    ensure!(w.shape.len() == 2, "gemv_residual: W must be 2-D");
+    let (n, k) = (w.shape[0], w.shape[1]);
+    ensure!(
+        a.len() == k && x.len() == n,
+        "gemv_residual: W {:?}, a {:?}, x {:?} do not fit",
+        w.shape,
+        a.shape,
+        x.shape
+    );
+    let vec = vector_size(client, size_of::<F>(), k);
+    let split = split_for(k / vec);
+    gemv_residual_kernel::launch::<F, R>(
+        client,
+        cube_count(n.div_ceil(PLANES / split))?,
+        CubeDim::new_2d(LANES as u32, PLANES as u32),
+        vec,
+        vectors(w),
+        vectors(a),
+        x.arg(),
+        n,
+        k / vec,
+        split,
+        plane_ok(client),
+    );
+    Ok(())
+}
+
+/// RMSNorm → gate, up → SwiGLU: s [ffn] from x [d].
+pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, f32>,
+    norm: &DeviceTensor<R, f32>,
+    w_gate: &DeviceTensor<R, F>,
+    w_up: &DeviceTensor<R, F>,
+    eps: f32,
+    s: &DeviceTensor<R, F>,
+) -> Result<()> {
+    let d = x.len();
+    ensure!(
+        w_gate.shape.len() == 2 && w_gate.shape[1] == d && w_up.shape == w_gate.shape,
+        "ffn_in: gate {:?} and up {:?} must be [ffn, {d}]",
+        w_gate.shape,
+        w_up.shape
+    );
+    let ffn = w_gate.shape[0];
+    ensure!(
+        s.len() == ffn && norm.shape == [d],
+        "ffn_in: s must hold {ffn} values"
+    );
+    let vec = vector_size(client, size_of::<F>(), d);
+    let split = split_for(d / vec);
+    ffn_in_kernel::launch::<F, R>(
+        client,
+        cube_count(ffn.div_ceil(PLANES / split))?,
+        CubeDim::new_2d(LANES as u32, PLANES as u32),
+        vec,
+        x.arg(),
+        norm.arg(),
+        vectors(w_gate),
+        vectors(w_up),
+        s.arg(),
+        ffn,
+        eps,
+        d,
+        split,
+        plane_ok(client),
+    );
+    Ok(())
+}
+
+/// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.
+pub fn top2_parts(lm_head: &RowChunked<impl Runtime, impl CubeElement>) -> usize {
+    lm_head
+        .chunks
+        .iter()
+        .map(|c| c.shape[0].div_ceil(HEAD_ROWS))
+        .sum()
+}
+
+/// Logits [1, vocab] (f32) of the normed `h` [1, k] and the per-cube best two into `partial`
+/// ([`top2_parts`] × 4).
+pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    lm_head: &RowChunked<R, F>,
+    h: &DeviceTensor<R, F>,
+    logits: &DeviceTensor<R, f32>,
+    partial: &DeviceTensor<R, f32>,
+) -> Result<()> {
+    let k = lm_head.k;
+    ensure!(
+        h.len() == k && logits.len() == lm_head.n,
+        "lm_head_top2: h {:?} / logits {:?} do not fit [{}, {k}]",
+        h.shape,
+        logits.shape,
+        lm_head.n
+    );
+    ensure!(
+        partial.len() >= top2_parts(lm_head) * 4,
+        "lm_head_top2: partial too small"
+    );
+    let vec = vector_size(client, size_of::<F>(), k);
+    let (mut row0, mut part0) = (0, 0);
+    for chunk in &lm_head.chunks {
+        let n = chunk.shape[0];
+        let cubes = n.div_ceil(HEAD_ROWS);
+        lm_head_top2_kernel::launch::<F, R>(
+            client,
+            cube_count(cubes)?,
+            CubeDim::new_2d(LANES as u32, HEAD_ROWS as u32),
+            vec,
+            vectors(chunk),
+            vectors(h),
+            logits.arg(),
+            partial.arg(),
+            n,
+            k / vec,
+            row0,
+            part0,
+            plane_ok(client),
+        );
+        row0 += n;
+        part0 += cubes;
+    }
+    Ok(())
+}
+
+/// The winner of the candidates into `st.token`, `(id bits, v1, v2)` into `st.top2`, and
+/// `state[0] += 1`.
+pub fn top2_finish<R: Runtime>(
+    client: &ComputeClient<R>,
+    partial: &DeviceTensor<R, f32>,
+    parts: usize,
+    st: &DecodeState<R>,
+) -> Result<()> {
+    ensure!(
+        parts > 0 && partial.len() >= parts * 4,
+        "top2_finish: {parts} parts do not fit"
+    );
+    top2_finish_kernel::launch::<R>(
+        client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(256),
+        partial.arg(),
+        st.token.arg(),
+        st.top2.arg(),
+        st.state.arg(),
+        parts,
+    );
+    Ok(())
+}
+
+/// f64 reference of [`attn_in`]: returns (q roped [qd], k roped [kvd], v [kvd]) for `x` at
+/// position `pos` (`inv_freq` as [`crate::rope::inv_freq`]; f16 rounding where the kernel
+/// rounds is not modelled).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_attn_in(
+    x: &[f64],
+    norm: &[f64],
+    wq: &[f64],
+    wk: &[f64],
+    wv: &[f64],
+    b: (&[f64], &[f64], &[f64]),
+    eps: f64,
+    head_dim: usize,
+    theta: f32,
+    pos: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let d = x.len();
+    let h = crate::rmsnorm::reference(x, norm, d, eps);
+    let q = crate::matmul::reference(&h, wq, Some(b.0), 1, b.0.len(), d);
+    let k = crate::matmul::reference(&h, wk, Some(b.1), 1, b.1.len(), d);
+    let v = crate::matmul::reference(&h, wv, Some(b.2), 1, b.2.len(), d);
+    let rope = |t: &[f64]| crate::rope::reference(t, &[pos], head_dim, theta);
+    (rope(&q), rope(&k), v)
+}
+
+/// f64 reference of [`ffn_in`].
+pub fn reference_ffn_in(
+    x: &[f64],
+    norm: &[f64],
+    w_gate: &[f64],
+    w_up: &[f64],
+    ffn: usize,
+    eps: f64,
+) -> Vec<f64> {
+    let d = x.len();
+    let h = crate::rmsnorm::reference(x, norm, d, eps);
+    let g = crate::matmul::reference(&h, w_gate, None, 1, ffn, d);
+    let u = crate::matmul::reference(&h, w_up, None, 1, ffn, d);
+    crate::elementwise::swiglu_reference(&g, &u)
+}
+
+/// f64 reference of [`gemv_residual`]: `x + W·a`.
+pub fn reference_gemv_residual(w: &[f64], a: &[f64], x: &[f64]) -> Vec<f64> {
+    let y = crate::matmul::reference(a, w, None, 1, x.len(), a.len());
+    x.iter().zip(y).map(|(x, y)| x + y).collect()
+}

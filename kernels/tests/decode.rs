@@ -1,0 +1,340 @@
+//! The fused decode-step kernels against their f64 references at Qwen shapes (0.5B; the 1.5B
+//! head_dim of 128 with `CUBEQWEN_FULL_SHAPES=1`): poisoned outputs and caches, positions in
+//! one and in several attention chunks, lm_head ties, NaN logits and weight chunks.
+#![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
+
+use anyhow::{ensure, Result};
+use cubecl::prelude::*;
+use cubeqwen_kernels::attention::KvCache;
+use cubeqwen_kernels::decode::*;
+use cubeqwen_kernels::matmul::RowChunked;
+use cubeqwen_kernels::rope::RopeTables;
+use cubeqwen_kernels::runtime::RuntimeJob;
+use cubeqwen_kernels::select::top_k_reference;
+use cubeqwen_kernels::testing::*;
+use cubeqwen_kernels::DeviceTensor;
+use half::f16;
+
+/// Outputs rounded to f16 (≈ 2.8e-4 relative) from f16-rounded inputs: 2e-3 leaves room for
+/// the f32 sums, yet a wrong row, bias, pair or position gives > 1e-1.
+const TOL_F16: f64 = 2e-3;
+/// f32 outputs of f16 inputs, f32 sums: only summation order differs from f64.
+const TOL_F32: f64 = 1e-5;
+/// Attention with f16 output; a wrong kv head, scale or mask gives > 1e-1 (as attention.rs).
+const TOL_ATT: f64 = 3e-3;
+
+struct Shape {
+    d: usize,
+    ffn: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    vocab: usize,
+}
+
+const QWEN_05B: Shape = Shape {
+    d: 896,
+    ffn: 4864,
+    n_heads: 14,
+    n_kv: 2,
+    hd: 64,
+    vocab: 151936,
+};
+const QWEN_15B: Shape = Shape {
+    d: 1536,
+    ffn: 8960,
+    n_heads: 12,
+    n_kv: 2,
+    hd: 128,
+    vocab: 151936,
+};
+
+fn check(what: &str, err: f64, tol: f64, seed: u64) -> Result<()> {
+    println!("{what}: rel_err {err:.3e} (tol {tol:.0e})");
+    ensure!(
+        err <= tol,
+        "{what}: rel_err {err:.3e} > {tol:.0e} (seed {seed}; replay with CUBEQWEN_SEED={seed})"
+    );
+    Ok(())
+}
+
+fn widen(v: &[f16]) -> Vec<f64> {
+    f16_to_f64(v)
+}
+
+struct Fused {
+    shape: &'static Shape,
+    seed: u64,
+}
+
+impl RuntimeJob for Fused {
+    type Output = ();
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<()> {
+        let Shape {
+            d,
+            ffn,
+            n_heads,
+            n_kv,
+            hd,
+            vocab,
+        } = *self.shape;
+        let seed = self.seed;
+        println!("decode kernels on {device}, d={d} heads={n_heads}/{n_kv}x{hd}, seed {seed}");
+        let mut rng = Rng::new(seed);
+        let (qd, kvd) = (n_heads * hd, n_kv * hd);
+        let w_std = 1.0 / (d as f64).sqrt();
+        let eps = 1e-6f32;
+        let theta = 1_000_000f32;
+        let max_ctx = 1100;
+        let up = |v: &[f16], s: &[usize]| DeviceTensor::<R, f16>::from_slice(&client, v, s);
+        let up32 = |v: &[f32], s: &[usize]| DeviceTensor::<R, f32>::from_slice(&client, v, s);
+
+        // --- attn_in: norm → q/k/v + bias → RoPE → cache at pos.
+        let x = rng.f32_vec(d, 0.3, 2.0);
+        let norm = rng.f32_vec(d, 1.0, 0.25);
+        let (wq, wk, wv) = (
+            rng.f16_vec(qd * d, 0.0, w_std),
+            rng.f16_vec(kvd * d, 0.0, w_std),
+            rng.f16_vec(kvd * d, 0.0, w_std),
+        );
+        let (bq, bk, bv) = (
+            rng.f32_vec(qd, 0.0, 0.5),
+            rng.f32_vec(kvd, 0.0, 0.5),
+            rng.f32_vec(kvd, 0.0, 0.5),
+        );
+        let rope = RopeTables::new(&client, theta, hd, max_ctx)?;
+        let (xd, nd) = (up32(&x, &[1, d])?, up32(&norm, &[d])?);
+        let (wqd, wkd, wvd) = (up(&wq, &[qd, d])?, up(&wk, &[kvd, d])?, up(&wv, &[kvd, d])?);
+        let (bqd, bkd, bvd) = (up32(&bq, &[qd])?, up32(&bk, &[kvd])?, up32(&bv, &[kvd])?);
+        let weights = AttnInWeights {
+            norm: &nd,
+            wq: &wqd,
+            wk: &wkd,
+            wv: &wvd,
+            bq: &bqd,
+            bk: &bkd,
+            bv: &bvd,
+        };
+        for pos in [0usize, 37, 1023] {
+            let cache = KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?;
+            let poison = vec![POISON_F16; n_kv * max_ctx * hd];
+            let cache = KvCache {
+                k: up(&poison, &[n_kv, max_ctx, hd])?,
+                v: up(&poison, &[n_kv, max_ctx, hd])?,
+                ..cache
+            };
+            let st = DecodeState::new(&client, pos as u32, 0)?;
+            let q = up(&vec![POISON_F16; qd], &[1, qd])?;
+            attn_in(&client, &xd, &weights, &rope, &st, eps, n_heads, &q, &cache)?;
+            let (rq, rk, rv) = reference_attn_in(
+                &f32_to_f64(&x),
+                &f32_to_f64(&norm),
+                &widen(&wq),
+                &widen(&wk),
+                &widen(&wv),
+                (&f32_to_f64(&bq), &f32_to_f64(&bk), &f32_to_f64(&bv)),
+                eps as f64,
+                hd,
+                theta,
+                pos,
+            );
+            let (kc, vc) = (cache.k.to_vec(&client)?, cache.v.to_vec(&client)?);
+            // Row `pos` of every kv head, as [kvd]; the rows beside it must stay untouched.
+            let row = |c: &[f16], p: usize| -> Vec<f64> {
+                (0..n_kv)
+                    .flat_map(|g| widen(&c[(g * max_ctx + p) * hd..][..hd]))
+                    .collect()
+            };
+            check(
+                &format!("attn_in q   pos {pos}"),
+                rel_err(&widen(&q.to_vec(&client)?), &rq),
+                TOL_F16,
+                seed,
+            )?;
+            check(
+                &format!("attn_in k   pos {pos}"),
+                rel_err(&row(&kc, pos), &rk),
+                TOL_F16,
+                seed,
+            )?;
+            check(
+                &format!("attn_in v   pos {pos}"),
+                rel_err(&row(&vc, pos), &rv),
+                TOL_F16,
+                seed,
+            )?;
+            for p in [pos.wrapping_sub(1), pos + 1] {
+                if p < max_ctx {
+                    ensure!(
+                        row(&kc, p).iter().chain(&row(&vc, p)).all(|v| v.is_nan()),
+                        "attn_in wrote cache row {p} (only {pos} is this token's); seed {seed}"
+                    );
+                }
+            }
+        }
+
+        // --- attention of one token over positions 0..=pos (one chunk, several chunks).
+        for pos in [0usize, 37, 300, 1023] {
+            let keys = pos + 1;
+            let q = rng.f16_vec(qd, 0.0, 1.0);
+            let k = rng.f16_vec(keys * kvd, 0.0, 1.0);
+            let v = rng.f16_vec(keys * kvd, 0.0, 1.0);
+            let cache = KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?;
+            cache.append(&client, &up(&k, &[keys, kvd])?, &up(&v, &[keys, kvd])?, 0)?;
+            let st = DecodeState::new(&client, pos as u32, 0)?;
+            let scratch = AttentionScratch::new(&client, n_heads, hd, max_ctx)?;
+            let out = up(&vec![POISON_F16; qd], &[1, qd])?;
+            attention(
+                &client,
+                &up(&q, &[1, qd])?,
+                &cache,
+                &st,
+                pos,
+                n_heads,
+                &scratch,
+                &out,
+            )?;
+            let want = cubeqwen_kernels::attention::reference(
+                &widen(&q),
+                &widen(&k),
+                &widen(&v),
+                n_heads,
+                n_kv,
+                hd,
+                pos,
+            );
+            let got = widen(&out.to_vec(&client)?);
+            check(
+                &format!("attention   pos {pos}"),
+                rel_err(&got, &want),
+                TOL_ATT,
+                seed,
+            )?;
+        }
+
+        // --- ffn_in: norm → gate, up → SwiGLU.
+        let (wg, wu) = (
+            rng.f16_vec(ffn * d, 0.0, w_std),
+            rng.f16_vec(ffn * d, 0.0, w_std),
+        );
+        let s = up(&vec![POISON_F16; ffn], &[1, ffn])?;
+        ffn_in(
+            &client,
+            &xd,
+            &nd,
+            &up(&wg, &[ffn, d])?,
+            &up(&wu, &[ffn, d])?,
+            eps,
+            &s,
+        )?;
+        let want = reference_ffn_in(
+            &f32_to_f64(&x),
+            &f32_to_f64(&norm),
+            &widen(&wg),
+            &widen(&wu),
+            ffn,
+            eps as f64,
+        );
+        check(
+            "ffn_in",
+            rel_err(&widen(&s.to_vec(&client)?), &want),
+            TOL_F16,
+            seed,
+        )?;
+
+        // --- gemv_residual: o-proj (k = d) and down (k = ffn) shapes.
+        for k in [qd, ffn] {
+            let w = rng.f16_vec(d * k, 0.0, 1.0 / (k as f64).sqrt());
+            let a = rng.f16_vec(k, 0.0, 1.0);
+            let x0 = rng.f32_vec(d, 0.0, 1.0);
+            let xd = up32(&x0, &[1, d])?;
+            gemv_residual(&client, &up(&w, &[d, k])?, &up(&a, &[1, k])?, &xd)?;
+            let want = reference_gemv_residual(&widen(&w), &widen(&a), &f32_to_f64(&x0));
+            check(
+                &format!("gemv_residual k={k}"),
+                rel_err(&f32_to_f64(&xd.to_vec(&client)?), &want),
+                TOL_F32,
+                seed,
+            )?;
+        }
+
+        // --- embedding of the device-side token, from the second of three table chunks.
+        let table = rng.f16_vec(3000 * d, 0.0, 1.0);
+        let chunked = RowChunked::upload_rows(&client, &table, 3000, d, 1100)?;
+        let st = DecodeState::new(&client, 0, 1500)?;
+        let xe = up32(&vec![f32::NAN; d], &[1, d])?;
+        embed_token(&client, &st.token, &chunked, &xe)?;
+        let got = xe.to_vec(&client)?;
+        ensure!(
+            got.iter()
+                .zip(&table[1500 * d..1501 * d])
+                .all(|(a, b)| *a == b.to_f32()),
+            "embed_token: x is not row 1500 of the table (seed {seed})"
+        );
+        println!("embed_token: row 1500 of 3 chunks exact");
+
+        // --- lm_head and its top 2 over chunks; a planted tie and a NaN row.
+        let mut w = rng.f16_vec(vocab * d, 0.0, w_std);
+        let h = rng.f16_vec(d, 0.0, 1.0);
+        // Rows 777 and 90001 equal h: the largest logit, tied; the lower id must win.
+        // Row 5 is NaN: never picked.
+        for r in [777, 90001.min(vocab - 1)] {
+            w[r * d..(r + 1) * d].copy_from_slice(&h);
+        }
+        w[5 * d] = f16::NAN;
+        let head = RowChunked::upload_rows(&client, &w, vocab, d, 60000)?;
+        let parts = top2_parts(&head);
+        let partial = up32(&vec![f32::NAN; parts * 4], &[parts * 4])?;
+        let logits = up32(&vec![f32::NAN; vocab], &[1, vocab])?;
+        let st = DecodeState::new(&client, 41, 0)?;
+        lm_head_top2(&client, &head, &up(&h, &[1, d])?, &logits, &partial)?;
+        top2_finish(&client, &partial, parts, &st)?;
+        let got = logits.to_vec(&client)?;
+        let mut want =
+            cubeqwen_kernels::matmul::reference(&widen(&h), &widen(&w), None, 1, vocab, d);
+        ensure!(got[5].is_nan() && want[5].is_nan(), "row 5 must be NaN");
+        want[5] = 0.0;
+        let mut got64 = f32_to_f64(&got);
+        got64[5] = 0.0;
+        check("lm_head logits", rel_err(&got64, &want), TOL_F32, seed)?;
+        let top = top_k_reference(&got, 2);
+        let (id, v1, v2) = {
+            let t = st.top2.to_vec(&client)?;
+            (t[0].to_bits(), t[1], t[2])
+        };
+        ensure!(
+            id == 777 && top[0].0 == 777 && v1 == top[0].1 && v2 == top[1].1 && v1 == v2,
+            "top2: got id {id} ({v1}, {v2}), want 777 tied with 90001: {top:?} (seed {seed})"
+        );
+        ensure!(
+            st.token.to_vec(&client)? == [777],
+            "top2_finish: token buffer not 777"
+        );
+        ensure!(
+            st.state.to_vec(&client)? == [42],
+            "top2_finish: position not advanced to 42"
+        );
+        println!("lm_head top2: tie → 777, NaN row skipped, position advanced");
+        Ok(())
+    }
+}
+
+#[test]
+fn fused_decode_kernels_qwen_05b() {
+    run_test(Fused {
+        shape: &QWEN_05B,
+        seed: fresh_seed(),
+    });
+}
+
+#[test]
+fn fused_decode_kernels_qwen_15b() {
+    if !full_shapes() {
+        println!("1.5B shapes run with CUBEQWEN_FULL_SHAPES=1 (the GPU runner)");
+        return;
+    }
+    run_test(Fused {
+        shape: &QWEN_15B,
+        seed: fresh_seed(),
+    });
+}
