@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::attention::{attention_with_fault, KvCache};
 use cubeqwen_kernels::buffer::check_launches;
+use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState};
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
@@ -73,6 +74,8 @@ enum Logits {
     Last,
     /// Every token of the call (prompt checks, tracing).
     All,
+    /// Only the last token, into the decode buffers with its top two and greedy next token.
+    Top2,
 }
 
 /// Known bugs the forward pass can be told to commit, so tests can prove the parity tracer
@@ -87,6 +90,54 @@ pub struct Faults {
     pub wrong_gqa_mapping: bool,
 }
 
+/// What the fused decode step keeps on the device between tokens: made once per session.
+struct DecodeBuffers<R: Runtime> {
+    st: DecodeState<R>,
+    /// The residual stream of the token, f32 [1, d].
+    x: DeviceTensor<R, f32>,
+    q: DeviceTensor<R, f16>,
+    att: DeviceTensor<R, f16>,
+    /// SwiGLU output [1, ffn].
+    s: DeviceTensor<R, f16>,
+    /// The output-normed token [1, d].
+    h: DeviceTensor<R, f16>,
+    logits: DeviceTensor<R, f32>,
+    partial: DeviceTensor<R, f32>,
+    parts: usize,
+    scratch: AttentionScratch<R>,
+    /// The position `st.state` holds (the host's copy, to know when to set it).
+    state_pos: usize,
+}
+
+impl<R: Runtime> DecodeBuffers<R> {
+    fn new(client: &ComputeClient<R>, model: &DeviceModel<R>, max_ctx: usize) -> Result<Self> {
+        let c = &model.config;
+        let qd = c.n_heads * c.head_dim;
+        let parts = decode::top2_parts(&model.lm_head);
+        Ok(Self {
+            st: DecodeState::new(client, 0, 0)?,
+            x: DeviceTensor::empty(client, &[1, c.hidden])?,
+            q: DeviceTensor::empty(client, &[1, qd])?,
+            att: DeviceTensor::empty(client, &[1, qd])?,
+            s: DeviceTensor::empty(client, &[1, c.ffn])?,
+            h: DeviceTensor::empty(client, &[1, c.hidden])?,
+            logits: DeviceTensor::empty(client, &[1, c.vocab])?,
+            partial: DeviceTensor::empty(client, &[parts * 4])?,
+            parts,
+            scratch: AttentionScratch::new(client, c.n_heads, c.head_dim, max_ctx)?,
+            state_pos: 0,
+        })
+    }
+}
+
+/// The top two logits of the last position and the id of the first (ties: the lower id).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Top2 {
+    pub id: u32,
+    pub first: f32,
+    pub second: f32,
+}
+
 /// A sequence in progress: its KV cache and how many positions it holds.
 pub struct Session<'m, R: Runtime> {
     pub model: &'m DeviceModel<R>,
@@ -97,6 +148,10 @@ pub struct Session<'m, R: Runtime> {
     /// Prompts longer than this are prefilled in chunks of this many tokens.
     pub prefill_chunk: usize,
     pub faults: Faults,
+    /// Decode with the fused single-token kernels (`decode` module of the kernels crate);
+    /// off, [`Session::decode`] runs the same step through the general kernels.
+    pub fused_decode: bool,
+    decode: DecodeBuffers<R>,
 }
 
 impl<'m, R: Runtime> Session<'m, R> {
@@ -122,7 +177,108 @@ impl<'m, R: Runtime> Session<'m, R> {
             variant: MatmulVariant::Auto,
             prefill_chunk: 512,
             faults: Faults::default(),
+            fused_decode: true,
+            decode: DecodeBuffers::new(client, model, max_ctx)?,
         })
+    }
+
+    /// Runs the prompt `ids` through the model (chunked), then the lm_head on its last token:
+    /// the logits ([`Session::logits`]), their top two ([`Session::top2`]) and, on the device,
+    /// the greedy next token, which [`Session::decode`] embeds unless [`Session::set_token`]
+    /// replaces it.
+    pub fn prefill(&mut self, client: &ComputeClient<R>, ids: &[u32]) -> Result<()> {
+        self.run(client, ids, Logits::Top2, None)?;
+        Ok(())
+    }
+
+    /// One decode step: the token on the device (the last step's greedy choice, or the one
+    /// [`Session::set_token`] gave) at position `len`; then its logits and top two, as
+    /// [`Session::prefill`] leaves them. Nothing is read back.
+    pub fn decode(&mut self, client: &ComputeClient<R>) -> Result<()> {
+        ensure!(self.len > 0, "decode: prefill a prompt first");
+        ensure!(
+            self.len < self.max_ctx,
+            "the context is full: {} tokens (raise --ctx, up to the model's {})",
+            self.len,
+            self.model.config.context_length
+        );
+        if !self.fused_decode || self.faults != Faults::default() {
+            // The general kernels (and the fault switches) take the id from the host.
+            let id = self.decode.st.token.to_vec(client)?[0];
+            return self.run(client, &[id], Logits::Top2, None).map(|_| ());
+        }
+        let pos = self.len;
+        if self.decode.state_pos != pos {
+            // A forward call since the last prefill/decode moved the sequence on.
+            self.decode.st.state = DeviceTensor::from_slice(client, &[pos as u32], &[1])?;
+        }
+        self.decode.state_pos = pos + 1;
+        let m = self.model;
+        let c = &m.config;
+        let b = &self.decode;
+        let eps = c.rms_eps;
+        decode::embed_token(client, &b.st.token, &m.token_embd, &b.x)?;
+        for (layer, cache) in m.layers.iter().zip(&self.caches) {
+            let w = AttnInWeights {
+                norm: &layer.attn_norm,
+                wq: &layer.wq,
+                wk: &layer.wk,
+                wv: &layer.wv,
+                bq: &layer.bq,
+                bk: &layer.bk,
+                bv: &layer.bv,
+            };
+            decode::attn_in(
+                client, &b.x, &w, &m.rope, &b.st, eps, c.n_heads, &b.q, cache,
+            )?;
+            decode::attention(
+                client, &b.q, cache, &b.st, pos, c.n_heads, &b.scratch, &b.att,
+            )?;
+            decode::gemv_residual(client, &layer.wo, &b.att, &b.x)?;
+            decode::ffn_in(
+                client,
+                &b.x,
+                &layer.ffn_norm,
+                &layer.w_gate,
+                &layer.w_up,
+                eps,
+                &b.s,
+            )?;
+            decode::gemv_residual(client, &layer.w_down, &b.s, &b.x)?;
+        }
+        rms_norm(client, &b.x, &m.output_norm, &b.h, eps)?;
+        decode::lm_head_top2(client, &m.lm_head, &b.h, &b.logits, &b.partial)?;
+        decode::top2_finish(client, &b.partial, b.parts, &b.st, true)?;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The logits of the last position that [`Session::prefill`] or [`Session::decode`] ran
+    /// ([1, vocab], f32, on the device).
+    pub fn logits(&self) -> &DeviceTensor<R, f32> {
+        &self.decode.logits
+    }
+
+    /// Reads the top two of the last logits (waits for the device).
+    pub fn top2(&self, client: &ComputeClient<R>) -> Result<Top2> {
+        let t = self.decode.st.top2.to_vec(client)?;
+        Ok(Top2 {
+            id: t[0].to_bits(),
+            first: t[1],
+            second: t[2],
+        })
+    }
+
+    /// The token the next [`Session::decode`] embeds (a sampled one, instead of the greedy
+    /// choice already on the device).
+    pub fn set_token(&mut self, client: &ComputeClient<R>, id: u32) -> Result<()> {
+        ensure!(
+            (id as usize) < self.model.config.vocab,
+            "token id {id} is outside the vocabulary of {}",
+            self.model.config.vocab
+        );
+        self.decode.st.token = DeviceTensor::from_slice(client, &[id], &[1])?;
+        Ok(())
     }
 
     /// Runs `ids` (at positions `len..len + ids.len()`) through the model, appending to the
@@ -171,8 +327,8 @@ impl<'m, R: Runtime> Session<'m, R> {
         for (i, chunk) in ids.chunks(self.prefill_chunk.max(1)).enumerate() {
             let want = match which {
                 Logits::All => Some(Logits::All),
-                Logits::Last if i + 1 == n_chunks => Some(Logits::Last),
-                Logits::Last => None,
+                _ if i + 1 == n_chunks => Some(which),
+                _ => None,
             };
             let (l, mut a) = self.forward_chunk(client, chunk, want, &mut obs)?;
             last = l.or(last);
@@ -281,6 +437,17 @@ impl<'m, R: Runtime> Session<'m, R> {
                 m.lm_head.matmul(client, v, &row, None, &logits)?;
                 see("logits", StepTensor::F32(&logits))?;
                 last = Some(logits);
+            }
+            Some(Logits::Top2) => {
+                let b = &mut self.decode;
+                let row = copy_rows(client, &h, t - 1, 1)?;
+                decode::lm_head_top2(client, &m.lm_head, &row, &b.logits, &b.partial)?;
+                if b.state_pos != self.len {
+                    b.st.state = DeviceTensor::from_slice(client, &[self.len as u32], &[1])?;
+                    b.state_pos = self.len;
+                }
+                decode::top2_finish(client, &b.partial, b.parts, &b.st, false)?;
+                see("logits", StepTensor::F32(&b.logits))?;
             }
             Some(Logits::All) => {
                 // LOGIT_ROWS rows at a time: 32 × 151936 f32 is 19 MB on the device.

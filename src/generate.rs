@@ -4,7 +4,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen_kernels::select::top_k;
 
 use crate::forward::Session;
 use crate::sampling::{Sampler, SamplingParams, StopChecker, StopStatus};
@@ -87,20 +86,22 @@ pub fn generate<R: Runtime>(
     };
 
     let t0 = Instant::now();
-    let mut logits = session.forward(client, &req.prompt_ids, None)?;
+    session.prefill(client, &req.prompt_ids)?;
     let mut step = 0;
     loop {
         if step >= req.max_tokens {
             out.stop_reason = StopReason::Length;
             break;
         }
+        // Greedy: the device already holds the next token; sampling replaces it.
         let next = if greedy {
-            let (ids, vals) = top_k(client, &logits, 2)?;
-            let (ids, vals) = (ids.to_vec(client)?, vals.to_vec(client)?);
-            out.margins.push(vals[0] - vals[1]);
-            ids[0]
+            let top = session.top2(client)?;
+            out.margins.push(top.first - top.second);
+            top.id
         } else {
-            sampler.sample(&logits.to_vec(client)?, &history)
+            let next = sampler.sample(&session.logits().to_vec(client)?, &history);
+            session.set_token(client, next)?;
+            next
         };
         if step == 0 {
             out.prefill_time = t0.elapsed();
@@ -133,7 +134,7 @@ pub fn generate<R: Runtime>(
             out.stop_reason = StopReason::Context;
             break;
         }
-        logits = session.forward(client, &[next], None)?;
+        session.decode(client)?;
     }
     if out.stop_reason != StopReason::StopString {
         let flushed = decoder.flush();

@@ -77,11 +77,15 @@ impl RuntimeJob for Case {
                 .collect();
             errs.push((format!("prefill pos {p}"), rel_err(&g, w)));
         }
-        // Decode: feed the reference's greedy choice, so both see the same tokens.
+        // Decode: feed the reference's greedy choice, so both see the same tokens; even steps
+        // through the fused decode kernels, odd ones through the general kernels.
         let mut next = cubeqwen::reference::argmax(want.last().unwrap()).unwrap() as u32;
         for s in 0..self.decode_steps {
             let pos = session.len;
-            let got = session.forward(&client, &[next], None)?.to_vec(&client)?;
+            session.fused_decode = s % 2 == 0;
+            session.set_token(&client, next)?;
+            session.decode(&client)?;
+            let got = session.logits().to_vec(&client)?;
             let want = reference.forward(&mut ref_cache, &[next], pos)?;
             let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
             errs.push((

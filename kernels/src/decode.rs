@@ -183,7 +183,7 @@ fn embed_token_kernel<F: Float>(
     rows: usize,
     #[comptime] d: usize,
 ) {
-    let i = ABSOLUTE_POS as usize;
+    let i = ABSOLUTE_POS;
     let id = token[0] as usize;
     if i < d && id >= row0 && id < row0 + rows {
         x[i] = f32::cast_from(table[(id - row0) * d + i]);
@@ -230,7 +230,7 @@ fn attn_in_kernel<F: Float, V: Size>(
     let total = q_pairs + 2 * kv_pairs;
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let p = CUBE_POS as usize * (PLANES / split) + y / split;
+    let p = CUBE_POS * (PLANES / split) + y / split;
     let k_vec = d / V::value();
     let first = (y % split) * LANES + lane;
     let stride = LANES * split;
@@ -272,7 +272,7 @@ fn attn_in_kernel<F: Float, V: Size>(
     let a = split_sum(lanes_sum(acc_a, &mut red, plane), &mut parts, split);
     let b = split_sum(lanes_sum(acc_b, &mut red, plane), &mut parts, split);
 
-    if p < total && lane == 0 && y % split == 0 {
+    if p < total && lane == 0 && y.is_multiple_of(split) {
         let pos = state[0] as usize;
         if sec == 2u32 {
             let at = (head * max_ctx + pos) * head_dim;
@@ -428,7 +428,7 @@ fn attention_merge_kernel<F: Float>(
     chunks: usize,
     #[comptime] head_dim: usize,
 ) {
-    let head = CUBE_POS as usize;
+    let head = CUBE_POS;
     let base = head * chunks;
     let mut mx = f32::new(-1.0e30);
     for c in 0..chunks {
@@ -473,7 +473,7 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     let mut parts = SharedMemory::<f32>::new(PLANES);
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS as usize * (PLANES / split) + y / split;
+    let row = CUBE_POS * (PLANES / split) + y / split;
     let mut acc = 0.0f32;
     if row < n {
         let mut i = (y % split) * LANES + lane;
@@ -488,7 +488,7 @@ fn gemv_residual_kernel<F: Float, V: Size>(
         }
     }
     let sum = split_sum(lanes_sum(acc, &mut red, plane), &mut parts, split);
-    if row < n && lane == 0 && y % split == 0 {
+    if row < n && lane == 0 && y.is_multiple_of(split) {
         x[row] += sum;
     }
 }
@@ -516,7 +516,7 @@ fn ffn_in_kernel<F: Float, V: Size>(
 
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS as usize * (PLANES / split) + y / split;
+    let row = CUBE_POS * (PLANES / split) + y / split;
     let k_vec = d / V::value();
     let mut acc_g = 0.0f32;
     let mut acc_u = 0.0f32;
@@ -528,7 +528,7 @@ fn ffn_in_kernel<F: Float, V: Size>(
     }
     let g = split_sum(lanes_sum(acc_g, &mut red, plane), &mut parts, split);
     let u = split_sum(lanes_sum(acc_u, &mut red, plane), &mut parts, split);
-    if row < ffn && lane == 0 && y % split == 0 {
+    if row < ffn && lane == 0 && y.is_multiple_of(split) {
         let g = f32::cast_from(F::cast_from(g));
         let u = f32::cast_from(F::cast_from(u));
         s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
@@ -556,7 +556,7 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
     let mut vals = SharedMemory::<f32>::new(HEAD_ROWS);
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS as usize * HEAD_ROWS + y;
+    let row = CUBE_POS * HEAD_ROWS + y;
     let mut acc = 0.0f32;
     if row < n {
         let mut i = lane;
@@ -584,7 +584,7 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
     }
     sync_cube();
     if UNIT_POS == 0 {
-        let base = CUBE_POS as usize * HEAD_ROWS;
+        let base = CUBE_POS * HEAD_ROWS;
         let mut b1 = f32::new(-3.0e38);
         let mut i1 = 4294967295u32;
         let mut b2 = f32::new(-3.0e38);
@@ -605,7 +605,7 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
                 }
             }
         }
-        let at = (part0 + CUBE_POS as usize) * 4;
+        let at = (part0 + CUBE_POS) * 4;
         partial[at] = b1;
         partial[at + 1] = f32::reinterpret(i1);
         partial[at + 2] = b2;
@@ -614,8 +614,8 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
 }
 
 /// Reduces the per-cube best two of [`lm_head_top2_kernel`]: writes the winner to `token[0]`
-/// (the next step's input), `(id1, v1, v2)` to `out` (`out[0]` the id bits), and advances
-/// `state[0]` by one position.
+/// (the next step's input), `(id1, v1, v2)` to `out` (`out[0]` the id bits), and with
+/// `advance` moves `state[0]` on by one position.
 #[cube(launch)]
 fn top2_finish_kernel(
     partial: &Array<f32>,
@@ -623,6 +623,7 @@ fn top2_finish_kernel(
     out: &mut Array<f32>,
     state: &mut Array<u32>,
     parts: usize,
+    #[comptime] advance: bool,
 ) {
     let tid = UNIT_POS as usize;
     let threads = CUBE_DIM as usize;
@@ -694,7 +695,9 @@ fn top2_finish_kernel(
         out[0] = f32::reinterpret(i1s[0]);
         out[1] = v1s[0];
         out[2] = v2s[0];
-        state[0] = state[0] + 1;
+        if comptime!(advance) {
+            state[0] = state[0] + 1;
+        }
     }
 }
 
@@ -708,7 +711,7 @@ fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
 fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem: usize, k: usize) -> usize {
     client
         .io_optimized_vector_sizes(elem)
-        .filter(|v| k % v == 0 && *v <= 8)
+        .filter(|v| k.is_multiple_of(*v) && *v <= 8)
         .max()
         .unwrap_or(1)
 }
@@ -826,7 +829,7 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     );
     ensure!(q.len() == qd, "attn_in: q must hold {qd} values");
     ensure!(
-        rope.head_dim == hd && hd % 2 == 0,
+        rope.head_dim == hd && hd.is_multiple_of(2),
         "attn_in: RoPE tables are for head_dim {}, not {hd}",
         rope.head_dim
     );
@@ -905,7 +908,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         n_heads * hd
     );
     ensure!(
-        n_heads % cache.n_kv == 0 && hd <= ATT_CHUNK,
+        n_heads.is_multiple_of(cache.n_kv) && hd <= ATT_CHUNK,
         "attention: {n_heads} heads on {} kv heads of dim {hd} unsupported",
         cache.n_kv
     );
@@ -1086,12 +1089,13 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
 }
 
 /// The winner of the candidates into `st.token`, `(id bits, v1, v2)` into `st.top2`, and
-/// `state[0] += 1`.
+/// with `advance`, `state[0] += 1` (the end of a decode step; a prefill sets the position).
 pub fn top2_finish<R: Runtime>(
     client: &ComputeClient<R>,
     partial: &DeviceTensor<R, f32>,
     parts: usize,
     st: &DecodeState<R>,
+    advance: bool,
 ) -> Result<()> {
     ensure!(
         parts > 0 && partial.len() >= parts * 4,
@@ -1106,6 +1110,7 @@ pub fn top2_finish<R: Runtime>(
         st.top2.arg(),
         st.state.arg(),
         parts,
+        advance,
     );
     Ok(())
 }

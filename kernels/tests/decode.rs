@@ -288,7 +288,7 @@ impl RuntimeJob for Fused {
         let logits = up32(&vec![f32::NAN; vocab], &[1, vocab])?;
         let st = DecodeState::new(&client, 41, 0)?;
         lm_head_top2(&client, &head, &up(&h, &[1, d])?, &logits, &partial)?;
-        top2_finish(&client, &partial, parts, &st)?;
+        top2_finish(&client, &partial, parts, &st, true)?;
         let got = logits.to_vec(&client)?;
         let mut want =
             cubeqwen_kernels::matmul::reference(&widen(&h), &widen(&w), None, 1, vocab, d);
