@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repo root, after scripts/stage-gpu.sh staged stage/.
 #   bash stage/run-gpu.sh [tests|selftest|hf|bench|all] [extra args for the test binaries]
+#   ONLY=REGEX bash stage/run-gpu.sh tests|bench   runs only the staged binaries whose name matches
 # Every test runs on CUDA (CUBEQWEN_TEST_DEVICE=cuda: a missing GPU fails, never falls back),
 # with the big shapes (CUBEQWEN_FULL_SHAPES=1) and the CUDA-only tests (--include-ignored).
 # Not staged (scripts/stage-gpu.sh): the loaders' tests (no kernels) and the tests that read
@@ -36,6 +37,7 @@ fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   while read -r name pkg kind; do
     [ "$kind" = test ] || continue
+    [[ "$name" =~ ${ONLY:-.} ]] || continue
     echo "=== $name (in $pkg)" | tee -a "$out/tests.log"
     (cd "$root/$pkg" && "$bin/$name" --test-threads=1 --include-ignored --nocapture "$@") 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -58,6 +60,7 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   while read -r name pkg kind; do
     [ "$kind" = bench ] || continue
+    [[ "$name" =~ ${ONLY:-.} ]] || continue
     echo "=== $name" | tee -a "$out/bench.log"
     (cd "$root/$pkg" && "$bin/$name" --bench "$@") 2>&1 | tee -a "$out/bench.log"
   done < stage/bin/MANIFEST

@@ -7,16 +7,24 @@
 //! (the parity tracer); without one, nothing is read back.
 
 use anyhow::{ensure, Result};
+#[cfg(feature = "cuda")]
+use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use cubeqwen_kernels::attention::{attention_with_fault, KvCache};
 use cubeqwen_kernels::buffer::check_launches;
-use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState};
+use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState, Rec};
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
+#[cfg(feature = "cuda")]
+use cubeqwen_kernels::graph::GraphRecorder;
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 use cubeqwen_kernels::rope::rope_with_fault;
 use cubeqwen_kernels::DeviceTensor;
+#[cfg(feature = "cuda")]
+use cudarc::driver::CudaGraph;
 use half::f16;
+#[cfg(feature = "cuda")]
+use std::collections::HashMap;
 
 use crate::model::DeviceModel;
 
@@ -151,7 +159,32 @@ pub struct Session<'m, R: Runtime> {
     /// Decode with the fused single-token kernels (`decode` module of the kernels crate);
     /// off, [`Session::decode`] runs the same step through the general kernels.
     pub fused_decode: bool,
+    /// On CUDA, replay each decode step as a CUDA graph (default on; `CUBEQWEN_NO_GRAPHS=1`
+    /// turns it off): one launch per token instead of one per kernel.
+    pub use_graphs: bool,
     decode: DecodeBuffers<R>,
+    #[cfg(feature = "cuda")]
+    graphs: Option<Graphs>,
+}
+
+/// A per-token value of the decode step on the device.
+#[derive(Clone, Copy)]
+enum DecodeValue {
+    Token,
+    Position,
+}
+
+/// The decode step's CUDA graphs, one per attention chunk count, and the stream bookkeeping.
+#[cfg(feature = "cuda")]
+struct Graphs {
+    rec: GraphRecorder,
+    by_chunks: HashMap<usize, CudaGraph>,
+    /// Whether our stream (graph replays) wrote the decode buffers last; cubecl must wait.
+    ours: bool,
+    /// Device addresses of the token, position and top-2 buffers.
+    token: u64,
+    position: u64,
+    top2: u64,
 }
 
 impl<'m, R: Runtime> Session<'m, R> {
@@ -178,7 +211,10 @@ impl<'m, R: Runtime> Session<'m, R> {
             prefill_chunk: 512,
             faults: Faults::default(),
             fused_decode: true,
+            use_graphs: std::env::var_os("CUBEQWEN_NO_GRAPHS").is_none(),
             decode: DecodeBuffers::new(client, model, max_ctx)?,
+            #[cfg(feature = "cuda")]
+            graphs: None,
         })
     }
 
@@ -193,7 +229,8 @@ impl<'m, R: Runtime> Session<'m, R> {
 
     /// One decode step: the token on the device (the last step's greedy choice, or the one
     /// [`Session::set_token`] gave) at position `len`; then its logits and top two, as
-    /// [`Session::prefill`] leaves them. Nothing is read back.
+    /// [`Session::prefill`] leaves them. Nothing is read back. On CUDA the step is a CUDA graph
+    /// of the same kernels, captured once per attention chunk count and replayed.
     pub fn decode(&mut self, client: &ComputeClient<R>) -> Result<()> {
         ensure!(self.len > 0, "decode: prefill a prompt first");
         ensure!(
@@ -204,20 +241,44 @@ impl<'m, R: Runtime> Session<'m, R> {
         );
         if !self.fused_decode || self.faults != Faults::default() {
             // The general kernels (and the fault switches) take the id from the host.
-            let id = self.decode.st.token.to_vec(client)?[0];
+            let id = self.read_u32(client, DecodeValue::Token)?;
             return self.run(client, &[id], Logits::Top2, None).map(|_| ());
         }
         let pos = self.len;
         if self.decode.state_pos != pos {
             // A forward call since the last prefill/decode moved the sequence on.
-            self.decode.st.state = DeviceTensor::from_slice(client, &[pos as u32], &[1])?;
+            self.write_u32(client, DecodeValue::Position, pos as u32)?;
         }
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = self.graph_recorder(client)? {
+            let mut g = graphs;
+            let replayed = self.replay(client, &mut g, pos);
+            self.graphs = Some(g);
+            replayed?;
+        } else {
+            self.cubecl_turn()?;
+            self.decode_kernels(client, None, pos)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        self.decode_kernels(client, None, pos)?;
         self.decode.state_pos = pos + 1;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The kernels of one decode step (the model's layers, as `forward_chunk` chains them, for a
+    /// single token at `pos` with its id and position on the device).
+    fn decode_kernels(
+        &self,
+        client: &ComputeClient<R>,
+        mut rec: Rec<'_>,
+        pos: usize,
+    ) -> Result<()> {
         let m = self.model;
         let c = &m.config;
         let b = &self.decode;
         let eps = c.rms_eps;
-        decode::embed_token(client, &b.st.token, &m.token_embd, &b.x)?;
+        decode::embed_token(client, rec.as_deref_mut(), &b.st.token, &m.token_embd, &b.x)?;
         for (layer, cache) in m.layers.iter().zip(&self.caches) {
             let w = AttnInWeights {
                 norm: &layer.attn_norm,
@@ -228,40 +289,171 @@ impl<'m, R: Runtime> Session<'m, R> {
                 bk: &layer.bk,
                 bv: &layer.bv,
             };
+            let (st, heads) = (&b.st, c.n_heads);
             decode::attn_in(
-                client, &b.x, &w, &m.rope, &b.st, eps, c.n_heads, &b.q, cache,
+                client,
+                rec.as_deref_mut(),
+                &b.x,
+                &w,
+                &m.rope,
+                st,
+                eps,
+                heads,
+                &b.q,
+                cache,
             )?;
+            let (q, att, scratch) = (&b.q, &b.att, &b.scratch);
             decode::attention(
-                client, &b.q, cache, &b.st, pos, c.n_heads, &b.scratch, &b.att,
+                client,
+                rec.as_deref_mut(),
+                q,
+                cache,
+                st,
+                pos,
+                heads,
+                scratch,
+                att,
             )?;
-            decode::gemv_residual(client, &layer.wo, &b.att, &b.x)?;
+            decode::gemv_residual(client, rec.as_deref_mut(), &layer.wo, &b.att, &b.x)?;
+            let (gate, up) = (&layer.w_gate, &layer.w_up);
             decode::ffn_in(
                 client,
+                rec.as_deref_mut(),
                 &b.x,
                 &layer.ffn_norm,
-                &layer.w_gate,
-                &layer.w_up,
+                gate,
+                up,
                 eps,
                 &b.s,
             )?;
-            decode::gemv_residual(client, &layer.w_down, &b.s, &b.x)?;
+            decode::gemv_residual(client, rec.as_deref_mut(), &layer.w_down, &b.s, &b.x)?;
         }
-        rms_norm(client, &b.x, &m.output_norm, &b.h, eps)?;
-        decode::lm_head_top2(client, &m.lm_head, &b.h, &b.logits, &b.partial)?;
-        decode::top2_finish(client, &b.partial, b.parts, &b.st, true)?;
-        self.len += 1;
+        decode::norm_row(client, rec.as_deref_mut(), &b.x, &m.output_norm, eps, &b.h)?;
+        decode::lm_head_top2(
+            client,
+            rec.as_deref_mut(),
+            &m.lm_head,
+            &b.h,
+            &b.logits,
+            &b.partial,
+        )?;
+        decode::top2_finish(client, rec, &b.partial, b.parts, &b.st, true)
+    }
+
+    /// The graph recorder, made at the first decode on CUDA (`None` elsewhere, or with
+    /// `use_graphs` off). Taken out of the session while it is used.
+    #[cfg(feature = "cuda")]
+    fn graph_recorder(&mut self, client: &ComputeClient<R>) -> Result<Option<Graphs>> {
+        if !self.use_graphs {
+            return Ok(None);
+        }
+        if let Some(g) = self.graphs.take() {
+            return Ok(Some(g));
+        }
+        let Some(cuda) =
+            (client as &dyn std::any::Any).downcast_ref::<ComputeClient<CudaRuntime>>()
+        else {
+            return Ok(None);
+        };
+        let mut rec = GraphRecorder::new(cuda)?;
+        let b = &self.decode;
+        let address = |rec: &mut GraphRecorder, h| rec.address(h);
+        let token = address(&mut rec, &b.st.token.handle)?;
+        let position = address(&mut rec, &b.st.state.handle)?;
+        let top2 = address(&mut rec, &b.st.top2.handle)?;
+        Ok(Some(Graphs {
+            rec,
+            by_chunks: HashMap::new(),
+            ours: false,
+            token,
+            position,
+            top2,
+        }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn replay(&self, client: &ComputeClient<R>, g: &mut Graphs, pos: usize) -> Result<()> {
+        if !g.ours {
+            g.rec.wait_for_cubecl()?;
+            g.ours = true;
+        }
+        let chunks = decode::attention_chunks(pos);
+        if !g.by_chunks.contains_key(&chunks) {
+            let graph = g
+                .rec
+                .capture(|rec| self.decode_kernels(client, Some(rec), pos))?;
+            g.by_chunks.insert(chunks, graph);
+        }
+        g.by_chunks[&chunks].launch()?;
         Ok(())
     }
 
-    /// The logits of the last position that [`Session::prefill`] or [`Session::decode`] ran
-    /// ([1, vocab], f32, on the device).
-    pub fn logits(&self) -> &DeviceTensor<R, f32> {
-        &self.decode.logits
+    /// Before cubecl touches the caches or decode buffers: waits for graph replays on our
+    /// stream (cubecl's stream does not know of them).
+    fn cubecl_turn(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graphs.as_mut() {
+            if g.ours {
+                g.rec.synchronize()?;
+                g.ours = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a per-token value in place, on the stream that last wrote the decode buffers.
+    fn write_u32(&mut self, client: &ComputeClient<R>, what: DecodeValue, v: u32) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graphs.as_ref().filter(|g| g.ours) {
+            let at = match what {
+                DecodeValue::Token => g.token,
+                DecodeValue::Position => g.position,
+            };
+            // SAFETY: the address of a live one-element u32 buffer of this session.
+            return unsafe { g.rec.write(at, &v.to_le_bytes()) };
+        }
+        let t = match what {
+            DecodeValue::Token => &self.decode.st.token,
+            DecodeValue::Position => &self.decode.st.state,
+        };
+        decode::set_u32(client, None, t, v)
+    }
+
+    fn read_u32(&mut self, client: &ComputeClient<R>, what: DecodeValue) -> Result<u32> {
+        self.cubecl_turn()?;
+        let t = match what {
+            DecodeValue::Token => &self.decode.st.token,
+            DecodeValue::Position => &self.decode.st.state,
+        };
+        Ok(t.to_vec(client)?[0])
+    }
+
+    /// Reads the logits of the last position that [`Session::prefill`] or [`Session::decode`]
+    /// ran ([vocab], f32).
+    pub fn read_logits(&mut self, client: &ComputeClient<R>) -> Result<Vec<f32>> {
+        self.cubecl_turn()?;
+        self.decode.logits.to_vec(client)
     }
 
     /// Reads the top two of the last logits (waits for the device).
-    pub fn top2(&self, client: &ComputeClient<R>) -> Result<Top2> {
-        let t = self.decode.st.top2.to_vec(client)?;
+    pub fn top2(&mut self, client: &ComputeClient<R>) -> Result<Top2> {
+        let mut t = [0f32; 3];
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graphs.as_ref().filter(|g| g.ours) {
+            let mut bytes = [0u8; 12];
+            // SAFETY: the address of this session's live three-element f32 buffer.
+            unsafe { g.rec.read(g.top2, &mut bytes)? };
+            for (v, b) in t.iter_mut().zip(bytes.chunks(4)) {
+                *v = f32::from_le_bytes(b.try_into().unwrap());
+            }
+            return Ok(Top2 {
+                id: t[0].to_bits(),
+                first: t[1],
+                second: t[2],
+            });
+        }
+        self.cubecl_turn()?;
+        t.copy_from_slice(&self.decode.st.top2.to_vec(client)?);
         Ok(Top2 {
             id: t[0].to_bits(),
             first: t[1],
@@ -277,8 +469,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             "token id {id} is outside the vocabulary of {}",
             self.model.config.vocab
         );
-        self.decode.st.token = DeviceTensor::from_slice(client, &[id], &[1])?;
-        Ok(())
+        self.write_u32(client, DecodeValue::Token, id)
     }
 
     /// Runs `ids` (at positions `len..len + ids.len()`) through the model, appending to the
@@ -313,6 +504,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         mut obs: Option<&mut dyn StepObserver<R>>,
     ) -> Result<LogitsOut<R>> {
         ensure!(!ids.is_empty(), "forward: no tokens");
+        self.cubecl_turn()?;
         ensure!(
             self.len + ids.len() <= self.max_ctx,
             "the context is full: {} tokens so far + {} new > {} (raise --ctx, up to the model's {})",
@@ -441,12 +633,12 @@ impl<'m, R: Runtime> Session<'m, R> {
             Some(Logits::Top2) => {
                 let b = &mut self.decode;
                 let row = copy_rows(client, &h, t - 1, 1)?;
-                decode::lm_head_top2(client, &m.lm_head, &row, &b.logits, &b.partial)?;
+                decode::lm_head_top2(client, None, &m.lm_head, &row, &b.logits, &b.partial)?;
                 if b.state_pos != self.len {
-                    b.st.state = DeviceTensor::from_slice(client, &[self.len as u32], &[1])?;
+                    decode::set_u32(client, None, &b.st.state, self.len as u32)?;
                     b.state_pos = self.len;
                 }
-                decode::top2_finish(client, &b.partial, b.parts, &b.st, false)?;
+                decode::top2_finish(client, None, &b.partial, b.parts, &b.st, false)?;
                 see("logits", StepTensor::F32(&b.logits))?;
             }
             Some(Logits::All) => {

@@ -99,7 +99,7 @@ pub fn generate<R: Runtime>(
             out.margins.push(top.first - top.second);
             top.id
         } else {
-            let next = sampler.sample(&session.logits().to_vec(client)?, &history);
+            let next = sampler.sample(&session.read_logits(client)?, &history);
             session.set_token(client, next)?;
             next
         };

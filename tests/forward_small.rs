@@ -85,7 +85,7 @@ impl RuntimeJob for Case {
             session.fused_decode = s % 2 == 0;
             session.set_token(&client, next)?;
             session.decode(&client)?;
-            let got = session.logits().to_vec(&client)?;
+            let got = session.read_logits(&client)?;
             let want = reference.forward(&mut ref_cache, &[next], pos)?;
             let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
             errs.push((

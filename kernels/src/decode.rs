@@ -26,9 +26,57 @@ use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 
 use crate::attention::KvCache;
+#[cfg(feature = "cuda")]
+pub use crate::graph::GraphRecorder;
 use crate::matmul::RowChunked;
 use crate::rope::RopeTables;
 use crate::DeviceTensor;
+
+/// Stands in for the CUDA graph recorder where CUDA is not built: no value exists.
+#[cfg(not(feature = "cuda"))]
+pub enum GraphRecorder {}
+
+/// Where a host function's launches go: `None`, cubecl's own launch on `client`; `Some`, the
+/// CUDA graph recorder (which compiles the same kernel definitions and launches them itself).
+pub type Rec<'a> = Option<&'a mut GraphRecorder>;
+
+/// Launches a `#[cube(launch)]` kernel through cubecl or through the graph recorder, with one
+/// argument list. The kernel's parameters must come in this order: arrays, runtime scalars,
+/// comptime values (`sizes` are the vector sizes of its `Size` generics).
+macro_rules! launch {
+    ($rec:expr, $client:expr, $kmod:ident :: $kernel:ident <$($g:ty),*>, $count:expr, $dim:expr;
+     sizes [$($size:expr),*];
+     arrays [$($arr:expr => $vec:expr),*];
+     scalars [$($kind:ident $sc:expr),*];
+     comptime [$($ct:expr),*]) => {{
+        let count: CubeCount = $count;
+        let dim: CubeDim = $dim;
+        match $rec {
+            None => {
+                $kmod::launch::<$($g,)* R>($client, count, dim, $($size,)* $($arr.arg(),)* $($sc,)* $($ct,)*);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Some(g) => {
+                let settings = KernelSettings::default()
+                    .cube_dim(dim)
+                    .address_type(AddressType::U32);
+                let kernel = $kmod::$kernel::<$($g,)* cubecl::cuda::CudaRuntime>::new(
+                    settings,
+                    g.client().clone(),
+                    $({ let _ = &$arr; ArrayCompilationArg { inplace: None } },)*
+                    $({ let _ = &$sc; },)*
+                    $($size,)*
+                    $($ct,)*
+                );
+                let args = crate::graph::GraphArgs::new() $(.array(&$arr, $vec))* $(.$kind($sc))*;
+                g.launch(kernel, count, args)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(never) => match *never {},
+        }
+    }};
+}
 
 /// Units that share one dot product (one plane on GPUs).
 pub const LANES: usize = 32;
@@ -701,6 +749,33 @@ fn top2_finish_kernel(
     }
 }
 
+/// `t[0] = value`.
+#[cube(launch)]
+fn set_u32_kernel(t: &mut Array<u32>, value: u32) {
+    if UNIT_POS == 0 {
+        t[0] = value;
+    }
+}
+
+/// `h = F(RMSNorm(x))` for one row (one cube).
+#[cube(launch)]
+fn norm_row_kernel<F: Float>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
+    h: &mut Array<F>,
+    eps: f32,
+    #[comptime] d: usize,
+) {
+    let mut hs = SharedMemory::<f32>::new(d);
+    let mut red = SharedMemory::<f32>::new(256usize);
+    norm_to_shared::<F>(x, norm_w, &mut hs, &mut red, eps, d);
+    let mut i = UNIT_POS as usize;
+    while i < d {
+        h[i] = F::cast_from(hs[i]);
+        i += CUBE_DIM as usize;
+    }
+}
+
 fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
     client.properties().hardware.plane_size_min == LANES as u32
         && client.properties().hardware.plane_size_max == LANES as u32
@@ -716,18 +791,12 @@ fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem: usize, k: usize) -> 
         .unwrap_or(1)
 }
 
-/// Planes per row: enough that each plane reads a few vectors, never more than 8.
+/// Planes per row: enough that each plane reads a few vectors, at most [`PLANES`].
 fn split_for(k_vec: usize) -> usize {
     (k_vec / (LANES * 4))
         .clamp(1, PLANES)
         .next_power_of_two()
         .min(PLANES)
-}
-
-fn vectors<R: Runtime, F: CubeElement>(t: &DeviceTensor<R, F>) -> ArrayArg<R> {
-    // SAFETY: the same buffer viewed as vectors of `vec` elements (the length is in elements;
-    // the launcher divides it by the vector size); callers check that `vec` divides k.
-    unsafe { ArrayArg::from_raw_parts(t.handle.clone(), t.len()) }
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {
@@ -758,33 +827,39 @@ impl<R: Runtime> DecodeState<R> {
     }
 }
 
+/// `t[0] = value` in place (the buffer a captured graph reads keeps its address).
+pub fn set_u32<R: Runtime>(
+    client: &ComputeClient<R>,
+    rec: Rec<'_>,
+    t: &DeviceTensor<R, u32>,
+    value: u32,
+) -> Result<()> {
+    launch!(rec, client, set_u32_kernel::SetU32Kernel<>, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1);
+        sizes []; arrays [t => 1]; scalars [u32 value]; comptime [])
+}
+
 /// `x = table[token[0]]` as f32.
 pub fn embed_token<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    mut rec: Rec<'_>,
     token: &DeviceTensor<R, u32>,
     table: &RowChunked<R, F>,
     x: &DeviceTensor<R, f32>,
 ) -> Result<()> {
     let d = table.k;
     ensure!(
-        x.shape == [1, d] || x.shape == [d],
+        x.len() == d,
         "embed_token: x must hold {d} values, got {:?}",
         x.shape
     );
     let mut row0 = 0;
     for chunk in &table.chunks {
-        embed_token_kernel::launch::<F, R>(
-            client,
-            cube_count(d.div_ceil(256))?,
-            CubeDim::new_1d(256),
-            token.arg(),
-            chunk.arg(),
-            x.arg(),
-            row0,
-            chunk.shape[0],
-            d,
-        );
-        row0 += chunk.shape[0];
+        let rows = chunk.shape[0];
+        launch!(rec.as_deref_mut(), client, embed_token_kernel::EmbedTokenKernel<F>,
+            cube_count(d.div_ceil(256))?, CubeDim::new_1d(256);
+            sizes []; arrays [token => 1, chunk => 1, x => 1]; scalars [usize row0, usize rows];
+            comptime [d])?;
+        row0 += rows;
     }
     Ok(())
 }
@@ -804,6 +879,7 @@ pub struct AttnInWeights<'a, R: Runtime, F: CubeElement> {
 #[allow(clippy::too_many_arguments)]
 pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    rec: Rec<'_>,
     x: &DeviceTensor<R, f32>,
     w: &AttnInWeights<'_, R, F>,
     rope: &RopeTables<R>,
@@ -836,35 +912,14 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), d);
     let split = split_for(d / vec);
     let pairs = (qd + 2 * kvd) / 2;
-    attn_in_kernel::launch::<F, R>(
-        client,
-        cube_count(pairs.div_ceil(PLANES / split))?,
-        CubeDim::new_2d(LANES as u32, PLANES as u32),
-        vec,
-        x.arg(),
-        w.norm.arg(),
-        vectors(w.wq),
-        vectors(w.wk),
-        vectors(w.wv),
-        w.bq.arg(),
-        w.bk.arg(),
-        w.bv.arg(),
-        rope.cos.arg(),
-        rope.sin.arg(),
-        st.state.arg(),
-        q.arg(),
-        cache.k.arg(),
-        cache.v.arg(),
-        cache.max_ctx,
-        eps,
-        d,
-        n_heads,
-        cache.n_kv,
-        hd,
-        split,
-        plane_ok(client),
-    );
-    Ok(())
+    let (n_kv, max_ctx, plane) = (cache.n_kv, cache.max_ctx, plane_ok(client));
+    launch!(rec, client, attn_in_kernel::AttnInKernel<F>,
+        cube_count(pairs.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+        sizes [vec];
+        arrays [x => 1, w.norm => 1, w.wq => vec, w.wk => vec, w.wv => vec, w.bq => 1, w.bk => 1,
+            w.bv => 1, rope.cos => 1, rope.sin => 1, st.state => 1, q => 1, cache.k => 1, cache.v => 1];
+        scalars [usize max_ctx, f32 eps];
+        comptime [d, n_heads, n_kv, hd, split, plane])
 }
 
 /// Scratch for [`attention`] over up to `max_ctx` positions.
@@ -888,11 +943,18 @@ impl<R: Runtime> AttentionScratch<R> {
     }
 }
 
+/// Attention chunks a token at `pos` spans: the kernels' grid, and the key of a captured
+/// decode graph.
+pub fn attention_chunks(pos: usize) -> usize {
+    (pos + 1).div_ceil(ATT_CHUNK)
+}
+
 /// Attention of the token at `state[0]` (which the host knows as `pos`, to size the grid):
 /// out [1, n_heads·hd] from q and the cache positions `0..=pos`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    mut rec: Rec<'_>,
     q: &DeviceTensor<R, F>,
     cache: &KvCache<R, F>,
     st: &DecodeState<R>,
@@ -917,40 +979,30 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         "attention: position {pos} is outside the cache of {}",
         cache.max_ctx
     );
-    let chunks = (pos + 1).div_ceil(ATT_CHUNK);
+    let chunks = attention_chunks(pos);
     ensure!(
         chunks * n_heads * hd <= scratch.part_out.len(),
         "attention: scratch too small"
     );
     let single = chunks == 1;
-    attention_kernel::launch::<F, R>(
-        client,
-        CubeCount::Static(chunks as u32, n_heads as u32, 1),
-        CubeDim::new_1d(ATT_THREADS as u32),
-        q.arg(),
-        cache.k.arg(),
-        cache.v.arg(),
-        st.state.arg(),
-        out.arg(),
-        scratch.part_out.arg(),
-        scratch.part_max_sum.arg(),
+    let (max_ctx, scale, group) = (
         cache.max_ctx,
         1.0 / (hd as f32).sqrt(),
         n_heads / cache.n_kv,
-        hd,
-        single,
     );
+    let (part_out, part_max_sum) = (&scratch.part_out, &scratch.part_max_sum);
+    launch!(rec.as_deref_mut(), client, attention_kernel::AttentionKernel<F>,
+        CubeCount::Static(chunks as u32, n_heads as u32, 1), CubeDim::new_1d(ATT_THREADS as u32);
+        sizes [];
+        arrays [q => 1, cache.k => 1, cache.v => 1, st.state => 1, out => 1, part_out => 1,
+            part_max_sum => 1];
+        scalars [usize max_ctx, f32 scale];
+        comptime [group, hd, single])?;
     if !single {
-        attention_merge_kernel::launch::<F, R>(
-            client,
-            cube_count(n_heads)?,
-            CubeDim::new_1d(hd.min(256) as u32),
-            scratch.part_out.arg(),
-            scratch.part_max_sum.arg(),
-            out.arg(),
-            chunks,
-            hd,
-        );
+        launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
+            cube_count(n_heads)?, CubeDim::new_1d(hd.min(256) as u32);
+            sizes []; arrays [part_out => 1, part_max_sum => 1, out => 1]; scalars [usize chunks];
+            comptime [hd])?;
     }
     Ok(())
 }
@@ -958,6 +1010,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
 /// `x += W·a`: W [n, k], a [k] (f16 storage), x [n] f32.
 pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    rec: Rec<'_>,
     w: &DeviceTensor<R, F>,
     a: &DeviceTensor<R, F>,
     x: &DeviceTensor<R, f32>,
@@ -973,25 +1026,18 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     );
     let vec = vector_size(client, size_of::<F>(), k);
     let split = split_for(k / vec);
-    gemv_residual_kernel::launch::<F, R>(
-        client,
-        cube_count(n.div_ceil(PLANES / split))?,
-        CubeDim::new_2d(LANES as u32, PLANES as u32),
-        vec,
-        vectors(w),
-        vectors(a),
-        x.arg(),
-        n,
-        k / vec,
-        split,
-        plane_ok(client),
-    );
-    Ok(())
+    let (k_vec, plane) = (k / vec, plane_ok(client));
+    launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
+        cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+        sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n, usize k_vec];
+        comptime [split, plane])
 }
 
 /// RMSNorm → gate, up → SwiGLU: s [ffn] from x [d].
+#[allow(clippy::too_many_arguments)]
 pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    rec: Rec<'_>,
     x: &DeviceTensor<R, f32>,
     norm: &DeviceTensor<R, f32>,
     w_gate: &DeviceTensor<R, F>,
@@ -1013,23 +1059,30 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     );
     let vec = vector_size(client, size_of::<F>(), d);
     let split = split_for(d / vec);
-    ffn_in_kernel::launch::<F, R>(
-        client,
-        cube_count(ffn.div_ceil(PLANES / split))?,
-        CubeDim::new_2d(LANES as u32, PLANES as u32),
-        vec,
-        x.arg(),
-        norm.arg(),
-        vectors(w_gate),
-        vectors(w_up),
-        s.arg(),
-        ffn,
-        eps,
-        d,
-        split,
-        plane_ok(client),
+    let plane = plane_ok(client);
+    launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
+        cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+        sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
+        scalars [usize ffn, f32 eps]; comptime [d, split, plane])
+}
+
+/// `h = F(RMSNorm(x))` of the one row x [1, d] (the output norm before the lm_head).
+pub fn norm_row<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    rec: Rec<'_>,
+    x: &DeviceTensor<R, f32>,
+    norm: &DeviceTensor<R, f32>,
+    eps: f32,
+    h: &DeviceTensor<R, F>,
+) -> Result<()> {
+    let d = x.len();
+    ensure!(
+        norm.shape == [d] && h.len() == d,
+        "norm_row: x, weight and h must hold {d} values"
     );
-    Ok(())
+    launch!(rec, client, norm_row_kernel::NormRowKernel<F>,
+        CubeCount::Static(1, 1, 1), CubeDim::new_1d(256);
+        sizes []; arrays [x => 1, norm => 1, h => 1]; scalars [f32 eps]; comptime [d])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.
@@ -1045,6 +1098,7 @@ pub fn top2_parts(lm_head: &RowChunked<impl Runtime, impl CubeElement>) -> usize
 /// ([`top2_parts`] × 4).
 pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    mut rec: Rec<'_>,
     lm_head: &RowChunked<R, F>,
     h: &DeviceTensor<R, F>,
     logits: &DeviceTensor<R, f32>,
@@ -1063,25 +1117,15 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
         "lm_head_top2: partial too small"
     );
     let vec = vector_size(client, size_of::<F>(), k);
+    let (k_vec, plane) = (k / vec, plane_ok(client));
     let (mut row0, mut part0) = (0, 0);
     for chunk in &lm_head.chunks {
         let n = chunk.shape[0];
         let cubes = n.div_ceil(HEAD_ROWS);
-        lm_head_top2_kernel::launch::<F, R>(
-            client,
-            cube_count(cubes)?,
-            CubeDim::new_2d(LANES as u32, HEAD_ROWS as u32),
-            vec,
-            vectors(chunk),
-            vectors(h),
-            logits.arg(),
-            partial.arg(),
-            n,
-            k / vec,
-            row0,
-            part0,
-            plane_ok(client),
-        );
+        launch!(rec.as_deref_mut(), client, lm_head_top2_kernel::LmHeadTop2Kernel<F>,
+            cube_count(cubes)?, CubeDim::new_2d(LANES as u32, HEAD_ROWS as u32);
+            sizes [vec]; arrays [chunk => vec, h => vec, logits => 1, partial => 1];
+            scalars [usize n, usize k_vec, usize row0, usize part0]; comptime [plane])?;
         row0 += n;
         part0 += cubes;
     }
@@ -1092,6 +1136,7 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
 /// with `advance`, `state[0] += 1` (the end of a decode step; a prefill sets the position).
 pub fn top2_finish<R: Runtime>(
     client: &ComputeClient<R>,
+    rec: Rec<'_>,
     partial: &DeviceTensor<R, f32>,
     parts: usize,
     st: &DecodeState<R>,
@@ -1101,18 +1146,10 @@ pub fn top2_finish<R: Runtime>(
         parts > 0 && partial.len() >= parts * 4,
         "top2_finish: {parts} parts do not fit"
     );
-    top2_finish_kernel::launch::<R>(
-        client,
-        CubeCount::Static(1, 1, 1),
-        CubeDim::new_1d(256),
-        partial.arg(),
-        st.token.arg(),
-        st.top2.arg(),
-        st.state.arg(),
-        parts,
-        advance,
-    );
-    Ok(())
+    launch!(rec, client, top2_finish_kernel::Top2FinishKernel<>,
+        CubeCount::Static(1, 1, 1), CubeDim::new_1d(256);
+        sizes []; arrays [partial => 1, st.token => 1, st.top2 => 1, st.state => 1];
+        scalars [usize parts]; comptime [advance])
 }
 
 /// f64 reference of [`attn_in`]: returns (q roped [qd], k roped [kvd], v [kvd]) for `x` at

@@ -12,6 +12,8 @@ pub mod attention;
 pub mod buffer;
 pub mod decode;
 pub mod elementwise;
+#[cfg(feature = "cuda")]
+pub mod graph;
 pub mod grid;
 pub mod matmul;
 pub mod rmsnorm;

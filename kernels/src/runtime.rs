@@ -85,6 +85,11 @@ pub fn kernel_cache_dir() -> PathBuf {
     base.join("cubeqwen").join("kernels")
 }
 
+/// Whether the kernel cache is switched off (`CUBEQWEN_NO_KERNEL_CACHE`).
+pub fn kernel_cache_disabled() -> bool {
+    std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_some()
+}
+
 /// Points cubecl's persistent compilation cache at [`kernel_cache_dir`] (once, before any client).
 /// CUDA caches compiled PTX there, so a second run does not JIT again.
 fn configure_cubecl() {
@@ -93,9 +98,7 @@ fn configure_cubecl() {
     ONCE.call_once(|| {
         // What cubecl itself would load (cubecl.toml, CUBECL_* variables), plus our cache.
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-        if config.compilation.cache.is_none()
-            && std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_none()
-        {
+        if config.compilation.cache.is_none() && !kernel_cache_disabled() {
             config.compilation.cache = Some(CacheConfig::File(kernel_cache_dir()));
         }
         // Another part of the process may have configured cubecl first; keep theirs then.

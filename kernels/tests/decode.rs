@@ -125,7 +125,9 @@ impl RuntimeJob for Fused {
             };
             let st = DecodeState::new(&client, pos as u32, 0)?;
             let q = up(&vec![POISON_F16; qd], &[1, qd])?;
-            attn_in(&client, &xd, &weights, &rope, &st, eps, n_heads, &q, &cache)?;
+            attn_in(
+                &client, None, &xd, &weights, &rope, &st, eps, n_heads, &q, &cache,
+            )?;
             let (rq, rk, rv) = reference_attn_in(
                 &f32_to_f64(&x),
                 &f32_to_f64(&norm),
@@ -248,7 +250,7 @@ impl RuntimeJob for Fused {
             let a = rng.f16_vec(k, 0.0, 1.0);
             let x0 = rng.f32_vec(d, 0.0, 1.0);
             let xd = up32(&x0, &[1, d])?;
-            gemv_residual(&client, &up(&w, &[d, k])?, &up(&a, &[1, k])?, &xd)?;
+            gemv_residual(&client, None, &up(&w, &[d, k])?, &up(&a, &[1, k])?, &xd)?;
             let want = reference_gemv_residual(&widen(&w), &widen(&a), &f32_to_f64(&x0));
             check(
                 &format!("gemv_residual k={k}"),
@@ -263,7 +265,7 @@ impl RuntimeJob for Fused {
         let chunked = RowChunked::upload_rows(&client, &table, 3000, d, 1100)?;
         let st = DecodeState::new(&client, 0, 1500)?;
         let xe = up32(&vec![f32::NAN; d], &[1, d])?;
-        embed_token(&client, &st.token, &chunked, &xe)?;
+        embed_token(&client, None, &st.token, &chunked, &xe)?;
         let got = xe.to_vec(&client)?;
         ensure!(
             got.iter()
@@ -287,8 +289,8 @@ impl RuntimeJob for Fused {
         let partial = up32(&vec![f32::NAN; parts * 4], &[parts * 4])?;
         let logits = up32(&vec![f32::NAN; vocab], &[1, vocab])?;
         let st = DecodeState::new(&client, 41, 0)?;
-        lm_head_top2(&client, &head, &up(&h, &[1, d])?, &logits, &partial)?;
-        top2_finish(&client, &partial, parts, &st, true)?;
+        lm_head_top2(&client, None, &head, &up(&h, &[1, d])?, &logits, &partial)?;
+        top2_finish(&client, None, &partial, parts, &st, true)?;
         let got = logits.to_vec(&client)?;
         let mut want =
             cubeqwen_kernels::matmul::reference(&widen(&h), &widen(&w), None, 1, vocab, d);

@@ -1,0 +1,99 @@
+//! Decode through CUDA graphs (the recorder compiles cubecl's kernels itself and lays out their
+//! arguments as cubecl does) against the same steps launched by cubecl: the logits and the
+//! chosen tokens must be bit-identical, across an attention chunk boundary (a second graph, with
+//! the merge kernel), with a sampled token written between steps, and after a cubecl prefill
+//! that follows graph replays. CUDA only: run by scripts/run-gpu.sh (--include-ignored).
+#![cfg(feature = "cuda")]
+
+use anyhow::{ensure, Result};
+use cubecl::cuda::CudaRuntime;
+use cubeqwen::forward::Session;
+use cubeqwen::model::DeviceModel;
+use cubeqwen_kernels::runtime::cuda_client;
+use cubeqwen_kernels::testing::{fresh_seed, Rng};
+use cubeqwen_loaders::{random_qwen2, Qwen2Config};
+
+/// Real Qwen2.5-0.5B widths (GQA 7, head_dim 64, the full vocabulary), fewer layers.
+fn config() -> Qwen2Config {
+    Qwen2Config {
+        hidden: 896,
+        layers: 4,
+        n_heads: 14,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ffn: 4864,
+        vocab: 151936,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        context_length: 4096,
+        tied_embeddings: false,
+    }
+}
+
+/// Logits and top-2 of each step: prefill, `steps` decode steps (every fifth token replaced, as
+/// a sampler would), a second prefill after them, and two more steps.
+fn run(
+    client: &cubecl::prelude::ComputeClient<CudaRuntime>,
+    model: &DeviceModel<CudaRuntime>,
+    prompt: &[u32],
+    steps: usize,
+    graphs: bool,
+) -> Result<Vec<(Vec<f32>, u32)>> {
+    let mut s = Session::new(client, model, 1024)?;
+    s.use_graphs = graphs;
+    let mut out = Vec::new();
+    s.prefill(client, prompt)?;
+    for i in 0..steps {
+        let top = s.top2(client)?;
+        out.push((s.read_logits(client)?, top.id));
+        if i % 5 == 4 {
+            s.set_token(client, (top.id + 7) % 151936)?;
+        }
+        s.decode(client)?;
+    }
+    // cubecl work after graph replays, then graphs again.
+    s.prefill(client, &prompt[..3])?;
+    out.push((s.read_logits(client)?, s.top2(client)?.id));
+    for _ in 0..2 {
+        s.decode(client)?;
+        out.push((s.read_logits(client)?, s.top2(client)?.id));
+    }
+    Ok(out)
+}
+
+#[test]
+#[ignore = "needs CUDA: run on the GPU machine by scripts/run-gpu.sh"]
+fn graph_decode_equals_cubecl_decode() -> Result<()> {
+    let (client, device) = cuda_client()?;
+    let seed = fresh_seed();
+    println!("test device: {device}; seed {seed}");
+    let host = random_qwen2(&config(), seed);
+    let model = DeviceModel::upload(&client, &host, 1024)?;
+    let mut rng = Rng::new(seed);
+    // 250 prompt tokens and 12 steps: positions 250..262 cross the 256-key chunk boundary.
+    let prompt: Vec<u32> = (0..250).map(|_| (rng.next_u64() % 151936) as u32).collect();
+    let graph = run(&client, &model, &prompt, 12, true)?;
+    let plain = run(&client, &model, &prompt, 12, false)?;
+    ensure!(graph.len() == plain.len(), "step counts differ");
+    for (i, ((gl, gi), (pl, pi))) in graph.iter().zip(&plain).enumerate() {
+        ensure!(
+            gi == pi,
+            "step {i}: graph chose {gi}, cubecl {pi} (seed {seed})"
+        );
+        let differ = gl
+            .iter()
+            .zip(pl)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        ensure!(
+            differ == 0 && gl.iter().all(|v| v.is_finite()),
+            "step {i}: {differ} of {} logits differ between graph and cubecl (seed {seed})",
+            gl.len()
+        );
+    }
+    println!(
+        "{} steps: graph and cubecl decode bit-identical",
+        graph.len()
+    );
+    Ok(())
+}
