@@ -54,7 +54,7 @@ macro_rules! launch {
         match $rec {
             None => {
                 $kmod::launch::<$($g,)* R>($client, count, dim, $($size,)* $($arr.arg(),)* $($sc,)* $($ct,)*);
-                Ok(())
+                anyhow::Ok(())
             }
             #[cfg(feature = "cuda")]
             Some(g) => {
