@@ -188,6 +188,7 @@ impl RuntimeJob for Fused {
             let out = up(&vec![POISON_F16; qd], &[1, qd])?;
             attention(
                 &client,
+                None,
                 &up(&q, &[1, qd])?,
                 &cache,
                 &st,
@@ -222,6 +223,7 @@ impl RuntimeJob for Fused {
         let s = up(&vec![POISON_F16; ffn], &[1, ffn])?;
         ffn_in(
             &client,
+            None,
             &xd,
             &nd,
             &up(&wg, &[ffn, d])?,
