@@ -23,6 +23,7 @@ for line in sys.stdin:
     t = m["target"]
     if kind == "test" and not m["profile"]["test"]: continue
     if kind == "bin" and "bin" not in t["kind"]: continue
+    if kind == "bench" and "bench" not in t["kind"]: continue
     pkg = os.path.relpath(os.path.dirname(m["manifest_path"]), root)
     # Only what needs the GPU travels (carry limit 64 MiB): the loaders run no kernels, and
     # the real-model tests need a model too big to carry, and `cli` runs no kernel and calls

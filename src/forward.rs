@@ -107,8 +107,6 @@ struct DecodeBuffers<R: Runtime> {
     att: DeviceTensor<R, f16>,
     /// SwiGLU output [1, ffn].
     s: DeviceTensor<R, f16>,
-    /// The output-normed token [1, d].
-    h: DeviceTensor<R, f16>,
     logits: DeviceTensor<R, f32>,
     partial: DeviceTensor<R, f32>,
     parts: usize,
@@ -128,7 +126,6 @@ impl<R: Runtime> DecodeBuffers<R> {
             q: DeviceTensor::empty(client, &[1, qd])?,
             att: DeviceTensor::empty(client, &[1, qd])?,
             s: DeviceTensor::empty(client, &[1, c.ffn])?,
-            h: DeviceTensor::empty(client, &[1, c.hidden])?,
             logits: DeviceTensor::empty(client, &[1, c.vocab])?,
             partial: DeviceTensor::empty(client, &[parts * 4])?,
             parts,
@@ -328,14 +325,17 @@ impl<'m, R: Runtime> Session<'m, R> {
             )?;
             decode::gemv_residual(client, rec.as_deref_mut(), &layer.w_down, &b.s, &b.x)?;
         }
-        decode::norm_row(client, rec.as_deref_mut(), &b.x, &m.output_norm, eps, &b.h)?;
+        let (logits, partial) = (&b.logits, &b.partial);
+        let r = rec.as_deref_mut();
         decode::lm_head_top2(
             client,
-            rec.as_deref_mut(),
+            r,
             &m.lm_head,
-            &b.h,
-            &b.logits,
-            &b.partial,
+            &b.x,
+            &m.output_norm,
+            eps,
+            logits,
+            partial,
         )?;
         decode::top2_finish(client, rec, &b.partial, b.parts, &b.st, true)
     }
@@ -632,8 +632,19 @@ impl<'m, R: Runtime> Session<'m, R> {
             }
             Some(Logits::Top2) => {
                 let b = &mut self.decode;
-                let row = copy_rows(client, &h, t - 1, 1)?;
-                decode::lm_head_top2(client, None, &m.lm_head, &row, &b.logits, &b.partial)?;
+                // The last row of the residual stream; the lm_head kernel applies the output norm.
+                let row = copy_rows(client, &x, t - 1, 1)?;
+                let (logits, partial) = (&b.logits, &b.partial);
+                decode::lm_head_top2(
+                    client,
+                    None,
+                    &m.lm_head,
+                    &row,
+                    &m.output_norm,
+                    eps,
+                    logits,
+                    partial,
+                )?;
                 if b.state_pos != self.len {
                     decode::set_u32(client, None, &b.st.state, self.len as u32)?;
                     b.state_pos = self.len;

@@ -10,7 +10,7 @@
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
 //! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
 //! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, 2 `matmul`, `swiglu` |
-//! | [`lm_head_top2`] + [`top2_finish`] | logits, their top 2 → next token; `pos += 1` | `matmul`, `top_k` |
+//! | [`lm_head_top2`] + [`top2_finish`] | output norm → logits, their top 2 → next token; `pos += 1` | `rms_norm`, `matmul`, `top_k` |
 //!
 //! Each kernel rounds its intermediates to the storage type `F` where the unfused path stores
 //! them (the normed input, q/k/v before RoPE, gate and up), so both paths compute the same
@@ -88,8 +88,12 @@ const ATT_THREADS: usize = 128;
 /// Planes per cube of the fused GEMVs; `split` of them share a row (a row pair for
 /// `attn_in`/`ffn_in`), so a cube computes `PLANES / split` rows.
 const PLANES: usize = 8;
-/// Rows per cube of the lm_head.
-const HEAD_ROWS: usize = 8;
+/// Rows of the lm_head each plane computes (all their loads in flight); even.
+const HEAD_ROWS_PER_PLANE: usize = 4;
+/// Rows of the lm_head per cube.
+const HEAD_ROWS: usize = PLANES * HEAD_ROWS_PER_PLANE;
+/// Units of the top-2 reduction.
+const FINISH_THREADS: usize = 1024;
 
 /// Sum of the two accumulators of a row pair.
 #[derive(CubeType, Clone, Copy)]
@@ -190,34 +194,67 @@ fn norm_to_shared<F: Float>(
 }
 
 /// Partial dot products of rows `r0` and `r1` of `w0`/`w1` ([rows, k_vec] vectors) with `h`
-/// (shared, scalar), over the vectors `first, first + stride, ...`.
+/// (shared, scalar), over the vectors `first, first + stride, ...` below `k_vec`: `iters`
+/// steps, unrolled so that every load of a unit is in flight at once (a loop bounded at run
+/// time waits one memory latency per step).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn dot2_shared<F: Float, V: Size>(
     w0: &Array<Vector<F, V>>,
     r0: usize,
     w1: &Array<Vector<F, V>>,
     r1: usize,
     h: &SharedMemory<f32>,
-    k_vec: usize,
     first: usize,
-    stride: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
 ) -> Pair {
     let mut a = 0.0f32;
     let mut b = 0.0f32;
-    let mut i = first;
-    while i < k_vec {
-        let va = Vector::<f32, V>::cast_from(w0[r0 * k_vec + i]);
-        let vb = Vector::<f32, V>::cast_from(w1[r1 * k_vec + i]);
-        let base = i * V::value();
-        #[unroll]
-        for l in 0..V::value() {
-            let hv = h[base + l];
-            a += va[l] * hv;
-            b += vb[l] * hv;
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        if i < k_vec {
+            let va = Vector::<f32, V>::cast_from(w0[r0 * k_vec + i]);
+            let vb = Vector::<f32, V>::cast_from(w1[r1 * k_vec + i]);
+            let base = i * V::value();
+            #[unroll]
+            for l in 0..V::value() {
+                let hv = h[base + l];
+                a += va[l] * hv;
+                b += vb[l] * hv;
+            }
         }
-        i += stride;
     }
     Pair { a, b }
+}
+
+/// Partial dot product of row `r` of `w` with the vector `a` (global), as [`dot2_shared`].
+#[cube]
+fn dot_global<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    r: usize,
+    a: &Array<Vector<F, V>>,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+) -> f32 {
+    let mut acc = 0.0f32;
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        if i < k_vec {
+            let p =
+                Vector::<f32, V>::cast_from(w[r * k_vec + i]) * Vector::<f32, V>::cast_from(a[i]);
+            #[unroll]
+            for l in 0..V::value() {
+                acc += p[l];
+            }
+        }
+    }
+    acc
 }
 
 /// `x = f32(table[token[0]])`, one row of the embedding table (a chunk of it: rows
@@ -264,9 +301,12 @@ fn attn_in_kernel<F: Float, V: Size>(
     #[comptime] n_heads: usize,
     #[comptime] n_kv: usize,
     #[comptime] head_dim: usize,
+    #[comptime] k_vec: usize,
     #[comptime] split: usize,
     #[comptime] plane: bool,
 ) {
+    let stride = comptime!(LANES * split);
+    let iters = comptime!(k_vec.div_ceil(LANES * split));
     let mut h = SharedMemory::<f32>::new(d);
     let mut red = SharedMemory::<f32>::new(LANES * PLANES);
     let mut parts = SharedMemory::<f32>::new(PLANES);
@@ -279,9 +319,7 @@ fn attn_in_kernel<F: Float, V: Size>(
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let p = CUBE_POS * (PLANES / split) + y / split;
-    let k_vec = d / V::value();
     let first = (y % split) * LANES + lane;
-    let stride = LANES * split;
 
     // Which projection, head and pair index i this plane row computes.
     let mut sec: u32 = 2u32;
@@ -304,15 +342,15 @@ fn attn_in_kernel<F: Float, V: Size>(
     let mut acc_b = 0.0f32;
     if p < total {
         if sec == 0u32 {
-            let r = dot2_shared::<F, V>(wq, r0, wq, r1, &h, k_vec, first, stride);
+            let r = dot2_shared::<F, V>(wq, r0, wq, r1, &h, first, k_vec, stride, iters);
             acc_a = r.a;
             acc_b = r.b;
         } else if sec == 1u32 {
-            let r = dot2_shared::<F, V>(wk, r0, wk, r1, &h, k_vec, first, stride);
+            let r = dot2_shared::<F, V>(wk, r0, wk, r1, &h, first, k_vec, stride, iters);
             acc_a = r.a;
             acc_b = r.b;
         } else {
-            let r = dot2_shared::<F, V>(wv, r0, wv, r1, &h, k_vec, first, stride);
+            let r = dot2_shared::<F, V>(wv, r0, wv, r1, &h, first, k_vec, stride, iters);
             acc_a = r.a;
             acc_b = r.b;
         }
@@ -513,7 +551,7 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     a: &Array<Vector<F, V>>,
     x: &mut Array<f32>,
     n: usize,
-    k_vec: usize,
+    #[comptime] k_vec: usize,
     #[comptime] split: usize,
     #[comptime] plane: bool,
 ) {
@@ -524,16 +562,9 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     let row = CUBE_POS * (PLANES / split) + y / split;
     let mut acc = 0.0f32;
     if row < n {
-        let mut i = (y % split) * LANES + lane;
-        while i < k_vec {
-            let p =
-                Vector::<f32, V>::cast_from(w[row * k_vec + i]) * Vector::<f32, V>::cast_from(a[i]);
-            #[unroll]
-            for l in 0..V::value() {
-                acc += p[l];
-            }
-            i += LANES * split;
-        }
+        let first = (y % split) * LANES + lane;
+        let iters = comptime!(k_vec.div_ceil(LANES * split));
+        acc = dot_global::<F, V>(w, row, a, first, k_vec, LANES * split, iters);
     }
     let sum = split_sum(lanes_sum(acc, &mut red, plane), &mut parts, split);
     if row < n && lane == 0 && y.is_multiple_of(split) {
@@ -554,6 +585,7 @@ fn ffn_in_kernel<F: Float, V: Size>(
     ffn: usize,
     eps: f32,
     #[comptime] d: usize,
+    #[comptime] k_vec: usize,
     #[comptime] split: usize,
     #[comptime] plane: bool,
 ) {
@@ -565,12 +597,22 @@ fn ffn_in_kernel<F: Float, V: Size>(
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let row = CUBE_POS * (PLANES / split) + y / split;
-    let k_vec = d / V::value();
+    let iters = comptime!(k_vec.div_ceil(LANES * split));
     let mut acc_g = 0.0f32;
     let mut acc_u = 0.0f32;
     if row < ffn {
         let first = (y % split) * LANES + lane;
-        let r = dot2_shared::<F, V>(w_gate, row, w_up, row, &h, k_vec, first, LANES * split);
+        let r = dot2_shared::<F, V>(
+            w_gate,
+            row,
+            w_up,
+            row,
+            &h,
+            first,
+            k_vec,
+            LANES * split,
+            iters,
+        );
         acc_g = r.a;
         acc_u = r.b;
     }
@@ -583,62 +625,81 @@ fn ffn_in_kernel<F: Float, V: Size>(
     }
 }
 
-/// Logits of one token for rows `row0..row0 + n` of the lm_head (a chunk `w` of it) from the
-/// normed `h` ([k] in `F`), and each cube's best two (value, id) into `partial`
-/// (4 values per cube: v1, id1, v2, id2; ids as f32 bit patterns). Ties go to the lower id;
-/// NaN is never picked.
+/// Logits of one token for rows `row0..row0 + n` of the lm_head (a chunk `w` of it): the
+/// output norm of the residual stream `x` (rounded to `F`, recomputed by every cube) times each
+/// row; and each cube's best two (value, id) into `partial` (4 values per cube: v1, id1, v2,
+/// id2; ids as f32 bit patterns). A plane computes [`HEAD_ROWS_PER_PLANE`] rows with all their
+/// loads in flight. Ties go to the lower id; NaN is never picked.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn lm_head_top2_kernel<F: Float, V: Size>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
     w: &Array<Vector<F, V>>,
-    h: &Array<Vector<F, V>>,
     logits: &mut Array<f32>,
     partial: &mut Array<f32>,
     n: usize,
-    k_vec: usize,
     row0: usize,
     part0: usize,
+    eps: f32,
+    #[comptime] d: usize,
+    #[comptime] k_vec: usize,
     #[comptime] plane: bool,
 ) {
-    let mut red = SharedMemory::<f32>::new(LANES * HEAD_ROWS);
-    let mut vals = SharedMemory::<f32>::new(HEAD_ROWS);
+    let mut h = SharedMemory::<f32>::new(d);
+    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
+    let mut vals = SharedMemory::<f32>::new(PLANES * HEAD_ROWS_PER_PLANE);
+    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS * HEAD_ROWS + y;
-    let mut acc = 0.0f32;
-    if row < n {
-        let mut i = lane;
-        while i < k_vec {
-            let p =
-                Vector::<f32, V>::cast_from(w[row * k_vec + i]) * Vector::<f32, V>::cast_from(h[i]);
-            #[unroll]
-            for l in 0..V::value() {
-                acc += p[l];
-            }
-            i += LANES;
+    let rows_per_cube = comptime!(PLANES * HEAD_ROWS_PER_PLANE);
+    let first_row = CUBE_POS * rows_per_cube + y * HEAD_ROWS_PER_PLANE;
+    let iters = comptime!(k_vec.div_ceil(LANES));
+    #[unroll]
+    for r in 0..HEAD_ROWS_PER_PLANE / 2 {
+        let ra = first_row + 2 * r;
+        let rb = ra + 1;
+        // Rows past the chunk read row 0 instead (their result is dropped).
+        let mut ia = 0usize;
+        let mut ib = 0usize;
+        if ra < n {
+            ia = ra;
         }
-    }
-    let sum = lanes_sum(acc, &mut red, plane);
-    if lane == 0 {
-        let mut v = f32::new(-3.0e38);
-        if row < n {
-            logits[row0 + row] = sum;
-            // NaN compares false: it never beats the sentinel.
-            if sum > v {
-                v = sum;
-            }
+        if rb < n {
+            ib = rb;
         }
-        vals[y] = v;
+        let acc = dot2_shared::<F, V>(w, ia, w, ib, &h, lane, k_vec, LANES, iters);
+        let sa = lanes_sum(acc.a, &mut red, plane);
+        let sb = lanes_sum(acc.b, &mut red, plane);
+        if lane == 0 {
+            let mut va = f32::new(-3.0e38);
+            let mut vb = f32::new(-3.0e38);
+            if ra < n {
+                logits[row0 + ra] = sa;
+                // NaN compares false: it never beats the sentinel.
+                if sa > va {
+                    va = sa;
+                }
+            }
+            if rb < n {
+                logits[row0 + rb] = sb;
+                if sb > vb {
+                    vb = sb;
+                }
+            }
+            vals[y * HEAD_ROWS_PER_PLANE + 2 * r] = va;
+            vals[y * HEAD_ROWS_PER_PLANE + 2 * r + 1] = vb;
+        }
     }
     sync_cube();
     if UNIT_POS == 0 {
-        let base = CUBE_POS * HEAD_ROWS;
+        let base = CUBE_POS * rows_per_cube;
         let mut b1 = f32::new(-3.0e38);
         let mut i1 = 4294967295u32;
         let mut b2 = f32::new(-3.0e38);
         let mut i2 = 4294967295u32;
-        #[unroll]
-        for r in 0..HEAD_ROWS {
+        // In id order: strict comparisons keep the lower id of a tie.
+        for r in 0..rows_per_cube {
             let v = vals[r];
             let id = (row0 + base + r) as u32;
             if base + r < n {
@@ -671,14 +732,14 @@ fn top2_finish_kernel(
     out: &mut Array<f32>,
     state: &mut Array<u32>,
     parts: usize,
+    #[comptime] threads: usize,
     #[comptime] advance: bool,
 ) {
     let tid = UNIT_POS as usize;
-    let threads = CUBE_DIM as usize;
-    let mut v1s = SharedMemory::<f32>::new(256usize);
-    let mut i1s = SharedMemory::<u32>::new(256usize);
-    let mut v2s = SharedMemory::<f32>::new(256usize);
-    let mut i2s = SharedMemory::<u32>::new(256usize);
+    let mut v1s = SharedMemory::<f32>::new(threads);
+    let mut i1s = SharedMemory::<u32>::new(threads);
+    let mut v2s = SharedMemory::<f32>::new(threads);
+    let mut i2s = SharedMemory::<u32>::new(threads);
     let mut b1 = f32::new(-3.0e38);
     let mut i1 = 4294967295u32;
     let mut b2 = f32::new(-3.0e38);
@@ -706,7 +767,7 @@ fn top2_finish_kernel(
     v2s[tid] = b2;
     i2s[tid] = i2;
     sync_cube();
-    let mut stride = threads / 2;
+    let mut stride = CUBE_DIM as usize / 2;
     while stride > 0 {
         if tid < stride {
             // Merge the two sorted pairs (a1 ≥ a2) and (c1 ≥ c2) into the best two.
@@ -757,25 +818,6 @@ fn set_u32_kernel(t: &mut Array<u32>, value: u32) {
     }
 }
 
-/// `h = F(RMSNorm(x))` for one row (one cube).
-#[cube(launch)]
-fn norm_row_kernel<F: Float>(
-    x: &Array<f32>,
-    norm_w: &Array<f32>,
-    h: &mut Array<F>,
-    eps: f32,
-    #[comptime] d: usize,
-) {
-    let mut hs = SharedMemory::<f32>::new(d);
-    let mut red = SharedMemory::<f32>::new(256usize);
-    norm_to_shared::<F>(x, norm_w, &mut hs, &mut red, eps, d);
-    let mut i = UNIT_POS as usize;
-    while i < d {
-        h[i] = F::cast_from(hs[i]);
-        i += CUBE_DIM as usize;
-    }
-}
-
 fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
     client.properties().hardware.plane_size_min == LANES as u32
         && client.properties().hardware.plane_size_max == LANES as u32
@@ -791,12 +833,14 @@ fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem: usize, k: usize) -> 
         .unwrap_or(1)
 }
 
-/// Planes per row: enough that each plane reads a few vectors, at most [`PLANES`].
-fn split_for(k_vec: usize) -> usize {
-    (k_vec / (LANES * 4))
-        .clamp(1, PLANES)
-        .next_power_of_two()
-        .min(PLANES)
+/// Planes per row (a power of two ≤ [`PLANES`]): enough that `rows` rows keep ~4096 planes
+/// (32 per multiprocessor of an H100) busy, but never so many that a plane's lanes would
+/// share less than one full pass over the row's `k_vec` vectors.
+fn split_for(k_vec: usize, rows: usize) -> usize {
+    let fill = 4096usize.div_ceil(rows.max(1)).next_power_of_two();
+    let pass = (k_vec / LANES).max(1);
+    let pass = 1 << pass.ilog2();
+    fill.min(pass).clamp(1, PLANES)
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {
@@ -910,8 +954,9 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
         rope.head_dim
     );
     let vec = vector_size(client, size_of::<F>(), d);
-    let split = split_for(d / vec);
     let pairs = (qd + 2 * kvd) / 2;
+    let k_vec = d / vec;
+    let split = split_for(k_vec, pairs);
     let (n_kv, max_ctx, plane) = (cache.n_kv, cache.max_ctx, plane_ok(client));
     launch!(rec, client, attn_in_kernel::AttnInKernel<F>,
         cube_count(pairs.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
@@ -919,7 +964,7 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
         arrays [x => 1, w.norm => 1, w.wq => vec, w.wk => vec, w.wv => vec, w.bq => 1, w.bk => 1,
             w.bv => 1, rope.cos => 1, rope.sin => 1, st.state => 1, q => 1, cache.k => 1, cache.v => 1];
         scalars [usize max_ctx, f32 eps];
-        comptime [d, n_heads, n_kv, hd, split, plane])
+        comptime [d, n_heads, n_kv, hd, k_vec, split, plane])
 }
 
 /// Scratch for [`attention`] over up to `max_ctx` positions.
@@ -1025,12 +1070,12 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         x.shape
     );
     let vec = vector_size(client, size_of::<F>(), k);
-    let split = split_for(k / vec);
     let (k_vec, plane) = (k / vec, plane_ok(client));
+    let split = split_for(k_vec, n);
     launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
         cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
-        sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n, usize k_vec];
-        comptime [split, plane])
+        sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
+        comptime [k_vec, split, plane])
 }
 
 /// RMSNorm → gate, up → SwiGLU: s [ffn] from x [d].
@@ -1058,31 +1103,13 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
         "ffn_in: s must hold {ffn} values"
     );
     let vec = vector_size(client, size_of::<F>(), d);
-    let split = split_for(d / vec);
+    let k_vec = d / vec;
+    let split = split_for(k_vec, ffn);
     let plane = plane_ok(client);
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
         cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
-        scalars [usize ffn, f32 eps]; comptime [d, split, plane])
-}
-
-/// `h = F(RMSNorm(x))` of the one row x [1, d] (the output norm before the lm_head).
-pub fn norm_row<R: Runtime, F: Float + CubeElement>(
-    client: &ComputeClient<R>,
-    rec: Rec<'_>,
-    x: &DeviceTensor<R, f32>,
-    norm: &DeviceTensor<R, f32>,
-    eps: f32,
-    h: &DeviceTensor<R, F>,
-) -> Result<()> {
-    let d = x.len();
-    ensure!(
-        norm.shape == [d] && h.len() == d,
-        "norm_row: x, weight and h must hold {d} values"
-    );
-    launch!(rec, client, norm_row_kernel::NormRowKernel<F>,
-        CubeCount::Static(1, 1, 1), CubeDim::new_1d(256);
-        sizes []; arrays [x => 1, norm => 1, h => 1]; scalars [f32 eps]; comptime [d])
+        scalars [usize ffn, f32 eps]; comptime [d, k_vec, split, plane])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.
@@ -1094,21 +1121,25 @@ pub fn top2_parts(lm_head: &RowChunked<impl Runtime, impl CubeElement>) -> usize
         .sum()
 }
 
-/// Logits [1, vocab] (f32) of the normed `h` [1, k] and the per-cube best two into `partial`
-/// ([`top2_parts`] × 4).
+/// Logits [1, vocab] (f32) of the output-normed residual stream x [1, k] (norm weight `norm`),
+/// and the per-cube best two into `partial` ([`top2_parts`] × 4).
+#[allow(clippy::too_many_arguments)]
 pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     mut rec: Rec<'_>,
     lm_head: &RowChunked<R, F>,
-    h: &DeviceTensor<R, F>,
+    x: &DeviceTensor<R, f32>,
+    norm: &DeviceTensor<R, f32>,
+    eps: f32,
     logits: &DeviceTensor<R, f32>,
     partial: &DeviceTensor<R, f32>,
 ) -> Result<()> {
-    let k = lm_head.k;
+    let d = lm_head.k;
     ensure!(
-        h.len() == k && logits.len() == lm_head.n,
-        "lm_head_top2: h {:?} / logits {:?} do not fit [{}, {k}]",
-        h.shape,
+        x.len() == d && norm.shape == [d] && logits.len() == lm_head.n,
+        "lm_head_top2: x {:?}, norm {:?}, logits {:?} do not fit [{}, {d}]",
+        x.shape,
+        norm.shape,
         logits.shape,
         lm_head.n
     );
@@ -1116,16 +1147,16 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
         partial.len() >= top2_parts(lm_head) * 4,
         "lm_head_top2: partial too small"
     );
-    let vec = vector_size(client, size_of::<F>(), k);
-    let (k_vec, plane) = (k / vec, plane_ok(client));
+    let vec = vector_size(client, size_of::<F>(), d);
+    let (k_vec, plane) = (d / vec, plane_ok(client));
     let (mut row0, mut part0) = (0, 0);
     for chunk in &lm_head.chunks {
         let n = chunk.shape[0];
         let cubes = n.div_ceil(HEAD_ROWS);
         launch!(rec.as_deref_mut(), client, lm_head_top2_kernel::LmHeadTop2Kernel<F>,
-            cube_count(cubes)?, CubeDim::new_2d(LANES as u32, HEAD_ROWS as u32);
-            sizes [vec]; arrays [chunk => vec, h => vec, logits => 1, partial => 1];
-            scalars [usize n, usize k_vec, usize row0, usize part0]; comptime [plane])?;
+            cube_count(cubes)?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+            sizes [vec]; arrays [x => 1, norm => 1, chunk => vec, logits => 1, partial => 1];
+            scalars [usize n, usize row0, usize part0, f32 eps]; comptime [d, k_vec, plane])?;
         row0 += n;
         part0 += cubes;
     }
@@ -1146,10 +1177,12 @@ pub fn top2_finish<R: Runtime>(
         parts > 0 && partial.len() >= parts * 4,
         "top2_finish: {parts} parts do not fit"
     );
+    let threads = FINISH_THREADS.min(client.properties().hardware.max_units_per_cube as usize);
+    let threads = 1 << threads.ilog2();
     launch!(rec, client, top2_finish_kernel::Top2FinishKernel<>,
-        CubeCount::Static(1, 1, 1), CubeDim::new_1d(256);
+        CubeCount::Static(1, 1, 1), CubeDim::new_1d(threads as u32);
         sizes []; arrays [partial => 1, st.token => 1, st.top2 => 1, st.state => 1];
-        scalars [usize parts]; comptime [advance])
+        scalars [usize parts]; comptime [threads, advance])
 }
 
 /// f64 reference of [`attn_in`]: returns (q roped [qd], k roped [kvd], v [kvd]) for `x` at

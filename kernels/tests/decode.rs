@@ -58,6 +58,10 @@ fn check(what: &str, err: f64, tol: f64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+fn reference_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    cubeqwen_kernels::rmsnorm::reference(x, w, x.len(), eps)
+}
+
 fn widen(v: &[f16]) -> Vec<f64> {
     f16_to_f64(v)
 }
@@ -277,13 +281,14 @@ impl RuntimeJob for Fused {
         );
         println!("embed_token: row 1500 of 3 chunks exact");
 
-        // --- lm_head and its top 2 over chunks; a planted tie and a NaN row.
+        // --- output norm + lm_head and its top 2 over chunks; a planted tie and a NaN row.
         let mut w = rng.f16_vec(vocab * d, 0.0, w_std);
-        let h = rng.f16_vec(d, 0.0, 1.0);
-        // Rows 777 and 90001 equal h: the largest logit, tied; the lower id must win.
-        // Row 5 is NaN: never picked.
+        let h = reference_norm(&f32_to_f64(&x), &f32_to_f64(&norm), eps as f64);
+        let h16: Vec<f16> = h.iter().map(|&v| f16::from_f64(v)).collect();
+        // Rows 777 and 90001 equal the normed x: the largest logit (≈ d), tied; the lower id
+        // must win. Row 5 is NaN: never picked.
         for r in [777, 90001.min(vocab - 1)] {
-            w[r * d..(r + 1) * d].copy_from_slice(&h);
+            w[r * d..(r + 1) * d].copy_from_slice(&h16);
         }
         w[5 * d] = f16::NAN;
         let head = RowChunked::upload_rows(&client, &w, vocab, d, 60000)?;
@@ -291,16 +296,15 @@ impl RuntimeJob for Fused {
         let partial = up32(&vec![f32::NAN; parts * 4], &[parts * 4])?;
         let logits = up32(&vec![f32::NAN; vocab], &[1, vocab])?;
         let st = DecodeState::new(&client, 41, 0)?;
-        lm_head_top2(&client, None, &head, &up(&h, &[1, d])?, &logits, &partial)?;
+        lm_head_top2(&client, None, &head, &xd, &nd, eps, &logits, &partial)?;
         top2_finish(&client, None, &partial, parts, &st, true)?;
         let got = logits.to_vec(&client)?;
-        let mut want =
-            cubeqwen_kernels::matmul::reference(&widen(&h), &widen(&w), None, 1, vocab, d);
+        let mut want = cubeqwen_kernels::matmul::reference(&h, &widen(&w), None, 1, vocab, d);
         ensure!(got[5].is_nan() && want[5].is_nan(), "row 5 must be NaN");
         want[5] = 0.0;
         let mut got64 = f32_to_f64(&got);
         got64[5] = 0.0;
-        check("lm_head logits", rel_err(&got64, &want), TOL_F32, seed)?;
+        check("lm_head logits", rel_err(&got64, &want), TOL_F16, seed)?;
         let top = top_k_reference(&got, 2);
         let (id, v1, v2) = {
             let t = st.top2.to_vec(&client)?;
