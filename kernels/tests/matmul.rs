@@ -206,7 +206,7 @@ impl RuntimeJob for BadShapes {
 #[test]
 fn matmul_rejects_bad_shapes() {
     let msgs = run_test(BadShapes);
-    assert!(msgs[0].contains("expected [n, 4]"), "{}", msgs[0]);
+    assert!(msgs[0].contains("W must be [n, 4]"), "{}", msgs[0]);
     assert!(msgs[1].contains("bias must be [3]"), "{}", msgs[1]);
     assert!(msgs[2].contains("y must be [2, 4]"), "{}", msgs[2]);
 }
