@@ -8,7 +8,8 @@ use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
 use half::f16;
 
 /// f16 output has a relative rounding error of ≤ 2^-11 per element (≈ 4.9e-4); 1e-3 leaves
-/// room for f32 accumulation yet fails on a wrong index or a missing weight.
+/// room for f32 accumulation yet fails on a wrong index or a missing weight. A wrong eps
+/// shows only on rows whose mean square is near eps: `rmsnorm_eps_on_tiny_rows`.
 const TOL: f64 = 1e-3;
 
 /// Qwen2's eps.
@@ -78,6 +79,23 @@ device_test! {
         // Widths that are not a multiple of the block size, and one smaller than it.
         for (rows, cols) in [(5, 100), (2, 1537), (9, 64)] {
             check(client, rows, cols, seed)?;
+        }
+        Ok(())
+    }
+}
+
+device_test! {
+    /// Rows whose mean square is near eps (|x| ~ 1e-3 against eps 1e-6), where eps moves the
+    /// output: dropping eps changes it by ~40 %, eps outside the square root or eps 1e-5 by
+    /// more; at |x| ~ 1e-2 eps still moves it by 0.5 %, five times the tolerance.
+    fn rmsnorm_eps_on_tiny_rows<R>(client, seed) {
+        for (i, std) in [1e-3, 3e-3, 1e-2].into_iter().enumerate() {
+            let seed = seed.wrapping_add(i as u64);
+            let err = rel_err_of(client, 4, 896, (0.0, std), seed)?;
+            ensure!(
+                err <= TOL,
+                "rmsnorm with |x| ~ {std:.0e}, eps {EPS:.0e}, seed {seed}: rel_err {err:.3e} > {TOL:.0e}"
+            );
         }
         Ok(())
     }
