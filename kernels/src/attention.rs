@@ -16,6 +16,7 @@ use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 
+use crate::error::same_shape;
 use crate::reduce::{reduce_max, reduce_sum, Reduction};
 use crate::{grid, DeviceTensor, KernelError};
 
@@ -229,15 +230,7 @@ impl<R: Runtime, F: Float + CubeElement> KvCache<R, F> {
             k.shape.len() == 2 && k.shape[1] == width,
             KernelError::shape("kv append", "k", format!("[tokens, {width}]"), &k.shape)
         );
-        ensure!(
-            v.shape == k.shape,
-            KernelError::shape(
-                "kv append",
-                "v",
-                format!("{:?} (the shape of k)", k.shape),
-                &v.shape
-            )
-        );
+        same_shape("kv append", ("v", &v.shape), ("k", &k.shape))?;
         let tokens = k.shape[0];
         ensure!(
             start + tokens <= self.max_ctx,
@@ -302,15 +295,7 @@ pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
             &q.shape
         )
     );
-    ensure!(
-        out.shape == q.shape,
-        KernelError::shape(
-            "attention",
-            "out",
-            format!("{:?} (the shape of q)", q.shape),
-            &out.shape
-        )
-    );
+    same_shape("attention", ("out", &out.shape), ("q", &q.shape))?;
     ensure!(
         n_heads.is_multiple_of(cache.n_kv),
         KernelError::invalid(

@@ -3,6 +3,7 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
+use crate::error::same_shape;
 use crate::grid;
 use crate::matmul::RowChunked;
 use crate::{DeviceTensor, KernelError};
@@ -99,24 +100,8 @@ pub fn swiglu<R: Runtime, F: Float + CubeElement>(
     up: &DeviceTensor<R, F>,
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
-    ensure!(
-        gate.shape == up.shape,
-        KernelError::shape(
-            "swiglu",
-            "gate",
-            format!("{:?} (the shape of up)", up.shape),
-            &gate.shape
-        )
-    );
-    ensure!(
-        out.shape == up.shape,
-        KernelError::shape(
-            "swiglu",
-            "out",
-            format!("{:?} (the shape of up)", up.shape),
-            &out.shape
-        )
-    );
+    same_shape("swiglu", ("gate", &gate.shape), ("up", &up.shape))?;
+    same_shape("swiglu", ("out", &out.shape), ("up", &up.shape))?;
     let total = up.len();
     let (cubes, dim) = grid::elementwise(client, total);
     swiglu_kernel::launch::<F, R>(client, cubes, dim, gate.arg(), up.arg(), out.arg(), total);
@@ -137,15 +122,7 @@ pub fn add_assign<R: Runtime, X: Float + CubeElement, Y: Float + CubeElement>(
     x: &DeviceTensor<R, X>,
     y: &DeviceTensor<R, Y>,
 ) -> Result<()> {
-    ensure!(
-        x.shape == y.shape,
-        KernelError::shape(
-            "add",
-            "y",
-            format!("{:?} (the shape of x)", x.shape),
-            &y.shape
-        )
-    );
+    same_shape("add", ("y", &y.shape), ("x", &x.shape))?;
     let total = x.len();
     let (cubes, dim) = grid::elementwise(client, total);
     add_kernel::launch::<X, Y, R>(client, cubes, dim, x.arg(), y.arg(), total);

@@ -72,3 +72,22 @@ impl KernelError {
         }
     }
 }
+
+/// Fails with a [`KernelError::Shape`] unless argument `arg` of `op` has the shape of argument
+/// `like`; each is given as (name, shape).
+pub(crate) fn same_shape(
+    op: &'static str,
+    (arg, shape): (&'static str, &[usize]),
+    (like, like_shape): (&'static str, &[usize]),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        shape == like_shape,
+        KernelError::shape(
+            op,
+            arg,
+            format!("{like_shape:?} (the shape of {like})"),
+            shape
+        )
+    );
+    Ok(())
+}

@@ -6,6 +6,7 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
+use crate::error::same_shape;
 use crate::reduce::{reduce_sum, Reduction};
 use crate::{DeviceTensor, KernelError};
 
@@ -74,15 +75,7 @@ pub fn residual_add_rms_norm<
     output: &DeviceTensor<R, O>,
     eps: f32,
 ) -> Result<()> {
-    ensure!(
-        r.shape == x.shape,
-        KernelError::shape(
-            "residual_add_rms_norm",
-            "r",
-            format!("{:?} (the shape of x)", x.shape),
-            &r.shape
-        )
-    );
+    same_shape("residual_add_rms_norm", ("r", &r.shape), ("x", &x.shape))?;
     launch::<R, I, O, Rs>(client, x, Some(r), weight, output, eps)
 }
 
@@ -103,15 +96,11 @@ fn launch<R: Runtime, I: Float + CubeElement, O: Float + CubeElement, Rs: Float 
         weight.shape == [cols],
         KernelError::shape("rms_norm", "weight", format!("[{cols}]"), &weight.shape)
     );
-    ensure!(
-        output.shape == input.shape,
-        KernelError::shape(
-            "rms_norm",
-            "output",
-            format!("{:?} (the input's shape)", input.shape),
-            &output.shape
-        )
-    );
+    same_shape(
+        "rms_norm",
+        ("output", &output.shape),
+        ("input", &input.shape),
+    )?;
     ensure!(
         eps.is_finite() && eps > 0.0,
         KernelError::invalid("rms_norm", format!("eps must be > 0, got {eps}"))

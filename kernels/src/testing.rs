@@ -176,46 +176,38 @@ macro_rules! device_test {
         $(#[$meta])*
         #[test]
         fn $name() {
-            struct Job;
-            impl $crate::runtime::RuntimeJob for Job {
-                type Output = ();
-                fn run<$R: $crate::testing::macro_support::Runtime>(
-                    self,
-                    client: $crate::testing::macro_support::ComputeClient<$R>,
-                    _device: &str,
-                ) -> $crate::testing::macro_support::Result<()> {
-                    let $client = &client;
-                    $body
-                }
-            }
-            $crate::testing::run_test(Job)
+            $crate::testing::run_test($crate::device_test!(@job $R, $client, _, $body, 0));
         }
     };
     ($(#[$meta:meta])* fn $name:ident<$R:ident>($client:ident, $seed:ident) $body:block) => {
         $(#[$meta])*
         #[test]
         fn $name() {
-            struct Job(u64);
-            impl $crate::runtime::RuntimeJob for Job {
-                type Output = ();
-                fn run<$R: $crate::testing::macro_support::Runtime>(
-                    self,
-                    client: $crate::testing::macro_support::ComputeClient<$R>,
-                    _device: &str,
-                ) -> $crate::testing::macro_support::Result<()> {
-                    let $client = &client;
-                    let $seed: u64 = self.0;
-                    $body
-                }
-            }
             let seed = $crate::testing::fresh_seed();
             let _report = $crate::testing::SeedReport {
                 test: stringify!($name),
                 seed,
             };
-            $crate::testing::run_test(Job(seed))
+            $crate::testing::run_test($crate::device_test!(@job $R, $client, $seed, $body, seed));
         }
     };
+    // The job that runs `$body` with `$seed` bound to `$value`.
+    (@job $R:ident, $client:ident, $seed:pat, $body:block, $value:expr) => {{
+        struct Job(u64);
+        impl $crate::runtime::RuntimeJob for Job {
+            type Output = ();
+            fn run<$R: $crate::testing::macro_support::Runtime>(
+                self,
+                client: $crate::testing::macro_support::ComputeClient<$R>,
+                _device: &str,
+            ) -> $crate::testing::macro_support::Result<()> {
+                let $client = &client;
+                let $seed: u64 = self.0;
+                $body
+            }
+        }
+        Job($value)
+    }};
 }
 
 /// Whether the big shapes run (row counts 128/2048, 1.5B/7B widths): on with
