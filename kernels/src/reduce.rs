@@ -20,7 +20,7 @@ pub enum ReduceOp {
 /// How a kernel's units reduce: fixed when the kernel is compiled (a comptime argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Reduction {
-    /// Units in the cube (`CUBE_DIM`): a power of two.
+    /// Units in the cube (`CUBE_DIM`), a multiple of `group`.
     pub units: usize,
     /// Units per group: each run of `group` consecutive units (by `UNIT_POS`) reduces on its
     /// own. A power of two that divides `units`; `units` for the whole cube.
@@ -45,8 +45,9 @@ impl Reduction {
     /// shared-memory tree (any device), else the device's plane width.
     pub fn with_plane(units: usize, group: usize, plane: usize) -> Self {
         assert!(
-            units.is_power_of_two() && group.is_power_of_two() && units.is_multiple_of(group),
-            "reduction over groups of {group} in a cube of {units}: both must be powers of two"
+            group.is_power_of_two() && units.is_multiple_of(group),
+            "reduction over groups of {group} in a cube of {units}: the group must be a power \
+             of two that divides the cube"
         );
         assert!(
             plane == 0 || plane.is_power_of_two(),
@@ -55,8 +56,12 @@ impl Reduction {
         Self {
             units,
             group,
-            // A cube narrower than a plane leaves lanes idle: plane operations would read them.
-            plane: if units < plane { 0 } else { plane },
+            // Plane operations read every lane: the cube must be whole planes.
+            plane: if plane > 0 && units.is_multiple_of(plane) {
+                plane
+            } else {
+                0
+            },
         }
     }
 }

@@ -100,8 +100,19 @@ fn check<R: Runtime>(client: &ComputeClient<R>, how: Reduction, seed: u64) -> Re
 device_test! {
     fn reduce_sum_max_min_over_groups<R>(client, seed) {
         // (units, group): RMSNorm and top-k (256 as one), attention (128), the GEMV shapes
-        // (8×32 and 32×8 units in groups of 8 and 32), and the edges (2, a cube of 32, of 8).
-        let shapes = [(256, 256), (128, 128), (256, 8), (256, 32), (256, 2), (32, 32), (8, 8)];
+        // (8×32 and 32×8 units in groups of 8 and 32), and the edges (2, a cube of 32, of 8,
+        // cubes that are not a power of two as CUBEQWEN_GEMV_SHAPE allows: 32×3, 8×3).
+        let shapes = [
+            (256, 256),
+            (128, 128),
+            (256, 8),
+            (256, 32),
+            (256, 2),
+            (32, 32),
+            (8, 8),
+            (96, 32),
+            (24, 8),
+        ];
         let plane = plane_to_check(client);
         match (plane, plane_width(client)) {
             (Some(width), Some(_)) => println!("planes of {width}: both paths checked"),
