@@ -8,19 +8,26 @@
 //!
 //! One algorithm serves prefill and decode (flash-decoding): the key range is split into
 //! chunks of [`CHUNK`] positions; a cube takes (chunk, head, token), computes its scores in
-//! shared memory, their max and exp-sum in f32 and the unnormalised `Σ exp(s - m)·v`; a second
-//! kernel merges the chunks with the online-softmax rule. Long contexts thus spread over many
-//! cubes, and no [tokens × positions] matrix is ever stored.
+//! shared memory, their max and exp-sum in f32 and the unnormalised `Σ exp(s - max)·v`; a
+//! second kernel merges the chunks with the online-softmax rule. Long contexts thus spread over
+//! many cubes, and no [tokens × positions] matrix is ever stored.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
 
-use crate::DeviceTensor;
+use crate::error::same_shape;
+use crate::reduce::{reduce_max, reduce_sum, Reduction};
+use crate::{grid, DeviceTensor, KernelError};
 
 /// Key positions per cube.
 pub const CHUNK: usize = 256;
-/// Threads per cube.
+/// Threads per cube of the chunk kernel (a power of two, as the reduction needs).
 const THREADS: usize = 128;
+/// Threads per cube of the combine kernel (one cube per query token and head).
+const COMBINE_THREADS: usize = 64;
+/// Largest head_dim: the query row is staged in shared memory.
+const MAX_HEAD_DIM: usize = 256;
 
 #[cube(launch)]
 fn kv_append_kernel<F: Float>(
@@ -32,8 +39,7 @@ fn kv_append_kernel<F: Float>(
     start: usize,
     total: usize,
 ) {
-    let idx = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * 256
-        + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         // new is [tokens, n_kv, hd]
         let d = idx % head_dim;
@@ -43,20 +49,26 @@ fn kv_append_kernel<F: Float>(
     }
 }
 
+/// One cube per (key chunk, query head, query token). Writes, for its part
+/// `(token, head, chunk)`, the chunk's largest score, `Σ exp(score − max)` and the
+/// unnormalised output `Σ exp(score − max)·v`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn attention_chunk_kernel<F: Float>(
     q: &Array<F>,
     k_cache: &Array<F>,
     v_cache: &Array<F>,
-    part_o: &mut Array<f32>,
-    part_ml: &mut Array<f32>,
+    part_out: &mut Array<f32>,
+    part_max: &mut Array<f32>,
+    part_sum: &mut Array<f32>,
     n_heads: usize,
     group: usize,
     max_ctx: usize,
     start: usize,
     scale: f32,
     #[comptime] head_dim: usize,
+    #[comptime] chunk_len: usize,
+    #[comptime] over_cube: Reduction,
     #[comptime] wrong_gqa: bool,
 ) {
     let chunk = CUBE_POS_X as usize;
@@ -64,6 +76,7 @@ fn attention_chunk_kernel<F: Float>(
     let t = CUBE_POS_Z as usize;
     let chunks = CUBE_COUNT_X as usize;
     let tid = UNIT_POS as usize;
+    let threads = over_cube.units;
     // Fault injection for the tracer's tests: interleaved instead of grouped heads.
     let g = if comptime!(wrong_gqa) {
         h % (n_heads / group)
@@ -72,123 +85,109 @@ fn attention_chunk_kernel<F: Float>(
     };
 
     let mut q_s = SharedMemory::<f32>::new(head_dim);
-    let mut scores = SharedMemory::<f32>::new(256usize);
-    let mut red = SharedMemory::<f32>::new(128usize);
+    let mut scores = SharedMemory::<f32>::new(chunk_len);
 
     let mut d = tid;
     while d < head_dim {
         q_s[d] = f32::cast_from(q[(t * n_heads + h) * head_dim + d]) * scale;
-        d += 128;
+        d += threads;
     }
     sync_cube();
 
-    // This chunk holds positions j0..j0 + 256; the query sees 0..=start + t.
-    let j0 = chunk * 256;
-    let visible_end = max(min(start + t + 1, j0 + 256), j0);
-    let n_valid = visible_end - j0;
+    // This chunk holds positions first..first + chunk_len; the query sees 0..=start + t.
+    let first = chunk * chunk_len;
+    let visible_end = max(min(start + t + 1, first + chunk_len), first);
+    let n_visible = visible_end - first;
+    let kv_base = g * max_ctx;
 
-    // Scores of this chunk's positions.
-    let kbase = g * max_ctx;
+    // Scores of this chunk's visible positions, and their max.
     let mut local_max = f32::new(-1.0e30);
-    let mut j = tid;
-    while j < n_valid {
-        let row = (kbase + j0 + j) * head_dim;
+    let mut pos = tid;
+    while pos < n_visible {
+        let row = (kv_base + first + pos) * head_dim;
         let mut s = 0.0f32;
         #[unroll]
         for e in 0..head_dim {
             s += q_s[e] * f32::cast_from(k_cache[row + e]);
         }
-        scores[j] = s;
+        scores[pos] = s;
         local_max = f32::max(local_max, s);
-        j += 128;
+        pos += threads;
     }
-    red[tid] = local_max;
-    sync_cube();
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            red[tid] = f32::max(red[tid], red[tid + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let m = red[0];
-    sync_cube();
+    let chunk_max = reduce_max::<f32>(local_max, over_cube);
 
+    // Scores become exp(score − max); their sum.
     let mut local_sum = 0.0f32;
-    let mut j2 = tid;
-    while j2 < n_valid {
-        let e = f32::exp(scores[j2] - m);
-        scores[j2] = e;
+    pos = tid;
+    while pos < n_visible {
+        let e = f32::exp(scores[pos] - chunk_max);
+        scores[pos] = e;
         local_sum += e;
-        j2 += 128;
+        pos += threads;
     }
-    red[tid] = local_sum;
-    sync_cube();
-    let mut stride2 = CUBE_DIM as usize / 2;
-    while stride2 > 0 {
-        if tid < stride2 {
-            red[tid] = red[tid] + red[tid + stride2];
-        }
-        sync_cube();
-        stride2 /= 2;
-    }
-    let l = red[0];
+    // The reduction ends with a cube barrier: every thread's exp-scores are visible below.
+    let chunk_sum = reduce_sum::<f32>(local_sum, over_cube);
 
-    // Unnormalised output: each thread owns dimensions tid, tid + 128, ...
+    // Unnormalised output: each thread owns dimensions tid, tid + threads, ...
     let part = (t * n_heads + h) * chunks + chunk;
-    let mut dd = tid;
-    while dd < head_dim {
+    let mut dim = tid;
+    while dim < head_dim {
         let mut acc = 0.0f32;
-        let mut jj = 0usize;
-        while jj < n_valid {
-            acc += scores[jj] * f32::cast_from(v_cache[(kbase + j0 + jj) * head_dim + dd]);
-            jj += 1;
+        let mut key = 0usize;
+        while key < n_visible {
+            acc += scores[key] * f32::cast_from(v_cache[(kv_base + first + key) * head_dim + dim]);
+            key += 1;
         }
-        part_o[part * head_dim + dd] = acc;
-        dd += 128;
+        part_out[part * head_dim + dim] = acc;
+        dim += threads;
     }
     if tid == 0 {
-        part_ml[part * 2] = m;
-        part_ml[part * 2 + 1] = l;
+        part_max[part] = chunk_max;
+        part_sum[part] = chunk_sum;
     }
 }
 
+/// One cube per (query token, head): merges its chunks' parts with the online-softmax rule,
+/// skipping chunks with no visible position (sum 0).
 #[cube(launch)]
 fn attention_combine_kernel<F: Float>(
-    part_o: &Array<f32>,
-    part_ml: &Array<f32>,
+    part_out: &Array<f32>,
+    part_max: &Array<f32>,
+    part_sum: &Array<f32>,
     out: &mut Array<F>,
     chunks: usize,
+    token_heads: usize,
     #[comptime] head_dim: usize,
+    #[comptime] threads: usize,
 ) {
-    // One cube per (token, head) = CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X; threads over dims.
-    let th = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-    let tid = UNIT_POS as usize;
-    let base = th * chunks;
-    let mut mx = f32::new(-1.0e30);
-    for c in 0..chunks {
-        if part_ml[(base + c) * 2 + 1] > 0.0 && part_ml[(base + c) * 2] > mx {
-            mx = part_ml[(base + c) * 2];
-        }
-    }
-    let mut denom = 0.0f32;
-    for c in 0..chunks {
-        let l = part_ml[(base + c) * 2 + 1];
-        if l > 0.0 {
-            denom += f32::exp(part_ml[(base + c) * 2] - mx) * l;
-        }
-    }
-    let mut d = tid;
-    while d < head_dim {
-        let mut acc = 0.0f32;
+    let th = CUBE_POS;
+    if th < token_heads {
+        let tid = UNIT_POS as usize;
+        let base = th * chunks;
+        let mut mx = f32::new(-1.0e30);
         for c in 0..chunks {
-            if part_ml[(base + c) * 2 + 1] > 0.0 {
-                acc += f32::exp(part_ml[(base + c) * 2] - mx) * part_o[(base + c) * head_dim + d];
+            if part_sum[base + c] > 0.0 && part_max[base + c] > mx {
+                mx = part_max[base + c];
             }
         }
-        out[th * head_dim + d] = F::cast_from(acc / denom);
-        d += 64;
+        let mut denom = 0.0f32;
+        for c in 0..chunks {
+            let l = part_sum[base + c];
+            if l > 0.0 {
+                denom += f32::exp(part_max[base + c] - mx) * l;
+            }
+        }
+        let mut d = tid;
+        while d < head_dim {
+            let mut acc = 0.0f32;
+            for c in 0..chunks {
+                if part_sum[base + c] > 0.0 {
+                    acc += f32::exp(part_max[base + c] - mx) * part_out[(base + c) * head_dim + d];
+                }
+            }
+            out[th * head_dim + d] = F::cast_from(acc / denom);
+            d += threads;
+        }
     }
 }
 
@@ -228,25 +227,27 @@ impl<R: Runtime, F: Float + CubeElement> KvCache<R, F> {
     ) -> Result<()> {
         let width = self.n_kv * self.head_dim;
         ensure!(
-            k.shape.len() == 2 && k.shape[1] == width && v.shape == k.shape,
-            "kv append: k {:?} and v {:?} must both be [tokens, {width}]",
-            k.shape,
-            v.shape
+            k.shape.len() == 2 && k.shape[1] == width,
+            KernelError::shape("kv append", "k", format!("[tokens, {width}]"), &k.shape)
         );
+        same_shape("kv append", ("v", &v.shape), ("k", &k.shape))?;
         let tokens = k.shape[0];
         ensure!(
             start + tokens <= self.max_ctx,
-            "kv append: positions {start}..{} exceed the cache of {} positions",
-            start + tokens,
-            self.max_ctx
+            KernelError::PastCache {
+                op: "kv append",
+                start,
+                end: start + tokens,
+                capacity: self.max_ctx
+            }
         );
         let total = tokens * width;
-        let count = crate::grid::cube_count_1d(total.div_ceil(256), 1)?;
+        let (cubes, dim) = grid::elementwise(client, total);
         for (new, cache) in [(k, &self.k), (v, &self.v)] {
             kv_append_kernel::launch::<F, R>(
                 client,
-                count.clone(),
-                CubeDim::new_1d(256),
+                cubes.clone(),
+                dim,
                 new.arg(),
                 cache.arg(),
                 self.n_kv,
@@ -287,72 +288,91 @@ pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
     let hd = cache.head_dim;
     ensure!(
         q.shape.len() == 2 && q.shape[1] == n_heads * hd,
-        "attention: q must be [tokens, {}], got {:?}",
-        n_heads * hd,
-        q.shape
+        KernelError::shape(
+            "attention",
+            "q",
+            format!("[tokens, {}]", n_heads * hd),
+            &q.shape
+        )
     );
-    ensure!(
-        out.shape == q.shape,
-        "attention: out {:?} differs from q {:?}",
-        out.shape,
-        q.shape
-    );
+    same_shape("attention", ("out", &out.shape), ("q", &q.shape))?;
     ensure!(
         n_heads.is_multiple_of(cache.n_kv),
-        "attention: {n_heads} query heads cannot share {} kv heads",
-        cache.n_kv
+        KernelError::invalid(
+            "attention",
+            format!("{n_heads} query heads cannot share {} kv heads", cache.n_kv)
+        )
     );
     ensure!(
-        hd <= 256 && hd.is_multiple_of(2),
-        "attention: head_dim {hd} unsupported (even, at most 256)"
+        hd <= MAX_HEAD_DIM && hd.is_multiple_of(2),
+        KernelError::unsupported(
+            "attention",
+            format!("head_dim {hd} (even, at most {MAX_HEAD_DIM})")
+        )
     );
     let tokens = q.shape[0];
     let kv_len = start + tokens;
     ensure!(
         kv_len <= cache.max_ctx,
-        "attention: positions up to {kv_len} exceed the cache of {} positions",
-        cache.max_ctx
-    );
-    ensure!(
-        tokens <= 65535 && n_heads <= 65535,
-        "attention: too many tokens or heads for one launch"
+        KernelError::PastCache {
+            op: "attention",
+            start,
+            end: kv_len,
+            capacity: cache.max_ctx
+        }
     );
     let chunks = kv_len.div_ceil(CHUNK);
+    let (_, max_y, max_z) = client.properties().hardware.max_cube_count;
+    ensure!(
+        n_heads <= max_y as usize && tokens <= max_z as usize,
+        KernelError::unsupported(
+            "attention",
+            format!("{tokens} tokens × {n_heads} heads is more than one launch allows")
+        )
+    );
     let parts = tokens * n_heads * chunks;
-    let part_o = DeviceTensor::<R, f32>::empty(client, &[parts, hd])?;
-    let part_ml = DeviceTensor::<R, f32>::empty(client, &[parts, 2])?;
+    let part_out = DeviceTensor::<R, f32>::empty(client, &[parts, hd])?;
+    let part_max = DeviceTensor::<R, f32>::empty(client, &[parts])?;
+    let part_sum = DeviceTensor::<R, f32>::empty(client, &[parts])?;
     attention_chunk_kernel::launch::<F, R>(
         client,
-        CubeCount::Static(chunks as u32, n_heads as u32, tokens as u32),
+        CubeCount::new_3d(chunks as u32, n_heads as u32, tokens as u32),
         CubeDim::new_1d(THREADS as u32),
         q.arg(),
         cache.k.arg(),
         cache.v.arg(),
-        part_o.arg(),
-        part_ml.arg(),
+        part_out.arg(),
+        part_max.arg(),
+        part_sum.arg(),
         n_heads,
         n_heads / cache.n_kv,
         cache.max_ctx,
         start,
         1.0 / (hd as f32).sqrt(),
         hd,
+        CHUNK,
+        Reduction::cube(client, THREADS),
         wrong_gqa,
     );
+    let token_heads = tokens * n_heads;
     attention_combine_kernel::launch::<F, R>(
         client,
-        crate::grid::cube_count_1d(tokens * n_heads, 1)?,
-        CubeDim::new_1d(64),
-        part_o.arg(),
-        part_ml.arg(),
+        CubeCountSelection::new(client, token_heads as u32).cube_count(),
+        CubeDim::new_1d(COMBINE_THREADS as u32),
+        part_out.arg(),
+        part_max.arg(),
+        part_sum.arg(),
         out.arg(),
         chunks,
+        token_heads,
         hd,
+        COMBINE_THREADS,
     );
     Ok(())
 }
 
-/// f64 reference. `q`: [tokens][n_heads·hd]; `k`, `v`: [kv_len][n_kv·hd] (all positions so far,
-/// token-major as the projections produce them). Query `t` is at position `start + t`.
+/// f64 reference. `q`: `[tokens][n_heads·hd]`; `k`, `v`: `[kv_len][n_kv·hd]` (all positions so
+/// far, token-major as the projections produce them). Query `t` is at position `start + t`.
 pub fn reference(
     q: &[f64],
     k: &[f64],

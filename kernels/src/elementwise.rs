@@ -3,11 +3,10 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-use crate::grid::{cube_count_1d, linear_cube_pos};
+use crate::error::same_shape;
+use crate::grid;
 use crate::matmul::RowChunked;
-use crate::DeviceTensor;
-
-const BLOCK: usize = 256;
+use crate::{DeviceTensor, KernelError};
 
 #[cube(launch)]
 fn embedding_kernel<F: Float, O: Float>(
@@ -19,7 +18,7 @@ fn embedding_kernel<F: Float, O: Float>(
     dim: usize,
     total: usize,
 ) {
-    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         let t = idx / dim;
         let d = idx % dim;
@@ -42,29 +41,34 @@ pub fn embedding<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     let tokens = ids_host.len();
     ensure!(
         ids.shape == [tokens],
-        "embedding: ids {:?} do not match {tokens} host ids",
-        ids.shape
+        KernelError::shape(
+            "embedding",
+            "ids",
+            format!("[{tokens}] (one per host id)"),
+            &ids.shape
+        )
     );
     ensure!(
         out.shape == [tokens, table.k],
-        "embedding: out must be [{tokens}, {}], got {:?}",
-        table.k,
-        out.shape
+        KernelError::shape(
+            "embedding",
+            "out",
+            format!("[{tokens}, {}]", table.k),
+            &out.shape
+        )
     );
-    if let Some(bad) = ids_host.iter().find(|&&i| i as usize >= table.n) {
-        anyhow::bail!(
-            "embedding: token id {bad} is outside the vocabulary of {}",
-            table.n
-        );
+    if let Some(&id) = ids_host.iter().find(|&&i| i as usize >= table.n) {
+        return Err(KernelError::TokenOutsideVocab { id, vocab: table.n }.into());
     }
     let total = tokens * table.k;
+    let (cubes, dim) = grid::elementwise(client, total);
     let mut row0 = 0;
     for chunk in &table.chunks {
         let rows = chunk.shape[0];
         embedding_kernel::launch::<F, O, R>(
             client,
-            cube_count_1d(total.div_ceil(BLOCK), 1)?,
-            CubeDim::new_1d(BLOCK as u32),
+            cubes.clone(),
+            dim,
             ids.arg(),
             chunk.arg(),
             out.arg(),
@@ -80,7 +84,7 @@ pub fn embedding<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
 
 #[cube(launch)]
 fn swiglu_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>, total: usize) {
-    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         let g = f32::cast_from(gate[idx]);
         let u = f32::cast_from(up[idx]);
@@ -96,29 +100,17 @@ pub fn swiglu<R: Runtime, F: Float + CubeElement>(
     up: &DeviceTensor<R, F>,
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
-    ensure!(
-        gate.shape == up.shape && out.shape == up.shape,
-        "swiglu: gate {:?}, up {:?} and out {:?} must have one shape",
-        gate.shape,
-        up.shape,
-        out.shape
-    );
+    same_shape("swiglu", ("gate", &gate.shape), ("up", &up.shape))?;
+    same_shape("swiglu", ("out", &out.shape), ("up", &up.shape))?;
     let total = up.len();
-    swiglu_kernel::launch::<F, R>(
-        client,
-        cube_count_1d(total.div_ceil(BLOCK), 1)?,
-        CubeDim::new_1d(BLOCK as u32),
-        gate.arg(),
-        up.arg(),
-        out.arg(),
-        total,
-    );
+    let (cubes, dim) = grid::elementwise(client, total);
+    swiglu_kernel::launch::<F, R>(client, cubes, dim, gate.arg(), up.arg(), out.arg(), total);
     Ok(())
 }
 
 #[cube(launch)]
 fn add_kernel<X: Float, Y: Float>(x: &mut Array<X>, y: &Array<Y>, total: usize) {
-    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         x[idx] = X::cast_from(f32::cast_from(x[idx]) + f32::cast_from(y[idx]));
     }
@@ -130,21 +122,10 @@ pub fn add_assign<R: Runtime, X: Float + CubeElement, Y: Float + CubeElement>(
     x: &DeviceTensor<R, X>,
     y: &DeviceTensor<R, Y>,
 ) -> Result<()> {
-    ensure!(
-        x.shape == y.shape,
-        "add: x {:?} and y {:?} differ",
-        x.shape,
-        y.shape
-    );
+    same_shape("add", ("y", &y.shape), ("x", &x.shape))?;
     let total = x.len();
-    add_kernel::launch::<X, Y, R>(
-        client,
-        cube_count_1d(total.div_ceil(BLOCK), 1)?,
-        CubeDim::new_1d(BLOCK as u32),
-        x.arg(),
-        y.arg(),
-        total,
-    );
+    let (cubes, dim) = grid::elementwise(client, total);
+    add_kernel::launch::<X, Y, R>(client, cubes, dim, x.arg(), y.arg(), total);
     Ok(())
 }
 
@@ -158,7 +139,7 @@ pub fn swiglu_reference(gate: &[f64], up: &[f64]) -> Vec<f64> {
 
 #[cube(launch)]
 fn copy_rows_kernel<F: Float>(src: &Array<F>, dst: &mut Array<F>, offset: usize, total: usize) {
-    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         dst[idx] = src[offset + idx];
     }
@@ -173,21 +154,23 @@ pub fn copy_rows<R: Runtime, F: Float + CubeElement>(
 ) -> Result<DeviceTensor<R, F>> {
     ensure!(
         src.shape.len() == 2,
-        "copy_rows: src must be 2-D, got {:?}",
-        src.shape
+        KernelError::shape("copy_rows", "src", "[rows, cols]", &src.shape)
     );
     let (rows, cols) = (src.shape[0], src.shape[1]);
     ensure!(
         count > 0 && first + count <= rows,
-        "copy_rows: rows {first}..{} of {rows}",
-        first + count
+        KernelError::invalid(
+            "copy_rows",
+            format!("rows {first}..{} of {rows}", first + count)
+        )
     );
     let dst = DeviceTensor::<R, F>::empty(client, &[count, cols])?;
     let total = count * cols;
+    let (cubes, dim) = grid::elementwise(client, total);
     copy_rows_kernel::launch::<F, R>(
         client,
-        cube_count_1d(total.div_ceil(BLOCK), 1)?,
-        CubeDim::new_1d(BLOCK as u32),
+        cubes,
+        dim,
         src.arg(),
         dst.arg(),
         first * cols,

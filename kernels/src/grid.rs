@@ -1,21 +1,15 @@
-//! Launch-grid helpers: more cubes than one grid axis allows (65535 on wgpu) are spread over x and y.
+//! The launch grid of the one-thread-per-element kernels (embedding, SwiGLU, residual add, row
+//! copy, RoPE, KV-cache append), from cubecl's `calculate_cube_count_elemwise`: it spreads the
+//! cubes over the grid's axes within the device's limits, and the kernels index with
+//! `ABSOLUTE_POS` and bound-check it, since the grid may hold more threads than elements.
 
-use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-/// A grid of at least `cubes` cubes over x and y (z = `z`); kernels recover the index with
-/// [`linear_cube_pos`] and must bound-check it.
-pub fn cube_count_1d(cubes: usize, z: u32) -> Result<CubeCount> {
-    const MAX: usize = 65535;
-    ensure!(cubes > 0, "empty launch");
-    let x = cubes.min(MAX);
-    let y = cubes.div_ceil(MAX);
-    ensure!(y <= MAX, "launch of {cubes} cubes is too large");
-    Ok(CubeCount::Static(x as u32, y as u32, z))
-}
+/// Threads per cube.
+pub const THREADS: u32 = 256;
 
-/// The cube's index in a grid made by [`cube_count_1d`].
-#[cube]
-pub fn linear_cube_pos() -> usize {
-    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+/// Cube count and cube shape covering `n` elements, one thread each.
+pub fn elementwise<R: Runtime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(THREADS);
+    (cubecl::calculate_cube_count_elemwise(client, n, dim), dim)
 }

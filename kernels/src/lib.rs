@@ -1,21 +1,35 @@
 //! cubeqwen-kernels: every kernel of the Qwen2 forward pass, written once with CubeCL.
 //!
 //! One file per kernel family. Each file holds, in this order: the `#[cube]` kernel(s),
-//! the host-side `launch` function (checks shapes, returns errors instead of panicking),
-//! and a plain-Rust `reference` in f64 that the tests compare against.
+//! the host-side launch functions (check shapes, return a [`KernelError`] instead of
+//! panicking), and a plain-Rust `reference` in f64 that the tests compare against. The tests
+//! are in `kernels/tests/<family>.rs`.
 //!
-//! | family | file | reference |
-//! |---|---|---|
-//! | RMSNorm | [`rmsnorm`] | [`rmsnorm::reference`] |
+//! | family | file | launch | reference | tests |
+//! |---|---|---|---|---|
+//! | RMSNorm, residual add + RMSNorm | [`rmsnorm`] | [`rmsnorm::rms_norm`], [`rmsnorm::residual_add_rms_norm`] | [`rmsnorm::reference`] | `rmsnorm.rs`, `elementwise.rs` |
+//! | matmul (tiled, cmma, GEMV) | [`matmul`] | [`matmul::matmul`], [`matmul::matmul_into`], [`matmul::RowChunked::matmul`] | [`matmul::reference`] | `matmul.rs`, `cublas.rs` (CUDA) |
+//! | attention, KV-cache append | [`attention`] | [`attention::attention`], [`attention::KvCache::append`] | [`attention::reference`] | `attention.rs` |
+//! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
+//! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
+//! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
+//! | argmax, top-k | [`select`] | [`select::argmax`], [`select::top_k`] | [`select::top_k_reference`] | `select.rs` |
+//! | cube reduction (sum, max, min) used by the above | [`reduce`] | [`reduce::reduce()`] (inside kernels) | f64 sums, exact max/min | `reduce.rs` |
+//!
+//! Beside them: [`buffer`] (the typed device tensor), [`grid`] (launch grid of the
+//! one-thread-per-element kernels), [`runtime`] (picking CUDA or wgpu), [`error`] and
+//! [`testing`] (helpers for the parity tests, and the [`device_test!`] macro).
 
 pub mod attention;
 pub mod buffer;
 pub mod decode;
 pub mod elementwise;
+pub mod error;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;
 pub mod matmul;
+pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
 pub mod runtime;
@@ -23,3 +37,4 @@ pub mod select;
 pub mod testing;
 
 pub use buffer::DeviceTensor;
+pub use error::KernelError;

@@ -1,5 +1,6 @@
-//! Matmul `y = x · Wᵀ (+ bias)`: x [m, k], W [n, k] (GGUF row layout `[out][in]`), bias [n] (f32),
-//! y [m, n]. Storage `F` (f16 in the model), accumulation in f32, output `O` (f16, or f32 for logits).
+//! Matmul `y = x · Wᵀ (+ bias)`: x `[m, k]`, W `[n, k]` (GGUF row layout `[out][in]`), bias
+//! `[n]` (f32), y `[m, n]`. Storage `F` (f16 in the model), accumulation in f32, output `O` (f16,
+//! or f32 for logits).
 //!
 //! Variants behind one interface ([`matmul`] with a [`MatmulVariant`]):
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
@@ -12,10 +13,11 @@ use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
 use half::f16;
 
-use crate::grid::{cube_count_1d, linear_cube_pos};
-use crate::DeviceTensor;
+use crate::reduce::{reduce_sum, Reduction};
+use crate::{DeviceTensor, KernelError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MatmulVariant {
@@ -39,6 +41,7 @@ impl std::str::FromStr for MatmulVariant {
     }
 }
 
+/// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
 const TILE: usize = 16;
 
 #[cube(launch)]
@@ -53,20 +56,21 @@ fn matmul_tiled<F: Float, O: Float>(
     ldy: usize,
     col_off: usize,
     #[comptime] has_bias: bool,
+    #[comptime] tile: usize,
 ) {
     let tx = UNIT_POS_X as usize; // along n
     let ty = UNIT_POS_Y as usize; // along m
-    let row = CUBE_POS_Y as usize * 16 + ty;
-    let col = CUBE_POS_X as usize * 16 + tx;
+    let row = CUBE_POS_Y as usize * tile + ty;
+    let col = CUBE_POS_X as usize * tile + tx;
 
-    let mut xs = SharedMemory::<f32>::new(256usize);
-    let mut ws = SharedMemory::<f32>::new(256usize);
+    let mut xs = SharedMemory::<f32>::new(comptime!(tile * tile));
+    let mut ws = SharedMemory::<f32>::new(comptime!(tile * tile));
     let mut acc = 0.0f32;
     let mut k0 = 0usize;
     while k0 < k {
-        // xs[ty][tx] = x[row][k0 + tx]; ws[ty][tx] = W[CUBE_POS_X*16 + ty][k0 + tx]
+        // xs[ty][tx] = x[row][k0 + tx]; ws[ty][tx] = W[CUBE_POS_X*tile + ty][k0 + tx]
         let kk = k0 + tx;
-        let wrow = CUBE_POS_X as usize * 16 + ty;
+        let wrow = CUBE_POS_X as usize * tile + ty;
         let mut xv = 0.0f32;
         if row < m && kk < k {
             xv = f32::cast_from(x[row * k + kk]);
@@ -75,15 +79,15 @@ fn matmul_tiled<F: Float, O: Float>(
         if wrow < n && kk < k {
             wv = f32::cast_from(w[wrow * k + kk]);
         }
-        xs[ty * 16 + tx] = xv;
-        ws[ty * 16 + tx] = wv;
+        xs[ty * tile + tx] = xv;
+        ws[ty * tile + tx] = wv;
         sync_cube();
         #[unroll]
-        for i in 0..16usize {
-            acc += xs[ty * 16 + i] * ws[tx * 16 + i];
+        for i in 0..tile {
+            acc += xs[ty * tile + i] * ws[tx * tile + i];
         }
         sync_cube();
-        k0 += 16;
+        k0 += tile;
     }
     if row < m && col < n {
         if comptime!(has_bias) {
@@ -113,27 +117,31 @@ fn gemv_shape<R: Runtime>(client: &ComputeClient<R>) -> (usize, usize) {
     }
 }
 
+/// One output per group of `dot.group` threads, `dot.units / dot.group` outputs per cube; cube
+/// `c` computes outputs of x row `c / col_groups`.
 #[cube(launch)]
 fn matmul_gemv<F: Float, O: Float, V: Size>(
     x: &Array<Vector<F, V>>,
     w: &Array<Vector<F, V>>,
     bias: &Array<f32>,
     y: &mut Array<O>,
+    m: usize,
     n: usize,
     k_vec: usize,
     ldy: usize,
     col_off: usize,
+    col_groups: usize,
     #[comptime] has_bias: bool,
-    #[comptime] threads: usize,
-    #[comptime] rows_per_cube: usize,
+    #[comptime] dot: Reduction,
 ) {
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
-    let row = CUBE_POS_Z as usize; // which x row
-    let col = linear_cube_pos() * rows_per_cube + ty; // which output
+    let row = CUBE_POS / col_groups; // which x row
+    let col = (CUBE_POS % col_groups) * comptime!(dot.units / dot.group) + ty; // which output
+    let live = row < m && col < n;
 
     let mut partial = 0.0f32;
-    if col < n {
+    if live {
         let xb = row * k_vec;
         let wb = col * k_vec;
         let mut i = tx;
@@ -145,22 +153,11 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
             for l in 0..V::value() {
                 partial += p[l];
             }
-            i += threads;
+            i += dot.group;
         }
     }
-    let mut sums = SharedMemory::<f32>::new(threads * rows_per_cube);
-    sums[ty * threads + tx] = partial;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if tx < stride {
-            sums[ty * threads + tx] = sums[ty * threads + tx] + sums[ty * threads + tx + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    if tx == 0 && col < n {
-        let mut acc = sums[ty * threads];
+    let mut acc = reduce_sum::<f32>(partial, dot);
+    if tx == 0 && live {
         if comptime!(has_bias) {
             acc += bias[col_off + col];
         }
@@ -168,8 +165,13 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
     }
 }
 
-/// One plane (32 threads) computes a 16×16 output tile with tensor cores; operands are staged
-/// through shared memory with zero padding, so any m, n, k works.
+/// Tensor-core shape of the `Cmma` variant: `cmma` tiles of CMMA_TILE (m = n = k), f16 inputs,
+/// f32 accumulation; one plane of CMMA_LANES threads per tile.
+const CMMA_TILE: usize = 16;
+const CMMA_LANES: usize = 32;
+
+/// One plane (`lanes` threads) computes a `tile`×`tile` output tile with tensor cores; operands
+/// are staged through shared memory with zero padding, so any m, n, k works.
 #[cube(launch)]
 fn matmul_cmma<O: Float>(
     x: &Array<f16>,
@@ -182,57 +184,61 @@ fn matmul_cmma<O: Float>(
     ldy: usize,
     col_off: usize,
     #[comptime] has_bias: bool,
+    #[comptime] tile: usize,
+    #[comptime] lanes: usize,
 ) {
+    // Each lane stages this many elements of each operand tile.
+    let per_lane = comptime!(tile * tile / lanes);
     let lane = UNIT_POS as usize;
-    let row0 = CUBE_POS_Y as usize * 16;
-    let col0 = CUBE_POS_X as usize * 16;
+    let row0 = CUBE_POS_Y as usize * tile;
+    let col0 = CUBE_POS_X as usize * tile;
 
-    let mut a_s = SharedMemory::<f16>::new(256usize);
-    let mut b_s = SharedMemory::<f16>::new(256usize);
-    let mut c_s = SharedMemory::<f32>::new(256usize);
+    let mut a_s = SharedMemory::<f16>::new(comptime!(tile * tile));
+    let mut b_s = SharedMemory::<f16>::new(comptime!(tile * tile));
+    let mut c_s = SharedMemory::<f32>::new(comptime!(tile * tile));
 
     let acc = cmma::Matrix::<f32>::from_value(
         cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
+        tile,
+        tile,
+        tile,
         cmma::MatrixLayout::Undefined,
         0.0,
     );
     let a = unsafe {
         cmma::Matrix::<f16>::uninitialized(
             cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
+            tile,
+            tile,
+            tile,
             cmma::MatrixLayout::RowMajor,
         )
     };
     let b = unsafe {
         cmma::Matrix::<f16>::uninitialized(
             cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
+            tile,
+            tile,
+            tile,
             cmma::MatrixLayout::ColMajor,
         )
     };
 
     let mut k0 = 0usize;
     while k0 < k {
-        // 32 lanes × 8 elements = one 16×16 tile each for A and B.
+        // lanes × per_lane elements = one tile each for A and B.
         #[unroll]
-        for e in 0..8usize {
-            let idx = lane * 8 + e;
-            let r = idx / 16;
-            let c = idx % 16;
+        for e in 0..per_lane {
+            let idx = lane * per_lane + e;
+            let r = idx / tile;
+            let c = idx % tile;
             let kk = k0 + c;
             let mut av = f16::new(0.0);
             if row0 + r < m && kk < k {
                 av = x[(row0 + r) * k + kk];
             }
             a_s[idx] = av;
-            // B is k×n col-major: element (kk, col) at col*16 + kk, i.e. W's own row layout.
+            // B is k×n col-major: element (kk, col) at col*tile + kk, i.e. W's own row layout.
             let mut bv = f16::new(0.0);
             if col0 + r < n && kk < k {
                 bv = w[(col0 + r) * k + kk];
@@ -240,24 +246,24 @@ fn matmul_cmma<O: Float>(
             b_s[idx] = bv;
         }
         sync_cube();
-        cmma::load(&a, &a_s.to_slice(), 16u32);
-        cmma::load(&b, &b_s.to_slice(), 16u32);
+        cmma::load(&a, &a_s.to_slice(), comptime!(tile as u32));
+        cmma::load(&b, &b_s.to_slice(), comptime!(tile as u32));
         cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
         sync_cube();
-        k0 += 16;
+        k0 += tile;
     }
     cmma::store(
         &mut c_s.to_slice_mut(),
         &acc,
-        16u32,
+        comptime!(tile as u32),
         cmma::MatrixLayout::RowMajor,
     );
     sync_cube();
     #[unroll]
-    for e in 0..8usize {
-        let idx = lane * 8 + e;
-        let r = row0 + idx / 16;
-        let c = col0 + idx % 16;
+    for e in 0..per_lane {
+        let idx = lane * per_lane + e;
+        let r = row0 + idx / tile;
+        let c = col0 + idx % tile;
         if r < m && c < n {
             let mut v = c_s[idx];
             if comptime!(has_bias) {
@@ -268,15 +274,16 @@ fn matmul_cmma<O: Float>(
     }
 }
 
-/// Whether the device has the f16×f16→f32 16×16×16 tensor-core shape the `Cmma` variant uses.
+/// Whether the device has the f16×f16→f32 tensor-core shape the `Cmma` variant uses
+/// (`CMMA_TILE`³, 16×16×16).
 pub fn cmma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
     client.features().matmul.cmma.contains(&MmaConfig {
         a_type: ElemType::Float(FloatKind::F16).into(),
         b_type: ElemType::Float(FloatKind::F16).into(),
         cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: 16,
-        k: 16,
-        n: 16,
+        m: CMMA_TILE as u32,
+        k: CMMA_TILE as u32,
+        n: CMMA_TILE as u32,
     })
 }
 
@@ -312,7 +319,7 @@ pub fn matmul<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
 }
 
 /// Like [`matmul`], but writes the `n` outputs of `w` into columns `col_off..col_off + n` of a
-/// wider `y` ([m, n_total]); `bias` (if any) is [n_total] and read at the same columns.
+/// wider `y` (`[m, n_total]`); `bias` (if any) is `[n_total]` and read at the same columns.
 pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
     variant: MatmulVariant,
@@ -323,30 +330,29 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     col_off: usize,
 ) -> Result<()> {
     ensure!(
-        x.shape.len() == 2 && w.shape.len() == 2,
-        "matmul: x {:?} and W {:?} must be 2-D",
-        x.shape,
-        w.shape
+        x.shape.len() == 2,
+        KernelError::shape("matmul", "x", "[m, k]", &x.shape)
     );
     let (m, k) = (x.shape[0], x.shape[1]);
+    ensure!(
+        w.shape.len() == 2 && w.shape[1] == k,
+        KernelError::shape("matmul", "W", format!("[n, {k}]"), &w.shape)
+    );
     let n = w.shape[0];
     ensure!(
-        w.shape[1] == k,
-        "matmul: x is [{m}, {k}] but W is {:?} (expected [n, {k}])",
-        w.shape
-    );
-    ensure!(
         y.shape.len() == 2 && y.shape[0] == m && y.shape[1] >= col_off + n,
-        "matmul: y must be [{m}, {}] or wider, got {:?}",
-        col_off + n,
-        y.shape
+        KernelError::shape(
+            "matmul",
+            "y",
+            format!("[{m}, {}] or wider", col_off + n),
+            &y.shape
+        )
     );
     let ldy = y.shape[1];
     if let Some(b) = bias {
         ensure!(
             b.shape == [ldy],
-            "matmul: bias must be [{ldy}], got {:?}",
-            b.shape
+            KernelError::shape("matmul", "bias", format!("[{ldy}]"), &b.shape)
         );
     }
     let dummy;
@@ -358,11 +364,16 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         }
     };
     let has_bias = bias.is_some();
-    let tiles = |d: usize| -> Result<u32> {
-        let t = d.div_ceil(TILE);
+    // Output tiles along one dimension; at most the device's grid size along that axis.
+    let (max_x, max_y, _) = client.properties().hardware.max_cube_count;
+    let tiles = |d: usize, tile: usize, max: u32| -> Result<u32> {
+        let t = d.div_ceil(tile);
         ensure!(
-            t <= 65535,
-            "matmul: dimension {d} needs {t} tiles, more than one launch allows"
+            t <= max as usize,
+            KernelError::unsupported(
+                "matmul",
+                format!("dimension {d} needs {t} tiles, more than one launch allows")
+            )
         );
         Ok(t as u32)
     };
@@ -370,7 +381,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         MatmulVariant::Tiled => {
             matmul_tiled::launch::<F, O, R>(
                 client,
-                CubeCount::Static(tiles(n)?, tiles(m)?, 1),
+                CubeCount::new_2d(tiles(n, TILE, max_x)?, tiles(m, TILE, max_y)?),
                 CubeDim::new_2d(TILE as u32, TILE as u32),
                 x.arg(),
                 w.arg(),
@@ -382,25 +393,26 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 ldy,
                 col_off,
                 has_bias,
+                TILE,
             );
         }
         MatmulVariant::Cmma => {
             ensure!(
                 F::as_type_native_unchecked().elem_type() == ElemType::Float(FloatKind::F16),
-                "matmul: the cmma variant takes f16 tensors"
+                KernelError::unsupported("matmul", "the cmma variant takes f16 tensors")
             );
+            ensure!(cmma_supported(client), KernelError::NoTensorCores);
             ensure!(
-                cmma_supported(client),
-                "matmul: this device has no f16 tensor cores (cmma); use the tiled or gemv variant"
-            );
-            ensure!(
-                client.properties().hardware.plane_size_max == 32,
-                "matmul: the cmma variant needs 32-wide planes"
+                client.properties().hardware.plane_size_max as usize == CMMA_LANES,
+                KernelError::unsupported(
+                    "matmul",
+                    format!("the cmma variant needs {CMMA_LANES}-wide planes")
+                )
             );
             matmul_cmma::launch::<O, R>(
                 client,
-                CubeCount::Static(tiles(n)?, tiles(m)?, 1),
-                CubeDim::new_1d(32),
+                CubeCount::new_2d(tiles(n, CMMA_TILE, max_x)?, tiles(m, CMMA_TILE, max_y)?),
+                CubeDim::new_1d(CMMA_LANES as u32),
                 x.arg(),
                 w.arg(),
                 bias_arg,
@@ -411,20 +423,24 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 ldy,
                 col_off,
                 has_bias,
+                CMMA_TILE,
+                CMMA_LANES,
             );
         }
         MatmulVariant::Gemv => {
-            ensure!(m <= 65535, "matmul: gemv takes at most 65535 rows, got {m}");
             let vec = client
                 .io_optimized_vector_sizes(size_of::<F>())
                 .filter(|v| k % v == 0 && *v <= 8)
                 .max()
                 .unwrap_or(1);
             let (threads, rows_per_cube) = gemv_shape(client);
-            let count = cube_count_1d(n.div_ceil(rows_per_cube), m as u32)?;
+            let col_groups = n.div_ceil(rows_per_cube);
+            let cubes = u32::try_from(m * col_groups).map_err(|_| {
+                KernelError::unsupported("matmul", format!("gemv of {m}×{n} is too large"))
+            })?;
             matmul_gemv::launch::<F, O, R>(
                 client,
-                count,
+                CubeCountSelection::new(client, cubes).cube_count(),
                 CubeDim::new_2d(threads as u32, rows_per_cube as u32),
                 vec,
                 // SAFETY: same buffers, viewed as vectors of `vec` elements; k % vec == 0.
@@ -432,13 +448,14 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 unsafe { ArrayArg::from_raw_parts(w.handle.clone(), w.len() / vec) },
                 bias_arg,
                 y.arg(),
+                m,
                 n,
                 k / vec,
                 ldy,
                 col_off,
+                col_groups,
                 has_bias,
-                threads,
-                rows_per_cube,
+                Reduction::new(client, threads * rows_per_cube, threads),
             );
         }
         MatmulVariant::Auto => unreachable!(),
@@ -487,10 +504,17 @@ impl<R: Runtime, F: Float + CubeElement> RowChunked<R, F> {
     ) -> Result<Self> {
         ensure!(
             data.len() == n * k,
-            "weight has {} values, expected {n}×{k}",
-            data.len()
+            KernelError::shape(
+                "RowChunked::upload",
+                "weight",
+                format!("{n}×{k} values"),
+                &[data.len()]
+            )
         );
-        ensure!(rows_per_chunk > 0, "rows_per_chunk must be > 0");
+        ensure!(
+            rows_per_chunk > 0,
+            KernelError::invalid("RowChunked::upload", "rows_per_chunk must be > 0")
+        );
         let chunks = data
             .chunks(rows_per_chunk * k)
             .map(|c| DeviceTensor::from_slice(client, c, &[c.len() / k, k]))
@@ -509,9 +533,7 @@ impl<R: Runtime, F: Float + CubeElement> RowChunked<R, F> {
     ) -> Result<()> {
         ensure!(
             y.shape.len() == 2 && y.shape[1] == self.n,
-            "matmul: y must be [m, {}], got {:?}",
-            self.n,
-            y.shape
+            KernelError::shape("matmul", "y", format!("[m, {}]", self.n), &y.shape)
         );
         let mut off = 0;
         for c in &self.chunks {

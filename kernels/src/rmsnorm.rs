@@ -6,9 +6,11 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-use crate::DeviceTensor;
+use crate::error::same_shape;
+use crate::reduce::{reduce_sum, Reduction};
+use crate::{DeviceTensor, KernelError};
 
-/// Threads per row. A power of two (the tree reduction halves it).
+/// Threads per row (a power of two, as the reduction needs).
 pub const BLOCK: usize = 256;
 
 #[cube(launch)]
@@ -19,7 +21,7 @@ fn rms_norm_kernel<I: Float, O: Float, Rs: Float>(
     output: &mut Array<O>,
     cols: usize,
     eps: f32,
-    #[comptime] block: usize,
+    #[comptime] row_sum: Reduction,
     #[comptime] add_residual: bool,
 ) {
     let row = CUBE_POS;
@@ -35,29 +37,16 @@ fn rms_norm_kernel<I: Float, O: Float, Rs: Float>(
             input[base + i] = I::cast_from(v);
         }
         partial += v * v;
-        i += block;
+        i += row_sum.units;
     }
+    let sum_sq = reduce_sum::<f32>(partial, row_sum);
 
-    let mut sums = SharedMemory::<f32>::new(block);
-    sums[tid] = partial;
-    sync_cube();
-
-    // CUBE_DIM == block; a runtime value so the loop variable is mutable.
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            sums[tid] = sums[tid] + sums[tid + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-
-    let scale = f32::inverse_sqrt(sums[0] / f32::cast_from(cols) + eps);
+    let scale = f32::inverse_sqrt(sum_sq / f32::cast_from(cols) + eps);
     let mut j = tid;
     while j < cols {
         let v = f32::cast_from(input[base + j]);
         output[base + j] = O::cast_from(v * scale * weight[j]);
-        j += block;
+        j += row_sum.units;
     }
 }
 
@@ -86,12 +75,7 @@ pub fn residual_add_rms_norm<
     output: &DeviceTensor<R, O>,
     eps: f32,
 ) -> Result<()> {
-    ensure!(
-        r.shape == x.shape,
-        "residual_add_rms_norm: r {:?} differs from x {:?}",
-        r.shape,
-        x.shape
-    );
+    same_shape("residual_add_rms_norm", ("r", &r.shape), ("x", &x.shape))?;
     launch::<R, I, O, Rs>(client, x, Some(r), weight, output, eps)
 }
 
@@ -105,28 +89,29 @@ fn launch<R: Runtime, I: Float + CubeElement, O: Float + CubeElement, Rs: Float 
 ) -> Result<()> {
     ensure!(
         input.shape.len() == 2,
-        "rms_norm: input must be [rows, cols], got {:?}",
-        input.shape
+        KernelError::shape("rms_norm", "input", "[rows, cols]", &input.shape)
     );
     let (rows, cols) = (input.shape[0], input.shape[1]);
     ensure!(
         weight.shape == [cols],
-        "rms_norm: weight must be [{cols}], got {:?}",
-        weight.shape
+        KernelError::shape("rms_norm", "weight", format!("[{cols}]"), &weight.shape)
     );
-    ensure!(
-        output.shape == input.shape,
-        "rms_norm: output shape {:?} differs from input {:?}",
-        output.shape,
-        input.shape
-    );
+    same_shape(
+        "rms_norm",
+        ("output", &output.shape),
+        ("input", &input.shape),
+    )?;
     ensure!(
         eps.is_finite() && eps > 0.0,
-        "rms_norm: eps must be > 0, got {eps}"
+        KernelError::invalid("rms_norm", format!("eps must be > 0, got {eps}"))
     );
+    let max_rows = client.properties().hardware.max_cube_count.0 as usize;
     ensure!(
-        rows <= 65535,
-        "rms_norm: at most 65535 rows per launch, got {rows}"
+        rows <= max_rows,
+        KernelError::unsupported(
+            "rms_norm",
+            format!("at most {max_rows} rows per launch on this device, got {rows}")
+        )
     );
     let dummy;
     let residual_arg = match residual {
@@ -138,7 +123,7 @@ fn launch<R: Runtime, I: Float + CubeElement, O: Float + CubeElement, Rs: Float 
     };
     rms_norm_kernel::launch::<I, O, Rs, R>(
         client,
-        CubeCount::Static(rows as u32, 1, 1),
+        CubeCount::new_1d(rows as u32),
         CubeDim::new_1d(BLOCK as u32),
         input.arg(),
         residual_arg,
@@ -146,13 +131,13 @@ fn launch<R: Runtime, I: Float + CubeElement, O: Float + CubeElement, Rs: Float 
         output.arg(),
         cols,
         eps,
-        BLOCK,
+        Reduction::cube(client, BLOCK),
         residual.is_some(),
     );
     Ok(())
 }
 
-/// f64 reference: rows of `x` ([rows][cols], row-major) normalised and scaled by `w`.
+/// f64 reference: rows of `x` (`[rows][cols]`, row-major) normalised and scaled by `w`.
 pub fn reference(x: &[f64], w: &[f64], cols: usize, eps: f64) -> Vec<f64> {
     x.chunks(cols)
         .flat_map(|row| {

@@ -8,10 +8,7 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-use crate::grid::{cube_count_1d, linear_cube_pos};
-use crate::DeviceTensor;
-
-const BLOCK: usize = 256;
+use crate::{grid, DeviceTensor, KernelError};
 
 #[cube(launch)]
 fn rope_kernel<F: Float>(
@@ -24,7 +21,7 @@ fn rope_kernel<F: Float>(
     total: usize,
     #[comptime] adjacent_pairs: bool,
 ) {
-    let idx = linear_cube_pos() * 256 + UNIT_POS as usize;
+    let idx = ABSOLUTE_POS;
     if idx < total {
         let per_token = heads * half;
         let t = idx / per_token;
@@ -71,13 +68,16 @@ impl<R: Runtime> RopeTables<R> {
     ) -> Result<Self> {
         ensure!(
             head_dim.is_multiple_of(2) && head_dim > 0,
-            "rope: head_dim must be even, got {head_dim}"
+            KernelError::invalid("rope", format!("head_dim must be even, got {head_dim}"))
         );
         ensure!(
             theta.is_finite() && theta > 1.0,
-            "rope: theta must be > 1, got {theta}"
+            KernelError::invalid("rope", format!("theta must be > 1, got {theta}"))
         );
-        ensure!(max_pos > 0, "rope: max_pos must be > 0");
+        ensure!(
+            max_pos > 0,
+            KernelError::invalid("rope", "max_pos must be > 0")
+        );
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
@@ -121,33 +121,34 @@ pub fn rope_with_fault<R: Runtime, F: Float + CubeElement>(
     adjacent_pairs: bool,
 ) -> Result<()> {
     ensure!(
-        x.shape.len() == 2,
-        "rope: x must be [tokens, heads*head_dim], got {:?}",
-        x.shape
+        x.shape.len() == 2 && x.shape[1].is_multiple_of(tables.head_dim),
+        KernelError::shape(
+            "rope",
+            "x",
+            format!("[tokens, heads·{}]", tables.head_dim),
+            &x.shape
+        )
     );
     let (tokens, width) = (x.shape[0], x.shape[1]);
     ensure!(
-        width % tables.head_dim == 0,
-        "rope: row width {width} is not a multiple of head_dim {}",
-        tables.head_dim
-    );
-    ensure!(
         positions.shape == [tokens],
-        "rope: positions must be [{tokens}], got {:?}",
-        positions.shape
+        KernelError::shape("rope", "positions", format!("[{tokens}]"), &positions.shape)
     );
     ensure!(
         max_position < tables.max_pos,
-        "rope: position {max_position} is past the tables ({} positions)",
-        tables.max_pos
+        KernelError::PastRopeTables {
+            position: max_position,
+            table: tables.max_pos
+        }
     );
     let half = tables.head_dim / 2;
     let heads = width / tables.head_dim;
     let total = tokens * heads * half;
+    let (cubes, dim) = grid::elementwise(client, total);
     rope_kernel::launch::<F, R>(
         client,
-        cube_count_1d(total.div_ceil(BLOCK), 1)?,
-        CubeDim::new_1d(BLOCK as u32),
+        cubes,
+        dim,
         x.arg(),
         positions.arg(),
         tables.cos.arg(),
@@ -160,7 +161,7 @@ pub fn rope_with_fault<R: Runtime, F: Float + CubeElement>(
     Ok(())
 }
 
-/// f64 reference: rotates `x` ([tokens][heads·hd]) with angles formed as in [`RopeTables`].
+/// f64 reference: rotates `x` (`[tokens][heads·hd]`) with angles formed as in [`RopeTables`].
 pub fn reference(x: &[f64], positions: &[usize], head_dim: usize, theta: f32) -> Vec<f64> {
     let half = head_dim / 2;
     let width = x.len() / positions.len();

@@ -102,7 +102,7 @@ fn configure_cubecl() {
             config.compilation.cache = Some(CacheConfig::File(kernel_cache_dir()));
         }
         // Another part of the process may have configured cubecl first; keep theirs then.
-        let _ = std::panic::catch_unwind(|| CubeClRuntimeConfig::set(config));
+        let _ = catch_quietly(|| CubeClRuntimeConfig::set(config));
     });
 }
 
@@ -121,13 +121,33 @@ fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs [`catch_quietly`]: its panic is caught and becomes an error.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic without printing it (cubecl panics when a backend cannot start;
+/// that panic becomes an error for the user). The panic hook is wrapped once per process and
+/// stays silent only for the thread inside `catch_quietly`: panics elsewhere, such as in tests
+/// on parallel threads, still reach the hook that was there before.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    result
+}
+
 fn client_or_error<R: Runtime>(device: &R::Device, what: &str) -> Result<ComputeClient<R>> {
-    // cubecl panics when a backend cannot start; turn that into an error for the user.
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)));
-    std::panic::set_hook(prev);
-    client.map_err(|e| {
+    catch_quietly(|| R::client(device)).map_err(|e| {
         let msg = e
             .downcast_ref::<String>()
             .cloned()
@@ -190,4 +210,39 @@ fn cuda_device_name() -> String {
 
 fn wgpu_adapter_name() -> String {
     std::env::var("CUBECL_WGPU_DEFAULT_DEVICE").unwrap_or_else(|_| "default adapter".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::catch_quietly;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The quiet hook hides only the panic it catches: another thread's panic at the same time
+    /// still reaches the hook that was installed before, and so does every later panic.
+    /// (The only test of this binary that touches the panic hook: it installs the first one.)
+    #[test]
+    fn quiet_start_hides_only_its_own_panic() {
+        static SEEN: AtomicUsize = AtomicUsize::new(0);
+        std::panic::set_hook(Box::new(|_| {
+            SEEN.fetch_add(1, Ordering::SeqCst);
+        }));
+        for round in 0..2 {
+            let before = SEEN.load(Ordering::SeqCst);
+            let caught = catch_quietly(|| {
+                // A panic on another thread while this one is starting a client.
+                let other = std::thread::spawn(|| panic!("another thread's panic"));
+                assert!(other.join().is_err());
+                panic!("the backend could not start");
+            });
+            assert!(caught.is_err(), "round {round}: the panic was not caught");
+            assert_eq!(
+                SEEN.load(Ordering::SeqCst),
+                before + 1,
+                "round {round}: exactly the other thread's panic must reach the previous hook"
+            );
+            // A panic after it, outside: reaches the previous hook once.
+            assert!(std::panic::catch_unwind(|| panic!("later")).is_err());
+            assert_eq!(SEEN.load(Ordering::SeqCst), before + 2, "round {round}");
+        }
+    }
 }

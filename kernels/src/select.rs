@@ -7,8 +7,10 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-use crate::DeviceTensor;
+use crate::reduce::{reduce_max, reduce_min, Reduction};
+use crate::{DeviceTensor, KernelError};
 
+/// Threads per row (a power of two, as the reduction needs).
 const BLOCK: usize = 256;
 
 #[cube(launch)]
@@ -18,19 +20,19 @@ fn topk_kernel<F: Float>(
     out_vals: &mut Array<f32>,
     vocab: usize,
     k: usize,
+    #[comptime] row_best: Reduction,
 ) {
     let row = CUBE_POS;
     let tid = UNIT_POS as usize;
     let base = row * vocab;
-    let mut best_v = SharedMemory::<f32>::new(256usize);
-    let mut best_i = SharedMemory::<u32>::new(256usize);
 
     // (prev_v, prev_i): the last pick; candidates must come strictly after it in the order.
     let mut prev_v = f32::new(3.0e38);
     let mut prev_i = 0u32;
     for r in 0..k {
+        // This thread's best candidate; `vocab` (past every id) when it has none.
         let mut bv = f32::new(-3.0e38);
-        let mut bi = vocab as u32; // past every id
+        let mut bi = vocab as u32;
         let mut i = tid;
         while i < vocab {
             let v = f32::cast_from(logits[base + i]);
@@ -41,31 +43,19 @@ fn topk_kernel<F: Float>(
                 bv = v;
                 bi = id;
             }
-            i += 256;
+            i += row_best.units;
         }
-        best_v[tid] = bv;
-        best_i[tid] = bi;
-        sync_cube();
-        let mut stride = CUBE_DIM as usize / 2;
-        while stride > 0 {
-            if tid < stride {
-                let ov = best_v[tid + stride];
-                let oi = best_i[tid + stride];
-                if ov > best_v[tid] || (ov == best_v[tid] && oi < best_i[tid]) {
-                    best_v[tid] = ov;
-                    best_i[tid] = oi;
-                }
-            }
-            sync_cube();
-            stride /= 2;
+        // The row's best value, then the lowest id among the threads that hold it.
+        prev_v = reduce_max::<f32>(bv, row_best);
+        let mut id_if_best = vocab as u32;
+        if bv == prev_v {
+            id_if_best = bi;
         }
-        prev_v = best_v[0];
-        prev_i = best_i[0];
+        prev_i = reduce_min::<u32>(id_if_best, row_best);
         if tid == 0 {
             out_ids[row * k + r] = prev_i;
             out_vals[row * k + r] = prev_v;
         }
-        sync_cube();
     }
 }
 
@@ -78,30 +68,40 @@ pub fn top_k<R: Runtime, F: Float + CubeElement>(
 ) -> Result<(DeviceTensor<R, u32>, DeviceTensor<R, f32>)> {
     ensure!(
         logits.shape.len() == 2,
-        "top_k: logits must be [rows, vocab], got {:?}",
-        logits.shape
+        KernelError::shape("top_k", "logits", "[rows, vocab]", &logits.shape)
     );
     let (rows, vocab) = (logits.shape[0], logits.shape[1]);
     ensure!(
         k >= 1 && k <= vocab,
-        "top_k: k must be in 1..={vocab}, got {k}"
+        KernelError::invalid("top_k", format!("k must be in 1..={vocab}, got {k}"))
     );
     ensure!(
         k <= 1024,
-        "top_k: k = {k} is more than this kernel is meant for (at most 1024)"
+        KernelError::unsupported(
+            "top_k",
+            format!("k = {k} is more than this kernel is meant for (at most 1024)")
+        )
     );
-    ensure!(rows <= 65535, "top_k: at most 65535 rows per launch");
+    let max_rows = client.properties().hardware.max_cube_count.0 as usize;
+    ensure!(
+        rows <= max_rows,
+        KernelError::unsupported(
+            "top_k",
+            format!("at most {max_rows} rows per launch on this device, got {rows}")
+        )
+    );
     let ids = DeviceTensor::<R, u32>::empty(client, &[rows, k])?;
     let vals = DeviceTensor::<R, f32>::empty(client, &[rows, k])?;
     topk_kernel::launch::<F, R>(
         client,
-        CubeCount::Static(rows as u32, 1, 1),
+        CubeCount::new_1d(rows as u32),
         CubeDim::new_1d(BLOCK as u32),
         logits.arg(),
         ids.arg(),
         vals.arg(),
         vocab,
         k,
+        Reduction::cube(client, BLOCK),
     );
     Ok((ids, vals))
 }

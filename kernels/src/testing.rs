@@ -39,7 +39,8 @@ impl Rng {
     }
 }
 
-/// A seed that differs on every run unless `CUBEQWEN_SEED` pins it; tests print it.
+/// A seed that differs on every run unless `CUBEQWEN_SEED` pins it (to replay a failed test:
+/// [`device_test!`](crate::device_test) prints the seed of a test that fails).
 pub fn fresh_seed() -> u64 {
     if let Some(s) = std::env::var("CUBEQWEN_SEED")
         .ok()
@@ -129,6 +130,84 @@ pub fn run_test<J: crate::runtime::RuntimeJob>(job: J) -> J::Output {
         Ok(v) => v,
         Err(e) => panic!("{e:#}"),
     }
+}
+
+/// Held by a randomized test: when the test fails (panics) it prints the test's seed and how
+/// to replay it (`CUBEQWEN_SEED`, read by [`fresh_seed`]).
+pub struct SeedReport {
+    pub test: &'static str,
+    pub seed: u64,
+}
+
+impl Drop for SeedReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{} failed with seed {}; replay: CUBEQWEN_SEED={} cargo test --release {}",
+                self.test, self.seed, self.seed, self.test
+            );
+        }
+    }
+}
+
+#[doc(hidden)]
+pub mod macro_support {
+    pub use anyhow::Result;
+    pub use cubecl::prelude::{ComputeClient, Runtime};
+}
+
+/// A kernel test written once for every runtime: the body runs on the test device
+/// ([`test_device`]: CUDA or wgpu), generic over the runtime type it names, with `client`
+/// a `&ComputeClient<R>`, and returns `anyhow::Result<()>`; an error fails the test.
+/// A randomized test also names a seed (fresh each run, pinned by `CUBEQWEN_SEED`), derives
+/// every random input from it, and prints it when it fails.
+///
+/// ```ignore
+/// device_test! {
+///     fn rmsnorm_hidden_896<R>(client, seed) {
+///         for rows in [1, 7] { check::<R>(client, rows, 896, seed)?; }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! device_test {
+    ($(#[$meta:meta])* fn $name:ident<$R:ident>($client:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            $crate::testing::run_test($crate::device_test!(@job $R, $client, _, $body, 0));
+        }
+    };
+    ($(#[$meta:meta])* fn $name:ident<$R:ident>($client:ident, $seed:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let seed = $crate::testing::fresh_seed();
+            let _report = $crate::testing::SeedReport {
+                test: stringify!($name),
+                seed,
+            };
+            $crate::testing::run_test($crate::device_test!(@job $R, $client, $seed, $body, seed));
+        }
+    };
+    // The job that runs `$body` with `$seed` bound to `$value`.
+    (@job $R:ident, $client:ident, $seed:pat, $body:block, $value:expr) => {{
+        struct Job(u64);
+        impl $crate::runtime::RuntimeJob for Job {
+            type Output = ();
+            fn run<$R: $crate::testing::macro_support::Runtime>(
+                self,
+                client: $crate::testing::macro_support::ComputeClient<$R>,
+                _device: &str,
+            ) -> $crate::testing::macro_support::Result<()> {
+                let $client = &client;
+                let $seed: u64 = self.0;
+                $body
+            }
+        }
+        Job($value)
+    }};
 }
 
 /// Whether the big shapes run (row counts 128/2048, 1.5B/7B widths): on with

@@ -1,8 +1,9 @@
 //! Matmul parity with cuBLAS (GemmEx, f16 inputs and output, f32 compute) on the GPU, on the
 //! same device buffers: cuBLAS reads the x and W that cubecl uploaded and writes into a
 //! cubecl-allocated, poisoned y. Every variant and cuBLAS are each compared with the f64
-//! reference at every Qwen shape, and printed as a table. CUDA only: `#[ignore]`d here, run by
-//! `scripts/run-gpu.sh` (with --include-ignored).
+//! reference at every Qwen shape, `auto` is compared with cuBLAS over the whole output, and all
+//! of it is printed as a table. CUDA only: `#[ignore]`d here, run by `scripts/run-gpu.sh`
+//! (with --include-ignored).
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 #![cfg(feature = "cuda")]
 
@@ -19,6 +20,12 @@ use half::f16;
 
 type R = CudaRuntime;
 const TOL: f64 = 2e-3;
+
+/// `auto` against cuBLAS, ‖auto − cuBLAS‖/‖cuBLAS‖ over the whole output. Measured
+/// (BENCHMARKS.md, "Matmul vs cuBLAS": H100 run of 2026-11-26, and the H200 run the same
+/// night): at most 2.695e-4 (m = 128, the 7B lm_head 152064×3584, where cuBLAS itself is
+/// 2.546e-4 from f64), 0 wherever both round the same f32 sums to f16. About 3× the largest.
+const AUTO_VS_CUBLAS_TOL: f64 = 8e-4;
 
 /// The raw device address of a cubecl buffer (cubecl and cudarc share the primary context).
 /// The returned guard keeps the allocation alive.
@@ -88,13 +95,12 @@ fn cublas_matmul(
     Ok(())
 }
 
-fn table() -> Result<Vec<String>> {
+fn table(seed: u64) -> Result<Vec<String>> {
     let (client, device) = cuda_client()?;
     println!("test device: {device}");
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let blas = CudaBlas::new(stream.clone())?;
-    let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     println!("seed {seed}; relative error of each against f64 on sampled rows (gemv: m <= 128)");
@@ -171,7 +177,17 @@ fn table() -> Result<Vec<String>> {
             if !(cub <= TOL) {
                 failures.push(format!("m={m} n={n} k={k}: cuBLAS rel_err {cub:.3e}"));
             }
-            let diff = rel_err(&f16_to_f64(&auto_y), &f16_to_f64(&yc));
+            // A non-finite cuBLAS output cannot judge auto (and failed just above).
+            let diff = if yc.iter().all(|v| v.is_finite()) {
+                rel_err(&f16_to_f64(&auto_y), &f16_to_f64(&yc))
+            } else {
+                f64::NAN
+            };
+            if !(diff <= AUTO_VS_CUBLAS_TOL) {
+                failures.push(format!(
+                    "m={m} n={n} k={k}: auto vs cuBLAS {diff:.3e} > {AUTO_VS_CUBLAS_TOL:.0e}"
+                ));
+            }
             let auto = format!("{:?}", resolve_variant(&client, MatmulVariant::Auto, m));
             println!(
                 "{m:>5} {n:>6} {k:>6} | {:>9} {:>9} {:>9} {:>9} {auto:>6} | {cub:>9.3e} | {diff:>11.3e}",
@@ -185,6 +201,11 @@ fn table() -> Result<Vec<String>> {
 #[test]
 #[ignore = "needs CUDA and cuBLAS: run on the GPU machine by scripts/run-gpu.sh"]
 fn matmul_against_cublas_table() {
-    let failures = table().unwrap();
+    let seed = fresh_seed();
+    let _report = SeedReport {
+        test: "matmul_against_cublas_table",
+        seed,
+    };
+    let failures = table(seed).unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
 }
