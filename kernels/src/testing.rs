@@ -58,15 +58,29 @@ pub fn fresh_seed() -> u64 {
 /// A value no correct kernel writes: NaN in f16.
 pub const POISON_F16: f16 = f16::NAN;
 
-/// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes.
+/// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes. Panics (the
+/// test fails) on a length mismatch or a reference that cannot judge: see [`try_rel_err`].
 pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
-    assert_eq!(out.len(), reference.len(), "length mismatch");
-    assert!(
-        reference.iter().all(|v| v.is_finite()),
-        "reference has non-finite values (NaN or inf): it cannot judge anything"
+    try_rel_err(out, reference).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`rel_err`] as a `Result`, for callers that report instead of panicking (the parity
+/// tracer): an error when the lengths differ, when the reference has a non-finite value (it
+/// cannot judge anything) or is all zeros (the comparison would prove nothing).
+pub fn try_rel_err(out: &[f64], reference: &[f64]) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        out.len() == reference.len(),
+        "length mismatch: {} values against a reference of {}",
+        out.len(),
+        reference.len()
     );
+    if let Some(i) = reference.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "reference has non-finite values (NaN or inf; the first at index {i}): it cannot judge anything"
+        );
+    }
     if out.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
+        return Ok(f64::INFINITY);
     }
     let num: f64 = out
         .iter()
@@ -74,11 +88,11 @@ pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
         .map(|(a, b)| (a - b) * (a - b))
         .sum();
     let den: f64 = reference.iter().map(|b| b * b).sum();
-    assert!(
+    anyhow::ensure!(
         den > 0.0,
         "reference is all zeros: the test would prove nothing"
     );
-    (num / den).sqrt()
+    Ok((num / den).sqrt())
 }
 
 /// Largest |out − ref| and its index.
