@@ -6,11 +6,13 @@ use cubecl::prelude::*;
 use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen::reference::RefModel;
+use cubeqwen::sampling::top2;
 use cubeqwen_kernels::runtime::RuntimeJob;
 use cubeqwen_kernels::testing::{fresh_seed, rel_err, run_test, Rng};
 use cubeqwen_loaders::{load_model, random_qwen2, write_gguf_f16, Qwen2Config};
 
-/// Per-position relative logit error allowed (f16 weights and activations vs f64).
+/// Per-position relative logit error allowed (f16 weights and activations vs f64). Measured
+/// on wgpu over 12 seeds: at most 3.5e-3 (peaked attention, see `random_qwen2`); about 3x.
 const TOL: f64 = 1e-2;
 
 fn config(tied: bool) -> Qwen2Config {
@@ -45,8 +47,12 @@ impl RuntimeJob for Case {
         _device: &str,
     ) -> Result<Vec<(String, f64)>> {
         let cfg = config(self.tied);
-        let dir =
-            std::env::temp_dir().join(format!("cubeqwen-fwd-{}-{}", std::process::id(), self.seed));
+        let dir = std::env::temp_dir().join(format!(
+            "cubeqwen-fwd-{}-{}-{}",
+            std::process::id(),
+            self.seed,
+            self.tied
+        ));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("model.gguf");
         write_gguf_f16(&random_qwen2(&cfg, self.seed), &path)?;
@@ -65,7 +71,7 @@ impl RuntimeJob for Case {
 
         let mut rng = Rng::new(self.seed);
         let prompt: Vec<u32> = (0..self.prompt_len)
-            .map(|_| (rng.next_u64() % cfg.vocab as u64) as u32)
+            .map(|_| rng.below(cfg.vocab) as u32)
             .collect();
         let mut errs = Vec::new();
         let got = session.forward_all(&client, &prompt, None)?;
@@ -78,7 +84,7 @@ impl RuntimeJob for Case {
             errs.push((format!("prefill pos {p}"), rel_err(&g, w)));
         }
         // Decode: feed the reference's greedy choice, so both see the same tokens.
-        let mut next = cubeqwen::reference::argmax(want.last().unwrap()).unwrap() as u32;
+        let mut next = argmax(want.last().unwrap());
         for s in 0..self.decode_steps {
             let pos = session.len;
             let got = session.forward(&client, &[next], None)?.to_vec(&client)?;
@@ -88,10 +94,14 @@ impl RuntimeJob for Case {
                 format!("decode step {s} (pos {pos})"),
                 rel_err(&g, &want[0]),
             ));
-            next = cubeqwen::reference::argmax(&want[0]).unwrap() as u32;
+            next = argmax(&want[0]);
         }
         Ok(errs)
     }
+}
+
+fn argmax(logits: &[f64]) -> u32 {
+    top2(logits).expect("finite reference logits").0 as u32
 }
 
 fn check(case: Case) {
