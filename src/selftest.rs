@@ -264,6 +264,7 @@ mod tests {
     #[test]
     fn every_kernel_family_passes_on_the_test_device() {
         let seed = fresh_seed();
+        println!("seed {seed} (replay with CUBEQWEN_SEED={seed})");
         let checks = run_test(SelfTest { seed });
         let families = [
             "rmsnorm",

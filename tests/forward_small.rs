@@ -104,8 +104,10 @@ fn argmax(logits: &[f64]) -> u32 {
     top2(logits).expect("finite reference logits").0 as u32
 }
 
+/// Runs `case`; its seed is printed first, so a failure of any kind shows it.
 fn check(case: Case) {
     let seed = case.seed;
+    println!("seed {seed} (replay with CUBEQWEN_SEED={seed})");
     let errs = run_test(case);
     let worst = errs.iter().cloned().fold(
         (String::new(), 0.0f64),
@@ -120,7 +122,7 @@ fn check(case: Case) {
     for (what, e) in &errs {
         assert!(
             *e <= TOL,
-            "{what}: logit rel_err {e:.3e} > {TOL:.0e} (seed {seed})"
+            "{what}: logit rel_err {e:.3e} > {TOL:.0e} (seed {seed}; replay with CUBEQWEN_SEED={seed})"
         );
     }
 }
