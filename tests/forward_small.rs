@@ -9,26 +9,14 @@ use cubeqwen::reference::RefModel;
 use cubeqwen::sampling::top2;
 use cubeqwen_kernels::runtime::RuntimeJob;
 use cubeqwen_kernels::testing::{fresh_seed, rel_err, run_test, Rng};
-use cubeqwen_loaders::{load_model, random_qwen2, write_gguf_f16, Qwen2Config};
+use cubeqwen_loaders::{load_model, random_qwen2, small_gqa7_config, write_gguf_f16, Qwen2Config};
 
 /// Per-position relative logit error allowed (f16 weights and activations vs f64). Measured
 /// on wgpu over 12 seeds: at most 3.5e-3 (peaked attention, see `random_qwen2`); about 3x.
 const TOL: f64 = 1e-2;
 
 fn config(tied: bool) -> Qwen2Config {
-    Qwen2Config {
-        hidden: 224,
-        layers: 3,
-        n_heads: 14,
-        n_kv_heads: 2, // GQA ratio 7, as Qwen2.5-0.5B
-        head_dim: 16,
-        ffn: 384,
-        vocab: 512,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
-        context_length: 4096,
-        tied_embeddings: tied,
-    }
+    small_gqa7_config(3, 512, tied) // GQA ratio 7, as Qwen2.5-0.5B
 }
 
 struct Case {

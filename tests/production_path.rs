@@ -29,7 +29,7 @@ use cubeqwen::reference::RefModel;
 use cubeqwen_kernels::matmul::{resolve_variant, MatmulVariant};
 use cubeqwen_kernels::runtime::RuntimeJob;
 use cubeqwen_kernels::testing::{fresh_seed, full_shapes, rel_err, run_test};
-use cubeqwen_loaders::{random_qwen2, Qwen2Config};
+use cubeqwen_loaders::{random_qwen2, small_gqa7_config, Qwen2Config};
 use serde_json::Value;
 
 /// Per-position relative logit error allowed. It grows with the position (f16 q and k under
@@ -56,14 +56,7 @@ fn config() -> Qwen2Config {
     if full_shapes() {
         real
     } else {
-        Qwen2Config {
-            hidden: 224,
-            layers: 2,
-            head_dim: 16,
-            ffn: 384,
-            vocab: 4096,
-            ..real
-        }
+        small_gqa7_config(2, 4096, false)
     }
 }
 

@@ -15,7 +15,7 @@ use cubeqwen::trace::{
 };
 use cubeqwen_kernels::runtime::RuntimeJob;
 use cubeqwen_kernels::testing::{fresh_seed, run_test};
-use cubeqwen_loaders::{random_qwen2, Qwen2Config};
+use cubeqwen_loaders::{random_qwen2, small_gqa7_config, Qwen2Config};
 
 /// Per-step relative error allowed. A clean pass measured on wgpu (lavapipe, seeds 1..=10):
 /// worst step 2.8e-3 (always L2.swiglu or L2.down, f16 values of wide range); about 3x. The
@@ -28,19 +28,7 @@ const PREFILL: usize = 10;
 const CHUNK: usize = 4;
 
 fn config() -> Qwen2Config {
-    Qwen2Config {
-        hidden: 224,
-        layers: 3,
-        n_heads: 14,
-        n_kv_heads: 2,
-        head_dim: 16,
-        ffn: 384,
-        vocab: 300,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
-        context_length: 4096,
-        tied_embeddings: false,
-    }
+    small_gqa7_config(3, 300, false)
 }
 
 enum Fault {
@@ -98,6 +86,13 @@ fn first(fault: Fault) -> (Departure, String) {
     )
 }
 
+/// The faults `set` turns on.
+fn on(set: fn(&mut Faults)) -> Faults {
+    let mut f = Faults::default();
+    set(&mut f);
+    f
+}
+
 /// Asserts that `f` is first found at `step`, with its worst element at a position in `at`.
 fn found_at(f: Faults, step: &str, at: std::ops::Range<usize>) {
     let (got, seed) = first(Fault::Device(f.clone()));
@@ -119,93 +114,70 @@ fn clean_pass_departs_nowhere() {
 
 #[test]
 fn rope_with_adjacent_pairs_is_found_at_q_rope() {
-    let f = Faults {
-        rope_adjacent_pairs: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.q_rope", 0..TOKENS);
+    found_at(on(|f| f.rope_adjacent_pairs = true), "L0.q_rope", 0..TOKENS);
 }
 
 #[test]
 fn dropped_q_bias_is_found_at_q() {
-    let f = Faults {
-        drop_q_bias: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.q", 0..TOKENS);
+    found_at(on(|f| f.drop_q_bias = true), "L0.q", 0..TOKENS);
 }
 
 #[test]
 fn wrong_gqa_mapping_is_found_at_attn() {
-    let f = Faults {
-        wrong_gqa_mapping: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.attn", 0..TOKENS);
+    found_at(on(|f| f.wrong_gqa_mapping = true), "L0.attn", 0..TOKENS);
 }
 
 #[test]
 fn wrong_attention_scale_is_found_at_attn() {
-    let f = Faults {
-        attention_scale_one_over_hd: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.attn", 0..TOKENS);
+    found_at(
+        on(|f| f.attention_scale_one_over_hd = true),
+        "L0.attn",
+        0..TOKENS,
+    );
 }
 
 #[test]
 fn missing_causal_mask_is_found_at_attn_in_the_prefill() {
-    let f = Faults {
-        no_causal_mask: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.attn", 0..PREFILL);
+    found_at(on(|f| f.no_causal_mask = true), "L0.attn", 0..PREFILL);
 }
 
 #[test]
 fn norm_weight_off_by_one_is_found_in_layer_1() {
-    let f = Faults {
-        norm_weight_off_by_one: true,
-        ..Faults::default()
-    };
-    found_at(f, "L1.attn_norm", 0..TOKENS);
+    found_at(
+        on(|f| f.norm_weight_off_by_one = true),
+        "L1.attn_norm",
+        0..TOKENS,
+    );
 }
 
 #[test]
 fn swapped_gate_and_up_are_found_at_gate() {
-    let f = Faults {
-        swap_gate_up: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.gate", 0..TOKENS);
+    found_at(on(|f| f.swap_gate_up = true), "L0.gate", 0..TOKENS);
 }
 
 #[test]
 fn dropped_residual_is_found_at_its_layer() {
-    let f = Faults {
-        drop_attn_residual: Some(2),
-        ..Faults::default()
-    };
-    found_at(f, "L2.resid1", 0..TOKENS);
+    found_at(
+        on(|f| f.drop_attn_residual = Some(2)),
+        "L2.resid1",
+        0..TOKENS,
+    );
 }
 
 #[test]
 fn kv_write_at_the_wrong_position_is_found_in_decode() {
-    let f = Faults {
-        kv_write_off_by_one: true,
-        ..Faults::default()
-    };
     // The 2-token last prefill chunk writes where it should: only decode departs.
+    let f = on(|f| f.kv_write_off_by_one = true);
     found_at(f, "L0.attn", PREFILL..TOKENS);
 }
 
 #[test]
 fn chunk_boundary_off_by_one_is_found_after_the_first_chunk() {
-    let f = Faults {
-        chunk_start_off_by_one: true,
-        ..Faults::default()
-    };
-    found_at(f, "L0.q_rope", CHUNK..PREFILL);
+    found_at(
+        on(|f| f.chunk_start_off_by_one = true),
+        "L0.q_rope",
+        CHUNK..PREFILL,
+    );
 }
 
 #[test]

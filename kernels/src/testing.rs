@@ -95,16 +95,19 @@ pub fn try_rel_err(out: &[f64], reference: &[f64]) -> anyhow::Result<f64> {
     Ok((num / den).sqrt())
 }
 
-/// Largest |out − ref| and its index.
+/// Largest |out − ref| and its index; the first NaN wins (nothing after it replaces it).
 pub fn max_abs_err(out: &[f64], reference: &[f64]) -> (f64, usize) {
     out.iter()
         .zip(reference)
         .enumerate()
         .map(|(i, (a, b))| ((a - b).abs(), i))
-        .fold(
-            (0.0, 0),
-            |m, x| if x.0 > m.0 || x.0.is_nan() { x } else { m },
-        )
+        .fold((0.0, 0), |m, x| {
+            if !m.0.is_nan() && (x.0 > m.0 || x.0.is_nan()) {
+                x
+            } else {
+                m
+            }
+        })
 }
 
 pub fn f16_to_f64(v: &[f16]) -> Vec<f64> {

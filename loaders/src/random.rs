@@ -116,6 +116,24 @@ pub fn random_qwen2(config: &Qwen2Config, seed: u64) -> HostModel {
     }
 }
 
+/// A small Qwen2.5-like config for device tests: Qwen2.5-0.5B's GQA ratio (14 q heads on 2 kv
+/// heads), head_dim 16, hidden 224, ffn 384, rope theta 1e6, eps 1e-6.
+pub fn small_gqa7_config(layers: usize, vocab: usize, tied_embeddings: bool) -> Qwen2Config {
+    Qwen2Config {
+        hidden: 224,
+        layers,
+        n_heads: 14,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn: 384,
+        vocab,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        context_length: 4096,
+        tied_embeddings,
+    }
+}
+
 /// A tiny config for tests: hidden 64, 2 layers, 4 heads, 2 kv heads, ffn 128, vocab 256.
 pub fn tiny_config() -> Qwen2Config {
     Qwen2Config {
