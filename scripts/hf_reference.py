@@ -4,7 +4,11 @@ which has torch and transformers; nothing is downloaded).
 
 Builds a Qwen2 model with the Qwen2.5-0.5B (or 1.5B) configuration and random weights from a
 fixed seed, saves it as a Hugging Face checkpoint (config.json + model.safetensors), and writes
-reference outputs of an f32 forward pass:
+reference outputs of an f32 forward pass. The q and k projections are scaled by QK_GAIN so that
+attention is peaked as in a trained model (with the default init it is nearly uniform, and a
+wrong attention scale or a missing causal mask would barely show); the script measures the
+mean attention entropy and fails if it is not well below uniform. A prompt longer than 512
+tokens (--prompt-len 600) makes cubeqwen prefill it in two chunks.
 
   OUT/model/                      the checkpoint cubeqwen loads
   OUT/reference.safetensors       input_ids [P] i64, logits [P, vocab] f32 (every prompt position),
@@ -24,6 +28,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 import transformers.models.qwen2.modeling_qwen2 as mq
+
+# Scale of the q/k projection weights and biases over the default init: attention scores then
+# spread with a standard deviation of about 4 (about 0.6 without), as in cubeqwen's random_qwen2.
+QK_GAIN = 2.5
+# The mean attention entropy (over layers, heads and query positions >= 16), as a fraction of
+# the uniform distribution's, must be below this.
+MAX_ENTROPY_RATIO = 0.5
 
 CONFIGS = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -56,6 +67,8 @@ def main():
                 p.normal_(0.0, 0.5)
             elif name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
+            if ".q_proj." in name or ".k_proj." in name:
+                p.mul_(QK_GAIN)
     model_dir = os.path.join(a.out, "model")
     try:
         model.save_pretrained(model_dir, safe_serialization=True)
@@ -73,7 +86,11 @@ def main():
     if a.activations:
         hooks = install_hooks(model, acts)
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, output_attentions=True)
+    ratio = entropy_ratio(out.attentions)
+    print(f"attention entropy / uniform (mean over layers, heads, positions >= 16): {ratio:.3f}")
+    if not ratio < MAX_ENTROPY_RATIO:
+        raise SystemExit(f"attention is not peaked: entropy ratio {ratio:.3f} >= {MAX_ENTROPY_RATIO}")
     if a.activations:
         for h in hooks:
             h.remove()
@@ -106,6 +123,20 @@ def main():
 
 
 ORIGINAL_ROPE = mq.apply_rotary_pos_emb
+
+
+def entropy_ratio(attentions, start=16):
+    """Mean softmax entropy of the causal attention rows at query positions >= start, over all
+    layers and heads, each divided by ln(number of visible positions)."""
+    ratios = []
+    for att in attentions:  # [batch, heads, q, k]
+        p = att[0].double()
+        n = p.shape[-1]
+        start = max(1, min(start, n - 1))
+        ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # [heads, q]
+        visible = torch.arange(1, n + 1, device=p.device, dtype=torch.float64)
+        ratios.append((ent[:, start:] / torch.log(visible[start:])).mean())
+    return float(torch.stack(ratios).mean())
 
 
 def install_hooks(model, acts):

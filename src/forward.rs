@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 #[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
-use cubeqwen_kernels::attention::{attention_with_fault, KvCache};
+use cubeqwen_kernels::attention::KvCache;
 use cubeqwen_kernels::buffer::check_launches;
 use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState, Rec};
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
@@ -18,10 +18,17 @@ use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
 use cubeqwen_kernels::graph::GraphRecorder;
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
-use cubeqwen_kernels::rope::rope_with_fault;
+use cubeqwen_kernels::rope::RopeTables;
 use cubeqwen_kernels::DeviceTensor;
 #[cfg(feature = "cuda")]
 use cudarc::driver::CudaGraph;
+#[cfg(not(feature = "faults"))]
+use cubeqwen_kernels::{attention::attention, rope::rope};
+#[cfg(feature = "faults")]
+use cubeqwen_kernels::{
+    attention::{attention_with_fault, AttentionFault},
+    rope::rope_with_fault,
+};
 use half::f16;
 #[cfg(feature = "cuda")]
 use std::collections::HashMap;
@@ -61,6 +68,10 @@ impl<R: Runtime> StepTensor<'_, R> {
 /// Sees every named step (`embedding`, `L3.q_rope`, `logits`, ...; names as in
 /// `reference::trace::step_names`) of a forward call.
 pub trait StepObserver<R: Runtime> {
+    /// Called before the steps of each block of tokens the pass runs at once (a whole
+    /// prompt, each prefill chunk, each decode token): row `t` of the steps that follow is the
+    /// token at sequence position `start_pos + t`.
+    fn begin(&mut self, _start_pos: usize, _ids: &[u32]) {}
     fn step(
         &mut self,
         client: &ComputeClient<R>,
@@ -84,18 +95,6 @@ enum Logits {
     All,
     /// Only the last token, into the decode buffers with its top two and greedy next token.
     Top2,
-}
-
-/// Known bugs the forward pass can be told to commit, so tests can prove the parity tracer
-/// finds them (never set in production; all off by default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// RoPE with adjacent pairs (2i, 2i+1) instead of halves (i, i + hd/2).
-    pub rope_adjacent_pairs: bool,
-    /// The q projection without its bias.
-    pub drop_q_bias: bool,
-    /// Query head h reads kv head h % n_kv instead of h / (n_heads / n_kv).
-    pub wrong_gqa_mapping: bool,
 }
 
 /// What the fused decode step keeps on the device between tokens: made once per session.
@@ -152,7 +151,6 @@ pub struct Session<'m, R: Runtime> {
     pub variant: MatmulVariant,
     /// Prompts longer than this are prefilled in chunks of this many tokens.
     pub prefill_chunk: usize,
-    pub faults: Faults,
     /// Decode with the fused single-token kernels (`decode` module of the kernels crate);
     /// off, [`Session::decode`] runs the same step through the general kernels.
     pub fused_decode: bool,
@@ -162,6 +160,9 @@ pub struct Session<'m, R: Runtime> {
     decode: DecodeBuffers<R>,
     #[cfg(feature = "cuda")]
     graphs: Option<Graphs>,
+    /// Bugs to commit on purpose (tests of the parity tracer only).
+    #[cfg(feature = "faults")]
+    pub faults: crate::faults::Faults,
 }
 
 /// A per-token value of the decode step on the device.
@@ -206,12 +207,13 @@ impl<'m, R: Runtime> Session<'m, R> {
             max_ctx,
             variant: MatmulVariant::Auto,
             prefill_chunk: 512,
-            faults: Faults::default(),
             fused_decode: true,
             use_graphs: std::env::var_os("CUBEQWEN_NO_GRAPHS").is_none(),
             decode: DecodeBuffers::new(client, model, max_ctx)?,
             #[cfg(feature = "cuda")]
             graphs: None,
+            #[cfg(feature = "faults")]
+            faults: Default::default(),
         })
     }
 
@@ -236,7 +238,11 @@ impl<'m, R: Runtime> Session<'m, R> {
             self.len,
             self.model.config.context_length
         );
-        if !self.fused_decode || self.faults != Faults::default() {
+        #[cfg(feature = "faults")]
+        let faulty = self.faults != Default::default();
+        #[cfg(not(feature = "faults"))]
+        let faulty = false;
+        if !self.fused_decode || faulty {
             // The general kernels (and the fault switches) take the id from the host.
             let id = self.read_u32(client, DecodeValue::Token)?;
             return self.run(client, &[id], Logits::Top2, None).map(|_| ());
@@ -522,17 +528,20 @@ impl<'m, R: Runtime> Session<'m, R> {
                 _ if i + 1 == n_chunks => Some(which),
                 _ => None,
             };
-            let (l, mut a) = self.forward_chunk(client, chunk, want, &mut obs)?;
+            let (l, mut a) = self.forward_chunk(client, chunk, i == 0, want, &mut obs)?;
             last = l.or(last);
             all.append(&mut a);
         }
         Ok((last, all))
     }
 
+    /// Runs one block of `ids` (a whole prompt, a prefill chunk, one decode token) at
+    /// positions `len..len + ids.len()`; `first` is false for the later chunks of a prompt.
     fn forward_chunk(
         &mut self,
         client: &ComputeClient<R>,
         ids: &[u32],
+        first: bool,
         which: Option<Logits>,
         obs: &mut Option<&mut dyn StepObserver<R>>,
     ) -> Result<LogitsOut<R>> {
@@ -540,7 +549,14 @@ impl<'m, R: Runtime> Session<'m, R> {
         let c = &m.config;
         let (t, d) = (ids.len(), c.hidden);
         let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-        let start = self.len;
+        if let Some(o) = obs.as_deref_mut() {
+            o.begin(self.len, ids);
+        }
+        let start = if !first && fault!(self.faults.chunk_start_off_by_one) {
+            self.len - 1
+        } else {
+            self.len
+        };
         let v = self.variant;
         let eps = c.rms_eps;
         let mut see = |name: &str, value: StepTensor<'_, R>| -> Result<()> {
@@ -569,15 +585,20 @@ impl<'m, R: Runtime> Session<'m, R> {
 
         for (l, (layer, cache)) in m.layers.iter().zip(&self.caches).enumerate() {
             let name = |s: &str| format!("L{l}.{s}");
-            if l == 0 {
-                rms_norm(client, &x, &layer.attn_norm, &h, eps)?;
+            let attn_norm = if l > 0 && fault!(self.faults.norm_weight_off_by_one) {
+                &m.layers[l - 1].attn_norm
             } else {
-                residual_add_rms_norm(client, &x, &proj, &layer.attn_norm, &h, eps)?;
+                &layer.attn_norm
+            };
+            if l == 0 {
+                rms_norm(client, &x, attn_norm, &h, eps)?;
+            } else {
+                residual_add_rms_norm(client, &x, &proj, attn_norm, &h, eps)?;
                 see(&format!("L{}.resid2", l - 1), StepTensor::F32(&x))?;
             }
             see(&name("attn_norm"), StepTensor::F16(&h))?;
 
-            let bq = (!self.faults.drop_q_bias).then_some(&layer.bq);
+            let bq = (!fault!(self.faults.drop_q_bias)).then_some(&layer.bq);
             matmul(client, v, &h, &layer.wq, bq, &q)?;
             matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
             matmul(client, v, &h, &layer.wv, Some(&layer.bv), &vv)?;
@@ -585,26 +606,38 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("k"), StepTensor::F16(&k))?;
             see(&name("v"), StepTensor::F16(&vv))?;
 
-            let adjacent = self.faults.rope_adjacent_pairs;
-            rope_with_fault(client, &q, &pos_d, start + t - 1, &m.rope, adjacent)?;
-            rope_with_fault(client, &k, &pos_d, start + t - 1, &m.rope, adjacent)?;
+            self.rope(client, &q, &pos_d, start + t - 1, &m.rope)?;
+            self.rope(client, &k, &pos_d, start + t - 1, &m.rope)?;
             see(&name("q_rope"), StepTensor::F16(&q))?;
             see(&name("k_rope"), StepTensor::F16(&k))?;
 
-            cache.append(client, &k, &vv, start)?;
-            let wrong_gqa = self.faults.wrong_gqa_mapping;
-            attention_with_fault(client, &q, cache, c.n_heads, start, &att, wrong_gqa)?;
+            let kv_at = if t == 1 && fault!(self.faults.kv_write_off_by_one) {
+                start + 1
+            } else {
+                start
+            };
+            cache.append(client, &k, &vv, kv_at)?;
+            self.attention(client, &q, cache, start, &att)?;
             see(&name("attn"), StepTensor::F16(&att))?;
 
             matmul(client, v, &att, &layer.wo, None, &proj)?;
             see(&name("attn_out"), StepTensor::F16(&proj))?;
 
-            residual_add_rms_norm(client, &x, &proj, &layer.ffn_norm, &h, eps)?;
+            if fault!(self.faults.drop_attn_residual == Some(l)) {
+                rms_norm(client, &x, &layer.ffn_norm, &h, eps)?;
+            } else {
+                residual_add_rms_norm(client, &x, &proj, &layer.ffn_norm, &h, eps)?;
+            }
             see(&name("resid1"), StepTensor::F32(&x))?;
             see(&name("ffn_norm"), StepTensor::F16(&h))?;
 
-            matmul(client, v, &h, &layer.w_gate, None, &gate)?;
-            matmul(client, v, &h, &layer.w_up, None, &up)?;
+            let (w_gate, w_up) = if fault!(self.faults.swap_gate_up) {
+                (&layer.w_up, &layer.w_gate)
+            } else {
+                (&layer.w_gate, &layer.w_up)
+            };
+            matmul(client, v, &h, w_gate, None, &gate)?;
+            matmul(client, v, &h, w_up, None, &up)?;
             see(&name("gate"), StepTensor::F16(&gate))?;
             see(&name("up"), StepTensor::F16(&up))?;
             swiglu(client, &gate, &up, &gate)?;
@@ -673,5 +706,57 @@ impl<'m, R: Runtime> Session<'m, R> {
         }
         check_launches(client)?;
         Ok((last, all))
+    }
+
+    /// RoPE on `x` (with the `rope_adjacent_pairs` fault where the build has faults).
+    fn rope(
+        &self,
+        client: &ComputeClient<R>,
+        x: &DeviceTensor<R, f16>,
+        positions: &DeviceTensor<R, u32>,
+        max_position: usize,
+        tables: &RopeTables<R>,
+    ) -> Result<()> {
+        #[cfg(feature = "faults")]
+        let done = rope_with_fault(
+            client,
+            x,
+            positions,
+            max_position,
+            tables,
+            self.faults.rope_adjacent_pairs,
+        );
+        #[cfg(not(feature = "faults"))]
+        let done = rope(client, x, positions, max_position, tables);
+        done
+    }
+
+    /// Attention of `q` over `cache` (with the attention faults where the build has them).
+    fn attention(
+        &self,
+        client: &ComputeClient<R>,
+        q: &DeviceTensor<R, f16>,
+        cache: &KvCache<R, f16>,
+        start: usize,
+        out: &DeviceTensor<R, f16>,
+    ) -> Result<()> {
+        let n_heads = self.model.config.n_heads;
+        #[cfg(feature = "faults")]
+        let done = attention_with_fault(
+            client,
+            q,
+            cache,
+            n_heads,
+            start,
+            out,
+            AttentionFault {
+                wrong_gqa: self.faults.wrong_gqa_mapping,
+                no_causal_mask: self.faults.no_causal_mask,
+                scale_one_over_hd: self.faults.attention_scale_one_over_hd,
+            },
+        );
+        #[cfg(not(feature = "faults"))]
+        let done = attention(client, q, cache, n_heads, start, out);
+        done
     }
 }

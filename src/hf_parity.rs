@@ -2,20 +2,25 @@
 //! (`scripts/hf_reference.py` wrote DIR: a random-weight Qwen2 checkpoint and the f32 logits
 //! of its prompt and greedy continuation).
 //!
-//! Checks: relative logit error ‖ours−ref‖/‖ref‖ ≤ 1e-2 at every prompt position; top-1
+//! Checks: every logit finite (the first non-finite one fails at once, with its position);
+//! relative logit error ‖ours−ref‖/‖ref‖ ≤ [`MAX_REL`] at every prompt position; top-1
 //! identical wherever the reference's top-2 margin exceeds 0.05; greedy steps identical up to
 //! the first step whose reference margin is at most 0.05.
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::select::argmax;
+use cubeqwen_kernels::testing::try_rel_err;
 
 use crate::forward::Session;
 use crate::model::DeviceModel;
+use crate::sampling::top2;
 
-pub const MAX_REL: f64 = 1e-2;
+/// Per-position relative logit error allowed. Measured on the H100 (BENCHMARKS.md): 1.0e-3
+/// for the 0.5B shape, 1.75e-3 for the 1.5B shape; about 3x the larger.
+pub const MAX_REL: f64 = 5e-3;
 pub const MARGIN: f32 = 0.05;
 
 pub struct Reference {
@@ -55,17 +60,17 @@ pub fn read_reference(path: &Path) -> Result<Reference> {
     })
 }
 
-fn top2(row: &[f32]) -> (usize, f32) {
-    let (mut bi, mut bv, mut sv) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > bv {
-            sv = bv;
-            (bi, bv) = (i, v);
-        } else if v > sv {
-            sv = v;
-        }
+/// The index of the largest value and its margin over the second (0 for an all-NaN row).
+fn top1(row: &[f32]) -> (usize, f32) {
+    top2(row).map_or((0, 0.0), |(i, a, b)| (i, (a - b) as f32))
+}
+
+/// Fails at the first non-finite logit of `row` (the logits at sequence position `pos`).
+fn all_finite(row: &[f32], pos: usize, what: &str) -> Result<()> {
+    if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+        bail!("{what}: logit {} at position {pos}, column {c}", row[c]);
     }
-    (bi, bv - sv)
+    Ok(())
 }
 
 /// Runs the checks on the device; returns the report and whether everything passed.
@@ -85,29 +90,31 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
     let mut worst = (0.0f64, 0);
     let mut top1_checked = 0;
     let mut top1_bad = Vec::new();
+    let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     for pos in 0..p {
         let (g, w) = (
             &got[pos * vocab..(pos + 1) * vocab],
             &r.logits[pos * vocab..(pos + 1) * vocab],
         );
-        let num: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-        let rel = (num / den).sqrt();
-        if !(rel <= worst.0) {
+        all_finite(g, pos, "device")?;
+        all_finite(w, pos, "reference")?;
+        let rel = try_rel_err(&widen(g), &widen(w)).with_context(|| format!("position {pos}"))?;
+        if rel > worst.0 {
             worst = (rel, pos);
         }
-        let (wi, wm) = top2(w);
+        let (wi, wm) = top1(w);
         if wm > MARGIN {
             top1_checked += 1;
-            if top2(g).0 != wi {
+            if top1(g).0 != wi {
                 top1_bad.push(pos);
             }
         }
     }
     // Greedy continuation from the prefill.
-    let mut tokens = vec![top2(&got[(p - 1) * vocab..]).0 as u32];
+    let mut tokens = vec![top1(&got[(p - 1) * vocab..]).0 as u32];
     while tokens.len() < r.greedy_ids.len() {
         let l = session.forward(client, &tokens[tokens.len() - 1..], None)?;
+        all_finite(&l.to_vec(client)?, session.len - 1, "device decode")?;
         tokens.push(argmax(client, &l)?.to_vec(client)?[0]);
     }
     let trusted = r
@@ -122,11 +129,13 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
         .count();
     let ok = worst.0 <= MAX_REL && top1_bad.is_empty() && same >= trusted;
     let report = format!(
-        "{}: {} layers, d {}, {} prompt tokens\n  worst per-position logit rel err {:.3e} at position {} (limit {MAX_REL:.0e})\n  top-1 equal at {}/{} positions with reference margin > {MARGIN}{}\n  greedy: {same}/{} steps equal (required: {trusted}, the steps before the first margin <= {MARGIN})\n  {}",
+        "{}: {} layers, d {}, {} prompt tokens (prefilled in {} chunk(s) of at most {})\n  worst per-position logit rel err {:.3e} at position {} (limit {MAX_REL:.0e})\n  top-1 equal at {}/{} positions with reference margin > {MARGIN}{}\n  greedy: {same}/{} steps equal (required: {trusted}, the steps before the first margin <= {MARGIN})\n  {}",
         dir.display(),
         host.config.layers,
         host.config.hidden,
         p,
+        p.div_ceil(session.prefill_chunk),
+        session.prefill_chunk,
         worst.0,
         worst.1,
         top1_checked - top1_bad.len(),

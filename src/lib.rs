@@ -6,7 +6,21 @@
 //! - loaders: crate `cubeqwen-loaders` (folder `loaders/`): GGUF, safetensors, dequantization.
 //! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
 
+/// `fault!(expr)`: the fault condition `expr` (on a [`faults::Faults`]) in builds with the
+/// feature `faults`, else `false`, so the release build holds no fault code.
+macro_rules! fault {
+    ($e:expr) => {{
+        #[cfg(feature = "faults")]
+        let on = $e;
+        #[cfg(not(feature = "faults"))]
+        let on = false;
+        on
+    }};
+}
+
 pub mod chat;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod fetch;
 pub mod forward;
 pub mod generate;

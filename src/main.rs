@@ -443,8 +443,12 @@ impl RuntimeJob for TraceJob {
     type Output = bool;
     fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<bool> {
         eprintln!("device: {device}; tracing {} tokens", self.ids.len());
-        let model = DeviceModel::upload(&client, &self.host, self.ids.len().max(1))?;
-        let got = cubeqwen::trace::device_trace(&client, &model, &self.ids, Default::default())?;
+        let n = self.ids.len();
+        let model = DeviceModel::upload(&client, &self.host, n.max(1))?;
+        // One prefill of the whole prompt, as the expected trace was made.
+        let mut session = cubeqwen::forward::Session::new(&client, &model, n.max(1))?;
+        session.prefill_chunk = n.max(1);
+        let got = cubeqwen::trace::device_trace(&client, &mut session, &self.ids, n)?;
         let reports =
             cubeqwen::trace::compare(&self.expected, &got, self.n_layers, self.layers, self.tol)?;
         print!("{}", cubeqwen::trace::format_report(&reports, self.tol));

@@ -94,24 +94,49 @@ impl SamplingParams {
 
 /// Index of the largest logit, lowest index on ties; NaN is never chosen (all-NaN gives 0).
 pub fn argmax(logits: &[f32]) -> u32 {
-    // Pass 1: the maximum, in 8 independent lanes (NaN compares false and is skipped).
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = logits.chunks_exact(8);
+    first_max(logits).map_or(0, |(i, _)| i as u32)
+}
+
+/// `(index of the largest value, largest, second-largest)`: lowest index on ties (a value equal
+/// to the largest at another index is the second), NaN never chosen, second `-inf` for one
+/// element. `None` for an empty or all-NaN slice. The one host argmax: sampling, the f64
+/// reference and every test use it.
+pub fn top2<T: Copy + Into<f64>>(v: &[T]) -> Option<(usize, f64, f64)> {
+    let (i, best) = first_max(v)?;
+    let second = lane_max(&v[..i]).max(lane_max(&v[i + 1..]));
+    Some((i, best, second))
+}
+
+/// The largest value and its first index (`None` when empty or all NaN).
+fn first_max<T: Copy + Into<f64>>(v: &[T]) -> Option<(usize, f64)> {
+    let max = lane_max(v);
+    let i = v.iter().position(|&x| x.into() == max)?;
+    Some((i, max))
+}
+
+/// The largest value (`-inf` when empty or all NaN), in 8 independent lanes so the compiler
+/// vectorises it (NaN compares false and is skipped).
+fn lane_max<T: Copy + Into<f64>>(v: &[T]) -> f64 {
+    let mut lanes = [f64::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
         for j in 0..8 {
-            if c[j] > lanes[j] {
-                lanes[j] = c[j];
+            let x = c[j].into();
+            if x > lanes[j] {
+                lanes[j] = x;
             }
         }
     }
-    let mut max = f32::NEG_INFINITY;
-    for &v in lanes.iter().chain(chunks.remainder()) {
+    let mut max = f64::NEG_INFINITY;
+    for v in lanes
+        .into_iter()
+        .chain(chunks.remainder().iter().map(|&x| x.into()))
+    {
         if v > max {
             max = v;
         }
     }
-    // Pass 2: its first position (max is -inf when everything is -inf or NaN).
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+    max
 }
 
 /// Descending by logit, then ascending by id: a total order, so results are deterministic.

@@ -7,16 +7,17 @@
 //! `LN.resid1`, `LN.ffn_norm`, `LN.gate`, `LN.up`, `LN.swiglu`, `LN.down`, `LN.resid2`, then
 //! `output_norm`, `logits`. Tracing costs nothing when off: the production path gets `None`.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use cubecl::prelude::*;
+use cubeqwen_kernels::testing::try_rel_err;
 use cubeqwen_loaders::{HostModel, TensorData};
 
-use crate::forward::{Faults, Session, StepObserver, StepTensor};
-use crate::model::DeviceModel;
+use crate::forward::{Session, StepObserver, StepTensor};
 use crate::reference::trace::{step_names, Capture, Tracer};
 use crate::reference::RefModel;
 
@@ -26,6 +27,10 @@ pub struct DeviceCapture {
 }
 
 impl<R: Runtime> StepObserver<R> for DeviceCapture {
+    fn begin(&mut self, start_pos: usize, ids: &[u32]) {
+        self.capture.begin(start_pos, ids);
+    }
+
     fn step(
         &mut self,
         client: &ComputeClient<R>,
@@ -39,21 +44,28 @@ impl<R: Runtime> StepObserver<R> for DeviceCapture {
     }
 }
 
-/// Every step of the device forward pass over `ids` (one prefill call, logits at all positions).
+/// Every step of the device forward pass over `ids` on a fresh `session`: `ids[..prefill]`
+/// prefilled (in chunks of `session.prefill_chunk`, logits at every position), then each
+/// later id decoded on its own (teacher-forced), as generation runs them.
 pub fn device_trace<R: Runtime>(
     client: &ComputeClient<R>,
-    model: &DeviceModel<R>,
+    session: &mut Session<'_, R>,
     ids: &[u32],
-    faults: Faults,
+    prefill: usize,
 ) -> Result<Capture> {
-    let mut session = Session::new(client, model, ids.len().max(1))?;
-    session.faults = faults;
-    session.prefill_chunk = ids.len().max(1);
+    ensure!(session.len == 0, "device_trace needs a fresh session");
+    ensure!(
+        (1..=ids.len()).contains(&prefill),
+        "trace: prefill {prefill} must be 1..={} tokens",
+        ids.len()
+    );
     let mut obs = DeviceCapture {
         capture: Capture::all(),
     };
-    obs.capture.begin(0, ids);
-    session.forward_all(client, ids, Some(&mut obs))?;
+    session.forward_all(client, &ids[..prefill], Some(&mut obs))?;
+    for &id in &ids[prefill..] {
+        session.forward(client, &[id], Some(&mut obs))?;
+    }
     Ok(obs.capture)
 }
 
@@ -66,7 +78,7 @@ pub fn reference_trace(host: &HostModel, ids: &[u32]) -> Result<Capture> {
     Ok(cap)
 }
 
-/// Activations dumped by `scripts/hf_dump_activations.py`: a safetensors file with one f32
+/// Activations dumped by `scripts/hf_reference.py --activations`: a safetensors file with one f32
 /// tensor [tokens, width] per step name, and the prompt ids as the i64 tensor `input_ids`.
 pub fn file_trace(path: &Path) -> Result<(Vec<u32>, Capture)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -126,7 +138,10 @@ pub struct StepReport {
 }
 
 /// Compares the steps of `expected` and `got` (all captured positions), in the model's step
-/// order, restricted to `layers` (global steps always included).
+/// order, restricted to `only` layers (global steps always included). Every step `expected`
+/// holds must be compared: a name this model does not have, or no step at all, is an error
+/// (a trace that matches nothing must not pass). A step `expected` lacks (a file without
+/// `q_rope`) is left out.
 pub fn compare(
     expected: &Capture,
     got: &Capture,
@@ -134,25 +149,43 @@ pub fn compare(
     only: Option<Range<usize>>,
     tol: f64,
 ) -> Result<Vec<StepReport>> {
+    let wanted = |name: &str| match (
+        &only,
+        name.strip_prefix('L')
+            .and_then(|s| s.split('.').next()?.parse::<usize>().ok()),
+    ) {
+        (Some(r), Some(l)) => r.contains(&l),
+        _ => true,
+    };
+    let names: Vec<String> = step_names(layers)
+        .into_iter()
+        .filter(|n| wanted(n))
+        .collect();
+    let unknown: BTreeSet<&str> = expected
+        .records
+        .iter()
+        .map(|r| r.name.as_str())
+        .filter(|n| wanted(n) && !names.iter().any(|m| m == n))
+        .collect();
+    ensure!(
+        unknown.is_empty(),
+        "the expected trace has steps this {layers}-layer model does not (so they cannot be compared): {unknown:?}"
+    );
+    let got_rows: HashMap<(&str, usize), &[f64]> = got
+        .records
+        .iter()
+        .map(|r| ((r.name.as_str(), r.pos), r.data.as_slice()))
+        .collect();
     let mut out = Vec::new();
-    for name in step_names(layers) {
-        if let (Some(r), Some(l)) = (
-            &only,
-            name.strip_prefix('L')
-                .and_then(|s| s.split('.').next()?.parse::<usize>().ok()),
-        ) {
-            if !r.contains(&l) {
-                continue;
-            }
-        }
+    for name in names {
         let rows: Vec<_> = expected.records.iter().filter(|r| r.name == name).collect();
         if rows.is_empty() {
-            continue; // not in the expected trace (e.g. a file without q_rope)
+            continue;
         }
-        let (mut num, mut den, mut dot, mut gg) = (0.0, 0.0, 0.0, 0.0);
+        let (mut e_all, mut g_all) = (Vec::new(), Vec::new());
         let (mut max_abs, mut worst) = (0.0f64, (0, 0));
         for r in rows {
-            let Some(g) = got.get(&name, r.pos) else {
+            let Some(&g) = got_rows.get(&(name.as_str(), r.pos)) else {
                 bail!("the device trace has no step {name} at position {}", r.pos)
             };
             ensure!(
@@ -162,23 +195,20 @@ pub fn compare(
                 r.data.len()
             );
             for (c, (a, b)) in g.iter().zip(&r.data).enumerate() {
-                let d = a - b;
-                num += d * d;
-                den += b * b;
-                dot += a * b;
-                gg += a * a;
-                if !(d.abs() <= max_abs) {
-                    max_abs = d.abs();
+                // The first NaN is kept (with its position): nothing after it replaces it.
+                let d = (a - b).abs();
+                if !max_abs.is_nan() && !(d <= max_abs) {
+                    max_abs = d;
                     worst = (r.pos, c);
                 }
             }
+            e_all.extend_from_slice(&r.data);
+            g_all.extend_from_slice(g);
         }
-        let rel_err = if num.is_finite() {
-            num.sqrt() / den.sqrt().max(1e-300)
-        } else {
-            f64::INFINITY
-        };
-        let cosine = dot / (gg.sqrt() * den.sqrt()).max(1e-300);
+        let rel_err = try_rel_err(&g_all, &e_all).with_context(|| format!("step {name}"))?;
+        let dot: f64 = g_all.iter().zip(&e_all).map(|(a, b)| a * b).sum();
+        let norms = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cosine = dot / (norms(&g_all) * norms(&e_all)).max(1e-300);
         out.push(StepReport {
             name,
             rel_err,
@@ -188,6 +218,10 @@ pub fn compare(
             beyond: !(rel_err <= tol),
         });
     }
+    ensure!(
+        !out.is_empty(),
+        "the expected trace has no step of this model to compare"
+    );
     Ok(out)
 }
 
@@ -275,4 +309,82 @@ pub fn transpose_square_weight(host: &mut HostModel, name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capture of `names` at positions 0 and 1, row values from `f(step index, pos, col)`.
+    fn capture(names: &[String], f: impl Fn(usize, usize, usize) -> f64) -> Capture {
+        let mut cap = Capture::all();
+        cap.begin(0, &[0, 0]);
+        for (k, name) in names.iter().enumerate() {
+            let data: Vec<f64> = (0..2)
+                .flat_map(|p| (0..3).map(move |c| (p, c)))
+                .map(|(p, c)| f(k, p, c))
+                .collect();
+            cap.record(name, 2, 3, &data);
+        }
+        cap
+    }
+
+    fn value(k: usize, p: usize, c: usize) -> f64 {
+        1.0 + (k * 7 + p * 3 + c) as f64 * 0.1
+    }
+
+    #[test]
+    fn a_trace_with_foreign_or_no_steps_is_an_error() {
+        let names = step_names(1);
+        let got = capture(&names, value);
+        // Other step names: nothing would be compared.
+        let foreign: Vec<String> = ["embed_tokens", "layers.0.q_proj"].map(String::from).into();
+        let err = compare(&capture(&foreign, value), &got, 1, None, 1e-3).unwrap_err();
+        assert!(err.to_string().contains("embed_tokens"), "{err}");
+        assert!(err.to_string().contains("layers.0.q_proj"), "{err}");
+        // One foreign step among known ones is an error too, naming it.
+        let mut mixed = names.clone();
+        mixed.push("L7.q".into());
+        let err = compare(&capture(&mixed, value), &got, 1, None, 1e-3).unwrap_err();
+        assert!(err.to_string().contains("L7.q"), "{err}");
+        // No step at all.
+        let err = compare(&Capture::all(), &got, 1, None, 1e-3).unwrap_err();
+        assert!(err.to_string().contains("no step"), "{err}");
+        // Steps outside --layers are not compared, and not an error.
+        let two = step_names(2);
+        let reports = compare(
+            &capture(&two, value),
+            &capture(&two, value),
+            2,
+            Some(0..1),
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(reports.len(), names.len());
+        // The same trace compares clean at tolerance 0.
+        let reports = compare(&capture(&names, value), &got, 1, None, 0.0).unwrap();
+        assert_eq!(reports.len(), names.len());
+        assert!(first_departure(&reports).is_none());
+    }
+
+    #[test]
+    fn a_nan_is_beyond_any_tolerance_and_keeps_its_position() {
+        let names = step_names(1);
+        let expected = capture(&names, value);
+        // A NaN at (pos 0, col 1) of L0.q, and a larger finite difference after it.
+        let q = names.iter().position(|n| n == "L0.q").unwrap();
+        let got = capture(&names, |k, p, c| match (k == q, p, c) {
+            (true, 0, 1) => f64::NAN,
+            (true, 1, 2) => 1e6,
+            _ => value(k, p, c),
+        });
+        let reports = compare(&expected, &got, 1, None, 1e3).unwrap();
+        let dep = first_departure(&reports).expect("the NaN departs");
+        assert_eq!(dep.name, "L0.q");
+        assert_eq!(dep.worst, (0, 1));
+        assert!(dep.max_abs.is_nan() && dep.rel_err == f64::INFINITY);
+        // A non-finite expected value cannot judge: an error naming the step.
+        let err = compare(&got, &expected, 1, None, 1e-3).unwrap_err();
+        assert!(format!("{err:#}").contains("L0.q"), "{err:#}");
+    }
 }

@@ -70,6 +70,7 @@ fn attention_chunk_kernel<F: Float>(
     #[comptime] chunk_len: usize,
     #[comptime] over_cube: Reduction,
     #[comptime] wrong_gqa: bool,
+    #[comptime] no_causal_mask: bool,
 ) {
     let chunk = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
@@ -94,9 +95,14 @@ fn attention_chunk_kernel<F: Float>(
     }
     sync_cube();
 
-    // This chunk holds positions first..first + chunk_len; the query sees 0..=start + t.
+    // This chunk holds positions first..first + chunk_len; the query sees 0..=start + t (with
+    // the `no_causal_mask` fault: every position of the call, 0..start + tokens).
     let first = chunk * chunk_len;
-    let visible_end = max(min(start + t + 1, first + chunk_len), first);
+    let mut last = start + t;
+    if comptime!(no_causal_mask) {
+        last = start + CUBE_COUNT_Z as usize - 1;
+    }
+    let visible_end = max(min(last + 1, first + chunk_len), first);
     let n_visible = visible_end - first;
     let kv_base = g * max_ctx;
 
@@ -271,11 +277,24 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     start: usize,
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
-    attention_with_fault(client, q, cache, n_heads, start, out, false)
+    launch_attention(client, q, cache, n_heads, start, out, [false; 3])
 }
 
-/// [`attention`], or with `wrong_gqa` query head `h` reading kv head `h % n_kv` instead of
-/// `h / (n_heads / n_kv)`: a fault the parity tracer's tests inject on purpose.
+/// Bugs [`attention_with_fault`] commits on purpose, so the parity tracer's tests can prove
+/// they are found (feature `faults`; all off by default).
+#[cfg(feature = "faults")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttentionFault {
+    /// Query head `h` reads kv head `h % n_kv` instead of `h / (n_heads / n_kv)`.
+    pub wrong_gqa: bool,
+    /// Every query sees every position of the call (no causal mask within it).
+    pub no_causal_mask: bool,
+    /// Scores scaled by 1/hd instead of 1/sqrt(hd).
+    pub scale_one_over_hd: bool,
+}
+
+/// [`attention`] with the bugs of `fault` (feature `faults`).
+#[cfg(feature = "faults")]
 pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     q: &DeviceTensor<R, F>,
@@ -283,7 +302,26 @@ pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
     n_heads: usize,
     start: usize,
     out: &DeviceTensor<R, F>,
-    wrong_gqa: bool,
+    fault: AttentionFault,
+) -> Result<()> {
+    let f = [
+        fault.wrong_gqa,
+        fault.no_causal_mask,
+        fault.scale_one_over_hd,
+    ];
+    launch_attention(client, q, cache, n_heads, start, out, f)
+}
+
+/// The launch behind both; the last argument is `[wrong_gqa, no_causal_mask,
+/// scale_one_over_hd]` (see `AttentionFault`), all false except in the tracer's tests.
+fn launch_attention<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    n_heads: usize,
+    start: usize,
+    out: &DeviceTensor<R, F>,
+    [wrong_gqa, no_causal_mask, scale_one_over_hd]: [bool; 3],
 ) -> Result<()> {
     let hd = cache.head_dim;
     ensure!(
@@ -348,11 +386,16 @@ pub fn attention_with_fault<R: Runtime, F: Float + CubeElement>(
         n_heads / cache.n_kv,
         cache.max_ctx,
         start,
-        1.0 / (hd as f32).sqrt(),
+        if scale_one_over_hd {
+            1.0 / hd as f32
+        } else {
+            1.0 / (hd as f32).sqrt()
+        },
         hd,
         CHUNK,
         Reduction::cube(client, THREADS),
         wrong_gqa,
+        no_causal_mask,
     );
     let token_heads = tokens * n_heads;
     attention_combine_kernel::launch::<F, R>(

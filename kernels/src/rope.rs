@@ -107,12 +107,24 @@ pub fn rope<R: Runtime, F: Float + CubeElement>(
     max_position: usize,
     tables: &RopeTables<R>,
 ) -> Result<()> {
-    rope_with_fault(client, x, positions, max_position, tables, false)
+    launch_rope(client, x, positions, max_position, tables, false)
 }
 
 /// [`rope`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity tracer's
-/// tests inject on purpose.
+/// tests inject on purpose (feature `faults`).
+#[cfg(feature = "faults")]
 pub fn rope_with_fault<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    positions: &DeviceTensor<R, u32>,
+    max_position: usize,
+    tables: &RopeTables<R>,
+    adjacent_pairs: bool,
+) -> Result<()> {
+    launch_rope(client, x, positions, max_position, tables, adjacent_pairs)
+}
+
+fn launch_rope<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     x: &DeviceTensor<R, F>,
     positions: &DeviceTensor<R, u32>,

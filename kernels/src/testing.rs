@@ -1,30 +1,32 @@
 //! Helpers for parity tests: seeded random inputs, poisoned outputs, error norms.
 
 use half::f16;
+use rand::{Rng as _, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
-/// A small, fast, seeded generator (SplitMix64) so tests need no extra dependency.
-pub struct Rng(u64);
+/// The seeded generator of every test and random model (ChaCha8 from `rand_chacha`: the same
+/// stream on every platform), with the few distributions the tests draw from.
+pub struct Rng(ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Self(ChaCha8Rng::seed_from_u64(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.random()
     }
-    /// Standard normal (Box–Muller).
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0.random_range(0..n)
+    }
+    /// Standard normal.
     pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        self.0.sample(StandardNormal)
     }
     /// `n` values ~ N(mean, std²), rounded to f16.
     pub fn f16_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f16> {
@@ -57,15 +59,29 @@ pub fn fresh_seed() -> u64 {
 /// A value no correct kernel writes: NaN in f16.
 pub const POISON_F16: f16 = f16::NAN;
 
-/// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes.
+/// ‖out − ref‖ / ‖ref‖. Any non-finite output gives +inf, so NaN never passes. Panics (the
+/// test fails) on a length mismatch or a reference that cannot judge: see [`try_rel_err`].
 pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
-    assert_eq!(out.len(), reference.len(), "length mismatch");
-    assert!(
-        reference.iter().all(|v| v.is_finite()),
-        "reference has non-finite values (NaN or inf): it cannot judge anything"
+    try_rel_err(out, reference).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`rel_err`] as a `Result`, for callers that report instead of panicking (the parity
+/// tracer): an error when the lengths differ, when the reference has a non-finite value (it
+/// cannot judge anything) or is all zeros (the comparison would prove nothing).
+pub fn try_rel_err(out: &[f64], reference: &[f64]) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        out.len() == reference.len(),
+        "length mismatch: {} values against a reference of {}",
+        out.len(),
+        reference.len()
     );
+    if let Some(i) = reference.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "reference has non-finite values (NaN or inf; the first at index {i}): it cannot judge anything"
+        );
+    }
     if out.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
+        return Ok(f64::INFINITY);
     }
     let num: f64 = out
         .iter()
@@ -73,23 +89,26 @@ pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
         .map(|(a, b)| (a - b) * (a - b))
         .sum();
     let den: f64 = reference.iter().map(|b| b * b).sum();
-    assert!(
+    anyhow::ensure!(
         den > 0.0,
         "reference is all zeros: the test would prove nothing"
     );
-    (num / den).sqrt()
+    Ok((num / den).sqrt())
 }
 
-/// Largest |out − ref| and its index.
+/// Largest |out − ref| and its index; the first NaN wins (nothing after it replaces it).
 pub fn max_abs_err(out: &[f64], reference: &[f64]) -> (f64, usize) {
     out.iter()
         .zip(reference)
         .enumerate()
         .map(|(i, (a, b))| ((a - b).abs(), i))
-        .fold(
-            (0.0, 0),
-            |m, x| if x.0 > m.0 || x.0.is_nan() { x } else { m },
-        )
+        .fold((0.0, 0), |m, x| {
+            if !m.0.is_nan() && (x.0 > m.0 || x.0.is_nan()) {
+                x
+            } else {
+                m
+            }
+        })
 }
 
 pub fn f16_to_f64(v: &[f16]) -> Vec<f64> {
@@ -223,6 +242,6 @@ pub fn sample_rows(m: usize, rng: &mut Rng) -> Vec<usize> {
         return (0..m).collect();
     }
     let mut rows = vec![0, m - 1];
-    rows.extend((0..14).map(|_| (rng.next_u64() % m as u64) as usize));
+    rows.extend((0..14).map(|_| rng.below(m)));
     rows
 }

@@ -32,7 +32,7 @@ pub use hf::{hf_to_gguf_name, load_hf_dir};
 pub use inspect::inspect;
 pub use model::{load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
-pub use random::{byte_level_tokenizer, random_qwen2, tiny_config};
+pub use random::{byte_level_tokenizer, random_qwen2, small_gqa7_config, tiny_config};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
 pub use writer::{convert_to_f16, write_gguf_f16, GgufWriter};
 

@@ -3,34 +3,9 @@
 use crate::tokenizer::{TOKEN_CONTROL, TOKEN_NORMAL};
 use crate::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
 use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashSet};
-
-/// SplitMix64: tiny, deterministic across platforms and crate versions.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
 
 /// GPT-2's byte-to-unicode mapping: the printable string that stands for each byte.
 pub fn byte_to_unicode() -> [char; 256] {
@@ -54,7 +29,7 @@ pub fn byte_to_unicode() -> [char; 256] {
 /// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as the last three (control) tokens, with
 /// `<|im_end|>` as eos and `<|endoftext|>` as padding, and a ChatML chat template.
 pub fn byte_level_tokenizer(vocab: usize, seed: u64) -> TokenizerData {
-    let mut rng = SplitMix64::new(seed ^ 0x7474_6f6b);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7474_6f6b);
     let bytes = byte_to_unicode();
     let specials = if vocab >= 259 { 3 } else { 0 };
     let mut tokens: Vec<String> = bytes.iter().take(vocab).map(|c| c.to_string()).collect();
@@ -63,8 +38,8 @@ pub fn byte_level_tokenizer(vocab: usize, seed: u64) -> TokenizerData {
     let mut tries = 0;
     while tokens.len() < vocab - specials && tries < 100 * vocab {
         tries += 1;
-        let a = tokens[rng.below(tokens.len())].clone();
-        let b = tokens[rng.below(tokens.len())].clone();
+        let a = tokens[rng.random_range(0..tokens.len())].clone();
+        let b = tokens[rng.random_range(0..tokens.len())].clone();
         let m = format!("{a}{b}");
         if m.chars().count() <= 8 && seen.insert(m.clone()) {
             merges.push(format!("{a} {b}"));
@@ -98,28 +73,39 @@ pub fn byte_level_tokenizer(vocab: usize, seed: u64) -> TokenizerData {
     }
 }
 
-/// A random Qwen2 model with `config`'s shapes: 2-D weights f16 uniform in ±1/sqrt(fan_in),
-/// biases f32 in ±0.1, norm weights f32 in 1 ± 0.1; `output.weight` only when not tied.
-/// The tokenizer is [`byte_level_tokenizer`]`(config.vocab, seed)`. Deterministic in `seed`.
+/// The factor by which the q and k weights exceed ±1/sqrt(fan_in). With plain ±1/sqrt(fan_in)
+/// weights an attention score has a standard deviation of about 0.3 whatever the head size, so
+/// the softmax is nearly uniform and a wrong attention scale or a missing causal mask barely
+/// moves the output. With this gain the scores spread like a trained model's (std ≈ 4 before
+/// RoPE): the mean softmax entropy is well below uniform, which
+/// `reference::tests::random_models_have_peaked_attention` checks.
+pub const QK_GAIN: f32 = 3.5;
+
+/// A random Qwen2 model with `config`'s shapes: 2-D weights f16 uniform in ±1/sqrt(fan_in)
+/// (q and k weights and biases [`QK_GAIN`] times larger, so attention is peaked), other biases
+/// f32 in ±0.1, norm weights f32 in 1 ± 0.1; `output.weight` only when not tied. The tokenizer
+/// is [`byte_level_tokenizer`]`(config.vocab, seed)`. Deterministic in `seed`.
 pub fn random_qwen2(config: &Qwen2Config, seed: u64) -> HostModel {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for (name, shape, _) in config.expected_tensors() {
         if name == "output.weight" && config.tied_embeddings {
             continue;
         }
         let n: usize = shape.iter().product();
-        let data = if shape.len() == 2 {
-            let scale = 1.0 / (shape[1] as f32).sqrt();
-            TensorData::F16(
-                (0..n)
-                    .map(|_| f16::from_f32(rng.next_f32() * scale))
-                    .collect(),
-            )
-        } else if name.ends_with("norm.weight") {
-            TensorData::F32((0..n).map(|_| 1.0 + 0.1 * rng.next_f32()).collect())
+        let gain = if name.contains("attn_q.") || name.contains("attn_k.") {
+            QK_GAIN
         } else {
-            TensorData::F32((0..n).map(|_| 0.1 * rng.next_f32()).collect())
+            1.0
+        };
+        let mut uniform = |scale: f32| rng.random_range(-scale..scale);
+        let data = if shape.len() == 2 {
+            let scale = gain / (shape[1] as f32).sqrt();
+            TensorData::F16((0..n).map(|_| f16::from_f32(uniform(scale))).collect())
+        } else if name.ends_with("norm.weight") {
+            TensorData::F32((0..n).map(|_| 1.0 + uniform(0.1)).collect())
+        } else {
+            TensorData::F32((0..n).map(|_| uniform(0.1 * gain)).collect())
         };
         tensors.insert(name, HostTensor { shape, data });
     }
@@ -127,6 +113,24 @@ pub fn random_qwen2(config: &Qwen2Config, seed: u64) -> HostModel {
         config: config.clone(),
         tokenizer: byte_level_tokenizer(config.vocab, seed),
         tensors,
+    }
+}
+
+/// A small Qwen2.5-like config for device tests: Qwen2.5-0.5B's GQA ratio (14 q heads on 2 kv
+/// heads), head_dim 16, hidden 224, ffn 384, rope theta 1e6, eps 1e-6.
+pub fn small_gqa7_config(layers: usize, vocab: usize, tied_embeddings: bool) -> Qwen2Config {
+    Qwen2Config {
+        hidden: 224,
+        layers,
+        n_heads: 14,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn: 384,
+        vocab,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        context_length: 4096,
+        tied_embeddings,
     }
 }
 

@@ -10,6 +10,8 @@ use cubeqwen_loaders::{
     load_model, load_tokenizer_data, random_qwen2, write_gguf_f16, GgmlType, GgufWriter, HostModel,
     Qwen2Config, TensorData,
 };
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
@@ -464,12 +466,12 @@ fn tensor_types_that_cannot_be_dequantized() {
 fn random_byte_corruption_never_panics() {
     // Deterministic corruption of the small valid file: any result is fine except a panic.
     let base = small_file_bytes();
-    let mut rng = cubeqwen_loaders::random::SplitMix64::new(9);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
     for _ in 0..3000 {
         let mut b = base.clone();
-        for _ in 0..1 + rng.below(4) {
-            let i = rng.below(b.len().min(1200));
-            b[i] = rng.next_u64() as u8;
+        for _ in 0..rng.random_range(1..5) {
+            let i = rng.random_range(0..b.len().min(1200));
+            b[i] = rng.random();
         }
         if let Ok(g) = GgufFile::from_bytes(&b) {
             let _ = cubeqwen_loaders::model_from_gguf(&g);

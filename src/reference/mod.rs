@@ -18,37 +18,22 @@
 //! decodes ~2.6 tokens/s (memory-bound: 2 GB of f32 weights per token).
 //!
 //! Entry points: [`RefModel::new`], [`RefModel::forward`] / [`RefModel::forward_traced`],
-//! [`RefCache`], [`greedy`], the [`Tracer`] hook and the [`Faults`] switches.
+//! [`RefCache`], [`greedy`], the [`Tracer`] hook and (feature `faults`) the fault switches.
 
 pub mod ops;
-pub mod toy;
 pub mod trace;
 
 #[cfg(test)]
 mod tests;
 
 use anyhow::{bail, ensure, Context, Result};
+use cubeqwen_kernels::elementwise::swiglu_reference;
+use cubeqwen_kernels::rmsnorm::reference as rmsnorm;
 use cubeqwen_loaders::{HostModel, HostTensor, Qwen2Config};
-use ops::{matmul, rmsnorm, rope_rows, silu, Mat};
-pub use trace::{first_departure, step_names, Capture, Departure, NoTrace, Record, Tracer};
+use ops::{matmul, rope_rows, Mat};
 
-/// Deliberate mistakes the reference can make, so that a parity tracer can be tested:
-/// a faulty run compared against a clean one must name the first step that departs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// RoPE rotates adjacent pairs `(2i, 2i+1)` instead of NEOX `(i, i+hd/2)`.
-    /// First departing step: `L0.q_rope`.
-    pub rope_adjacent_pairs: bool,
-    /// The q bias is not added. First departing step: `L0.q`.
-    pub drop_q_bias: bool,
-    /// q head `h` reads kv head `h % n_kv` instead of `h / (n_heads/n_kv)`.
-    /// First departing step: `L0.attn`.
-    pub wrong_gqa_mapping: bool,
-    /// The named 2-D weight (GGUF name, e.g. `blk.0.attn_output.weight`) is used transposed.
-    /// It must exist and be square. For `blk.0.attn_output.weight` the first departing step
-    /// is `L0.attn_out`.
-    pub transpose_weight: Option<String>,
-}
+use crate::sampling::top2;
+pub use trace::{step_names, Capture, NoTrace, Record, Tracer};
 
 struct Layer {
     attn_norm: Vec<f64>,
@@ -73,8 +58,10 @@ pub struct RefModel {
     output_norm: Vec<f64>,
     /// `None`: tied embeddings, the lm_head is `embed`.
     lm_head: Option<Mat>,
-    /// Fault-injection switches; all off by default.
-    pub faults: Faults,
+    /// Bugs to commit on purpose (tests of the parity tracer only); the device-only ones are
+    /// refused.
+    #[cfg(feature = "faults")]
+    pub faults: crate::faults::Faults,
 }
 
 /// The per-layer K (after RoPE) and V cache, f64, `[pos][n_kv·hd]` per layer.
@@ -153,37 +140,6 @@ fn load_vec(host: &HostModel, name: &str, len: usize) -> Result<Vec<f64>> {
     let t = host.tensor(name)?;
     expect_shape(name, t, &[len])?;
     Ok(t.data.to_f32().into_iter().map(f64::from).collect())
-}
-
-/// Index of the largest value, the lowest index on ties; NaNs are never chosen.
-/// `None` for an empty or all-NaN slice.
-pub fn argmax(v: &[f64]) -> Option<usize> {
-    top2(v).map(|(i, _, _)| i)
-}
-
-/// `(argmax, max, second-largest value)` (lowest index on ties; NaNs skipped). The second
-/// value is `-inf` for a one-element slice.
-pub fn top2(v: &[f64]) -> Option<(usize, f64, f64)> {
-    let mut best: Option<(usize, f64)> = None;
-    let mut second = f64::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x.is_nan() {
-            continue;
-        }
-        match best {
-            None => best = Some((i, x)),
-            Some((_, b)) if x > b => {
-                second = b;
-                best = Some((i, x));
-            }
-            Some(_) => {
-                if x > second {
-                    second = x;
-                }
-            }
-        }
-    }
-    best.map(|(i, b)| (i, b, second))
 }
 
 impl RefModel {
@@ -272,12 +228,14 @@ impl RefModel {
             layers,
             output_norm,
             lm_head,
-            faults: Faults::default(),
+            #[cfg(feature = "faults")]
+            faults: Default::default(),
         })
     }
 
     /// Same as [`RefModel::new`] with fault switches set.
-    pub fn with_faults(mut self, faults: Faults) -> Self {
+    #[cfg(feature = "faults")]
+    pub fn with_faults(mut self, faults: crate::faults::Faults) -> Self {
         self.faults = faults;
         self
     }
@@ -300,28 +258,6 @@ impl RefModel {
             kv_dim: self.config.n_kv_heads * self.config.head_dim,
             len: 0,
         }
-    }
-
-    /// The 2-D weight with GGUF name `name`, if the model has it.
-    fn weight_by_name(&self, name: &str) -> Option<&Mat> {
-        match name {
-            "token_embd.weight" => return Some(&self.embed),
-            "output.weight" => return self.lm_head.as_ref(),
-            _ => {}
-        }
-        let rest = name.strip_prefix("blk.")?;
-        let (l, w) = rest.split_once('.')?;
-        let layer = self.layers.get(l.parse::<usize>().ok()?)?;
-        Some(match w {
-            "attn_q.weight" => &layer.wq,
-            "attn_k.weight" => &layer.wk,
-            "attn_v.weight" => &layer.wv,
-            "attn_output.weight" => &layer.wo,
-            "ffn_gate.weight" => &layer.w_gate,
-            "ffn_up.weight" => &layer.w_up,
-            "ffn_down.weight" => &layer.w_down,
-            _ => return None,
-        })
     }
 
     /// Logits for each of `tokens` (`[tokens.len()][vocab]`), which sit at positions
@@ -368,24 +304,13 @@ impl RefModel {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
             bail!("token id {bad} is out of range (vocab {})", c.vocab);
         }
-        let transposed = match &self.faults.transpose_weight {
-            None => None,
-            Some(name) => {
-                let w = self.weight_by_name(name).with_context(|| {
-                    format!("fault transpose_weight: model has no 2-D weight `{name}`")
-                })?;
-                ensure!(
-                    w.rows == w.cols,
-                    "fault transpose_weight: `{name}` is {}×{}, only square weights can be transposed",
-                    w.rows,
-                    w.cols
-                );
-                Some((name.as_str(), w.transposed()))
-            }
-        };
-        let proj = |x: &[f64], name: String, w: &Mat| -> Vec<f64> {
-            matmul(x, n, pick(&transposed, &name, w))
-        };
+        #[cfg(feature = "faults")]
+        ensure!(
+            !self.faults.device_only(),
+            "the reference has no KV-cache or chunk faults (device only): {:?}",
+            self.faults
+        );
+        let proj = |x: &[f64], w: &Mat| -> Vec<f64> { matmul(x, n, w) };
 
         cache.truncate(start_pos);
         tracer.begin(start_pos, tokens);
@@ -395,7 +320,11 @@ impl RefModel {
         let positions: Vec<usize> = (start_pos..start_pos + n).collect();
         let eps = c.rms_eps as f64;
         let group = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = if fault!(self.faults.attention_scale_one_over_hd) {
+            1.0 / hd as f64
+        } else {
+            1.0 / (hd as f64).sqrt()
+        };
 
         let mut x = Vec::with_capacity(n * d);
         for &t in tokens {
@@ -405,24 +334,27 @@ impl RefModel {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let name = |s: &str| format!("L{l}.{s}");
-            let wname = |s: &str| format!("blk.{l}.{s}.weight");
-
-            let h = rmsnorm(&x, &layer.attn_norm, eps);
+            let attn_norm = if l > 0 && fault!(self.faults.norm_weight_off_by_one) {
+                &self.layers[l - 1].attn_norm
+            } else {
+                &layer.attn_norm
+            };
+            let h = rmsnorm(&x, attn_norm, d, eps);
             tracer.record(&name("attn_norm"), n, d, &h);
 
-            let mut q = proj(&h, wname("attn_q"), &layer.wq);
-            if !self.faults.drop_q_bias {
+            let mut q = proj(&h, &layer.wq);
+            if !fault!(self.faults.drop_q_bias) {
                 add_bias(&mut q, &layer.bq);
             }
             tracer.record(&name("q"), n, qd, &q);
-            let mut k = proj(&h, wname("attn_k"), &layer.wk);
+            let mut k = proj(&h, &layer.wk);
             add_bias(&mut k, &layer.bk);
             tracer.record(&name("k"), n, kvd, &k);
-            let mut v = proj(&h, wname("attn_v"), &layer.wv);
+            let mut v = proj(&h, &layer.wv);
             add_bias(&mut v, &layer.bv);
             tracer.record(&name("v"), n, kvd, &v);
 
-            let adjacent = self.faults.rope_adjacent_pairs;
+            let adjacent = fault!(self.faults.rope_adjacent_pairs);
             rope_rows(&mut q, nh, hd, &positions, c.rope_theta, adjacent);
             tracer.record(&name("q_rope"), n, qd, &q);
             rope_rows(&mut k, nkv, hd, &positions, c.rope_theta, adjacent);
@@ -432,13 +364,19 @@ impl RefModel {
             cache.v[l].extend_from_slice(&v);
             let (kc, vc) = (&cache.k[l], &cache.v[l]);
 
-            // Causal attention: the token at position p sees cached positions 0..=p.
+            // Causal attention: the token at position p sees cached positions 0..=p (with the
+            // `no_causal_mask` fault, every position of this call).
+            let last_pos = start_pos + n - 1;
             let mut attn = vec![0f64; n * qd];
             let mut scores = Vec::new();
             for t in 0..n {
-                let p = positions[t];
+                let p = if fault!(self.faults.no_causal_mask) {
+                    last_pos
+                } else {
+                    positions[t]
+                };
                 for head in 0..nh {
-                    let kvh = if self.faults.wrong_gqa_mapping {
+                    let kvh = if fault!(self.faults.wrong_gqa_mapping) {
                         head % nkv
                     } else {
                         head / group
@@ -466,22 +404,29 @@ impl RefModel {
             }
             tracer.record(&name("attn"), n, qd, &attn);
 
-            let attn_out = proj(&attn, wname("attn_output"), &layer.wo);
+            let attn_out = proj(&attn, &layer.wo);
             tracer.record(&name("attn_out"), n, d, &attn_out);
-            for (xi, a) in x.iter_mut().zip(&attn_out) {
-                *xi += a;
+            if !fault!(self.faults.drop_attn_residual == Some(l)) {
+                for (xi, a) in x.iter_mut().zip(&attn_out) {
+                    *xi += a;
+                }
             }
             tracer.record(&name("resid1"), n, d, &x);
 
-            let h = rmsnorm(&x, &layer.ffn_norm, eps);
+            let h = rmsnorm(&x, &layer.ffn_norm, d, eps);
             tracer.record(&name("ffn_norm"), n, d, &h);
-            let gate = proj(&h, wname("ffn_gate"), &layer.w_gate);
+            let (w_gate, w_up) = if fault!(self.faults.swap_gate_up) {
+                (&layer.w_up, &layer.w_gate)
+            } else {
+                (&layer.w_gate, &layer.w_up)
+            };
+            let gate = proj(&h, w_gate);
             tracer.record(&name("gate"), n, c.ffn, &gate);
-            let up = proj(&h, wname("ffn_up"), &layer.w_up);
+            let up = proj(&h, w_up);
             tracer.record(&name("up"), n, c.ffn, &up);
-            let sw: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+            let sw = swiglu_reference(&gate, &up);
             tracer.record(&name("swiglu"), n, c.ffn, &sw);
-            let down = proj(&sw, wname("ffn_down"), &layer.w_down);
+            let down = proj(&sw, &layer.w_down);
             tracer.record(&name("down"), n, d, &down);
             for (xi, a) in x.iter_mut().zip(&down) {
                 *xi += a;
@@ -490,22 +435,11 @@ impl RefModel {
         }
         cache.len = start_pos + n;
 
-        let h = rmsnorm(&x, &self.output_norm, eps);
+        let h = rmsnorm(&x, &self.output_norm, d, eps);
         tracer.record("output_norm", n, d, &h);
-        let logits = match &self.lm_head {
-            Some(w) => proj(&h, "output.weight".into(), w),
-            None => proj(&h, "token_embd.weight".into(), &self.embed),
-        };
+        let logits = proj(&h, self.lm_head.as_ref().unwrap_or(&self.embed));
         tracer.record("logits", n, c.vocab, &logits);
         Ok(logits.chunks_exact(c.vocab).map(|r| r.to_vec()).collect())
-    }
-}
-
-/// The weight to use for `name`: its transposed copy when the `transpose_weight` fault names it.
-fn pick<'a>(transposed: &'a Option<(&str, Mat)>, name: &str, w: &'a Mat) -> &'a Mat {
-    match transposed {
-        Some((tn, tw)) if *tn == name => tw,
-        _ => w,
     }
 }
 

@@ -1,7 +1,10 @@
-//! The numeric building blocks: matrix-vector products, RMSNorm, NEOX RoPE, SiLU.
+//! The numeric building blocks: matrix-vector products and NEOX RoPE (RMSNorm, the RoPE
+//! frequencies and SwiGLU are the kernels' own f64 references).
 //!
 //! Everything is computed in f64. Weights are stored as f32 (exact for f16 sources) and
 //! widened element by element inside the dot product.
+
+use cubeqwen_kernels::rope::inv_freq;
 
 /// A row-major 2-D weight `[rows][cols]`, stored as f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,21 +17,6 @@ pub struct Mat {
 impl Mat {
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
-    }
-
-    /// The transpose, `[cols][rows]`.
-    pub fn transposed(&self) -> Mat {
-        let mut data = vec![0f32; self.data.len()];
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                data[c * self.rows + r] = self.data[r * self.cols + c];
-            }
-        }
-        Mat {
-            rows: self.cols,
-            cols: self.rows,
-            data,
-        }
     }
 }
 
@@ -135,29 +123,9 @@ pub fn matmul(x: &[f64], n: usize, w: &Mat) -> Vec<f64> {
     out
 }
 
-/// RMSNorm of each `d`-row of `x`: `x / sqrt(mean(x²) + eps) * w`, in f64.
-pub fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
-    let d = w.len();
-    let mut out = vec![0f64; x.len()];
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f64>() / d as f64;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * inv * g;
-        }
-    }
-    out
-}
-
-/// The RoPE inverse frequency of pair `i` for head size `hd`: `theta^(-2i/hd)`,
-/// evaluated in f64 and rounded to f32 (as an f32 `inv_freq` table would hold it).
-pub fn rope_inv_freq(theta: f32, i: usize, hd: usize) -> f32 {
-    (theta as f64).powf(-((2 * i) as f64) / hd as f64) as f32
-}
-
 /// The RoPE angle of pair `i` at position `pos`: `pos · inv_freq` as an f32 product.
 pub fn rope_angle(theta: f32, i: usize, hd: usize, pos: usize) -> f32 {
-    pos as f32 * rope_inv_freq(theta, i, hd)
+    pos as f32 * inv_freq(theta, i, hd)
 }
 
 /// Rotates one head vector in place for position `pos`.
@@ -200,10 +168,6 @@ pub fn rope_rows(
     }
 }
 
-pub fn silu(x: f64) -> f64 {
-    x / (1.0 + (-x).exp())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,18 +202,5 @@ mod tests {
                 assert_eq!(out[t * rows + r], want, "t={t} r={r}");
             }
         }
-    }
-
-    #[test]
-    fn transpose_roundtrip() {
-        let w = Mat {
-            rows: 2,
-            cols: 3,
-            data: vec![1., 2., 3., 4., 5., 6.],
-        };
-        let t = w.transposed();
-        assert_eq!((t.rows, t.cols), (3, 2));
-        assert_eq!(t.data, vec![1., 4., 2., 5., 3., 6.]);
-        assert_eq!(t.transposed(), w);
     }
 }

@@ -1,16 +1,37 @@
 //! Unit tests of the reference forward pass on small models.
 
 use super::*;
-use crate::reference::ops::{rope_angle, rope_head, rope_inv_freq};
-use crate::reference::toy::{toy_config, toy_model, Rng};
-use cubeqwen_loaders::{TensorData, TokenizerData};
+use crate::faults::Faults;
+use crate::reference::ops::{rope_angle, rope_head};
+use crate::trace::{compare, first_departure, transpose_square_weight};
+use cubeqwen_kernels::rope::inv_freq as rope_inv_freq;
+use cubeqwen_kernels::testing::{rel_err, Rng};
+use cubeqwen_loaders::{random_qwen2, TensorData, TokenizerData};
 use half::f16;
 use std::collections::BTreeMap;
 
 const TOKENS: [u32; 9] = [5, 17, 299, 0, 42, 123, 77, 8, 250];
 
+/// The config of a toy model: hidden 64, head_dim 16, ffn 96, vocab 300, rope theta 1e6,
+/// eps 1e-6, with the given layer and head counts.
+fn toy_config(layers: usize, n_heads: usize, n_kv_heads: usize, tied: bool) -> Qwen2Config {
+    Qwen2Config {
+        hidden: 64,
+        layers,
+        n_heads,
+        n_kv_heads,
+        head_dim: 16,
+        ffn: 96,
+        vocab: 300,
+        rope_theta: 1e6,
+        rms_eps: 1e-6,
+        context_length: 4096,
+        tied_embeddings: tied,
+    }
+}
+
 fn toy(layers: usize, nh: usize, nkv: usize, tied: bool, seed: u64) -> (HostModel, RefModel) {
-    let host = toy_model(&toy_config(layers, nh, nkv, tied), seed);
+    let host = random_qwen2(&toy_config(layers, nh, nkv, tied), seed);
     let m = RefModel::new(&host).unwrap();
     (host, m)
 }
@@ -398,7 +419,7 @@ fn heads_changed_by_kv_head(host: &HostModel, kvh: usize, faults: Faults) -> Vec
 
 #[test]
 fn d_gqa_ratio_3_maps_q_head_h_to_kv_head_h_div_3() {
-    let host = toy_model(&toy_config(2, 6, 2, false), 21);
+    let host = random_qwen2(&toy_config(2, 6, 2, false), 21);
     assert_eq!(
         heads_changed_by_kv_head(&host, 0, Faults::default()),
         vec![0, 1, 2]
@@ -417,7 +438,7 @@ fn d_gqa_ratio_3_maps_q_head_h_to_kv_head_h_div_3() {
 
 #[test]
 fn d_gqa_permuting_kv_heads_with_their_q_groups_keeps_logits() {
-    let host = toy_model(&toy_config(2, 6, 2, false), 22);
+    let host = random_qwen2(&toy_config(2, 6, 2, false), 22);
     let (hd, d) = (16, 64);
     let base = run(&RefModel::new(&host).unwrap(), &TOKENS[..6]);
     let mut p = host.clone();
@@ -505,9 +526,16 @@ fn e_later_tokens_do_not_change_earlier_logits() {
 // ---------------------------------------------------------------------------------------
 // (f) Fault switches and the first departing step.
 
+/// The first step where `other` departs from `clean` by more than `tol` (both full traces of
+/// a `layers`-layer model), as the parity tracer reports it.
+fn departure(clean: &Capture, other: &Capture, layers: usize, tol: f64) -> Option<String> {
+    let reports = compare(clean, other, layers, None, tol).unwrap();
+    first_departure(&reports).map(|r| r.name.clone())
+}
+
 #[test]
 fn f_each_fault_departs_at_its_step() {
-    let (_, clean) = toy(2, 4, 2, false, 13);
+    let (host, clean) = toy(2, 4, 2, false, 13);
     let tokens = &TOKENS[..6];
     let (clean_logits, clean_cap) = run_traced(&clean, tokens);
     // Full trace: every step at every position, in order.
@@ -523,109 +551,162 @@ fn f_each_fault_departs_at_its_step() {
         clean_cap.get("logits", 5).unwrap(),
         clean_logits[5].as_slice()
     );
-    // A clean rerun departs nowhere.
+    // A clean rerun departs nowhere, even at tolerance 0.
     let (_, again) = run_traced(&clean, tokens);
-    assert_eq!(first_departure(&clean_cap, &again, 0.0), None);
+    assert_eq!(departure(&clean_cap, &again, 2, 0.0), None);
 
+    let on = |f: fn(&mut Faults)| {
+        let mut faults = Faults::default();
+        f(&mut faults);
+        faults
+    };
     let cases: Vec<(Faults, &str)> = vec![
-        (
-            Faults {
-                rope_adjacent_pairs: true,
-                ..Default::default()
-            },
-            "L0.q_rope",
-        ),
-        (
-            Faults {
-                drop_q_bias: true,
-                ..Default::default()
-            },
-            "L0.q",
-        ),
-        (
-            Faults {
-                wrong_gqa_mapping: true,
-                ..Default::default()
-            },
-            "L0.attn",
-        ),
-        (
-            Faults {
-                transpose_weight: Some("blk.0.attn_output.weight".into()),
-                ..Default::default()
-            },
-            "L0.attn_out",
-        ),
-        (
-            Faults {
-                transpose_weight: Some("blk.1.attn_q.weight".into()),
-                ..Default::default()
-            },
-            "L1.q",
-        ),
+        (on(|f| f.rope_adjacent_pairs = true), "L0.q_rope"),
+        (on(|f| f.drop_q_bias = true), "L0.q"),
+        (on(|f| f.wrong_gqa_mapping = true), "L0.attn"),
+        (on(|f| f.attention_scale_one_over_hd = true), "L0.attn"),
+        (on(|f| f.no_causal_mask = true), "L0.attn"),
+        (on(|f| f.norm_weight_off_by_one = true), "L1.attn_norm"),
+        (on(|f| f.swap_gate_up = true), "L0.gate"),
+        (on(|f| f.drop_attn_residual = Some(1)), "L1.resid1"),
     ];
     for (faults, expected) in cases {
-        let (_, faulty) = toy(2, 4, 2, false, 13);
-        let faulty = faulty.with_faults(faults.clone());
+        let faulty = RefModel::new(&host).unwrap().with_faults(faults.clone());
         let (logits, cap) = run_traced(&faulty, tokens);
         assert!(
             rel_max(&logits[5], &clean_logits[5]) > 1e-6,
             "{faults:?} did not change the logits"
         );
-        let dep = first_departure(&clean_cap, &cap, 1e-12).expect("a departure");
-        assert_eq!(dep.name, expected, "{faults:?}: {dep:?}");
+        let dep = departure(&clean_cap, &cap, 2, 1e-12);
+        assert_eq!(dep.as_deref(), Some(expected), "{faults:?}");
+    }
+    // A transposed square weight (applied to the host model) departs at its projection.
+    for (name, expected) in [
+        ("blk.0.attn_output.weight", "L0.attn_out"),
+        ("blk.1.attn_q.weight", "L1.q"),
+    ] {
+        let mut h = host.clone();
+        transpose_square_weight(&mut h, name).unwrap();
+        let (_, cap) = run_traced(&RefModel::new(&h).unwrap(), tokens);
+        assert_eq!(
+            departure(&clean_cap, &cap, 2, 1e-12).as_deref(),
+            Some(expected)
+        );
     }
 }
 
 #[test]
-fn f_transpose_fault_rejects_unknown_or_non_square_weights() {
-    let (_, m) = toy(1, 6, 2, false, 1);
+fn f_device_only_faults_are_refused_by_the_reference() {
+    let host = random_qwen2(&toy_config(1, 4, 2, false), 1);
+    for faults in [
+        Faults {
+            kv_write_off_by_one: true,
+            ..Faults::default()
+        },
+        Faults {
+            chunk_start_off_by_one: true,
+            ..Faults::default()
+        },
+    ] {
+        let m = RefModel::new(&host).unwrap().with_faults(faults);
+        let err = m.forward(&mut m.new_cache(), &[1, 2], 0).unwrap_err();
+        assert!(err.to_string().contains("device only"), "{err}");
+    }
+    let m = RefModel::new(&host).unwrap();
+    assert!(m.forward(&mut m.new_cache(), &[1, 2], 0).is_ok());
+}
+
+#[test]
+fn f_transposing_rejects_unknown_or_non_square_weights() {
+    let host = random_qwen2(&toy_config(1, 6, 2, false), 1);
     for name in [
         "blk.0.attn_output.weight",
         "blk.0.ffn_up.weight",
         "blk.7.attn_q.weight",
         "nope",
     ] {
-        let m = RefModel {
-            faults: Faults {
-                transpose_weight: Some(name.into()),
-                ..Default::default()
-            },
-            ..clone_model(&m)
-        };
-        let mut cache = m.new_cache();
-        let err = m.forward(&mut cache, &[1, 2], 0).unwrap_err().to_string();
+        let mut h = host.clone();
+        let err = transpose_square_weight(&mut h, name)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(name), "{err}");
-        assert_eq!(cache.len(), 0);
+        assert!(h == host, "{name}: the model changed");
     }
 }
 
-fn clone_model(m: &RefModel) -> RefModel {
-    RefModel {
-        config: m.config.clone(),
-        embed: m.embed.clone(),
-        layers: m
-            .layers
-            .iter()
-            .map(|l| Layer {
-                attn_norm: l.attn_norm.clone(),
-                wq: l.wq.clone(),
-                bq: l.bq.clone(),
-                wk: l.wk.clone(),
-                bk: l.bk.clone(),
-                wv: l.wv.clone(),
-                bv: l.bv.clone(),
-                wo: l.wo.clone(),
-                ffn_norm: l.ffn_norm.clone(),
-                w_gate: l.w_gate.clone(),
-                w_up: l.w_up.clone(),
-                w_down: l.w_down.clone(),
-            })
-            .collect(),
-        output_norm: m.output_norm.clone(),
-        lm_head: m.lm_head.clone(),
-        faults: m.faults.clone(),
+/// Mean softmax entropy of layer 0's attention over the query positions `from..` of a
+/// prefill of `tokens`, as a fraction of the uniform distribution's (ln of the number of
+/// visible positions).
+fn attention_entropy_ratio(host: &HostModel, tokens: &[u32], from: usize) -> f64 {
+    let c = &host.config;
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    let (_, cap) = run_traced(&RefModel::new(host).unwrap(), tokens);
+    let (mut sum, mut count) = (0.0, 0);
+    for p in from..tokens.len() {
+        let q = cap.get("L0.q_rope", p).unwrap();
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let scores: Vec<f64> = (0..=p)
+                .map(|j| {
+                    let k = &cap.get("L0.k_rope", j).unwrap()[g * hd..(g + 1) * hd];
+                    ops::dot_f64(&q[h * hd..(h + 1) * hd], k) / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+            let entropy: f64 = scores
+                .iter()
+                .map(|s| (s - m).exp() / z)
+                .filter(|&pr| pr > 0.0)
+                .map(|pr| -pr * pr.ln())
+                .sum();
+            sum += entropy / ((p + 1) as f64).ln();
+            count += 1;
+        }
     }
+    sum / count as f64
+}
+
+#[test]
+fn random_models_have_peaked_attention() {
+    // The real head size and GQA ratio; entropy over the query positions 16..40.
+    let cfg = Qwen2Config {
+        hidden: 128,
+        head_dim: 64,
+        ..toy_config(1, 14, 2, false)
+    };
+    let host = random_qwen2(&cfg, 5);
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 300).collect();
+    let peaked = attention_entropy_ratio(&host, &tokens, 16);
+    // The same model with q and k at plain ±1/sqrt(fan_in): nearly uniform attention, where a
+    // wrong attention scale or a missing causal mask would barely show.
+    let gain = cubeqwen_loaders::random::QK_GAIN;
+    let mut flat = host.clone();
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.0.attn_q.bias",
+        "blk.0.attn_k.weight",
+        "blk.0.attn_k.bias",
+    ] {
+        match &mut flat.tensors.get_mut(name).unwrap().data {
+            TensorData::F16(v) => v
+                .iter_mut()
+                .for_each(|x| *x = f16::from_f32(x.to_f32() / gain)),
+            TensorData::F32(v) => v.iter_mut().for_each(|x| *x /= gain),
+        }
+    }
+    let uniform = attention_entropy_ratio(&flat, &tokens, 16);
+    println!(
+        "attention entropy / uniform: random_qwen2 {peaked:.3}, plain q/k weights {uniform:.3}"
+    );
+    assert!(
+        peaked < 0.5,
+        "random_qwen2's attention is not peaked: {peaked:.3}"
+    );
+    assert!(
+        uniform > 0.9,
+        "plain weights give near-uniform attention, not {uniform:.3}"
+    );
 }
 
 #[test]
@@ -642,7 +723,7 @@ fn capture_keeps_only_requested_positions_across_calls() {
     assert!(cap.records.iter().all(|r| r.pos == 1 || r.pos == 4));
     let (_, full) = run_traced(&m, &TOKENS[..5]);
     for r in &cap.records {
-        let e = trace::rel_l2(&r.data, full.get(&r.name, r.pos).unwrap());
+        let e = rel_err(&r.data, full.get(&r.name, r.pos).unwrap());
         assert!(e <= 1e-12, "{} at {}", r.name, r.pos);
     }
 }
@@ -721,7 +802,7 @@ fn out_of_range_token_is_an_error_and_leaves_the_cache_alone() {
 
 #[test]
 fn bad_tensors_give_errors_that_name_them() {
-    let host = toy_model(&toy_config(2, 4, 2, false), 6);
+    let host = random_qwen2(&toy_config(2, 4, 2, false), 6);
     let mut h = host.clone();
     h.tensors.remove("blk.1.ffn_down.weight");
     let err = RefModel::new(&h).err().unwrap().to_string();
@@ -759,7 +840,10 @@ fn argmax_takes_the_lowest_index_on_ties() {
     assert_eq!(top2(&[5.0, 3.0, 4.0]), Some((0, 5.0, 4.0)));
     assert_eq!(top2(&[f64::NAN, 2.0, 1.0]), Some((1, 2.0, 1.0)));
     assert_eq!(top2(&[2.0]), Some((0, 2.0, f64::NEG_INFINITY)));
-    assert_eq!(argmax(&[]), None);
+    assert_eq!(top2::<f64>(&[]), None);
+    assert_eq!(top2(&[f32::NAN, f32::NAN]), None);
+    let v = [1.0f32, f32::NAN, 7.0, 7.0, 2.0, 3.0, 1.0, 0.0, 6.5, 7.5];
+    assert_eq!(top2(&v), Some((9, 7.5, 7.0)));
 }
 
 #[test]

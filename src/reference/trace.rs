@@ -111,37 +111,3 @@ impl Tracer for Capture {
         }
     }
 }
-
-/// Relative L2 distance `||a - b|| / max(||b||, tiny)`; infinite when the lengths differ.
-pub fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    num.sqrt() / den.sqrt().max(1e-300)
-}
-
-/// A step where two captures part.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Departure {
-    pub name: String,
-    pub pos: usize,
-    pub rel_l2: f64,
-}
-
-/// The first record of `reference` (in recording order) whose counterpart in `other` (same
-/// step name and position) is missing or differs by more than `tol` in relative L2.
-pub fn first_departure(reference: &Capture, other: &Capture, tol: f64) -> Option<Departure> {
-    reference.records.iter().find_map(|r| {
-        let e = match other.get(&r.name, r.pos) {
-            Some(o) => rel_l2(o, &r.data),
-            None => f64::INFINITY,
-        };
-        (e.is_nan() || e > tol).then(|| Departure {
-            name: r.name.clone(),
-            pos: r.pos,
-            rel_l2: e,
-        })
-    })
-}

@@ -9,15 +9,17 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use cubeqwen::reference::{argmax, greedy, top2, RefModel};
+use cubeqwen::reference::RefModel;
+use cubeqwen::sampling::top2;
+use cubeqwen_kernels::testing::{max_abs_err, rel_err};
 
-/// Greedy steps are compared up to (not including) the first step whose golden top-2 margin
-/// is below this: there the oracle's and our rounding may legitimately pick differently.
+/// A golden pick the reference does not rank first is excused only when the reference's own
+/// logit for it is within this of its largest (a near-tie, where the oracle's and our rounding
+/// may legitimately pick differently).
 pub const MARGIN_TRUST: f64 = 0.1;
-/// Allowed relative L2 error of the france last-position logits.
-pub const MAX_REL_L2: f64 = 1e-2;
-/// Stop ids (`<|im_end|>`, `<|endoftext|>`).
-pub const EOS: [u32; 2] = [151645, 151643];
+/// Allowed relative L2 error of the france last-position logits: measured 2.1e-4 (the
+/// reference with `load_model`'s f16 weights against the oracle's f32 dequantization); 3x.
+pub const MAX_REL_L2: f64 = 6.5e-4;
 
 #[derive(Debug, Default, Clone)]
 pub struct Case {
@@ -71,12 +73,6 @@ pub fn france_last_logits() -> Vec<f32> {
         .collect()
 }
 
-fn rel_l2(a: &[f64], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, &y)| (x - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 /// Runs every golden check on `model`, printing what it measures; errors on the first
 /// failed check (after printing all measurements of that case).
 pub fn check_all(model: &RefModel) -> Result<()> {
@@ -86,103 +82,76 @@ pub fn check_all(model: &RefModel) -> Result<()> {
     Ok(())
 }
 
+/// Every position of the golden run is checked teacher-forced: the reference prefills the
+/// prompt and the golden greedy ids once, and at each position (the golden's argmax at every
+/// prompt position, each golden greedy token) must rank the golden's pick first, or within
+/// [`MARGIN_TRUST`] of its own first.
 pub fn check_case(model: &RefModel, case: &Case) -> Result<()> {
     let name = &case.name;
     let t = Instant::now();
-    let logits = model.forward(&mut model.new_cache(), &case.prompt_ids, 0)?;
-    let prefill = t.elapsed();
-    println!(
-        "[{name}] prefill of {} tokens: {prefill:.2?}",
-        case.prompt_ids.len()
+    let (p, g) = (case.prompt_ids.len(), case.greedy_ids.len());
+    ensure!(
+        case.prompt_argmax.len() == p && case.step_margin.len() == g,
+        "golden data: {} prompt argmax for {p} prompt ids, {} margins for {g} greedy ids",
+        case.prompt_argmax.len(),
+        case.step_margin.len()
     );
-
-    // Prompt argmax at every position. At a position where our own top-2 margin is below
-    // MARGIN_TRUST a different pick is reported but tolerated.
-    let mut mismatches = Vec::new();
-    for (p, (row, &want)) in logits.iter().zip(&case.prompt_argmax).enumerate() {
-        let (got, a, b) = top2(row).context("NaN logits")?;
-        if got as u32 != want {
-            mismatches.push((p, got, want, a - b));
+    let seq: Vec<u32> = case
+        .prompt_ids
+        .iter()
+        .chain(&case.greedy_ids[..g.saturating_sub(1)])
+        .copied()
+        .collect();
+    let logits = model.forward(&mut model.new_cache(), &seq, 0)?;
+    println!(
+        "[{name}] prefill of {} tokens (prompt and golden greedy ids): {:.2?}",
+        seq.len(),
+        t.elapsed()
+    );
+    // The golden's pick at each position: its prompt argmax, then its greedy ids (the first
+    // greedy id is the argmax at the last prompt position).
+    let picks = case.prompt_argmax[..p - 1]
+        .iter()
+        .chain(&case.greedy_ids)
+        .copied();
+    let (mut departures, mut worst_gap) = (Vec::new(), 0.0f64);
+    for (pos, (row, pick)) in logits.iter().zip(picks).enumerate() {
+        let (top, best, _) = top2(row).context("NaN logits")?;
+        let gap = best - row[pick as usize];
+        if !(gap <= worst_gap) {
+            worst_gap = gap;
+        }
+        if top as u32 != pick {
+            departures.push((pos, top, pick, gap));
         }
     }
-    println!("[{name}] prompt argmax mismatches (pos, ours, golden, our margin): {mismatches:?}");
+    println!(
+        "[{name}] {} positions: the reference ranks the golden pick first except (pos, ours, golden, our gap) {departures:?}; largest gap {worst_gap:.4}",
+        logits.len()
+    );
     ensure!(
-        mismatches.iter().all(|m| m.3 < MARGIN_TRUST),
-        "prompt argmax differs at a confident position: {mismatches:?}"
+        departures.iter().all(|d| d.3 < MARGIN_TRUST),
+        "the reference departs from the golden run at a confident position: {departures:?}"
     );
     if name == "france" {
         ensure!(
-            mismatches.is_empty(),
-            "france prompt argmax must match everywhere"
+            departures.is_empty(),
+            "france: the reference must pick as the golden run everywhere"
         );
-        let golden = france_last_logits();
-        let last = logits.last().unwrap();
+        let golden: Vec<f64> = france_last_logits().iter().map(|&v| v as f64).collect();
+        let last = &logits[p - 1];
         ensure!(
             last.len() == golden.len(),
             "vocab {} vs golden {}",
             last.len(),
             golden.len()
         );
-        let e = rel_l2(last, &golden);
-        let max_abs = last
-            .iter()
-            .zip(&golden)
-            .map(|(x, &y)| (x - y as f64).abs())
-            .fold(0.0, f64::max);
+        let e = rel_err(last, &golden);
+        let (max_abs, at) = max_abs_err(last, &golden);
         println!(
-            "[{name}] last-position logits: relative L2 error {e:.3e}, max abs diff {max_abs:.3e}"
+            "[{name}] last-position logits: relative L2 error {e:.3e}, max abs diff {max_abs:.3e} (id {at})"
         );
         ensure!(e <= MAX_REL_L2, "relative L2 error {e:e} > {MAX_REL_L2:e}");
-        ensure!(
-            argmax(last) == Some(golden_argmax(&golden)),
-            "last argmax differs"
-        );
     }
-
-    let t = Instant::now();
-    let (ids, margins) = greedy(model, &case.prompt_ids, case.greedy_ids.len(), &EOS)?;
-    let dt = t.elapsed();
-    let n_tok = case.prompt_ids.len() + ids.len();
-    println!(
-        "[{name}] greedy {}+{} tokens: {dt:.2?} ({:.2} tokens/s overall)",
-        case.prompt_ids.len(),
-        ids.len(),
-        n_tok as f64 / dt.as_secs_f64()
-    );
-    let trusted = case
-        .step_margin
-        .iter()
-        .position(|&m| m < MARGIN_TRUST)
-        .unwrap_or(case.greedy_ids.len());
-    let agree = ids
-        .iter()
-        .zip(&case.greedy_ids)
-        .take_while(|(a, b)| a == b)
-        .count();
-    println!(
-        "[{name}] greedy: {agree} of {} steps equal (must: first {trusted}); ours {ids:?}",
-        case.greedy_ids.len()
-    );
-    println!(
-        "[{name}] our margins {:?}",
-        margins
-            .iter()
-            .map(|m| (m * 1e4).round() / 1e4)
-            .collect::<Vec<_>>()
-    );
-    ensure!(
-        agree >= trusted,
-        "greedy ids differ at step {agree}, before the first low-margin step {trusted}"
-    );
     Ok(())
-}
-
-fn golden_argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
