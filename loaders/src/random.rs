@@ -4,6 +4,7 @@ use crate::tokenizer::{TOKEN_CONTROL, TOKEN_NORMAL};
 use crate::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
 use half::f16;
 use std::collections::{BTreeMap, HashSet};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 /// SplitMix64: tiny, deterministic across platforms and crate versions.
 pub struct SplitMix64(u64);
@@ -32,30 +33,14 @@ impl SplitMix64 {
     }
 }
 
-/// GPT-2's byte-to-unicode mapping: the printable string that stands for each byte.
-pub fn byte_to_unicode() -> [char; 256] {
-    let mut out = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable =
-            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        out[b as usize] = if printable {
-            char::from_u32(b).expect("valid")
-        } else {
-            n += 1;
-            char::from_u32(255 + n).expect("valid")
-        };
-    }
-    out
-}
-
 /// A synthetic byte-level BPE tokenizer of exactly `vocab` tokens: the 256 byte tokens first
 /// (fewer if `vocab < 256`), then random merges of earlier tokens, and — when `vocab >= 259` —
 /// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as the last three (control) tokens, with
 /// `<|im_end|>` as eos and `<|endoftext|>` as padding, and a ChatML chat template.
 pub fn byte_level_tokenizer(vocab: usize, seed: u64) -> TokenizerData {
     let mut rng = SplitMix64::new(seed ^ 0x7474_6f6b);
-    let bytes = byte_to_unicode();
+    let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    bytes.sort_unstable();
     let specials = if vocab >= 259 { 3 } else { 0 };
     let mut tokens: Vec<String> = bytes.iter().take(vocab).map(|c| c.to_string()).collect();
     let mut seen: HashSet<String> = tokens.iter().cloned().collect();
