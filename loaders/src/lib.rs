@@ -26,11 +26,11 @@ pub mod random;
 pub mod tokenizer;
 pub mod writer;
 
-pub use config::{config_from_gguf, DEFAULT_ROPE_THETA};
+pub use config::{config_from_gguf, config_from_hf, DEFAULT_ROPE_THETA};
 pub use gguf::{GgufFile, TensorInfo, Value, ValueType};
-pub use hf::{hf_to_gguf_name, load_hf_dir};
+pub use hf::hf_to_gguf_name;
 pub use inspect::inspect;
-pub use model::{load_model, model_from_gguf};
+pub use model::{load_hf_dir, load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
 pub use random::{byte_level_tokenizer, random_qwen2, tiny_config};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
@@ -70,6 +70,16 @@ pub struct TokenizerData {
     pub pad_id: Option<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+}
+
+/// One tensor's raw data as a reader found it, borrowed from a mapping.
+pub(crate) struct RawTensor<'a> {
+    /// GGUF name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub bytes: &'a [u8],
 }
 
 #[derive(Debug, Clone, PartialEq)]
