@@ -69,7 +69,7 @@ impl Qwen2Config {
     pub fn check_ctx(&self, ctx: usize) -> Result<()> {
         ensure!(
             (1..=self.context_length).contains(&ctx),
-            "--ctx {ctx} is outside 1..={} (the model's context length)",
+            "a context of {ctx} tokens is outside 1..={} (the model's context length)",
             self.context_length
         );
         Ok(())
