@@ -1,5 +1,5 @@
 //! The Qwen2 forward pass: named kernels chained as the model's definition reads
-//! (see `shared` spec: one layer = RMSNorm → q/k/v (+bias) → RoPE → cache → GQA attention →
+//! (one layer = RMSNorm → q/k/v (+bias) → RoPE → cache → GQA attention →
 //! o-proj → residual → RMSNorm → SwiGLU MLP → residual; then the output norm and lm_head).
 //!
 //! The residual stream `x` is f32; everything the matmuls read or write is f16 with f32

@@ -66,7 +66,7 @@ pub fn reference_trace(host: &HostModel, ids: &[u32]) -> Result<Capture> {
     Ok(cap)
 }
 
-/// Activations dumped by `scripts/hf_dump_activations.py`: a safetensors file with one f32
+/// Activations dumped by `scripts/hf_reference.py --activations`: a safetensors file with one f32
 /// tensor [tokens, width] per step name, and the prompt ids as the i64 tensor `input_ids`.
 pub fn file_trace(path: &Path) -> Result<(Vec<u32>, Capture)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
