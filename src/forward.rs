@@ -210,7 +210,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         let h = DeviceTensor::<R, f16>::empty(client, &[t, d])?; // normed input of a block
         let q = DeviceTensor::<R, f16>::empty(client, &[t, qd])?;
         let k = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
-        let vv = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
+        let v_proj = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
         let att = DeviceTensor::<R, f16>::empty(client, &[t, qd])?;
         let proj = DeviceTensor::<R, f16>::empty(client, &[t, d])?; // o-proj and down outputs
         let gate = DeviceTensor::<R, f16>::empty(client, &[t, c.ffn])?;
@@ -232,10 +232,10 @@ impl<'m, R: Runtime> Session<'m, R> {
             let bq = (!self.faults.drop_q_bias).then_some(&layer.bq);
             matmul(client, v, &h, &layer.wq, bq, &q)?;
             matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
-            matmul(client, v, &h, &layer.wv, Some(&layer.bv), &vv)?;
+            matmul(client, v, &h, &layer.wv, Some(&layer.bv), &v_proj)?;
             see(&name("q"), StepTensor::F16(&q))?;
             see(&name("k"), StepTensor::F16(&k))?;
-            see(&name("v"), StepTensor::F16(&vv))?;
+            see(&name("v"), StepTensor::F16(&v_proj))?;
 
             let adjacent = self.faults.rope_adjacent_pairs;
             rope_with_fault(client, &q, &pos_d, start + t - 1, &m.rope, adjacent)?;
@@ -243,7 +243,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("q_rope"), StepTensor::F16(&q))?;
             see(&name("k_rope"), StepTensor::F16(&k))?;
 
-            cache.append(client, &k, &vv, start)?;
+            cache.append(client, &k, &v_proj, start)?;
             let wrong_gqa = self.faults.wrong_gqa_mapping;
             attention_with_fault(client, &q, cache, c.n_heads, start, &att, wrong_gqa)?;
             see(&name("attn"), StepTensor::F16(&att))?;
