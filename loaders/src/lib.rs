@@ -7,8 +7,10 @@
 //! - Tensor shapes are row-major (outermost first): `token_embd.weight` is `[vocab, d]`.
 //! - 2-D weights are held as f16 ([`TensorData::F16`]); 1-D tensors (norm weights, biases) as f32.
 //! - [`load_tokenizer_data`] reads only the tokenizer (GGUF metadata, or HF `tokenizer.json`).
-//! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader; [`quant`] holds
-//!   [`GgmlType`] and the llama.cpp-exact dequantizers.
+//! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader, module [`hf`] reads
+//!   HF checkpoint directories; they only read. [`model`], [`config`] and [`tokenizer`] build the
+//!   model, config and tokenizer from what they read. [`quant`] holds [`GgmlType`] and the
+//!   llama.cpp-exact dequantizers.
 //! - [`write_gguf_f16`], [`convert_to_f16`] and [`GgufWriter`] (module [`writer`]) write GGUF v3.
 //! - [`random_qwen2`] builds small synthetic models for tests; [`inspect()`] describes a GGUF file.
 //!
