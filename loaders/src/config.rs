@@ -295,3 +295,54 @@ pub fn config_from_hf(
     config.check_tensors(label, &shape_of)?;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::random::tiny_config;
+
+    #[test]
+    fn validate_and_check_ctx() {
+        let c = tiny_config();
+        c.validate().unwrap();
+        let bad = [
+            (
+                "head_dim",
+                crate::Qwen2Config {
+                    head_dim: 15,
+                    ..c.clone()
+                },
+            ),
+            (
+                "context_length",
+                crate::Qwen2Config {
+                    context_length: 0,
+                    ..c.clone()
+                },
+            ),
+            (
+                "kv heads",
+                crate::Qwen2Config {
+                    n_kv_heads: 3,
+                    ..c.clone()
+                },
+            ),
+            (
+                "rope_theta",
+                crate::Qwen2Config {
+                    rope_theta: f32::NAN,
+                    ..c.clone()
+                },
+            ),
+        ];
+        for (what, b) in bad {
+            let e = b.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        c.check_ctx(1).unwrap();
+        c.check_ctx(c.context_length).unwrap();
+        for ctx in [0, c.context_length + 1] {
+            let e = c.check_ctx(ctx).unwrap_err().to_string();
+            assert!(e.contains("context length"), "{e}");
+        }
+    }
+}
