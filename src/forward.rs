@@ -1,5 +1,5 @@
 //! The Qwen2 forward pass: named kernels chained as the model's definition reads
-//! (see `shared` spec: one layer = RMSNorm → q/k/v (+bias) → RoPE → cache → GQA attention →
+//! (one layer = RMSNorm → q/k/v (+bias) → RoPE → cache → GQA attention →
 //! o-proj → residual → RMSNorm → SwiGLU MLP → residual; then the output norm and lm_head).
 //!
 //! The residual stream `x` is f32; everything the matmuls read or write is f16 with f32
@@ -574,7 +574,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         let h = DeviceTensor::<R, f16>::empty(client, &[t, d])?; // normed input of a block
         let q = DeviceTensor::<R, f16>::empty(client, &[t, qd])?;
         let k = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
-        let vv = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
+        let v_proj = DeviceTensor::<R, f16>::empty(client, &[t, kvd])?;
         let att = DeviceTensor::<R, f16>::empty(client, &[t, qd])?;
         let proj = DeviceTensor::<R, f16>::empty(client, &[t, d])?; // o-proj and down outputs
         let gate = DeviceTensor::<R, f16>::empty(client, &[t, c.ffn])?;
@@ -601,10 +601,10 @@ impl<'m, R: Runtime> Session<'m, R> {
             let bq = (!fault!(self.faults.drop_q_bias)).then_some(&layer.bq);
             matmul(client, v, &h, &layer.wq, bq, &q)?;
             matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
-            matmul(client, v, &h, &layer.wv, Some(&layer.bv), &vv)?;
+            matmul(client, v, &h, &layer.wv, Some(&layer.bv), &v_proj)?;
             see(&name("q"), StepTensor::F16(&q))?;
             see(&name("k"), StepTensor::F16(&k))?;
-            see(&name("v"), StepTensor::F16(&vv))?;
+            see(&name("v"), StepTensor::F16(&v_proj))?;
 
             self.rope(client, &q, &pos_d, start + t - 1, &m.rope)?;
             self.rope(client, &k, &pos_d, start + t - 1, &m.rope)?;
@@ -616,7 +616,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             } else {
                 start
             };
-            cache.append(client, &k, &vv, kv_at)?;
+            cache.append(client, &k, &v_proj, kv_at)?;
             self.attention(client, &q, cache, start, &att)?;
             see(&name("attn"), StepTensor::F16(&att))?;
 

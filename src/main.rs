@@ -4,11 +4,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
 use cubeqwen::chat::{ChatMessage, ChatTemplate};
 use cubeqwen::forward::Session;
-use cubeqwen::generate::{generate, Request};
+use cubeqwen::generate::{check_prompt_fits, generate, Request};
 use cubeqwen::model::DeviceModel;
 use cubeqwen::sampling::SamplingParams;
 use cubeqwen::tokenizer::Tokenizer;
@@ -55,11 +55,14 @@ enum Command {
     Convert {
         input: PathBuf,
         output: PathBuf,
-        /// Output tensor type (only f16).
-        #[arg(long, default_value = "f16")]
-        dtype: String,
+        /// Output tensor type.
+        #[arg(long, value_enum, default_value_t = OutDtype::F16)]
+        dtype: OutDtype,
     },
 }
+
+/// KV cache size when `--ctx` is not given (capped by the model's context length).
+const DEFAULT_CTX: usize = 4096;
 
 #[derive(Args, Clone)]
 struct GenerateArgs {
@@ -105,8 +108,40 @@ struct GenerateArgs {
     /// Matmul kernel: auto, tiled, cmma or gemv.
     #[arg(long, default_value = "auto")]
     matmul: MatmulVariant,
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    format: String,
+    /// text: stream the reply to stdout, timings to stderr; json: one object at the end.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum OutDtype {
+    F16,
+}
+
+/// What `trace` compares the device with.
+#[derive(Clone)]
+enum Against {
+    /// The plain-Rust f64 reference.
+    Cpu,
+    /// A safetensors file of activations (`scripts/hf_reference.py --activations`).
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Against {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == "cpu" {
+            Against::Cpu
+        } else {
+            Against::File(PathBuf::from(s))
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -119,9 +154,10 @@ struct TraceArgs {
     prompt: Option<String>,
     #[arg(long, default_value = "auto")]
     device: DeviceKind,
-    /// `cpu` (the f64 reference) or a safetensors file from scripts/hf_dump_activations.py.
+    /// `cpu` (the f64 reference) or a safetensors file written by
+    /// `scripts/hf_reference.py --activations`.
     #[arg(long, default_value = "cpu")]
-    against: String,
+    against: Against,
     /// Only these layers, e.g. 0..4 (global steps are always shown).
     #[arg(long)]
     layers: Option<String>,
@@ -153,180 +189,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Generate(args) => {
-            let params = SamplingParams {
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                min_p: args.min_p,
-                repeat_penalty: args.repeat_penalty,
-                repeat_last_n: args.repeat_last_n,
-                seed: args.seed,
-            };
-            params.validate()?;
-            if args.max_tokens == 0 {
-                bail!("--max-tokens must be at least 1");
-            }
-            if args
-                .prompt
-                .as_deref()
-                .or(args.chat.as_deref())
-                .is_some_and(str::is_empty)
-            {
-                bail!("the prompt is empty");
-            }
-            let path = match &args.model {
-                Some(p) => p.clone(),
-                None => cubeqwen::fetch::default_model()?,
-            };
-            if !path.exists() {
-                bail!("model file {} does not exist", path.display());
-            }
-            let t0 = Instant::now();
-            let host = cubeqwen_loaders::load_model(&path)
-                .with_context(|| format!("loading {}", path.display()))?;
-            let load_time = t0.elapsed();
-            let tokenizer =
-                Tokenizer::from_data(&host.tokenizer).context("building the tokenizer")?;
-            let text = match (&args.prompt, &args.chat) {
-                (Some(p), None) => p.clone(),
-                (None, Some(c)) => {
-                    let template = ChatTemplate::from_data(&host.tokenizer)?;
-                    let mut msgs = Vec::new();
-                    if let Some(s) = &args.system {
-                        msgs.push(ChatMessage::system(s.clone()));
-                    }
-                    msgs.push(ChatMessage::user(c.clone()));
-                    template.render(&msgs, true)?
-                }
-                _ => bail!("give exactly one of --prompt and --chat"),
-            };
-            if text.is_empty() {
-                bail!("the prompt is empty");
-            }
-            let prompt_ids = tokenizer.encode(&text)?;
-            if prompt_ids.is_empty() {
-                bail!("the prompt has no tokens");
-            }
-            let ctx = args.ctx.unwrap_or(4096.min(host.config.context_length));
-            if ctx == 0 || ctx > host.config.context_length {
-                bail!(
-                    "--ctx {ctx} is outside 1..={} (the model's context length)",
-                    host.config.context_length
-                );
-            }
-            if prompt_ids.len() >= ctx {
-                bail!(
-                    "the prompt has {} tokens, more than the context of {ctx} can hold with room to generate (raise --ctx, up to {})",
-                    prompt_ids.len(),
-                    host.config.context_length
-                );
-            }
-            let req = Request {
-                prompt_ids,
-                max_tokens: args.max_tokens,
-                params,
-                stop: args.stop.clone(),
-            };
-            let job = GenerateJob {
-                host,
-                tokenizer,
-                req,
-                ctx,
-                args: args.clone(),
-                load_time,
-            };
-            dispatch(args.device, job)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Selftest { device, seed } => {
-            let seed = seed.unwrap_or_else(cubeqwen_kernels::testing::fresh_seed);
-            let (device_name, checks) = dispatch(device, Named(selftest::SelfTest { seed }))?;
-            eprintln!("device: {device_name} (asked for: {device}); seed {seed}");
-            let mut failed = 0;
-            for c in &checks {
-                let ok = c.rel_err <= c.tol;
-                failed += usize::from(!ok);
-                println!(
-                    "{:<24} rel_err {:.3e}  (tolerance {:.0e})  {}",
-                    c.name,
-                    c.rel_err,
-                    c.tol,
-                    if ok { "ok" } else { "FAIL" }
-                );
-            }
-            println!("{} passed, {failed} failed", checks.len() - failed);
-            Ok(if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Trace(args) => {
-            let path = match &args.model {
-                Some(p) => p.clone(),
-                None => cubeqwen::fetch::default_model()?,
-            };
-            let host = cubeqwen_loaders::load_model(&path)
-                .with_context(|| format!("loading {}", path.display()))?;
-            let layers = args.layers.as_deref().map(parse_layers).transpose()?;
-            if let Some(r) = &layers {
-                if r.end > host.config.layers {
-                    bail!(
-                        "--layers {}..{}: the model has {} layers",
-                        r.start,
-                        r.end,
-                        host.config.layers
-                    );
-                }
-            }
-            let (ids, expected) = if args.against == "cpu" {
-                let text = args
-                    .prompt
-                    .clone()
-                    .context("--prompt is required with --against cpu")?;
-                if text.is_empty() {
-                    bail!("the prompt is empty");
-                }
-                let ids = Tokenizer::from_data(&host.tokenizer)?.encode(&text)?;
-                eprintln!("running the f64 reference over {} tokens...", ids.len());
-                let cap = cubeqwen::trace::reference_trace(&host, &ids)?;
-                (ids, cap)
-            } else {
-                let (ids, cap) = cubeqwen::trace::file_trace(std::path::Path::new(&args.against))?;
-                if args.prompt.is_some() {
-                    eprintln!(
-                        "note: --prompt ignored; the file's input_ids ({} tokens) are used",
-                        ids.len()
-                    );
-                }
-                (ids, cap)
-            };
-            let n_layers = host.config.layers;
-            let job = TraceJob {
-                host,
-                ids,
-                expected,
-                layers,
-                tol: args.tol,
-                n_layers,
-            };
-            let departed = dispatch(args.device, job)?;
-            Ok(if departed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::HfParity { dir, device } => {
-            let (report, ok) = dispatch(device, HfParityJob(dir))?;
-            println!("{report}");
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Generate(args) => generate_cmd(args),
+        Command::Selftest { device, seed } => selftest_cmd(device, seed),
+        Command::Trace(args) => trace_cmd(args),
+        Command::HfParity { dir, device } => hf_parity_cmd(dir, device),
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -334,17 +200,185 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Convert {
             input,
             output,
-            dtype,
+            dtype: OutDtype::F16,
         } => {
-            if dtype != "f16" {
-                bail!("--dtype {dtype} is not supported: only f16");
-            }
             let t0 = Instant::now();
             cubeqwen_loaders::convert_to_f16(&input, &output)?;
             eprintln!("wrote {} in {:.1?}", output.display(), t0.elapsed());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Success when `ok`, else exit code 1.
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `--model`, or the cached real model (fetched when missing).
+fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.clone()),
+        None => cubeqwen::fetch::default_model(),
+    }
+}
+
+/// Everything is checked (sampling settings, prompt, context) before the device is touched.
+fn generate_cmd(args: GenerateArgs) -> Result<ExitCode> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed: args.seed,
+    };
+    params.validate()?;
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if args
+        .prompt
+        .as_deref()
+        .or(args.chat.as_deref())
+        .is_some_and(str::is_empty)
+    {
+        bail!("the prompt is empty");
+    }
+    let path = model_path(&args.model)?;
+    if !path.exists() {
+        bail!("model file {} does not exist", path.display());
+    }
+    let t0 = Instant::now();
+    let host = cubeqwen_loaders::load_model(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let load_time = t0.elapsed();
+    let tokenizer =
+        Tokenizer::for_model(&path, &host.tokenizer).context("building the tokenizer")?;
+    let text = match (&args.prompt, &args.chat) {
+        (Some(p), None) => p.clone(),
+        (None, Some(c)) => {
+            let template = ChatTemplate::from_data(&host.tokenizer)?;
+            let mut msgs = Vec::new();
+            if let Some(s) = &args.system {
+                msgs.push(ChatMessage::system(s.clone()));
+            }
+            msgs.push(ChatMessage::user(c.clone()));
+            template.render(&msgs, true)?
+        }
+        _ => bail!("give exactly one of --prompt and --chat"),
+    };
+    if text.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let prompt_ids = tokenizer.encode(&text)?;
+    if prompt_ids.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    let model_ctx = host.config.context_length;
+    let ctx = args.ctx.unwrap_or(DEFAULT_CTX.min(model_ctx));
+    host.config.check_ctx(ctx).context("--ctx")?;
+    check_prompt_fits(prompt_ids.len(), ctx, model_ctx)?;
+    let req = Request {
+        prompt_ids,
+        max_tokens: args.max_tokens,
+        params,
+        stop: args.stop.clone(),
+    };
+    let job = GenerateJob {
+        host,
+        tokenizer,
+        req,
+        ctx,
+        args: args.clone(),
+        load_time,
+    };
+    dispatch(args.device, job)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selftest_cmd(device: DeviceKind, seed: Option<u64>) -> Result<ExitCode> {
+    let seed = seed.unwrap_or_else(cubeqwen_kernels::testing::fresh_seed);
+    let (device_name, checks) = dispatch(device, Named(selftest::SelfTest { seed }))?;
+    eprintln!("device: {device_name} (asked for: {device}); seed {seed}");
+    let mut failed = 0;
+    for c in &checks {
+        let ok = c.rel_err <= c.tol;
+        failed += usize::from(!ok);
+        println!(
+            "{:<24} rel_err {:.3e}  (tolerance {:.0e})  {}",
+            c.name,
+            c.rel_err,
+            c.tol,
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
+    println!("{} passed, {failed} failed", checks.len() - failed);
+    Ok(exit_code(failed == 0))
+}
+
+fn trace_cmd(args: TraceArgs) -> Result<ExitCode> {
+    let path = model_path(&args.model)?;
+    let host = cubeqwen_loaders::load_model(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let layers = args.layers.as_deref().map(parse_layers).transpose()?;
+    if let Some(r) = &layers {
+        if r.end > host.config.layers {
+            bail!(
+                "--layers {}..{}: the model has {} layers",
+                r.start,
+                r.end,
+                host.config.layers
+            );
+        }
+    }
+    let (ids, expected) = match &args.against {
+        Against::Cpu => {
+            let text = args
+                .prompt
+                .clone()
+                .context("--prompt is required with --against cpu")?;
+            if text.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let ids = Tokenizer::for_model(&path, &host.tokenizer)?.encode(&text)?;
+            eprintln!("running the f64 reference over {} tokens...", ids.len());
+            let cap = cubeqwen::trace::reference_trace(&host, &ids)?;
+            (ids, cap)
+        }
+        Against::File(file) => {
+            let (ids, cap) = cubeqwen::trace::file_trace(file)?;
+            if args.prompt.is_some() {
+                eprintln!(
+                    "note: --prompt ignored; the file's input_ids ({} tokens) are used",
+                    ids.len()
+                );
+            }
+            (ids, cap)
+        }
+    };
+    let n_layers = host.config.layers;
+    let job = TraceJob {
+        host,
+        ids,
+        expected,
+        layers,
+        tol: args.tol,
+        n_layers,
+    };
+    let departed = dispatch(args.device, job)?;
+    Ok(exit_code(!departed))
+}
+
+fn hf_parity_cmd(dir: PathBuf, device: DeviceKind) -> Result<ExitCode> {
+    let (report, ok) = dispatch(device, HfParityJob(dir))?;
+    println!("{report}");
+    Ok(exit_code(ok))
 }
 
 struct GenerateJob {
@@ -367,7 +401,7 @@ impl RuntimeJob for GenerateJob {
             args,
             load_time,
         } = self;
-        let json = args.format == "json";
+        let json = args.format == Format::Json;
         let model = DeviceModel::upload(&client, &host, ctx)?;
         drop(host);
         eprintln!(

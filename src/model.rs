@@ -91,21 +91,8 @@ impl<R: Runtime> DeviceModel<R> {
     /// Uploads `host` and builds RoPE tables for `max_ctx` positions.
     pub fn upload(client: &ComputeClient<R>, host: &HostModel, max_ctx: usize) -> Result<Self> {
         let c = host.config.clone();
-        ensure!(
-            c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads),
-            "{} query heads cannot share {} kv heads",
-            c.n_heads,
-            c.n_kv_heads
-        );
-        ensure!(
-            c.n_heads * c.head_dim > 0 && c.hidden > 0 && c.ffn > 0 && c.layers > 0,
-            "degenerate config {c:?}"
-        );
-        ensure!(
-            max_ctx >= 1 && max_ctx <= c.context_length.max(1),
-            "context {max_ctx} is outside 1..={}",
-            c.context_length
-        );
+        c.validate()?;
+        c.check_ctx(max_ctx)?;
         let t0 = Instant::now();
         let (d, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let embd = host.tensor("token_embd.weight")?;

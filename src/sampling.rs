@@ -1,11 +1,8 @@
-//! Next-token sampling and stop conditions.
+//! Next-token sampling.
 //!
 //! [`Sampler::sample`] follows llama.cpp's default chain: repetition penalty, top-k, top-p, min-p,
 //! temperature, then a draw from a seeded ChaCha8 RNG (same seed and inputs → same tokens).
 //! Temperature 0 is greedy: argmax after the repetition penalty, lowest id on ties.
-//!
-//! [`StopChecker`] watches the streamed text for user stop strings and holds back text that
-//! could be the start of one, so a stop string is never printed.
 
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -167,12 +164,11 @@ const TOP_P_BUCKETS: usize = 4096;
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// Buffers kept between calls: the penalized logits, the candidates, their weights
+    /// (vocabulary-sized, so not reallocated per token).
     logits: Vec<f32>,
     candidates: Vec<(u32, f32)>,
-    boundary: Vec<(u32, f32)>,
-    mass: Vec<f64>,
     weights: Vec<f64>,
-    recent: Vec<u32>,
 }
 
 impl Sampler {
@@ -185,15 +181,8 @@ impl Sampler {
             rng,
             logits: Vec::new(),
             candidates: Vec::new(),
-            boundary: Vec::new(),
-            mass: Vec::new(),
             weights: Vec::new(),
-            recent: Vec::new(),
         })
-    }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
     }
 
     /// The next token id given the logits of the last position (one per vocabulary entry) and
@@ -213,13 +202,12 @@ impl Sampler {
         let mut logits_buf = std::mem::take(&mut self.logits);
         let logits: &[f32] = if penalize {
             let start = history.len().saturating_sub(p.repeat_last_n);
-            self.recent.clear();
-            self.recent.extend_from_slice(&history[start..]);
-            self.recent.sort_unstable();
-            self.recent.dedup();
+            let mut recent = history[start..].to_vec();
+            recent.sort_unstable();
+            recent.dedup();
             logits_buf.clear();
             logits_buf.extend_from_slice(logits);
-            for &id in &self.recent {
+            for &id in &recent {
                 if let Some(l) = logits_buf.get_mut(id as usize) {
                     if *l > 0.0 {
                         *l /= p.repeat_penalty;
@@ -336,18 +324,17 @@ impl Sampler {
         };
         let bucket = |l: f32| (((max - l) * scale) as usize).min(TOP_P_BUCKETS - 1);
         let weight = |l: f32| (l - max).exp() as f64;
-        self.mass.clear();
-        self.mass.resize(TOP_P_BUCKETS, 0.0);
+        let mut mass = vec![0.0f64; TOP_P_BUCKETS];
         let mut total = 0.0f64;
         for c in cands.iter() {
             let w = weight(c.1);
-            self.mass[bucket(c.1)] += w;
+            mass[bucket(c.1)] += w;
             total += w;
         }
         let target = top_p * total;
         let mut cum = 0.0f64;
         let mut boundary = None;
-        for (b, &m) in self.mass.iter().enumerate() {
+        for (b, &m) in mass.iter().enumerate() {
             if cum + m >= target {
                 boundary = Some(b);
                 break;
@@ -357,8 +344,7 @@ impl Sampler {
         let Some(b_star) = boundary else {
             return; // rounding: the whole set is needed
         };
-        self.boundary.clear();
-        let bnd = &mut self.boundary;
+        let mut bnd = Vec::new();
         cands.retain(|c| {
             let b = bucket(c.1);
             if b == b_star {
@@ -367,122 +353,13 @@ impl Sampler {
             b < b_star
         });
         bnd.sort_unstable_by(by_logit_desc);
-        for c in bnd.iter() {
+        for c in &bnd {
             cands.push(*c);
             cum += weight(c.1);
             if cum >= target {
                 break;
             }
         }
-    }
-}
-
-/// What [`StopChecker::push`] says about the text so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StopStatus {
-    /// Go on; the string is text safe to show now (possibly empty while a possible stop
-    /// string prefix is held back).
-    Continue(String),
-    /// A stop string was found: the string is the last text to show (everything before the stop
-    /// string); generation should end.
-    Stop(String),
-}
-
-/// Watches generated text for stop strings and end-of-sequence ids.
-///
-/// Feed each text piece (e.g. from a `StreamDecoder`) to [`StopChecker::push`]; text that could
-/// be the beginning of a stop string is held back until it is known not to be one. At the end of
-/// generation (EOS or length limit) call [`StopChecker::finish`] for the held-back rest.
-#[derive(Debug, Clone)]
-pub struct StopChecker {
-    stops: Vec<String>,
-    eos_ids: Vec<u32>,
-    /// Text shown so far.
-    emitted: String,
-    /// Text received but not shown yet.
-    pending: String,
-    stopped: bool,
-}
-
-impl StopChecker {
-    /// `stop_strings` (empty ones are ignored) and the ids that end generation.
-    pub fn new(stop_strings: Vec<String>, eos_ids: Vec<u32>) -> Self {
-        Self {
-            stops: stop_strings.into_iter().filter(|s| !s.is_empty()).collect(),
-            eos_ids,
-            emitted: String::new(),
-            pending: String::new(),
-            stopped: false,
-        }
-    }
-
-    /// Whether `id` is an end-of-sequence id.
-    pub fn is_eos(&self, id: u32) -> bool {
-        self.eos_ids.contains(&id)
-    }
-
-    /// Whether a stop string was found.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped
-    }
-
-    /// Text shown so far (after a stop: the whole output, truncated before the stop string).
-    pub fn text(&self) -> &str {
-        &self.emitted
-    }
-
-    /// Adds a piece of generated text. After a stop, further pieces are ignored.
-    pub fn push(&mut self, piece: &str) -> StopStatus {
-        if self.stopped {
-            return StopStatus::Stop(String::new());
-        }
-        self.pending.push_str(piece);
-        // A stop string cannot start in the emitted text: its prefix would have been held back.
-        let found = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(pos) = found {
-            let out = self.pending[..pos].to_string();
-            self.emitted.push_str(&out);
-            self.pending.clear();
-            self.stopped = true;
-            return StopStatus::Stop(out);
-        }
-        let hold = self.held_suffix_len();
-        let cut = self.pending.len() - hold;
-        let out: String = self.pending.drain(..cut).collect();
-        self.emitted.push_str(&out);
-        StopStatus::Continue(out)
-    }
-
-    /// Ends generation without a stop string: returns the held-back text.
-    pub fn finish(&mut self) -> String {
-        let out = std::mem::take(&mut self.pending);
-        if !self.stopped {
-            self.emitted.push_str(&out);
-            out
-        } else {
-            String::new()
-        }
-    }
-
-    /// Length of the longest suffix of `pending` that is a proper prefix of a stop string.
-    fn held_suffix_len(&self) -> usize {
-        let mut best = 0;
-        for (start, _) in self.pending.char_indices() {
-            let suffix = &self.pending[start..];
-            if self
-                .stops
-                .iter()
-                .any(|s| s.len() > suffix.len() && s.starts_with(suffix))
-            {
-                best = suffix.len();
-                break; // the first (longest) matching suffix wins
-            }
-        }
-        best
     }
 }
 
@@ -602,7 +479,8 @@ mod tests {
         let f = frequencies(&mut s, &logits, &[], n);
         assert_eq!(f[2] + f[3] + f[4], 0.0, "{f:?}");
         assert!(f[1] > 0.3 && f[1] < 0.37, "{f:?}"); // 0.25 / 0.75
-                                                     // top_p 0.45: {0} alone suffices.
+
+        // top_p 0.45: {0} alone suffices.
         let mut s = Sampler::new(params(1.0, 0, 0.45, 0.0, 11)).unwrap();
         let f = frequencies(&mut s, &logits, &[], 1000);
         assert_eq!(f[0], 1.0);
@@ -615,7 +493,7 @@ mod tests {
 
     #[test]
     fn top_p_on_a_large_vocabulary() {
-        // Needs more than the first prefix of 64 candidates: flat logits over 1000 tokens.
+        // Flat logits over 1000 tokens: a large kept set, its boundary among ties.
         let mut logits = vec![0.0f32; 1000];
         logits[7] = 1.0;
         let mut s = Sampler::new(params(1.0, 0, 0.9, 0.0, 3)).unwrap();
@@ -794,71 +672,5 @@ mod tests {
             assert!(p.validate().is_err(), "{p:?}");
             assert!(Sampler::new(p).is_err());
         }
-    }
-
-    fn drive(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let mut c = StopChecker::new(stops.iter().map(|s| s.to_string()).collect(), vec![]);
-        let mut shown = String::new();
-        for p in pieces {
-            match c.push(p) {
-                StopStatus::Continue(t) => {
-                    // Never shows a whole stop string.
-                    assert!(stops.iter().all(|s| s.is_empty() || !t.contains(s)));
-                    shown.push_str(&t)
-                }
-                StopStatus::Stop(t) => {
-                    shown.push_str(&t);
-                    assert_eq!(shown, c.text());
-                    return (shown, true);
-                }
-            }
-        }
-        shown.push_str(&c.finish());
-        assert_eq!(shown, c.text());
-        (shown, false)
-    }
-
-    #[test]
-    fn stop_strings_truncate_output() {
-        assert_eq!(
-            drive(&["STOP"], &["Hello ", "wor", "ld ST", "OP and more"]),
-            ("Hello world ".to_string(), true)
-        );
-        // Split over many pieces and preceded by a false start.
-        assert_eq!(
-            drive(&["\n\n"], &["a", "\n", "b", "\n", "\n", "c"]),
-            ("a\nb".to_string(), true)
-        );
-        // Held-back prefix released when it turns out not to be a stop string.
-        let mut c = StopChecker::new(vec!["</end>".into()], vec![]);
-        assert_eq!(c.push("x </e"), StopStatus::Continue("x ".into()));
-        assert_eq!(c.push("nd"), StopStatus::Continue("".into()));
-        assert_eq!(c.push("x"), StopStatus::Continue("</endx".into()));
-        assert_eq!(c.finish(), "");
-        // Earliest of several stop strings wins.
-        assert_eq!(drive(&["bb", "a"], &["xxbba"]), ("xx".to_string(), true));
-        // No stop: everything comes out, including a held-back tail at finish.
-        assert_eq!(
-            drive(&["STOP"], &["abc", " ST"]),
-            ("abc ST".to_string(), false)
-        );
-        // Multi-byte text next to a partial match.
-        assert_eq!(
-            drive(&["東京!"], &["行く東", "京", "!後"]),
-            ("行く".to_string(), true)
-        );
-        // Empty stop strings are ignored.
-        assert_eq!(drive(&[""], &["abc"]), ("abc".to_string(), false));
-    }
-
-    #[test]
-    fn stop_checker_eos_and_after_stop() {
-        let mut c = StopChecker::new(vec!["x".into()], vec![151645, 151643]);
-        assert!(c.is_eos(151643) && c.is_eos(151645) && !c.is_eos(0));
-        assert_eq!(c.push("abxcd"), StopStatus::Stop("ab".into()));
-        assert!(c.is_stopped());
-        assert_eq!(c.push("more"), StopStatus::Stop(String::new()));
-        assert_eq!(c.finish(), "");
-        assert_eq!(c.text(), "ab");
     }
 }

@@ -1,22 +1,21 @@
-//! Byte-level BPE tokenizer (GPT-2 / Qwen2 style) built from GGUF tokenizer metadata.
+//! Byte-level BPE tokenizer (GPT-2 / Qwen2 style) on Hugging Face `tokenizers`.
 //!
-//! [`Tokenizer::from_data`] turns a [`TokenizerData`] (`tokenizer.ggml.*`) into a Hugging Face
-//! `tokenizers` pipeline equivalent to Qwen2's `tokenizer.json`:
-//! - model: BPE over the byte-level alphabet, vocabulary = `tokens`, `merges` ("a b", by priority);
-//! - normalizer: NFC;
-//! - pre-tokenizer: `Split(QWEN2_PRETOKENIZER_REGEX, Isolated)` then
-//!   `ByteLevel(add_prefix_space = false, use_regex = false)`;
-//! - decoder: ByteLevel;
-//! - tokens of GGUF type 3 (control, e.g. `<|im_end|>`) and 4 (user-defined, e.g. `<tool_call>`)
-//!   are added tokens, matched whole in the raw text (before normalization);
-//! - no BOS is added, no post-processing.
+//! - A Hugging Face checkpoint directory: its `tokenizer.json`, loaded by `tokenizers` as is
+//!   ([`Tokenizer::from_hf_file`]).
+//! - A GGUF file: [`Tokenizer::from_data`] builds from `tokenizer.ggml.*` the pipeline Qwen2's
+//!   `tokenizer.json` describes: BPE over the byte-level alphabet (vocabulary = `tokens`,
+//!   `merges` by priority), NFC, `Split(QWEN2_PRETOKENIZER_REGEX, Isolated)` then
+//!   `ByteLevel(add_prefix_space = false, use_regex = false)`, the ByteLevel decoder; tokens of
+//!   GGUF type 3 (control, `<|im_end|>`) and 4 (user-defined, `<tool_call>`) are added tokens,
+//!   matched whole in the raw text. Only `tokenizer.ggml.pre = "qwen2"` is known.
 //!
-//! [`StreamDecoder`] turns generated ids into text pieces one id at a time without ever cutting a
-//! UTF-8 character in half.
+//! No BOS is added, no post-processing. [`StreamDecoder`] turns generated ids into text one id
+//! at a time (on `tokenizers`' `DecodeStream`) without ever cutting a UTF-8 character in half.
 
-use std::collections::HashMap;
+use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use cubeqwen_loaders::tokenizer::{QWEN2_PRETOKENIZER_REGEX, TOKEN_CONTROL, TOKEN_USER_DEFINED};
 use cubeqwen_loaders::TokenizerData;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -24,76 +23,58 @@ use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
-
-/// The Qwen2 pre-tokenizer split regex (`tokenizer.ggml.pre` = "qwen2").
-pub const QWEN2_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// GGUF token type: normal token.
-pub const TOKEN_TYPE_NORMAL: i32 = 1;
-/// GGUF token type: control token (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...).
-pub const TOKEN_TYPE_CONTROL: i32 = 3;
-/// GGUF token type: user-defined token (`<tool_call>`, ...).
-pub const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, SplitDelimiterBehavior,
+};
 
 /// Names of end-of-turn / end-of-text tokens that also stop generation when present.
 const EXTRA_EOS_TOKENS: [&str; 2] = ["<|im_end|>", "<|endoftext|>"];
-
-/// GPT-2 `bytes_to_unicode`: the printable character standing for each byte.
-fn byte_to_char_table() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut extra = 0u32;
-    for b in 0..256u32 {
-        let printable =
-            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        let c = if printable {
-            b
-        } else {
-            extra += 1;
-            255 + extra
-        };
-        table[b as usize] = char::from_u32(c).expect("byte-level chars are valid");
-    }
-    table
-}
-
-/// Inverse of [`byte_to_char_table`], indexed by char code (all codes are < 324).
-fn char_to_byte_table() -> Vec<Option<u8>> {
-    let mut inv = vec![None; 324];
-    for (b, c) in byte_to_char_table().iter().enumerate() {
-        inv[*c as usize] = Some(b as u8);
-    }
-    inv
-}
 
 /// A byte-level BPE tokenizer for Qwen2-family models.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    tokens: Vec<String>,
-    token_types: Vec<i32>,
-    token_ids: HashMap<String, u32>,
-    char_to_byte: Vec<Option<u8>>,
+    /// Size of the vocabulary, added tokens included (`tokenizers` counts it by building the
+    /// whole vocabulary map, so it is counted once).
+    vocab_size: usize,
     eos_ids: Vec<u32>,
-    bos_id: Option<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.tokens.len())
+            .field("vocab_size", &self.vocab_size())
             .field("eos_ids", &self.eos_ids)
-            .field("bos_id", &self.bos_id)
             .finish()
     }
 }
 
 impl Tokenizer {
+    /// The tokenizer of the model at `path`: a checkpoint directory's `tokenizer.json`
+    /// ([`Tokenizer::from_hf_file`]), else the GGUF metadata in `data` ([`Tokenizer::from_data`]).
+    /// `data` is what the loader read from `path`.
+    pub fn for_model(path: &Path, data: &TokenizerData) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_file(&path.join("tokenizer.json"), data.eos_id)
+        } else {
+            Self::from_data(data)
+        }
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`; `eos_id` is the end-of-sequence id of
+    /// `tokenizer_config.json`, if any.
+    pub fn from_hf_file(path: &Path, eos_id: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        Self::with_eos(inner, eos_id)
+    }
+
     /// Builds the tokenizer from GGUF-style metadata.
     ///
-    /// Errors when the model is not byte-level BPE (`gpt2`), the pre-tokenizer is unknown, the
-    /// token types do not match the tokens, a merge is malformed or names unknown tokens, or a
-    /// token appears twice.
+    /// Errors when the model is not byte-level BPE (`gpt2`), the pre-tokenizer is not `qwen2`
+    /// (also when it is missing), the token types do not match the tokens, a merge is malformed
+    /// or names unknown tokens, or a token appears twice.
     pub fn from_data(data: &TokenizerData) -> Result<Self> {
         if data.model != "gpt2" {
             bail!(
@@ -101,11 +82,12 @@ impl Tokenizer {
                 data.model
             );
         }
-        // An empty `pre` (e.g. metadata without `tokenizer.ggml.pre`) is taken as Qwen2's.
-        let regex = match data.pre.as_str() {
-            "qwen2" | "" => QWEN2_PRETOKENIZER_REGEX,
-            other => bail!("unsupported BPE pre-tokenizer `{other}`: only `qwen2` is supported"),
-        };
+        if data.pre != "qwen2" {
+            bail!(
+                "unsupported BPE pre-tokenizer `{}` (tokenizer.ggml.pre): only `qwen2` is supported",
+                data.pre
+            );
+        }
         if data.tokens.is_empty() {
             bail!("tokenizer has no tokens");
         }
@@ -120,7 +102,7 @@ impl Tokenizer {
             );
         }
 
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(data.tokens.len());
+        let mut vocab = Vocab::with_capacity(data.tokens.len());
         for (id, tok) in data.tokens.iter().enumerate() {
             if let Some(prev) = vocab.insert(tok.clone(), id as u32) {
                 bail!("token {tok:?} appears twice in the vocabulary (ids {prev} and {id})");
@@ -139,18 +121,12 @@ impl Tokenizer {
         }
 
         let bpe = BPE::builder()
-            .vocab_and_merges(
-                vocab
-                    .iter()
-                    .map(|(k, &v)| (k.clone(), v))
-                    .collect::<Vocab>(),
-                merges,
-            )
+            .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| anyhow!("building the BPE model failed: {e}"))?;
 
         let split = Split::new(
-            SplitPattern::Regex(regex.to_string()),
+            SplitPattern::Regex(QWEN2_PRETOKENIZER_REGEX.to_string()),
             SplitDelimiterBehavior::Isolated,
             false,
         )
@@ -170,52 +146,42 @@ impl Tokenizer {
             .tokens
             .iter()
             .zip(&data.token_types)
-            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(tok, &t)| {
-                AddedToken::from(tok.clone(), t == TOKEN_TYPE_CONTROL).normalized(false)
-            })
+            .filter(|(_, &t)| t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == TOKEN_CONTROL).normalized(false))
             .collect();
         inner.add_special_tokens(&added);
         // The added tokens must keep their GGUF ids (they are in the model vocabulary).
-        for tok in &added {
-            let want = vocab[&tok.content];
-            let got = inner.token_to_id(&tok.content);
-            if got != Some(want) {
-                bail!(
-                    "added token {:?} got id {got:?}, expected {want}",
-                    tok.content
-                );
-            }
-        }
-
-        let mut eos_ids = Vec::new();
-        if let Some(eos) = data.eos_id {
-            if eos as usize >= data.tokens.len() {
-                bail!(
-                    "eos id {eos} is outside the vocabulary ({})",
-                    data.tokens.len()
-                );
-            }
-            eos_ids.push(eos);
-        }
-        for name in EXTRA_EOS_TOKENS {
-            if let Some(&id) = vocab.get(name) {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
+        for (id, (tok, &t)) in data.tokens.iter().zip(&data.token_types).enumerate() {
+            if t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED {
+                let got = inner.token_to_id(tok);
+                if got != Some(id as u32) {
+                    bail!("added token {tok:?} got id {got:?}, expected {id}");
                 }
             }
         }
-        let bos_id = data.bos_id.filter(|&b| (b as usize) < data.tokens.len());
+        Self::with_eos(inner, data.eos_id)
+    }
 
-        Ok(Self {
+    /// `eos_id` (checked against the vocabulary), then `<|im_end|>` and `<|endoftext|>` when
+    /// present, end generation.
+    fn with_eos(inner: tokenizers::Tokenizer, eos_id: Option<u32>) -> Result<Self> {
+        let mut t = Self {
+            vocab_size: inner.get_vocab_size(true),
             inner,
-            tokens: data.tokens.clone(),
-            token_types: data.token_types.clone(),
-            token_ids: vocab,
-            char_to_byte: char_to_byte_table(),
-            eos_ids,
-            bos_id,
-        })
+            eos_ids: Vec::new(),
+        };
+        if let Some(eos) = eos_id {
+            t.check_id(eos).map_err(|e| anyhow!("eos id {eos}: {e}"))?;
+            t.eos_ids.push(eos);
+        }
+        for name in EXTRA_EOS_TOKENS {
+            if let Some(id) = t.inner.token_to_id(name) {
+                if !t.eos_ids.contains(&id) {
+                    t.eos_ids.push(id);
+                }
+            }
+        }
+        Ok(t)
     }
 
     /// Token ids of `text`. Control and user-defined tokens written in the text (e.g.
@@ -240,38 +206,21 @@ impl Tokenizer {
     }
 
     /// The vocabulary entry of `id`, as stored (byte-level characters, e.g. `Ġthe`).
-    pub fn token_str(&self, id: u32) -> Result<&str> {
+    pub fn token_str(&self, id: u32) -> Result<String> {
         self.check_id(id)?;
-        Ok(&self.tokens[id as usize])
-    }
-
-    /// The raw bytes `id` stands for: the text of control/user-defined tokens, else the bytes
-    /// behind the byte-level characters (possibly part of a UTF-8 character).
-    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
-        self.check_id(id)?;
-        let tok = &self.tokens[id as usize];
-        if self.is_added(id) {
-            return Ok(tok.as_bytes().to_vec());
-        }
-        let mut out = Vec::with_capacity(tok.len());
-        for c in tok.chars() {
-            match self.char_to_byte.get(c as usize).copied().flatten() {
-                Some(b) => out.push(b),
-                // Not a byte-level token: its text as-is (like the HF ByteLevel decoder).
-                None => return Ok(tok.as_bytes().to_vec()),
-            }
-        }
-        Ok(out)
+        self.inner
+            .id_to_token(id)
+            .ok_or_else(|| anyhow!("token id {id} has no vocabulary entry"))
     }
 
     /// The id of the vocabulary entry `token` (as stored, e.g. `<|im_end|>` or `Ġthe`).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.token_ids.get(token).copied()
+        self.inner.token_to_id(token)
     }
 
-    /// Number of tokens in the vocabulary (151936 for Qwen2.5 GGUFs).
+    /// Number of tokens in the vocabulary, added tokens included (151936 for Qwen2.5 GGUFs).
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab_size
     }
 
     /// Ids that end generation: `eos_id`, then `<|im_end|>` and `<|endoftext|>` when present
@@ -285,118 +234,103 @@ impl Tokenizer {
         self.eos_ids.contains(&id)
     }
 
-    /// The BOS id from the metadata, if any. Qwen2 adds no BOS when encoding.
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos_id
-    }
-
-    /// Whether `id` is a control token (GGUF type 3: `<|endoftext|>`, `<|im_start|>`, ...).
+    /// Whether `id` is a special (control) token: `<|endoftext|>`, `<|im_start|>`, ...
     /// User-defined tokens such as `<tool_call>` are not special (see [`Tokenizer::is_added`]).
     pub fn is_special(&self, id: u32) -> bool {
-        self.token_types.get(id as usize) == Some(&TOKEN_TYPE_CONTROL)
+        let added = self.inner.get_added_vocabulary();
+        added
+            .simple_id_to_token(id)
+            .is_some_and(|t| added.is_special_token(&t))
     }
 
-    /// Whether `id` is matched whole in text: control (3) or user-defined (4) token.
+    /// Whether `id` is matched whole in text: a control or user-defined (added) token.
     pub fn is_added(&self, id: u32) -> bool {
-        matches!(
-            self.token_types.get(id as usize),
-            Some(&TOKEN_TYPE_CONTROL) | Some(&TOKEN_TYPE_USER_DEFINED)
-        )
+        self.inner
+            .get_added_vocabulary()
+            .simple_id_to_token(id)
+            .is_some()
     }
 
     /// A [`StreamDecoder`] over this tokenizer.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        StreamDecoder::new(self)
+        StreamDecoder {
+            tokenizer: self,
+            stream: self.inner.decode_stream(false),
+            held: Vec::new(),
+        }
     }
 
     fn check_id(&self, id: u32) -> Result<()> {
-        if (id as usize) < self.tokens.len() {
+        if self.inner.id_to_token(id).is_some() {
             Ok(())
         } else {
             Err(anyhow!(
                 "token id {id} is outside the vocabulary ({} tokens)",
-                self.tokens.len()
+                self.vocab_size
             ))
         }
     }
 }
 
 /// Incremental detokenizer: feed generated ids one at a time, get text pieces that never end in
-/// the middle of a UTF-8 character (incomplete bytes are held back until completed).
-#[derive(Debug, Clone)]
+/// the middle of a UTF-8 character (`tokenizers`' `DecodeStream` holds incomplete bytes back).
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
-    pending: Vec<u8>,
+    stream: tokenizers::DecodeStream<
+        'a,
+        ModelWrapper,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >,
+    /// Ids pushed since the stream last produced text.
+    held: Vec<u32>,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Adds `id`; returns the text completed by it (often the whole token, possibly empty while a
+impl StreamDecoder<'_> {
+    /// Adds `id`; returns the text completed by it (often the whole token, empty while a
     /// multi-byte character is incomplete). Invalid byte sequences become U+FFFD.
     pub fn push(&mut self, id: u32) -> Result<String> {
-        let bytes = self
-            .tokenizer
-            .token_bytes(id)
-            .with_context(|| "stream decoding")?;
-        self.pending.extend_from_slice(&bytes);
-        let mut out = String::new();
-        loop {
-            match std::str::from_utf8(&self.pending) {
-                Ok(s) => {
-                    out.push_str(s);
-                    self.pending.clear();
-                    break;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    out.push_str(
-                        std::str::from_utf8(&self.pending[..valid]).expect("valid prefix"),
-                    );
-                    match e.error_len() {
-                        // Incomplete character at the end: hold it back.
-                        None => {
-                            self.pending.drain(..valid);
-                            break;
-                        }
-                        Some(n) => {
-                            out.push(char::REPLACEMENT_CHARACTER);
-                            self.pending.drain(..valid + n);
-                        }
-                    }
-                }
+        self.tokenizer.check_id(id)?;
+        match self
+            .stream
+            .step(id)
+            .map_err(|e| anyhow!("stream decoding failed: {e}"))?
+        {
+            Some(text) => {
+                self.held.clear();
+                Ok(text)
+            }
+            None => {
+                self.held.push(id);
+                Ok(String::new())
             }
         }
-        Ok(out)
-    }
-
-    /// Whether bytes of an incomplete character are held back.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
     }
 
     /// Ends the stream: returns what is held back (an incomplete character becomes U+FFFD).
-    pub fn flush(&mut self) -> String {
-        let s = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        s
+    pub fn flush(self) -> Result<String> {
+        self.tokenizer.decode(&self.held)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cubeqwen_loaders::tokenizer::TOKEN_NORMAL;
 
-    /// A tiny byte-level vocabulary: the 256 byte tokens (id = byte value), a few merges, then
-    /// control tokens and one user-defined token.
+    /// The 256 byte-level characters, in char order (the first 256 tokens of the tiny vocabulary).
+    fn byte_chars() -> Vec<char> {
+        let mut a: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        a.sort_unstable();
+        a
+    }
+
+    /// A tiny byte-level vocabulary: the 256 byte tokens, a few merges, then control tokens and
+    /// one user-defined token.
     fn tiny_data() -> TokenizerData {
-        let table = byte_to_char_table();
-        let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+        let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
         let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o", "' M"]
             .iter()
             .map(|s| s.to_string())
@@ -404,12 +338,12 @@ mod tests {
         for m in &merges {
             tokens.push(m.replace(' ', ""));
         }
-        let mut token_types = vec![TOKEN_TYPE_NORMAL; tokens.len()];
+        let mut token_types = vec![TOKEN_NORMAL; tokens.len()];
         for (t, ty) in [
-            ("<|endoftext|>", TOKEN_TYPE_CONTROL),
-            ("<|im_start|>", TOKEN_TYPE_CONTROL),
-            ("<|im_end|>", TOKEN_TYPE_CONTROL),
-            ("<tool_call>", TOKEN_TYPE_USER_DEFINED),
+            ("<|endoftext|>", TOKEN_CONTROL),
+            ("<|im_start|>", TOKEN_CONTROL),
+            ("<|im_end|>", TOKEN_CONTROL),
+            ("<tool_call>", TOKEN_USER_DEFINED),
         ] {
             tokens.push(t.to_string());
             token_types.push(ty);
@@ -436,17 +370,12 @@ mod tests {
         t.token_to_id(s).unwrap()
     }
 
-    #[test]
-    fn byte_table_is_a_bijection() {
-        let table = byte_to_char_table();
-        assert_eq!(table[b'a' as usize], 'a');
-        assert_eq!(table[b' ' as usize], 'Ġ');
-        assert_eq!(table[b'\n' as usize], 'Ċ');
-        let inv = char_to_byte_table();
-        for (b, c) in table.iter().enumerate() {
-            assert_eq!(inv[*c as usize], Some(b as u8));
-        }
-        assert_eq!(inv.iter().filter(|x| x.is_some()).count(), 256);
+    /// The ids of the single-byte tokens `s` is made of (the tiny vocabulary merges no
+    /// non-ASCII bytes).
+    fn byte_ids(t: &Tokenizer, s: &str) -> Vec<u32> {
+        let ids = t.encode(s).unwrap();
+        assert_eq!(ids.len(), s.len(), "{s:?} is not all single-byte tokens");
+        ids
     }
 
     #[test]
@@ -460,9 +389,9 @@ mod tests {
             vec![
                 id(&t, "hello"),
                 id(&t, "Ġwo"),
-                b'r' as u32,
-                b'l' as u32,
-                b'd' as u32
+                id(&t, "r"),
+                id(&t, "l"),
+                id(&t, "d")
             ]
         );
         // Specials are matched whole, even glued to text.
@@ -477,15 +406,16 @@ mod tests {
             ]
         );
         // Case matters for BPE; the contraction 'M is one pre-token and merges.
-        assert_eq!(t.encode("I'M").unwrap(), vec![b'I' as u32, id(&t, "'M")]);
+        assert_eq!(t.encode("I'M").unwrap(), vec![id(&t, "I"), id(&t, "'M")]);
         assert!(t.encode("").unwrap().is_empty());
     }
 
     #[test]
     fn nfc_normalizes_input() {
         let t = tiny();
-        // "e" + combining acute -> "é" (U+00E9, bytes C3 A9).
-        assert_eq!(t.encode("e\u{301}").unwrap(), vec![0xC3, 0xA9]);
+        // "e" + combining acute -> "é" (U+00E9, bytes C3 A9: two byte tokens).
+        assert_eq!(t.encode("e\u{301}").unwrap(), byte_ids(&t, "\u{e9}"));
+        assert_eq!(t.decode(&t.encode("e\u{301}").unwrap()).unwrap(), "\u{e9}");
     }
 
     #[test]
@@ -501,9 +431,8 @@ mod tests {
         }
         assert!(t.decode(&[1_000_000]).is_err());
         assert!(t.token_str(1_000_000).is_err());
-        assert!(t.token_bytes(u32::MAX).is_err());
-        assert_eq!(t.token_str(b' ' as u32).unwrap(), "Ġ");
-        assert_eq!(t.token_bytes(id(&t, "Ġwo")).unwrap(), b" wo");
+        assert_eq!(t.token_str(id(&t, "Ġ")).unwrap(), "Ġ");
+        assert_eq!(t.decode(&[id(&t, "Ġwo")]).unwrap(), " wo");
     }
 
     #[test]
@@ -515,11 +444,12 @@ mod tests {
             vec![id(&t, "<|im_end|>"), id(&t, "<|endoftext|>")]
         );
         assert!(t.is_eos(id(&t, "<|endoftext|>")));
-        assert!(!t.is_eos(b'a' as u32));
+        assert!(!t.is_eos(id(&t, "a")));
         assert!(t.is_special(id(&t, "<|im_start|>")));
         assert!(!t.is_special(id(&t, "<tool_call>")));
         assert!(t.is_added(id(&t, "<tool_call>")));
-        assert!(!t.is_special(b'a' as u32));
+        assert!(!t.is_added(id(&t, "a")));
+        assert!(!t.is_special(id(&t, "a")));
         assert!(!t.is_special(u32::MAX));
     }
 
@@ -530,9 +460,13 @@ mod tests {
         let e = Tokenizer::from_data(&d).unwrap_err().to_string();
         assert!(e.contains("unsupported tokenizer model `llama`"), "{e}");
 
-        let mut d = tiny_data();
-        d.pre = "deepseek-llm".into();
-        assert!(Tokenizer::from_data(&d).is_err());
+        // An unknown or missing pre-tokenizer is an error, never taken as qwen2.
+        for pre in ["deepseek-llm", ""] {
+            let mut d = tiny_data();
+            d.pre = pre.into();
+            let e = Tokenizer::from_data(&d).unwrap_err().to_string();
+            assert!(e.contains(&format!("pre-tokenizer `{pre}`")), "{e}");
+        }
 
         let mut d = tiny_data();
         d.merges.push("q".into());
@@ -548,7 +482,7 @@ mod tests {
 
         let mut d = tiny_data();
         d.tokens.push("a".into());
-        d.token_types.push(TOKEN_TYPE_NORMAL);
+        d.token_types.push(TOKEN_NORMAL);
         assert!(Tokenizer::from_data(&d).is_err());
 
         let mut d = tiny_data();
@@ -556,23 +490,26 @@ mod tests {
         assert!(Tokenizer::from_data(&d).is_err());
     }
 
+    /// Streams `ids` through a decoder, checking no piece holds half a character.
+    fn stream(t: &Tokenizer, ids: &[u32]) -> (String, usize) {
+        let mut dec = t.stream_decoder();
+        let mut out = String::new();
+        let mut empty = 0;
+        for &i in ids {
+            let piece = dec.push(i).unwrap();
+            assert!(!piece.contains(char::REPLACEMENT_CHARACTER), "{piece:?}");
+            empty += usize::from(piece.is_empty());
+            out.push_str(&piece);
+        }
+        out.push_str(&dec.flush().unwrap());
+        (out, empty)
+    }
+
     #[test]
     fn stream_decoder_holds_back_partial_characters() {
         let t = tiny();
         let text = "hello 東京 😀 naïve!";
-        let ids = t.encode(text).unwrap();
-        let mut dec = t.stream_decoder();
-        let mut out = String::new();
-        let mut held = 0;
-        for &i in &ids {
-            let piece = dec.push(i).unwrap();
-            assert!(!piece.contains(char::REPLACEMENT_CHARACTER));
-            if dec.has_pending() {
-                held += 1;
-            }
-            out.push_str(&piece);
-        }
-        out.push_str(&dec.flush());
+        let (out, held) = stream(&t, &t.encode(text).unwrap());
         assert_eq!(out, text);
         // The tiny vocabulary has single-byte tokens only, so multi-byte chars were held back.
         assert!(held >= 5, "held back {held} times");
@@ -581,16 +518,56 @@ mod tests {
     #[test]
     fn stream_decoder_replaces_invalid_bytes() {
         let t = tiny();
+        let lead_e6 = byte_ids(&t, "東")[0]; // starts a 3-byte char
+        let lead_f0 = byte_ids(&t, "😀")[0]; // starts a 4-byte char
         let mut dec = t.stream_decoder();
-        // 0xE6 starts a 3-byte char; 'a' breaks it.
-        assert_eq!(dec.push(0xE6).unwrap(), "");
-        assert_eq!(dec.push(b'a' as u32).unwrap(), "\u{FFFD}a");
-        // A dangling lead byte at the end is flushed as U+FFFD.
-        assert_eq!(dec.push(0xF0).unwrap(), "");
-        assert_eq!(dec.flush(), "\u{FFFD}");
+        // 'a' breaks the 3-byte char.
+        assert_eq!(dec.push(lead_e6).unwrap(), "");
+        assert_eq!(dec.push(id(&t, "a")).unwrap(), "\u{FFFD}a");
         assert!(dec.push(1_000_000).is_err());
         // Special tokens come out as their text.
-        let im_end = id(&t, "<|im_end|>");
-        assert_eq!(dec.push(im_end).unwrap(), "<|im_end|>");
+        assert_eq!(dec.push(id(&t, "<|im_end|>")).unwrap(), "<|im_end|>");
+        // A dangling lead byte at the end is flushed as U+FFFD.
+        assert_eq!(dec.push(lead_f0).unwrap(), "");
+        assert_eq!(dec.flush().unwrap(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn tokenizer_json_loads_like_the_gguf_pipeline() {
+        let t = tiny();
+        let dir = std::env::temp_dir().join(format!("cq-tokjson-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        t.inner.save(&path, false).unwrap();
+        // Metadata the GGUF path would refuse: only the file can have built `h`.
+        let data = TokenizerData {
+            pre: "not-qwen2".into(),
+            ..tiny_data()
+        };
+        let h = Tokenizer::for_model(&dir, &data).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for s in [
+            "hello world",
+            "<|im_start|>x 東京 😀<|im_end|><tool_call>",
+            "I'M\r\n 12",
+        ] {
+            let ids = t.encode(s).unwrap();
+            assert_eq!(h.encode(s).unwrap(), ids, "{s:?}");
+            assert_eq!(h.decode(&ids).unwrap(), s);
+            assert_eq!(stream(&h, &ids).0, s);
+        }
+        assert_eq!(h.eos_ids(), t.eos_ids());
+        assert_eq!(h.vocab_size(), t.vocab_size());
+        assert!(h.is_special(id(&t, "<|im_end|>")) && !h.is_special(id(&t, "<tool_call>")));
+        assert!(Tokenizer::from_hf_file(Path::new("/nonexistent/tokenizer.json"), None).is_err());
+    }
+
+    #[test]
+    fn random_test_tokenizer_is_usable() {
+        // The loaders' synthetic tokenizer (random models) encodes and decodes any text.
+        let t = Tokenizer::from_data(&cubeqwen_loaders::byte_level_tokenizer(400, 3)).unwrap();
+        let s = "<|im_start|>user\nnaïve 東京 😀 x<|im_end|>";
+        assert_eq!(t.decode(&t.encode(s).unwrap()).unwrap(), s);
+        assert_eq!(t.eos_ids().len(), 2);
     }
 }

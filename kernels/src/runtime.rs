@@ -157,11 +157,6 @@ fn client_or_error<R: Runtime>(device: &R::Device, what: &str) -> Result<Compute
     })
 }
 
-/// The device that `kind` resolves to, as the user would name it (`cuda` or `wgpu`).
-pub fn resolve_kind(kind: DeviceKind) -> Result<DeviceKind> {
-    resolve(kind)
-}
-
 /// Runs `job` on the device `kind` resolves to.
 pub fn dispatch<J: RuntimeJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     configure_cubecl();

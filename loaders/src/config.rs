@@ -1,6 +1,8 @@
-//! [`Qwen2Config`] from GGUF `qwen2.*` metadata, and the tensors a Qwen2 model must have.
+//! [`Qwen2Config`] from GGUF `qwen2.*` metadata or a HF `config.json`, its checks, and the
+//! tensors a Qwen2 model must have.
 
 use crate::gguf::GgufFile;
+use crate::hf::HfConfig;
 use crate::Qwen2Config;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
@@ -19,7 +21,8 @@ impl Qwen2Config {
         self.n_kv_heads * self.head_dim
     }
 
-    /// Checks the numbers are usable: nonzero, heads divisible by kv heads, no overflow.
+    /// Checks the numbers are usable: nonzero, heads divisible by kv heads, an even head size
+    /// (RoPE rotates pairs), no overflow. Every consumer of a config relies on this one check.
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("hidden", self.hidden),
@@ -29,6 +32,7 @@ impl Qwen2Config {
             ("head_dim", self.head_dim),
             ("ffn", self.ffn),
             ("vocab", self.vocab),
+            ("context_length", self.context_length),
         ] {
             ensure!(v > 0, "config {name} is 0");
             ensure!(v <= 1 << 31, "config {name} = {v} is implausibly large");
@@ -38,6 +42,11 @@ impl Qwen2Config {
             "config: {} attention heads is not a multiple of {} kv heads",
             self.n_heads,
             self.n_kv_heads
+        );
+        ensure!(
+            self.head_dim.is_multiple_of(2),
+            "config head_dim {} is odd (RoPE rotates pairs)",
+            self.head_dim
         );
         ensure!(
             self.n_heads.checked_mul(self.head_dim).is_some(),
@@ -52,6 +61,16 @@ impl Qwen2Config {
             self.rms_eps.is_finite() && self.rms_eps >= 0.0,
             "config rms_eps {} is not a non-negative number",
             self.rms_eps
+        );
+        Ok(())
+    }
+
+    /// Checks that a KV cache of `ctx` positions fits the model: `1..=context_length`.
+    pub fn check_ctx(&self, ctx: usize) -> Result<()> {
+        ensure!(
+            (1..=self.context_length).contains(&ctx),
+            "a context of {ctx} tokens is outside 1..={} (the model's context length)",
+            self.context_length
         );
         Ok(())
     }
@@ -227,4 +246,103 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<Qwen2Config> {
     cfg.validate()
         .with_context(|| format!("{}: bad qwen2 config", g.path().display()))?;
     Ok(cfg)
+}
+
+/// The Qwen2 config of a HF checkpoint: `hc` (its `config.json`) and the tensors' shapes
+/// (`shape_of`, by GGUF name). `vocab` comes from `token_embd.weight`'s rows and must agree with
+/// `vocab_size`; `tied_embeddings` from whether `output.weight` exists. `label` names the
+/// checkpoint in errors.
+pub fn config_from_hf(
+    hc: &HfConfig,
+    label: &str,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+) -> Result<Qwen2Config> {
+    let embd = shape_of("token_embd.weight")
+        .ok_or_else(|| anyhow!("{label}: missing required tensor `model.embed_tokens.weight`"))?;
+    ensure!(
+        embd.len() == 2,
+        "{label}: tensor `model.embed_tokens.weight` has shape {embd:?}, expected [vocab, hidden]"
+    );
+    let has_lm_head = shape_of("output.weight").is_some();
+    ensure!(
+        has_lm_head || hc.tie_word_embeddings,
+        "{label}: no lm_head.weight and config.json has tie_word_embeddings=false"
+    );
+    let n_heads = hc.num_attention_heads;
+    ensure!(n_heads > 0, "{label}: num_attention_heads is 0");
+    let config = Qwen2Config {
+        hidden: hc.hidden_size,
+        layers: hc.num_hidden_layers,
+        n_heads,
+        n_kv_heads: hc.num_key_value_heads.unwrap_or(n_heads),
+        head_dim: hc.head_dim.unwrap_or(hc.hidden_size / n_heads),
+        ffn: hc.intermediate_size,
+        vocab: embd[0],
+        rope_theta: hc.rope_theta(),
+        rms_eps: hc.rms_norm_eps,
+        context_length: hc.max_position_embeddings,
+        tied_embeddings: !has_lm_head,
+    };
+    config
+        .validate()
+        .with_context(|| format!("{label}: bad config.json"))?;
+    ensure!(
+        embd[0] == hc.vocab_size,
+        "{label}: embed_tokens has {} rows but config.json vocab_size is {}",
+        embd[0],
+        hc.vocab_size
+    );
+    config.check_tensors(label, &shape_of)?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::random::tiny_config;
+
+    #[test]
+    fn validate_and_check_ctx() {
+        let c = tiny_config();
+        c.validate().unwrap();
+        let bad = [
+            (
+                "head_dim",
+                crate::Qwen2Config {
+                    head_dim: 15,
+                    ..c.clone()
+                },
+            ),
+            (
+                "context_length",
+                crate::Qwen2Config {
+                    context_length: 0,
+                    ..c.clone()
+                },
+            ),
+            (
+                "kv heads",
+                crate::Qwen2Config {
+                    n_kv_heads: 3,
+                    ..c.clone()
+                },
+            ),
+            (
+                "rope_theta",
+                crate::Qwen2Config {
+                    rope_theta: f32::NAN,
+                    ..c.clone()
+                },
+            ),
+        ];
+        for (what, b) in bad {
+            let e = b.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        c.check_ctx(1).unwrap();
+        c.check_ctx(c.context_length).unwrap();
+        for ctx in [0, c.context_length + 1] {
+            let e = c.check_ctx(ctx).unwrap_err().to_string();
+            assert!(e.contains("context length"), "{e}");
+        }
+    }
 }

@@ -1,14 +1,13 @@
-//! Hugging Face Qwen2 checkpoint directories: `config.json` + `*.safetensors` (F32/F16/BF16),
-//! tensor names mapped to GGUF names.
+//! Reads Hugging Face Qwen2 checkpoint directories: `config.json`, the tensors of
+//! `*.safetensors` (F32/F16/BF16) under their GGUF names, and the tokenizer files' text.
+//! Building a model from them is [`crate::model`]'s job.
 
-use crate::model::{dequantize_all, RawTensor};
 use crate::quant::GgmlType;
-use crate::tokenizer::tokenizer_from_hf_json;
-use crate::{HostModel, Qwen2Config, TokenizerData};
+use crate::RawTensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The fields of a HF `config.json` that matter; defaults are those of transformers' Qwen2Config.
@@ -114,141 +113,98 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
     matches!(kind, "weight" | "bias").then(|| format!("blk.{layer}.{g}.{kind}"))
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    ensure!(
-        !files.is_empty(),
-        "{}: no *.safetensors files in the checkpoint directory",
-        dir.display()
-    );
-    Ok(files)
+/// The `*.safetensors` files of a checkpoint directory, memory-mapped.
+pub(crate) struct HfCheckpoint {
+    files: Vec<(PathBuf, Mmap)>,
 }
 
-/// The tokenizer of a HF checkpoint directory, or None when it has no `tokenizer.json`.
-pub fn tokenizer_from_hf_dir(dir: &Path) -> Result<Option<TokenizerData>> {
-    let tj = dir.join("tokenizer.json");
-    if !tj.exists() {
-        return Ok(None);
+impl HfCheckpoint {
+    /// Maps every `*.safetensors` file of `dir` (in name order); errors when there is none.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        paths.sort();
+        ensure!(
+            !paths.is_empty(),
+            "{}: no *.safetensors files in the checkpoint directory",
+            dir.display()
+        );
+        let files = paths
+            .into_iter()
+            .map(|p| {
+                let f = std::fs::File::open(&p)
+                    .with_context(|| format!("cannot open {}", p.display()))?;
+                // SAFETY: read-only mapping; the file must not be truncated while mapped.
+                let m = unsafe { Mmap::map(&f) }
+                    .with_context(|| format!("cannot map {}", p.display()))?;
+                Ok((p, m))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { files })
     }
-    let text =
-        std::fs::read_to_string(&tj).with_context(|| format!("cannot read {}", tj.display()))?;
-    let cfg_path = dir.join("tokenizer_config.json");
-    let cfg = if cfg_path.exists() {
-        Some(
-            std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("cannot read {}", cfg_path.display()))?,
-        )
-    } else {
-        None
-    };
-    let vocab = read_hf_config(dir).map(|c| c.vocab_size).unwrap_or(0);
-    tokenizer_from_hf_json(&text, cfg.as_deref(), vocab)
-        .map(Some)
-        .with_context(|| format!("{}: bad tokenizer", tj.display()))
-}
 
-/// Load a HF Qwen2 checkpoint directory. Without `tokenizer.json` the tokenizer is empty
-/// ([`TokenizerData::default`]).
-pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
-    let hc = read_hf_config(dir)?;
-    let files = safetensors_files(dir)?;
-    let maps: Vec<Mmap> = files
-        .iter()
-        .map(|p| {
-            let f =
-                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-            // SAFETY: read-only mapping; the file must not be truncated while mapped.
-            unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", p.display()))
-        })
-        .collect::<Result<_>>()?;
-    let mut raw: Vec<RawTensor> = Vec::new();
-    let mut seen: HashMap<String, PathBuf> = HashMap::new();
-    for (p, m) in files.iter().zip(&maps) {
-        let st = safetensors::SafeTensors::deserialize(m)
-            .map_err(|e| anyhow!("{}: invalid safetensors file: {e}", p.display()))?;
-        for (name, view) in st.tensors() {
-            let Some(gname) = hf_to_gguf_name(&name) else {
-                bail!(
-                    "{}: unexpected tensor `{name}` (not part of a Qwen2 model)",
-                    p.display()
-                );
-            };
-            if let Some(prev) = seen.insert(gname.clone(), p.clone()) {
-                bail!(
-                    "{}: tensor `{name}` is also in {}",
-                    p.display(),
-                    prev.display()
-                );
+    /// Every tensor under its GGUF name, borrowed from the mappings. Errors on a tensor that is
+    /// not part of a Qwen2 model, one found in two files, or a dtype other than F32/F16/BF16.
+    pub(crate) fn tensors(&self) -> Result<Vec<RawTensor<'_>>> {
+        let mut raw: Vec<RawTensor> = Vec::new();
+        let mut seen: HashMap<String, &Path> = HashMap::new();
+        for (p, m) in &self.files {
+            let st = safetensors::SafeTensors::deserialize(m)
+                .map_err(|e| anyhow!("{}: invalid safetensors file: {e}", p.display()))?;
+            for (name, view) in st.tensors() {
+                let Some(gname) = hf_to_gguf_name(&name) else {
+                    bail!(
+                        "{}: unexpected tensor `{name}` (not part of a Qwen2 model)",
+                        p.display()
+                    );
+                };
+                if let Some(prev) = seen.insert(gname.clone(), p) {
+                    bail!(
+                        "{}: tensor `{name}` is also in {}",
+                        p.display(),
+                        prev.display()
+                    );
+                }
+                let ty = match view.dtype() {
+                    safetensors::Dtype::F32 => GgmlType::F32,
+                    safetensors::Dtype::F16 => GgmlType::F16,
+                    safetensors::Dtype::BF16 => GgmlType::BF16,
+                    other => bail!(
+                        "{}: tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)",
+                        p.display()
+                    ),
+                };
+                raw.push(RawTensor {
+                    name: gname,
+                    shape: view.shape().to_vec(),
+                    ty,
+                    bytes: view.data(),
+                });
             }
-            let ty = match view.dtype() {
-                safetensors::Dtype::F32 => GgmlType::F32,
-                safetensors::Dtype::F16 => GgmlType::F16,
-                safetensors::Dtype::BF16 => GgmlType::BF16,
-                other => bail!(
-                    "{}: tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)",
-                    p.display()
-                ),
-            };
-            raw.push(RawTensor {
-                name: gname,
-                shape: view.shape().to_vec(),
-                ty,
-                bytes: view.data(),
-            });
         }
+        Ok(raw)
     }
-    let label = dir.display().to_string();
-    let shape_of = |n: &str| raw.iter().find(|t| t.name == n).map(|t| t.shape.clone());
-    let embd = shape_of("token_embd.weight")
-        .ok_or_else(|| anyhow!("{label}: missing required tensor `model.embed_tokens.weight`"))?;
-    ensure!(
-        embd.len() == 2,
-        "{label}: tensor `model.embed_tokens.weight` has shape {embd:?}, expected [vocab, hidden]"
-    );
-    let has_lm_head = shape_of("output.weight").is_some();
-    ensure!(
-        has_lm_head || hc.tie_word_embeddings,
-        "{label}: no lm_head.weight and config.json has tie_word_embeddings=false"
-    );
-    let n_heads = hc.num_attention_heads;
-    ensure!(n_heads > 0, "{label}: num_attention_heads is 0");
-    let config = Qwen2Config {
-        hidden: hc.hidden_size,
-        layers: hc.num_hidden_layers,
-        n_heads,
-        n_kv_heads: hc.num_key_value_heads.unwrap_or(n_heads),
-        head_dim: hc.head_dim.unwrap_or(hc.hidden_size / n_heads),
-        ffn: hc.intermediate_size,
-        vocab: embd[0],
-        rope_theta: hc.rope_theta(),
-        rms_eps: hc.rms_norm_eps,
-        context_length: hc.max_position_embeddings,
-        tied_embeddings: !has_lm_head,
+}
+
+/// The text of `dir/tokenizer.json` and, when present, of `dir/tokenizer_config.json`; None
+/// when the directory has no `tokenizer.json`.
+pub fn read_tokenizer_files(dir: &Path) -> Result<Option<(String, Option<String>)>> {
+    let read = |name: &str| -> Result<Option<String>> {
+        let p = dir.join(name);
+        if !p.exists() {
+            return Ok(None);
+        }
+        std::fs::read_to_string(&p)
+            .map(Some)
+            .with_context(|| format!("cannot read {}", p.display()))
     };
-    config
-        .validate()
-        .with_context(|| format!("{label}: bad config.json"))?;
-    ensure!(
-        embd[0] == hc.vocab_size,
-        "{label}: embed_tokens has {} rows but config.json vocab_size is {}",
-        embd[0],
-        hc.vocab_size
-    );
-    let index: HashMap<&str, &Vec<usize>> =
-        raw.iter().map(|t| (t.name.as_str(), &t.shape)).collect();
-    config.check_tensors(&label, |n| index.get(n).map(|s| s.to_vec()))?;
-    let tokenizer = tokenizer_from_hf_dir(dir)?.unwrap_or_default();
-    let tensors: BTreeMap<_, _> = dequantize_all(raw, &label)?;
-    Ok(HostModel {
-        config,
-        tokenizer,
-        tensors,
-    })
+    let Some(tokenizer) = read("tokenizer.json")? else {
+        return Ok(None);
+    };
+    Ok(Some((tokenizer, read("tokenizer_config.json")?)))
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@
 //! - Tensor shapes are row-major (outermost first): `token_embd.weight` is `[vocab, d]`.
 //! - 2-D weights are held as f16 ([`TensorData::F16`]); 1-D tensors (norm weights, biases) as f32.
 //! - [`load_tokenizer_data`] reads only the tokenizer (GGUF metadata, or HF `tokenizer.json`).
-//! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader; [`quant`] holds
-//!   [`GgmlType`] and the llama.cpp-exact dequantizers.
+//! - [`GgufFile`] (module [`gguf`]) is the bounds-checked GGUF v2/v3 reader, module [`hf`] reads
+//!   HF checkpoint directories; they only read. [`model`], [`config`] and [`tokenizer`] build the
+//!   model, config and tokenizer from what they read. [`quant`] holds [`GgmlType`] and the
+//!   llama.cpp-exact dequantizers.
 //! - [`write_gguf_f16`], [`convert_to_f16`] and [`GgufWriter`] (module [`writer`]) write GGUF v3.
 //! - [`random_qwen2`] builds small synthetic models for tests; [`inspect()`] describes a GGUF file.
 //!
@@ -26,11 +28,11 @@ pub mod random;
 pub mod tokenizer;
 pub mod writer;
 
-pub use config::{config_from_gguf, DEFAULT_ROPE_THETA};
+pub use config::{config_from_gguf, config_from_hf, DEFAULT_ROPE_THETA};
 pub use gguf::{GgufFile, TensorInfo, Value, ValueType};
-pub use hf::{hf_to_gguf_name, load_hf_dir};
+pub use hf::hf_to_gguf_name;
 pub use inspect::inspect;
-pub use model::{load_model, model_from_gguf};
+pub use model::{load_hf_dir, load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
 pub use random::{byte_level_tokenizer, random_qwen2, small_gqa7_config, tiny_config};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
@@ -70,6 +72,16 @@ pub struct TokenizerData {
     pub pad_id: Option<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+}
+
+/// One tensor's raw data as a reader found it, borrowed from a mapping.
+pub(crate) struct RawTensor<'a> {
+    /// GGUF name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub bytes: &'a [u8],
 }
 
 #[derive(Debug, Clone, PartialEq)]

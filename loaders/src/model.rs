@@ -1,14 +1,16 @@
 //! [`load_model`]: a GGUF file or HF checkpoint directory to a [`HostModel`], dequantized on
-//! all cores with a progress bar when it takes more than a second.
+//! all cores with a progress bar when it takes more than a second. The readers
+//! ([`crate::gguf`], [`crate::hf`]) only read; config, tokenizer and tensors are put together here.
 
-use crate::config::config_from_gguf;
+use crate::config::{config_from_gguf, config_from_hf};
 use crate::gguf::GgufFile;
+use crate::hf::{read_hf_config, HfCheckpoint};
 use crate::quant::{dequantize, dequantize_to_f16, GgmlType};
-use crate::tokenizer::tokenizer_from_gguf;
-use crate::{HostModel, HostTensor, TensorData};
+use crate::tokenizer::{tokenizer_from_gguf, tokenizer_from_hf_dir};
+use crate::{HostModel, HostTensor, RawTensor, TensorData};
 use anyhow::{anyhow, ensure, Context, Result};
 use half::f16;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 /// dims as f16, 1-D tensors as f32. Required tensors and their shapes are checked first.
 pub fn load_model(path: &Path) -> Result<HostModel> {
     if path.is_dir() {
-        return crate::hf::load_hf_dir(path);
+        return load_hf_dir(path);
     }
     model_from_gguf(&GgufFile::open(path)?)
 }
@@ -49,13 +51,23 @@ pub fn model_from_gguf(g: &GgufFile) -> Result<HostModel> {
     })
 }
 
-/// One tensor's raw data, borrowed from a mapping.
-pub(crate) struct RawTensor<'a> {
-    pub name: String,
-    /// Row-major shape.
-    pub shape: Vec<usize>,
-    pub ty: GgmlType,
-    pub bytes: &'a [u8],
+/// Load a HF Qwen2 checkpoint directory (see [`load_model`]). Without `tokenizer.json` the
+/// tokenizer is empty ([`crate::TokenizerData::default`]).
+pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
+    let hc = read_hf_config(dir)?;
+    let checkpoint = HfCheckpoint::open(dir)?;
+    let raw = checkpoint.tensors()?;
+    let label = dir.display().to_string();
+    let shapes: HashMap<&str, &Vec<usize>> =
+        raw.iter().map(|t| (t.name.as_str(), &t.shape)).collect();
+    let config = config_from_hf(&hc, &label, |n| shapes.get(n).map(|s| s.to_vec()))?;
+    let tokenizer = tokenizer_from_hf_dir(dir)?.unwrap_or_default();
+    let tensors = dequantize_all(raw, &label)?;
+    Ok(HostModel {
+        config,
+        tokenizer,
+        tensors,
+    })
 }
 
 enum Out<'a> {

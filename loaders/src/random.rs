@@ -6,23 +6,7 @@ use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashSet};
-
-/// GPT-2's byte-to-unicode mapping: the printable string that stands for each byte.
-pub fn byte_to_unicode() -> [char; 256] {
-    let mut out = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable =
-            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        out[b as usize] = if printable {
-            char::from_u32(b).expect("valid")
-        } else {
-            n += 1;
-            char::from_u32(255 + n).expect("valid")
-        };
-    }
-    out
-}
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 /// A synthetic byte-level BPE tokenizer of exactly `vocab` tokens: the 256 byte tokens first
 /// (fewer if `vocab < 256`), then random merges of earlier tokens, and — when `vocab >= 259` —
@@ -30,7 +14,8 @@ pub fn byte_to_unicode() -> [char; 256] {
 /// `<|im_end|>` as eos and `<|endoftext|>` as padding, and a ChatML chat template.
 pub fn byte_level_tokenizer(vocab: usize, seed: u64) -> TokenizerData {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7474_6f6b);
-    let bytes = byte_to_unicode();
+    let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    bytes.sort_unstable();
     let specials = if vocab >= 259 { 3 } else { 0 };
     let mut tokens: Vec<String> = bytes.iter().take(vocab).map(|c| c.to_string()).collect();
     let mut seen: HashSet<String> = tokens.iter().cloned().collect();

@@ -1,22 +1,27 @@
 //! [`TokenizerData`] from GGUF `tokenizer.ggml.*` metadata or a Hugging Face `tokenizer.json`.
 
 use crate::gguf::GgufFile;
+use crate::hf::{read_hf_config, read_tokenizer_files};
 use crate::TokenizerData;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::Path;
 
-/// Token type of an ordinary token.
+/// GGUF token type of an ordinary token.
 pub const TOKEN_NORMAL: i32 = 1;
-/// Token type of a control (special) token such as `<|im_end|>`.
+/// GGUF token type of a control (special) token such as `<|im_end|>`.
 pub const TOKEN_CONTROL: i32 = 3;
-/// Token type of a user-defined token, matched whole in text.
+/// GGUF token type of a user-defined token (`<tool_call>`), matched whole in text.
 pub const TOKEN_USER_DEFINED: i32 = 4;
+
+/// The split regex of Qwen2's pre-tokenizer (`tokenizer.ggml.pre` = "qwen2"), as in its
+/// `tokenizer.json`.
+pub const QWEN2_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Read the tokenizer from a GGUF file's metadata (tensor data is not touched), or from a
 /// Hugging Face checkpoint directory's `tokenizer.json` (+ `tokenizer_config.json`).
 pub fn load_tokenizer_data(path: &Path) -> Result<TokenizerData> {
     if path.is_dir() {
-        return crate::hf::tokenizer_from_hf_dir(path)?.ok_or_else(|| {
+        return tokenizer_from_hf_dir(path)?.ok_or_else(|| {
             anyhow!(
                 "{}: no tokenizer.json in the checkpoint directory",
                 path.display()
@@ -115,10 +120,46 @@ pub fn summary(t: &TokenizerData) -> String {
 /// At most this many `[PAD{id}]` tokens are added to reach the model's vocab size.
 pub const MAX_PADDING: usize = 1 << 16;
 
+/// The tokenizer of a HF checkpoint directory, or None when it has no `tokenizer.json`. The
+/// token list is padded to `config.json`'s `vocab_size` when that file can be read.
+pub fn tokenizer_from_hf_dir(dir: &Path) -> Result<Option<TokenizerData>> {
+    let Some((tokenizer_json, config_json)) = read_tokenizer_files(dir)? else {
+        return Ok(None);
+    };
+    let vocab = read_hf_config(dir).map(|c| c.vocab_size).unwrap_or(0);
+    tokenizer_from_hf_json(&tokenizer_json, config_json.as_deref(), vocab)
+        .map(Some)
+        .with_context(|| format!("{}: bad tokenizer", dir.join("tokenizer.json").display()))
+}
+
+/// The GGUF pre-tokenizer name of a `tokenizer.json` `pre_tokenizer`: "qwen2" when it splits
+/// with [`QWEN2_PRETOKENIZER_REGEX`], else "" (not one we know).
+fn pre_tokenizer_name(pre: Option<&serde_json::Value>) -> &'static str {
+    fn splits_like_qwen2(v: &serde_json::Value) -> bool {
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("Sequence") => v
+                .get("pretokenizers")
+                .and_then(|p| p.as_array())
+                .is_some_and(|p| p.iter().any(splits_like_qwen2)),
+            Some("Split") => {
+                v.pointer("/pattern/Regex").and_then(|r| r.as_str())
+                    == Some(QWEN2_PRETOKENIZER_REGEX)
+            }
+            _ => false,
+        }
+    }
+    if pre.is_some_and(splits_like_qwen2) {
+        "qwen2"
+    } else {
+        ""
+    }
+}
+
 /// Build [`TokenizerData`] from the text of a HF `tokenizer.json` (BPE model: vocab + merges +
 /// added_tokens) and, optionally, `tokenizer_config.json` (eos/bos/pad tokens, add_bos_token,
 /// chat_template). `vocab_size` pads the token list like llama.cpp's converter does
-/// (`[PAD{id}]`, user-defined).
+/// (`[PAD{id}]`, user-defined). `pre` is "qwen2" when the pre-tokenizer splits with Qwen2's
+/// regex, else empty.
 pub fn tokenizer_from_hf_json(
     tokenizer_json: &str,
     tokenizer_config_json: Option<&str>,
@@ -208,7 +249,7 @@ pub fn tokenizer_from_hf_json(
     }
     let mut t = TokenizerData {
         model: "gpt2".into(),
-        pre: "qwen2".into(),
+        pre: pre_tokenizer_name(tj.get("pre_tokenizer")).into(),
         tokens,
         token_types,
         merges,

@@ -185,7 +185,8 @@ fn tokenizer_json_padding_and_added_tokens() {
     assert_eq!(t.pad_id, Some(5));
     assert_eq!(t.bos_id, None);
     assert_eq!(t.chat_template.as_deref(), Some("{{x}}"));
-    assert_eq!((t.model.as_str(), t.pre.as_str()), ("gpt2", "qwen2"));
+    // No pre_tokenizer: not one we know, so not silently qwen2.
+    assert_eq!((t.model.as_str(), t.pre.as_str()), ("gpt2", ""));
     // Conflicting ids and non-BPE models are errors.
     let clash = r#"{"added_tokens": [{"id": 0, "content": "z", "special": true}],
                     "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#;

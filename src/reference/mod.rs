@@ -150,36 +150,7 @@ impl RefModel {
     /// (tied embeddings).
     pub fn new(host: &HostModel) -> Result<Self> {
         let c = host.config.clone();
-        ensure!(c.layers > 0, "config: layers must be > 0");
-        ensure!(
-            c.hidden > 0 && c.vocab > 0 && c.ffn > 0,
-            "config: hidden, vocab and ffn must be > 0"
-        );
-        ensure!(
-            c.n_heads > 0 && c.n_kv_heads > 0,
-            "config: head counts must be > 0"
-        );
-        ensure!(
-            c.n_heads.is_multiple_of(c.n_kv_heads),
-            "config: n_heads {} is not a multiple of n_kv_heads {}",
-            c.n_heads,
-            c.n_kv_heads
-        );
-        ensure!(
-            c.head_dim > 0 && c.head_dim.is_multiple_of(2),
-            "config: head_dim {} must be even and > 0",
-            c.head_dim
-        );
-        ensure!(
-            c.rope_theta.is_finite() && c.rope_theta > 0.0,
-            "config: rope_theta {} must be finite and > 0",
-            c.rope_theta
-        );
-        ensure!(
-            c.rms_eps.is_finite() && c.rms_eps >= 0.0,
-            "config: rms_eps {} must be finite and >= 0",
-            c.rms_eps
-        );
+        c.validate()?;
         let (d, qd, kvd, ffn) = (
             c.hidden,
             c.n_heads * c.head_dim,

@@ -134,6 +134,13 @@ pub fn write_hf_tokenizer(m: &HostModel, dir: &Path) {
     let tj = serde_json::json!({
         "version": "1.0",
         "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": cubeqwen_loaders::tokenizer::QWEN2_PRETOKENIZER_REGEX},
+             "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+        ]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "vocab": vocab, "merges": merges},
     });
     std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
