@@ -9,6 +9,7 @@
 //! | RMSNorm | [`rmsnorm`] | [`rmsnorm::reference`] |
 
 pub mod attention;
+pub mod bandwidth;
 pub mod buffer;
 pub mod elementwise;
 pub mod grid;
