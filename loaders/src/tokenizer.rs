@@ -11,6 +11,8 @@ pub const TOKEN_NORMAL: i32 = 1;
 pub const TOKEN_CONTROL: i32 = 3;
 /// Token type of a user-defined token, matched whole in text.
 pub const TOKEN_USER_DEFINED: i32 = 4;
+/// Token type of a padding entry that no text maps to (`[PAD151936]`).
+pub const TOKEN_UNUSED: i32 = 5;
 
 /// Read the tokenizer from a GGUF file's metadata (tensor data is not touched), or from a
 /// Hugging Face checkpoint directory's `tokenizer.json` (+ `tokenizer_config.json`).
