@@ -15,7 +15,7 @@ collect() { # $1 = kind; stdin = cargo json
   python3 -c '
 import json, sys, os, shutil, subprocess
 kind, root = sys.argv[1], os.getcwd()
-SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli"}
+SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli", "bench_cli"}
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue

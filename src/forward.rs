@@ -125,6 +125,18 @@ impl<'m, R: Runtime> Session<'m, R> {
         })
     }
 
+    /// Keeps the first `len` positions of the cache and forgets the rest: the next forward
+    /// call writes at position `len`, so a prefilled prefix can be reused.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        ensure!(
+            len <= self.len,
+            "cannot truncate a session of {} positions to {len}",
+            self.len
+        );
+        self.len = len;
+        Ok(())
+    }
+
     /// Runs `ids` (at positions `len..len + ids.len()`) through the model, appending to the
     /// cache, and returns the logits of the last token ([1, vocab], f32, on the device).
     pub fn forward(

@@ -6,6 +6,7 @@
 //! - loaders: crate `cubeqwen-loaders` (folder `loaders/`): GGUF, safetensors, dequantization.
 //! - this crate: the model on device, the forward pass, tokenizer, sampling and the CLI.
 
+pub mod bench;
 pub mod chat;
 pub mod fetch;
 pub mod forward;
