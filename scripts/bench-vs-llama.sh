@@ -45,11 +45,9 @@ gpu() {
   shapes=${SHAPES:-$shapes}
   local prompt=${PROMPT:-2048} gen=${GEN:-128} depths=${DEPTHS:-0,4096} reps=${REPS:-3} sweep=${SWEEP-1024,16384}
   local device=${BENCH_DEVICE:-cuda}
-  local root; root=$(pwd)
-  local out=${OUT:-$root/stage/out} work=${BENCH_WORK:-/tmp/bench-vs-llama}
-  mkdir -p "$out" "$work/results"
+  local work=${BENCH_WORK:-/tmp/bench-vs-llama}
+  mkdir -p "$work/results"
   rm -f "$work"/results/*.json
-  exec > >(tee -a "$out/bench-vs-llama.log") 2>&1
   local t0=$SECONDS
   stamp() { echo "[$((SECONDS - t0)) s] $*"; }
   local gpu_name
@@ -70,8 +68,8 @@ gpu() {
     mv "$work/random-$s.gguf.part" "$work/random-$s.gguf"
   done
   stamp "waiting for the llama-bench build"
-  wait "$build_pid" || { tail -30 "$work/llama-build.out"; echo "bench-vs-llama: llama-bench build failed"; }
   local status=0
+  wait "$build_pid" || { tail -30 "$work/llama-build.out"; echo "bench-vs-llama: llama-bench build failed"; status=1; }
   run() { # $1 = what, $2 = output file, rest = command
     local what=$1 file=$2; shift 2
     stamp "$what: $*"
@@ -94,13 +92,19 @@ gpu() {
   done
   stamp "done"
   echo
-  cat "$out/bench-vs-llama.md"
+  cat "$out/bench-vs-llama.md" || true
   python3 scripts/plot_bench.py depth "$out/bench-vs-llama.json" --out "$out" || echo "bench-vs-llama: no plot (matplotlib?)"
   echo "bench-vs-llama: exit $status"
   return $status
 }
 
 case "${1:-}" in
-  gpu) shift; gpu "$@" ;;
+  gpu)
+    shift
+    out=${OUT:-$(pwd)/stage/out}
+    mkdir -p "$out"
+    gpu "$@" 2>&1 | tee "$out/bench-vs-llama.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
   *) here "$@" ;;
 esac
