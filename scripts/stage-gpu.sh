@@ -3,7 +3,10 @@
 # stripped), stages them in the git-ignored folder stage/ (< 64 MiB), and prints the one
 # device command that runs them all on the GPU machine.
 #
-#   bash scripts/stage-gpu.sh [--no-bench]
+#   bash scripts/stage-gpu.sh [--no-bench | --bin-only]
+#
+# --bin-only stages the cubeqwen binary alone (scripts/bench-vs-llama.sh: the test binaries and
+# llama.cpp's source together are over the carry limit).
 #
 # On the GPU machine: `bash stage/run-gpu.sh` (with `stage` carried). Logs go to $OUT when set.
 set -euo pipefail
@@ -15,7 +18,7 @@ collect() { # $1 = kind; stdin = cargo json
   python3 -c '
 import json, sys, os, shutil, subprocess
 kind, root = sys.argv[1], os.getcwd()
-SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli"}
+SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli", "bench_cli"}
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
@@ -45,9 +48,10 @@ build() { # $1 = kind, rest = cargo command; cargo's messages go to stage/build.
     tail -40 stage/build.log >&2; echo "stage-gpu: '$*' failed (stage/build.log)" >&2; exit 1
   fi
 }
-build test cargo test --release --workspace --no-run
+mode=${1:-}
+[ "$mode" = --bin-only ] || build test cargo test --release --workspace --no-run
 build bin cargo build --release --bin cubeqwen
-if [ "${1:-}" != "--no-bench" ] && ls benches/*.rs >/dev/null 2>&1; then
+if [ -z "$mode" ] && ls benches/*.rs >/dev/null 2>&1; then
   build bench cargo bench --workspace --no-run
 fi
 cp scripts/run-gpu.sh stage/run-gpu.sh

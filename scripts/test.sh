@@ -5,4 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-deps.sh
 export CUBEQWEN_MODEL="${CUBEQWEN_MODEL:-$(bash scripts/fetch-model.sh)}"
-exec cargo test --release --workspace "$@"
+cargo test --release --workspace "$@"
+# Every criterion bench once, in criterion's test mode (small shapes), so none rots.
+shopt -s nullglob
+benches=(benches/*.rs */benches/*.rs)
+if [ ${#benches[@]} -gt 0 ]; then
+  cargo test --release --workspace --bench '*'
+fi

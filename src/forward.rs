@@ -217,6 +217,18 @@ impl<'m, R: Runtime> Session<'m, R> {
         })
     }
 
+    /// Keeps the first `len` positions of the cache and forgets the rest: the next forward
+    /// call writes at position `len`, so a prefilled prefix can be reused.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        ensure!(
+            len <= self.len,
+            "cannot truncate a session of {} positions to {len}",
+            self.len
+        );
+        self.len = len;
+        Ok(())
+    }
+
     /// Runs the prompt `ids` through the model (chunked), then the lm_head on its last token:
     /// the logits ([`Session::logits`]), their top two ([`Session::top2`]) and, on the device,
     /// the greedy next token, which [`Session::decode`] embeds unless [`Session::set_token`]

@@ -18,6 +18,7 @@ macro_rules! fault {
     }};
 }
 
+pub mod bench;
 pub mod chat;
 #[cfg(feature = "faults")]
 pub mod faults;

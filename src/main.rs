@@ -51,6 +51,11 @@ enum Command {
     },
     /// Print a model file's architecture, config, tokenizer and tensor table.
     Inspect { file: PathBuf },
+    /// Measure prefill and decode tokens/s (llama-bench's tests and names) and the decode
+    /// bandwidth floor, on a model file or random weights of a Qwen2.5 shape.
+    Bench(cubeqwen::bench::BenchArgs),
+    /// Write a random-weight F16 GGUF of a Qwen2.5 shape (or only a file's tokenizer).
+    RandomGguf(cubeqwen::bench::RandomGgufArgs),
     /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
     Convert {
         input: PathBuf,
@@ -193,6 +198,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Selftest { device, seed } => selftest_cmd(device, seed),
         Command::Trace(args) => trace_cmd(args),
         Command::HfParity { dir, device } => hf_parity_cmd(dir, device),
+        Command::Bench(args) => bench(&args),
+        Command::RandomGguf(args) => random_gguf(&args),
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -379,6 +386,16 @@ fn hf_parity_cmd(dir: PathBuf, device: DeviceKind) -> Result<ExitCode> {
     let (report, ok) = dispatch(device, HfParityJob(dir))?;
     println!("{report}");
     Ok(exit_code(ok))
+}
+
+fn bench(args: &cubeqwen::bench::BenchArgs) -> Result<ExitCode> {
+    print!("{}", cubeqwen::bench::run(args)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn random_gguf(args: &cubeqwen::bench::RandomGgufArgs) -> Result<ExitCode> {
+    eprintln!("{}", cubeqwen::bench::run_random_gguf(args)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 struct GenerateJob {

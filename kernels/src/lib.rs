@@ -21,6 +21,7 @@
 //! [`testing`] (helpers for the parity tests, and the [`device_test!`] macro).
 
 pub mod attention;
+pub mod bandwidth;
 pub mod buffer;
 pub mod decode;
 pub mod elementwise;

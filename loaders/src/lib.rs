@@ -12,7 +12,9 @@
 //!   model, config and tokenizer from what they read. [`quant`] holds [`GgmlType`] and the
 //!   llama.cpp-exact dequantizers.
 //! - [`write_gguf_f16`], [`convert_to_f16`] and [`GgufWriter`] (module [`writer`]) write GGUF v3.
-//! - [`random_qwen2`] builds small synthetic models for tests; [`inspect()`] describes a GGUF file.
+//! - [`random_qwen2`] builds synthetic models (small ones for tests); [`qwen25_config`] names the
+//!   Qwen2.5 shapes and [`write_random_gguf`] writes random-weight GGUFs of them for benchmarks;
+//!   [`write_tokenizer_gguf`] keeps only a file's tokenizer; [`inspect()`] describes a GGUF file.
 //!
 //! Errors are `anyhow` errors naming the file and the problem; malformed input never panics.
 
@@ -34,9 +36,13 @@ pub use hf::hf_to_gguf_name;
 pub use inspect::inspect;
 pub use model::{load_hf_dir, load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
-pub use random::{byte_level_tokenizer, random_qwen2, small_gqa7_config, tiny_config};
+pub use random::{
+    byte_level_tokenizer, pad_tokenizer, qwen25_config, random_qwen2, random_qwen2_with_tokenizer,
+    small_gqa7_config,
+    tiny_config, write_random_gguf, QWEN25_SHAPES,
+};
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
-pub use writer::{convert_to_f16, write_gguf_f16, GgufWriter};
+pub use writer::{convert_to_f16, write_gguf_f16, write_tokenizer_gguf, GgufWriter};
 
 /// Qwen2 model hyper-parameters read from `qwen2.*` metadata (or HF `config.json`).
 #[derive(Debug, Clone, PartialEq)]

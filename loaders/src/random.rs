@@ -1,6 +1,8 @@
-//! Small synthetic Qwen2 models for tests: [`random_qwen2`] and [`byte_level_tokenizer`].
+//! Synthetic Qwen2 models: [`random_qwen2`] and [`byte_level_tokenizer`] (small ones for tests),
+//! the Qwen2.5 shapes by name ([`qwen25_config`]) and random-weight GGUF files of them
+//! ([`write_random_gguf`]) for benchmarks.
 
-use crate::tokenizer::{TOKEN_CONTROL, TOKEN_NORMAL};
+use crate::tokenizer::{TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED};
 use crate::{HostModel, HostTensor, Qwen2Config, TensorData, TokenizerData};
 use half::f16;
 use rand::{Rng, SeedableRng};
@@ -71,6 +73,15 @@ pub const QK_GAIN: f32 = 3.5;
 /// f32 in ±0.1, norm weights f32 in 1 ± 0.1; `output.weight` only when not tied. The tokenizer
 /// is [`byte_level_tokenizer`]`(config.vocab, seed)`. Deterministic in `seed`.
 pub fn random_qwen2(config: &Qwen2Config, seed: u64) -> HostModel {
+    random_qwen2_with_tokenizer(config, seed, byte_level_tokenizer(config.vocab, seed))
+}
+
+/// [`random_qwen2`] with the given tokenizer (same weights for the same seed).
+pub fn random_qwen2_with_tokenizer(
+    config: &Qwen2Config,
+    seed: u64,
+    tokenizer: TokenizerData,
+) -> HostModel {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for (name, shape, _) in config.expected_tensors() {
@@ -96,7 +107,7 @@ pub fn random_qwen2(config: &Qwen2Config, seed: u64) -> HostModel {
     }
     HostModel {
         config: config.clone(),
-        tokenizer: byte_level_tokenizer(config.vocab, seed),
+        tokenizer,
         tensors,
     }
 }
@@ -134,4 +145,104 @@ pub fn tiny_config() -> Qwen2Config {
         context_length: 4096,
         tied_embeddings: true,
     }
+}
+
+/// The shapes [`qwen25_config`] knows, as users name them.
+pub const QWEN25_SHAPES: [&str; 3] = ["0.5b", "1.5b", "7b"];
+
+/// The config of a Qwen2.5 model size ("0.5b", "1.5b", "7b"; "0.5B" too), as the released
+/// checkpoints have it: rope theta 1e6, RMS eps 1e-6, context 32768; 0.5B and 1.5B tie their
+/// embeddings, 7B does not. "tiny" (not listed in [`QWEN25_SHAPES`]) is a test shape with
+/// Qwen's vocabulary of 151936 on 2 small layers, so the real tokenizer fits it.
+pub fn qwen25_config(name: &str) -> anyhow::Result<Qwen2Config> {
+    let base = Qwen2Config {
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        context_length: 32768,
+        tied_embeddings: true,
+        vocab: 151936,
+        ..tiny_config()
+    };
+    let c = match name.to_ascii_lowercase().as_str() {
+        "0.5b" => Qwen2Config {
+            hidden: 896,
+            layers: 24,
+            n_heads: 14,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn: 4864,
+            ..base
+        },
+        "1.5b" => Qwen2Config {
+            hidden: 1536,
+            layers: 28,
+            n_heads: 12,
+            n_kv_heads: 2,
+            head_dim: 128,
+            ffn: 8960,
+            ..base
+        },
+        "7b" => Qwen2Config {
+            hidden: 3584,
+            layers: 28,
+            n_heads: 28,
+            n_kv_heads: 4,
+            head_dim: 128,
+            ffn: 18944,
+            vocab: 152064,
+            tied_embeddings: false,
+            ..base
+        },
+        "tiny" => Qwen2Config {
+            context_length: 4096,
+            ..base
+        },
+        other => anyhow::bail!(
+            "unknown model shape `{other}`: expected one of {}",
+            QWEN25_SHAPES.join(", ")
+        ),
+    };
+    Ok(c)
+}
+
+/// Pads `t` to `vocab` tokens with `[PAD<id>]` tokens of type unused, as llama.cpp's converter
+/// does for checkpoints whose embedding has more rows than the tokenizer has tokens (Qwen2.5-7B:
+/// 152064 rows). A tokenizer with more tokens than `vocab` is an error.
+pub fn pad_tokenizer(t: &mut TokenizerData, vocab: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        t.tokens.len() <= vocab,
+        "the tokenizer has {} tokens, more than the {vocab} rows of the model's embedding",
+        t.tokens.len()
+    );
+    for id in t.tokens.len()..vocab {
+        t.tokens.push(format!("[PAD{id}]"));
+        t.token_types.push(TOKEN_UNUSED);
+    }
+    Ok(())
+}
+
+/// Writes a random-weight F16 GGUF of `config`'s shape ([`random_qwen2`]`(config, seed)`),
+/// carrying the tokenizer of `tokenizer_from` (a GGUF file, a tokenizer-only GGUF or an HF
+/// checkpoint directory; padded to the vocabulary with [`pad_tokenizer`]) or, without one,
+/// the synthetic [`byte_level_tokenizer`].
+pub fn write_random_gguf(
+    config: &Qwen2Config,
+    seed: u64,
+    tokenizer_from: Option<&std::path::Path>,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    config.validate()?;
+    let tokenizer = match tokenizer_from {
+        Some(p) => {
+            let mut t = crate::load_tokenizer_data(p)
+                .with_context(|| format!("reading the tokenizer of {}", p.display()))?;
+            anyhow::ensure!(!t.tokens.is_empty(), "{}: no tokenizer tokens", p.display());
+            pad_tokenizer(&mut t, config.vocab).with_context(|| p.display().to_string())?;
+            t
+        }
+        None => byte_level_tokenizer(config.vocab, seed),
+    };
+    let model = random_qwen2_with_tokenizer(config, seed, tokenizer);
+    crate::write_gguf_f16(&model, out)
 }

@@ -12,6 +12,8 @@ pub const TOKEN_NORMAL: i32 = 1;
 pub const TOKEN_CONTROL: i32 = 3;
 /// GGUF token type of a user-defined token (`<tool_call>`), matched whole in text.
 pub const TOKEN_USER_DEFINED: i32 = 4;
+/// Token type of a padding entry that no text maps to (`[PAD151936]`).
+pub const TOKEN_UNUSED: i32 = 5;
 
 /// The split regex of Qwen2's pre-tokenizer (`tokenizer.ggml.pre` = "qwen2"), as in its
 /// `tokenizer.json`.

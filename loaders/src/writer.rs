@@ -3,7 +3,7 @@
 
 use crate::gguf::{GgufFile, Value, ValueType, DEFAULT_ALIGNMENT};
 use crate::quant::GgmlType;
-use crate::{HostModel, TensorData};
+use crate::{HostModel, TensorData, TokenizerData};
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 use std::borrow::Cow;
@@ -257,7 +257,12 @@ pub fn set_model_metadata(w: &mut GgufWriter, model: &HostModel) -> Result<()> {
     w.set_u32("qwen2.attention.value_length", u(c.head_dim, "head_dim")?);
     w.set_f32("qwen2.rope.freq_base", c.rope_theta);
     w.set_f32("qwen2.attention.layer_norm_rms_epsilon", c.rms_eps);
-    let t = &model.tokenizer;
+    set_tokenizer_metadata(w, &model.tokenizer);
+    Ok(())
+}
+
+/// Set the `tokenizer.ggml.*` and `tokenizer.chat_template` keys for `t`.
+pub fn set_tokenizer_metadata(w: &mut GgufWriter, t: &TokenizerData) {
     w.set_str("tokenizer.ggml.model", &t.model);
     w.set_str("tokenizer.ggml.pre", &t.pre);
     w.set("tokenizer.ggml.tokens", str_array(&t.tokens));
@@ -284,7 +289,6 @@ pub fn set_model_metadata(w: &mut GgufWriter, model: &HostModel) -> Result<()> {
         Some(s) => w.set_str("tokenizer.chat_template", s),
         None => w.remove("tokenizer.chat_template"),
     };
-    Ok(())
 }
 
 /// Add every tensor of `model`: 2+ dims as F16, 1-D as F32 (converting when needed).
@@ -350,5 +354,28 @@ pub fn convert_to_f16(input: &Path, output: &Path) -> Result<()> {
     set_model_metadata(&mut w, &model)?;
     w.set_u32("general.file_type", 1);
     add_model_tensors(&mut w, &model)?;
+    w.write(output)
+}
+
+/// Write a GGUF holding only the tokenizer of `input` (a GGUF file or an HF checkpoint
+/// directory): `general.architecture` qwen2, `tokenizer.*` keys, no tensors. A few MB for
+/// Qwen's 151936-token vocabulary; [`crate::load_tokenizer_data`] reads it back.
+pub fn write_tokenizer_gguf(input: &Path, output: &Path) -> Result<()> {
+    let t = crate::load_tokenizer_data(input)?;
+    ensure!(
+        !t.tokens.is_empty(),
+        "{}: the tokenizer has no tokens",
+        input.display()
+    );
+    let mut w = GgufWriter::new();
+    w.set_str("general.architecture", "qwen2");
+    w.set_str(
+        "general.name",
+        &format!(
+            "tokenizer of {}",
+            input.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    );
+    set_tokenizer_metadata(&mut w, &t);
     w.write(output)
 }
