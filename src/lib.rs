@@ -16,6 +16,7 @@ pub mod model;
 pub mod reference;
 pub mod sampling;
 pub mod selftest;
+pub mod serve;
 pub mod tokenizer;
 pub mod trace;
 

@@ -51,6 +51,8 @@ enum Command {
     },
     /// Print a model file's architecture, config, tokenizer and tensor table.
     Inspect { file: PathBuf },
+    /// Serve the model over HTTP: the worker protocol (/execute, /cancel) and OpenAI's API.
+    Serve(cubeqwen::serve::ServeArgs),
     /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
     Convert {
         input: PathBuf,
@@ -327,6 +329,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Serve(args) => serve(args),
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -345,6 +348,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(args: cubeqwen::serve::ServeArgs) -> Result<ExitCode> {
+    cubeqwen::serve::run(args)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 struct GenerateJob {
