@@ -233,7 +233,17 @@ async fn a_client_that_disconnects_frees_its_place_and_stops_its_job() {
 
     // b goes away while waiting: its place is free again.
     drop(b);
-    wait_for("cubeqwen_queue_depth", 0.0).await;
+    let m = wait_for("cubeqwen_queue_depth", 0.0).await;
+    // ... at once, not when a is done.
+    assert_eq!(metric(&m, "cubeqwen_jobs_running"), 1.0);
+    assert_eq!(
+        metric(&m, "cubeqwen_jobs_total{stop_reason=\"length\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(&m, "cubeqwen_jobs_total{stop_reason=\"cancelled\"}"),
+        1.0
+    );
     let mut c2 = SseReader::new(
         post(
             &c,
@@ -691,7 +701,7 @@ async fn sigterm_ends_running_and_queued_streams_and_exits_zero() {
     assert!(c.get(server.url("/health")).send().await.is_err());
 }
 
-/// The real model: `/health` says loading first, then the worker protocol and the chat
+/// The real model: `/health` says loading first (and jobs get 503 then), then the worker protocol and the chat
 /// endpoint give the golden greedy text (one token each: wgpu on a CPU is slow).
 #[tokio::test]
 async fn real_model_over_http() {
@@ -724,6 +734,10 @@ async fn real_model_over_http() {
     let c = client();
     let first = get_json(&c, &server.url("/health")).await;
     assert_eq!(first["state"], "loading", "{first}");
+    assert!(first["device"].is_null());
+    let r = post(&c, &server.url("/execute"), &json!({"prompt": "hi"})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "loading");
     let h = server.ready(&c).await;
     assert_eq!(h["ctx"], 128);
     assert!(h["vram_bytes"].as_u64().unwrap() > 500_000_000, "{h}");
@@ -769,4 +783,27 @@ async fn real_model_over_http() {
         r["usage"]["prompt_tokens"],
         haiku["prompt_ids"].as_array().unwrap().len()
     );
+}
+
+#[test]
+fn a_model_that_does_not_load_stops_the_server_with_an_error() {
+    // Refused before the port is bound.
+    let out = std::process::Command::new(binary())
+        .args(["serve", "--port", "0", "--model", "/nonexistent/model.gguf"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // Found but not a model: the port answers first, then the engine fails and the server exits 1.
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-not-a-model.gguf");
+    std::fs::write(&path, b"this is not a GGUF file").unwrap();
+    let mut server = Server::start(&path, &[]);
+    let status = server.wait_exit();
+    let log = server.log.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("magic"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -271,6 +271,17 @@ impl Queue {
         }
     }
 
+    /// The engine died: the job it was running ends with an error.
+    fn abort_running(&self, message: String) {
+        let job = self.lock().running.take();
+        if let Some(job) = job {
+            job.send(Event::Error {
+                code: "engine_failed",
+                message,
+            });
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.lock().closed
     }
@@ -316,13 +327,13 @@ impl Drop for Ticket {
 }
 
 /// Starts the engine thread: it loads the model, then serves the queue until it is closed.
-/// A load failure is recorded in `state.failed` and stops the server.
+/// A load failure (or a panic) is recorded in `state.failed` and stops the server.
 pub fn spawn(
     state: Arc<AppState>,
     path: Option<PathBuf>,
     device: DeviceKind,
     ctx: Option<usize>,
-) -> Result<std::thread::JoinHandle<Result<()>>> {
+) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -331,15 +342,24 @@ pub fn spawn(
                 path,
                 ctx,
             };
-            let r = dispatch(device, job);
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(device, job)))
+                    .unwrap_or_else(|p| {
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        Err(anyhow::anyhow!("the engine panicked: {what}"))
+                    });
             if let Err(e) = &r {
                 let msg = format!("{e:#}");
                 eprintln!("cubeqwen serve: the engine stopped: {msg}");
-                *state.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                *state.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
+                state.queue.abort_running(msg);
                 state.queue.close();
                 state.stop.notify_one();
             }
-            Ok(())
         })
         .context("starting the engine thread")
 }
@@ -389,26 +409,29 @@ impl RuntimeJob for EngineJob {
         );
         let _ = state.ready.set(info.clone());
         while let Some(job) = state.queue.next() {
-            run_job(&client, &model, &info, &state, &job);
+            let last = run_job(&client, &model, &info, &state, &job);
+            // Off the queue before the client hears the end, so its next request finds the
+            // job_id free and the engine idle.
             state.queue.finish(&job);
+            job.send(last);
         }
         Ok(())
     }
 }
 
+/// Runs `job`, sending its events but the last, which it returns.
 fn run_job<R: Runtime>(
     client: &ComputeClient<R>,
     model: &DeviceModel<R>,
     info: &ModelInfo,
     state: &AppState,
     job: &Job,
-) {
+) -> Event {
     let m = &state.metrics;
     if job.abandoned() {
         // Cancelled between leaving the queue and starting.
-        job.send(Event::End(job.cancelled_summary()));
         m.job_done("cancelled");
-        return;
+        return Event::End(job.cancelled_summary());
     }
     let queue_time = job.accepted.elapsed();
     job.send(Event::Started {
@@ -452,21 +475,21 @@ fn run_job<R: Runtime>(
                 summary.decode_tps()
             );
             if out.stop_reason == StopReason::Cancelled && state.queue.is_closed() {
-                job.send(shutting_down(summary.tokens_out));
                 m.job_done("error");
+                shutting_down(summary.tokens_out)
             } else {
                 m.job_done(summary.reason());
-                job.send(Event::End(summary));
+                Event::End(summary)
             }
         }
         Err(e) => {
             let message = format!("{e:#}");
             eprintln!("job {}: failed: {message}", job.id);
-            job.send(Event::Error {
+            m.job_done("error");
+            Event::Error {
                 code: "generation_failed",
                 message,
-            });
-            m.job_done("error");
+            }
         }
     }
 }

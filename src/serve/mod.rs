@@ -184,13 +184,10 @@ async fn serve(args: ServeArgs, path: Option<PathBuf>, model_name: String) -> Re
         ),
     }
     state.queue.close();
-    let engine_result = tokio::task::spawn_blocking(move || engine.join())
+    tokio::task::spawn_blocking(move || engine.join())
         .await
-        .context("joining the engine thread")?;
-    match engine_result {
-        Ok(r) => r?,
-        Err(_) => bail!("the engine thread panicked"),
-    }
+        .context("joining the engine thread")?
+        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     if let Some(msg) = state.failed.lock().unwrap().clone() {
         bail!("{msg}");
     }

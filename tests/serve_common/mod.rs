@@ -105,6 +105,13 @@ pub fn eos_model(eos: u32) -> PathBuf {
     write_model(&host, &format!("tiny-qwen2-eos{eos}.gguf"))
 }
 
+/// The `cubeqwen` binary: `$CUBEQWEN_BIN`, else the one cargo built for these tests.
+pub fn binary() -> PathBuf {
+    std::env::var_os("CUBEQWEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cubeqwen")))
+}
+
 pub fn device() -> String {
     std::env::var("CUBEQWEN_TEST_DEVICE").unwrap_or_else(|_| "auto".into())
 }
@@ -118,7 +125,7 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cubeqwen"))
+        let mut child = Command::new(binary())
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device"])
             .arg(device())
             .arg("--model")
