@@ -6,7 +6,9 @@
 # with the big shapes (CUBEQWEN_FULL_SHAPES=1) and the CUDA-only tests (--include-ignored).
 # Not staged (scripts/stage-gpu.sh): the loaders' tests (no kernels) and the tests that read
 # the real model (too big to carry here): golden_device, haiku, tokenizer_golden,
-# reference_golden, and cli (no kernel; it calls the binary by its build path). CI runs them.
+# reference_golden, cli (no kernel; it calls the binary by its build path) and serve (it
+# calls the binary by its build path, or $CUBEQWEN_BIN, and one test reads the real model).
+# CI runs them.
 # `hf` runs scripts/hf_reference.py (torch + transformers) and compares cubeqwen with it.
 set -uo pipefail
 root=$(pwd); what=${1:-all}; shift || true

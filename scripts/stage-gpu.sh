@@ -18,7 +18,7 @@ collect() { # $1 = kind; stdin = cargo json
   python3 -c '
 import json, sys, os, shutil, subprocess
 kind, root = sys.argv[1], os.getcwd()
-SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli", "bench_cli"}
+SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli", "bench_cli", "serve"}
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
@@ -29,8 +29,8 @@ for line in sys.stdin:
     if kind == "bench" and "bench" not in t["kind"]: continue
     pkg = os.path.relpath(os.path.dirname(m["manifest_path"]), root)
     # Only what needs the GPU travels (carry limit 64 MiB): the loaders run no kernels, and
-    # the real-model tests need a model too big to carry, and `cli` runs no kernel and calls
-    # the binary by its path here; CI runs them all.
+    # the real-model tests need a model too big to carry, `cli` runs no kernel and calls the
+    # binary by its path here, and `serve` does both; CI runs them all.
     if kind == "test" and (pkg == "loaders" or t["name"] in SKIP): continue
     exe = m["executable"]
     name = "%s-%s-%s-%s" % (kind, os.path.basename(pkg) if pkg != "." else "cubeqwen", t["kind"][0], t["name"])

@@ -2,6 +2,7 @@
 //! streaming the text and ending on an end-of-sequence id, a stop string, the length limit or a
 //! full context.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -29,6 +30,8 @@ pub enum StopReason {
     Length,
     /// The context (`--ctx`) is full.
     Context,
+    /// The caller's callback asked to stop (see [`generate_with`]).
+    Cancelled,
 }
 
 impl StopReason {
@@ -38,6 +41,7 @@ impl StopReason {
             Self::StopString => "stop_string",
             Self::Length => "length",
             Self::Context => "context_full",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -72,6 +76,24 @@ pub fn generate<R: Runtime>(
     tokenizer: &Tokenizer,
     req: &Request,
     on_text: &mut dyn FnMut(&str),
+) -> Result<Output> {
+    generate_with(client, session, tokenizer, req, &mut |_, s| {
+        on_text(s);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate`] with a per-token callback: `on_token(i, text)` is called once after every
+/// generated token but an end-of-sequence one, with the token's index `i` (from 0) and the text
+/// it completed (possibly empty); text held back until the end comes in one more call with the
+/// index of the last such token. Returning `Break` stops generation with [`StopReason::Cancelled`] (held-back
+/// text is then dropped).
+pub fn generate_with<R: Runtime>(
+    client: &ComputeClient<R>,
+    session: &mut Session<'_, R>,
+    tokenizer: &Tokenizer,
+    req: &Request,
+    on_token: &mut dyn FnMut(usize, &str) -> ControlFlow<()>,
 ) -> Result<Output> {
     ensure!(!req.prompt_ids.is_empty(), "the prompt is empty");
     ensure!(session.len == 0, "generate needs a fresh session");
@@ -125,11 +147,14 @@ pub fn generate<R: Runtime>(
         let piece = decoder.push(next)?;
         match stop.push(&piece) {
             StopStatus::Continue(s) => {
-                on_text(&s);
                 out.text.push_str(&s);
+                if on_token(step - 1, &s).is_break() {
+                    out.stop_reason = StopReason::Cancelled;
+                    break;
+                }
             }
             StopStatus::Stop(s) => {
-                on_text(&s);
+                let _ = on_token(step - 1, &s);
                 out.text.push_str(&s);
                 out.stop_reason = StopReason::StopString;
                 break;
@@ -145,7 +170,10 @@ pub fn generate<R: Runtime>(
         }
         session.decode(client)?;
     }
-    if out.stop_reason != StopReason::StopString {
+    if !matches!(
+        out.stop_reason,
+        StopReason::StopString | StopReason::Cancelled
+    ) {
         let flushed = decoder.flush()?;
         let rest = match stop.push(&flushed) {
             StopStatus::Continue(s) => s + &stop.finish(),
@@ -154,8 +182,12 @@ pub fn generate<R: Runtime>(
                 s
             }
         };
-        on_text(&rest);
-        out.text.push_str(&rest);
+        if !rest.is_empty() {
+            // The index of the last token that was not an end-of-sequence id.
+            let eos = usize::from(out.stop_reason == StopReason::Eos);
+            let _ = on_token(step.saturating_sub(1 + eos), &rest);
+            out.text.push_str(&rest);
+        }
     }
     out.decode_time = t0.elapsed().saturating_sub(out.prefill_time);
     Ok(out)

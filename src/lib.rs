@@ -31,6 +31,7 @@ pub mod model;
 pub mod reference;
 pub mod sampling;
 pub mod selftest;
+pub mod serve;
 pub mod tokenizer;
 pub mod trace;
 

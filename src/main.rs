@@ -56,6 +56,8 @@ enum Command {
     Bench(cubeqwen::bench::BenchArgs),
     /// Write a random-weight F16 GGUF of a Qwen2.5 shape (or only a file's tokenizer).
     RandomGguf(cubeqwen::bench::RandomGgufArgs),
+    /// Serve the model over HTTP: the worker protocol (/execute, /cancel) and OpenAI's API.
+    Serve(cubeqwen::serve::ServeArgs),
     /// Convert a GGUF file or a Hugging Face checkpoint directory to an F16 GGUF.
     Convert {
         input: PathBuf,
@@ -200,6 +202,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::HfParity { dir, device } => hf_parity_cmd(dir, device),
         Command::Bench(args) => bench(&args),
         Command::RandomGguf(args) => random_gguf(&args),
+        Command::Serve(args) => serve(args),
         Command::Inspect { file } => {
             print!("{}", cubeqwen_loaders::inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -395,6 +398,11 @@ fn bench(args: &cubeqwen::bench::BenchArgs) -> Result<ExitCode> {
 
 fn random_gguf(args: &cubeqwen::bench::RandomGgufArgs) -> Result<ExitCode> {
     eprintln!("{}", cubeqwen::bench::run_random_gguf(args)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(args: cubeqwen::serve::ServeArgs) -> Result<ExitCode> {
+    cubeqwen::serve::run(args)?;
     Ok(ExitCode::SUCCESS)
 }
 
