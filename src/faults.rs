@@ -36,6 +36,12 @@ pub struct Faults {
 }
 
 impl Faults {
+    /// Whether a switch of the attention kernel is on (those run the chunked attention kernel,
+    /// which has them, in prefill too).
+    pub fn attention_faults(&self) -> bool {
+        self.wrong_gqa_mapping || self.attention_scale_one_over_hd || self.no_causal_mask
+    }
+
     /// Whether any device-only switch is on (the reference refuses those).
     pub fn device_only(&self) -> bool {
         self.kv_write_off_by_one || self.chunk_start_off_by_one

@@ -10,25 +10,27 @@ use anyhow::{ensure, Result};
 #[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
+use cubeqwen_kernels::attention::attention;
 use cubeqwen_kernels::attention::KvCache;
 use cubeqwen_kernels::buffer::check_launches;
 use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState, Rec};
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
+use cubeqwen_kernels::flash::attention_prefill;
 #[cfg(feature = "cuda")]
 use cubeqwen_kernels::graph::GraphRecorder;
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
+#[cfg(not(feature = "faults"))]
+use cubeqwen_kernels::rope::rope;
 use cubeqwen_kernels::rope::RopeTables;
 use cubeqwen_kernels::DeviceTensor;
-#[cfg(feature = "cuda")]
-use cudarc::driver::CudaGraph;
-#[cfg(not(feature = "faults"))]
-use cubeqwen_kernels::{attention::attention, rope::rope};
 #[cfg(feature = "faults")]
 use cubeqwen_kernels::{
     attention::{attention_with_fault, AttentionFault},
     rope::rope_with_fault,
 };
+#[cfg(feature = "cuda")]
+use cudarc::driver::CudaGraph;
 use half::f16;
 #[cfg(feature = "cuda")]
 use std::collections::HashMap;
@@ -157,6 +159,10 @@ pub struct Session<'m, R: Runtime> {
     /// On CUDA, replay each decode step as a CUDA graph (default on; `CUBEQWEN_NO_GRAPHS=1`
     /// turns it off): one launch per token instead of one per kernel.
     pub use_graphs: bool,
+    /// Prefill attention (more than one token) with the flash kernel (`flash` module of the
+    /// kernels crate; tensor cores on CUDA); off (`CUBEQWEN_NO_FLASH=1`), with the chunked
+    /// attention kernel that decode steps of the general path use.
+    pub flash_prefill: bool,
     decode: DecodeBuffers<R>,
     #[cfg(feature = "cuda")]
     graphs: Option<Graphs>,
@@ -209,6 +215,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             prefill_chunk: 512,
             fused_decode: true,
             use_graphs: std::env::var_os("CUBEQWEN_NO_GRAPHS").is_none(),
+            flash_prefill: std::env::var_os("CUBEQWEN_NO_FLASH").is_none(),
             decode: DecodeBuffers::new(client, model, max_ctx)?,
             #[cfg(feature = "cuda")]
             graphs: None,
@@ -754,21 +761,18 @@ impl<'m, R: Runtime> Session<'m, R> {
     ) -> Result<()> {
         let n_heads = self.model.config.n_heads;
         #[cfg(feature = "faults")]
-        let done = attention_with_fault(
-            client,
-            q,
-            cache,
-            n_heads,
-            start,
-            out,
-            AttentionFault {
+        if self.faults.attention_faults() {
+            let f = AttentionFault {
                 wrong_gqa: self.faults.wrong_gqa_mapping,
                 no_causal_mask: self.faults.no_causal_mask,
                 scale_one_over_hd: self.faults.attention_scale_one_over_hd,
-            },
-        );
-        #[cfg(not(feature = "faults"))]
-        let done = attention(client, q, cache, n_heads, start, out);
-        done
+            };
+            return attention_with_fault(client, q, cache, n_heads, start, out, f);
+        }
+        if self.flash_prefill && q.shape[0] > 1 {
+            attention_prefill(client, q, cache, n_heads, start, out)
+        } else {
+            attention(client, q, cache, n_heads, start, out)
+        }
     }
 }

@@ -58,15 +58,7 @@ pub fn copy_u32<R: Runtime>(
         )
     };
     let (count, dim) = crate::grid::elementwise(client, n);
-    copy_kernel::launch::<R>(
-        client,
-        count,
-        dim,
-        vs,
-        s,
-        d,
-        n,
-    );
+    copy_kernel::launch::<R>(client, count, dim, vs, s, d, n);
     Ok(())
 }
 

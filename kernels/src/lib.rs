@@ -26,6 +26,7 @@ pub mod buffer;
 pub mod decode;
 pub mod elementwise;
 pub mod error;
+pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;

@@ -38,8 +38,7 @@ pub use model::{load_hf_dir, load_model, model_from_gguf};
 pub use quant::{dequantize, dequantize_to_f16, GgmlType};
 pub use random::{
     byte_level_tokenizer, pad_tokenizer, qwen25_config, random_qwen2, random_qwen2_with_tokenizer,
-    small_gqa7_config,
-    tiny_config, write_random_gguf, QWEN25_SHAPES,
+    small_gqa7_config, tiny_config, write_random_gguf, QWEN25_SHAPES,
 };
 pub use tokenizer::{load_tokenizer_data, tokenizer_from_gguf};
 pub use writer::{convert_to_f16, write_gguf_f16, write_tokenizer_gguf, GgufWriter};

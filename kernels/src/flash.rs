@@ -1,0 +1,857 @@
+//! Flash-attention prefill (FlashAttention-2 style): many query tokens against the KV cache,
+//! causal with a cache offset, grouped-query heads, online softmax in f32, no
+//! [tokens × positions] matrix in memory.
+//!
+//! Layouts as in [`crate::attention`]: q and out [tokens, n_heads·hd]; the cache holds k and v
+//! as [n_kv, max_ctx, hd]. Query token `t` sits at position `start + t` and sees cache positions
+//! `0..=start + t`; query head `h` reads kv head `h / (n_heads / n_kv)`.
+//!
+//! A cube takes [`BM`] query rows of one kv group and loops over key tiles of `bk` cache
+//! positions staged in shared memory, up to the last position its last row sees (tiles above
+//! the causal diagonal are skipped). A row is a (token, head) pair: with
+//! [`PrefillOptions::pack_group`] the rows of a cube are all the group's heads of consecutive
+//! tokens (`row = t·group + head in group`), so each K/V tile is loaded once for the group's
+//! heads; without it a cube takes consecutive tokens of one head. Per tile and row the
+//! kernel keeps the running max `m` and sum `l` of `exp(s − m)` and rescales its output by
+//! `exp(m_old − m_new)`; the output is divided by `l` once at the end.
+//!
+//! Two kernels with the same tiling:
+//! - [`PrefillKernel::Portable`]: plain f32 FMAs, 128 threads as 8 × 16 each own a 8-row
+//!   slice of scores (`rows ty + 8a`, keys `tx + 16b`) and of the output (`rows ty + 8a`,
+//!   dims `tx + 16c`); one thread per row does the softmax. Runs on every runtime.
+//! - [`PrefillKernel::Cmma`]: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate), CUDA
+//!   only: 4 planes of 32, each owning 16 rows; `Q·Kᵀ` and `P·V` are cmma products on
+//!   shared-memory tiles, P is rounded to f16 for the second product, the output stays in f32
+//!   registers. [`PrefillKernel::CmmaEmulated`] is the same kernel with each cmma product
+//!   replaced by scalar loops over the same shared-memory tiles, so that everything but the
+//!   tensor-core instructions is tested on every runtime.
+
+use anyhow::{bail, ensure, Result};
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::*;
+use half::f16;
+
+use crate::attention::KvCache;
+use crate::matmul::cmma_supported;
+use crate::DeviceTensor;
+
+/// Query rows per cube.
+pub const BM: usize = 64;
+/// Threads per cube (both kernels).
+const THREADS: usize = 128;
+/// A score below any real one: masked positions, and the running max before the first key.
+const NEG: f32 = -1.0e30;
+
+/// Which prefill kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillKernel {
+    /// `Cmma` where the device has f16 tensor cores and 32-wide planes and the data is f16,
+    /// else `Portable`.
+    #[default]
+    Auto,
+    Portable,
+    Cmma,
+    /// The `Cmma` kernel with scalar loops in place of the tensor-core products (a test of
+    /// its tiling, masking and softmax on devices without tensor cores; slow).
+    CmmaEmulated,
+}
+
+impl std::str::FromStr for PrefillKernel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "portable" => Self::Portable,
+            "cmma" => Self::Cmma,
+            "cmma-emulated" => Self::CmmaEmulated,
+            _ => bail!(
+                "unknown prefill kernel `{s}`: expected auto, portable, cmma or cmma-emulated"
+            ),
+        })
+    }
+}
+
+/// How [`attention_prefill_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillOptions {
+    pub kernel: PrefillKernel,
+    /// A cube's rows are all query heads of one kv group (K/V tiles loaded once per group)
+    /// rather than one head.
+    pub pack_group: bool,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        Self {
+            kernel: PrefillKernel::Auto,
+            pack_group: true,
+        }
+    }
+}
+
+/// Where a cube's rows are: the tile of rows it takes, the heads it covers, the kv head, and
+/// how many key tiles of `bk` positions its last row sees. The heaviest tiles (latest tokens)
+/// get the lowest cube indices, so they start first.
+#[derive(CubeType)]
+struct Rows {
+    r0: usize,
+    rows: usize,
+    head0: usize,
+    kv_base: usize,
+    n_tiles: usize,
+}
+
+#[cube]
+#[allow(arithmetic_overflow)] // the macro's type-check stand-ins for CUBE_COUNT_X / CUBE_POS_X
+fn rows_of_cube(
+    tokens: usize,
+    heads_per_cube: usize,
+    group: usize,
+    max_ctx: usize,
+    start: usize,
+    #[comptime] bk: usize,
+) -> Rows {
+    let rows = tokens * heads_per_cube;
+    let tile = CUBE_COUNT_X as usize - 1 - CUBE_POS_X as usize;
+    let r0 = tile * BM;
+    let head0 = CUBE_POS_Y as usize * heads_per_cube;
+    let last_row = min(r0 + BM, rows) - 1;
+    // The cube's last token sees positions 0..=start + t_last.
+    let seen = start + last_row / heads_per_cube + 1;
+    Rows {
+        r0,
+        rows,
+        head0,
+        kv_base: (head0 / group) * max_ctx,
+        n_tiles: (seen + bk - 1) / bk,
+    }
+}
+
+/// Offset in q/out of row `row` (< rows) of a cube whose heads start at `head0`.
+#[cube]
+fn row_offset(
+    row: usize,
+    head0: usize,
+    heads_per_cube: usize,
+    n_heads: usize,
+    #[comptime] hd: usize,
+) -> usize {
+    let t = row / heads_per_cube;
+    (t * n_heads + head0 + row % heads_per_cube) * hd
+}
+
+/// The last cache position row `row` sees; rows past the end (padding of the last tile) act
+/// as the last token, so their (unused) softmax stays finite.
+#[cube]
+fn last_visible(row: usize, tokens: usize, heads_per_cube: usize, start: usize) -> usize {
+    start + min(row / heads_per_cube, tokens - 1)
+}
+
+/// Copies rows `r0..r0 + BM` of q into `q_s` (row stride `stride`), zeros past the last row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_q<F: Float>(
+    q: &Array<F>,
+    q_s: &mut SharedMemory<F>,
+    rows: &Rows,
+    heads_per_cube: usize,
+    n_heads: usize,
+    #[comptime] hd: usize,
+    #[comptime] stride: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < BM * hd {
+        let r = i / hd;
+        let e = i % hd;
+        let row = rows.r0 + r;
+        let mut v = F::new(0.0);
+        if row < rows.rows {
+            v = q[row_offset(row, rows.head0, heads_per_cube, n_heads, hd) + e];
+        }
+        q_s[r * stride + e] = v;
+        i += THREADS;
+    }
+}
+
+/// Copies cache positions `j0..j0 + bk` of the cube's kv head into `k_s` and `v_s` (row
+/// strides `k_stride`, `hd`); positions at or past `kv_len` (never written, maybe NaN) become
+/// zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_kv<F: Float>(
+    k_cache: &Array<F>,
+    v_cache: &Array<F>,
+    k_s: &mut SharedMemory<F>,
+    v_s: &mut SharedMemory<F>,
+    kv_base: usize,
+    j0: usize,
+    kv_len: usize,
+    #[comptime] hd: usize,
+    #[comptime] bk: usize,
+    #[comptime] k_stride: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < bk * hd {
+        let j = i / hd;
+        let e = i % hd;
+        let mut kv = F::new(0.0);
+        let mut vv = F::new(0.0);
+        if j0 + j < kv_len {
+            let src = (kv_base + j0 + j) * hd + e;
+            kv = k_cache[src];
+            vv = v_cache[src];
+        }
+        k_s[j * k_stride + e] = kv;
+        v_s[j * hd + e] = vv;
+        i += THREADS;
+    }
+}
+
+/// The portable kernel (see the module docs). Cube (x: row tile, y: head block), 16 × 8 units.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn prefill_portable_kernel<F: Float>(
+    q: &Array<F>,
+    k_cache: &Array<F>,
+    v_cache: &Array<F>,
+    out: &mut Array<F>,
+    tokens: usize,
+    n_heads: usize,
+    group: usize,
+    heads_per_cube: usize,
+    max_ctx: usize,
+    start: usize,
+    scale: f32,
+    #[comptime] hd: usize,
+    #[comptime] bk: usize,
+) {
+    let tx = UNIT_POS_X as usize; // 0..16: keys tx + 16b, dims tx + 16c
+    let ty = UNIT_POS_Y as usize; // 0..8: rows ty + 8a
+    let tid = UNIT_POS as usize;
+    let n_rows = comptime!(BM / 8); // rows per thread
+    let n_keys = comptime!(bk / 16); // keys per thread
+    let n_dims = comptime!(hd / 16); // output dims per thread
+                                     // Padded row strides: the 16 key rows a plane reads at once fall in distinct banks.
+    let qk_stride = comptime!(hd + 2);
+    let s_stride = comptime!(bk + 1);
+    let kv_len = start + tokens;
+    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, bk);
+
+    let mut q_s = SharedMemory::<F>::new(BM * qk_stride);
+    let mut k_s = SharedMemory::<F>::new(bk * qk_stride);
+    let mut v_s = SharedMemory::<F>::new(bk * hd);
+    // Scores, then probabilities, of the tile: [BM][bk] (stride bk + 1).
+    let mut s_s = SharedMemory::<f32>::new(BM * s_stride);
+    // Per row: the rescale factor of the tile, at the end 1 / l.
+    let mut a_s = SharedMemory::<f32>::new(BM);
+
+    stage_q::<F>(q, &mut q_s, &cube, heads_per_cube, n_heads, hd, qk_stride);
+
+    let mut o = Array::<f32>::new(n_rows * n_dims);
+    let mut s = Array::<f32>::new(n_rows * n_keys);
+    let mut qv = Array::<f32>::new(n_rows);
+    let mut kv = Array::<f32>::new(n_keys);
+    let mut vv = Array::<f32>::new(n_dims);
+    #[unroll]
+    for i in 0..n_rows * n_dims {
+        o[i] = 0.0;
+    }
+    // Running max and sum of row `tid` (threads tid < BM).
+    let mut m_run = f32::new(NEG);
+    let mut l_run = 0.0f32;
+    let my_last = last_visible(cube.r0 + tid, tokens, heads_per_cube, start);
+
+    let mut tile = 0usize;
+    while tile < cube.n_tiles {
+        let j0 = tile * bk;
+        stage_kv::<F>(
+            k_cache,
+            v_cache,
+            &mut k_s,
+            &mut v_s,
+            cube.kv_base,
+            j0,
+            kv_len,
+            hd,
+            bk,
+            qk_stride,
+        );
+        sync_cube();
+
+        // S = Q·Kᵀ for this thread's rows and keys.
+        #[unroll]
+        for i in 0..n_rows * n_keys {
+            s[i] = 0.0;
+        }
+        for e in 0..hd {
+            #[unroll]
+            for a in 0..n_rows {
+                qv[a] = f32::cast_from(q_s[(ty + 8 * a) * qk_stride + e]);
+            }
+            #[unroll]
+            for b in 0..n_keys {
+                kv[b] = f32::cast_from(k_s[(tx + 16 * b) * qk_stride + e]);
+            }
+            #[unroll]
+            for a in 0..n_rows {
+                #[unroll]
+                for b in 0..n_keys {
+                    s[a * n_keys + b] += qv[a] * kv[b];
+                }
+            }
+        }
+        #[unroll]
+        for a in 0..n_rows {
+            #[unroll]
+            for b in 0..n_keys {
+                s_s[(ty + 8 * a) * s_stride + tx + 16 * b] = s[a * n_keys + b];
+            }
+        }
+        sync_cube();
+
+        // Online softmax of row `tid`: scale, causal mask, new max, probabilities, sum.
+        if tid < BM {
+            let base = tid * s_stride;
+            let mut mx = m_run;
+            for j in 0..bk {
+                if j0 + j <= my_last {
+                    mx = f32::max(mx, s_s[base + j] * scale);
+                }
+            }
+            let mut sum = 0.0f32;
+            for j in 0..bk {
+                let mut p = 0.0f32;
+                if j0 + j <= my_last {
+                    p = f32::exp(s_s[base + j] * scale - mx);
+                }
+                s_s[base + j] = p;
+                sum += p;
+            }
+            let alpha = f32::exp(m_run - mx);
+            l_run = l_run * alpha + sum;
+            m_run = mx;
+            a_s[tid] = alpha;
+        }
+        sync_cube();
+
+        // O = diag(alpha)·O + P·V for this thread's rows and dims.
+        #[unroll]
+        for a in 0..n_rows {
+            let alpha = a_s[ty + 8 * a];
+            #[unroll]
+            for c in 0..n_dims {
+                o[a * n_dims + c] *= alpha;
+            }
+        }
+        for j in 0..bk {
+            #[unroll]
+            for a in 0..n_rows {
+                qv[a] = s_s[(ty + 8 * a) * s_stride + j];
+            }
+            #[unroll]
+            for c in 0..n_dims {
+                vv[c] = f32::cast_from(v_s[j * hd + tx + 16 * c]);
+            }
+            #[unroll]
+            for a in 0..n_rows {
+                #[unroll]
+                for c in 0..n_dims {
+                    o[a * n_dims + c] += qv[a] * vv[c];
+                }
+            }
+        }
+        sync_cube();
+        tile += 1;
+    }
+
+    if tid < BM {
+        a_s[tid] = 1.0 / l_run;
+    }
+    sync_cube();
+    #[unroll]
+    for a in 0..n_rows {
+        let r = ty + 8 * a;
+        let row = cube.r0 + r;
+        if row < cube.rows {
+            let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
+            let inv = a_s[r];
+            #[unroll]
+            for c in 0..n_dims {
+                out[at + tx + 16 * c] = F::cast_from(o[a * n_dims + c] * inv);
+            }
+        }
+    }
+}
+
+/// `s_s[rows of plane w][keys 16n..16n+16] = Q_s[rows of w] · K_s[keys 16n..]ᵀ` (raw dot
+/// products, f32). `q_s` is [BM][hd], `k_s` [bk][hd], `s_s` [BM][bk], all row-major.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scores_tile(
+    q_s: &SharedMemory<f16>,
+    k_s: &SharedMemory<f16>,
+    s_s: &mut SharedMemory<f32>,
+    w: usize,
+    n: usize,
+    lane: usize,
+    #[comptime] hd: usize,
+    #[comptime] bk: usize,
+    #[comptime] emulate: bool,
+) {
+    if comptime!(emulate) {
+        #[unroll]
+        for x in 0..8usize {
+            let r = (lane * 8 + x) / 16;
+            let c = (lane * 8 + x) % 16;
+            let mut acc = 0.0f32;
+            for e in 0..hd {
+                acc += f32::cast_from(q_s[(w * 16 + r) * hd + e])
+                    * f32::cast_from(k_s[(n * 16 + c) * hd + e]);
+            }
+            s_s[(w * 16 + r) * bk + n * 16 + c] = acc;
+        }
+    } else {
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        );
+        #[unroll]
+        for e in 0..comptime!(hd / 16) {
+            // A = Q rows w·16.., dims 16e.. (row-major, stride hd).
+            let a = unsafe {
+                cmma::Matrix::<f16>::uninitialized(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                )
+            };
+            // B = Kᵀ (dims × keys): element (d, j) at K row j, so col-major with stride hd.
+            let b = unsafe {
+                cmma::Matrix::<f16>::uninitialized(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::ColMajor,
+                )
+            };
+            cmma::load(
+                &a,
+                &q_s.slice(w * 16 * hd + e * 16, BM * hd),
+                comptime!(hd as u32),
+            );
+            cmma::load(
+                &b,
+                &k_s.slice(n * 16 * hd + e * 16, bk * hd),
+                comptime!(hd as u32),
+            );
+            cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
+        }
+        cmma::store(
+            &mut s_s.slice_mut(w * 16 * bk + n * 16, BM * bk),
+            &acc,
+            comptime!(bk as u32),
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// `o_s[16×16 tile of plane w] = P_s[rows of w] · V_s[all keys][dims 16c..16c+16]`. `p_s` is
+/// [BM][bk], `v_s` [bk][hd], both row-major; `o_s` holds one 16×16 row-major tile per plane.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn values_tile(
+    p_s: &SharedMemory<f16>,
+    v_s: &SharedMemory<f16>,
+    o_s: &mut SharedMemory<f32>,
+    w: usize,
+    c: usize,
+    lane: usize,
+    #[comptime] hd: usize,
+    #[comptime] bk: usize,
+    #[comptime] emulate: bool,
+) {
+    if comptime!(emulate) {
+        #[unroll]
+        for x in 0..8usize {
+            let r = (lane * 8 + x) / 16;
+            let d = (lane * 8 + x) % 16;
+            let mut acc = 0.0f32;
+            for j in 0..bk {
+                acc += f32::cast_from(p_s[(w * 16 + r) * bk + j])
+                    * f32::cast_from(v_s[j * hd + c * 16 + d]);
+            }
+            o_s[w * 256 + r * 16 + d] = acc;
+        }
+    } else {
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        );
+        #[unroll]
+        for kk in 0..comptime!(bk / 16) {
+            // A = P rows w·16.., keys 16kk.. (row-major, stride bk).
+            let a = unsafe {
+                cmma::Matrix::<f16>::uninitialized(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                )
+            };
+            // B = V keys 16kk.., dims 16c.. (row-major, stride hd).
+            let b = unsafe {
+                cmma::Matrix::<f16>::uninitialized(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                )
+            };
+            cmma::load(
+                &a,
+                &p_s.slice(w * 16 * bk + kk * 16, BM * bk),
+                comptime!(bk as u32),
+            );
+            cmma::load(
+                &b,
+                &v_s.slice(kk * 16 * hd + c * 16, bk * hd),
+                comptime!(hd as u32),
+            );
+            cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
+        }
+        cmma::store(
+            &mut o_s.slice_mut(w * 256, 4 * 256),
+            &acc,
+            16u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// The tensor-core kernel (see the module docs). Cube (x: row tile, y: head block), 4 planes
+/// of 32 units; plane `w` owns rows `16w..16w+16` of the tile. Lane `l` of a plane does the
+/// softmax of row `16w + l/2` over half the keys (`l % 2` picks the half) and keeps that row's
+/// output dims `16c + 8(l % 2) + x` (x < 8) in registers: the element a 16×16 row-major tile
+/// puts at `8l + x`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn prefill_cmma_kernel(
+    q: &Array<f16>,
+    k_cache: &Array<f16>,
+    v_cache: &Array<f16>,
+    out: &mut Array<f16>,
+    tokens: usize,
+    n_heads: usize,
+    group: usize,
+    heads_per_cube: usize,
+    max_ctx: usize,
+    start: usize,
+    scale: f32,
+    #[comptime] hd: usize,
+    #[comptime] bk: usize,
+    #[comptime] emulate: bool,
+) {
+    let tid = UNIT_POS as usize;
+    let w = tid / 32;
+    let lane = tid % 32;
+    let half = lane % 2;
+    let partner = tid + 1 - 2 * half;
+    let n_dims = comptime!(hd / 16);
+    let half_keys = comptime!(bk / 2);
+    let kv_len = start + tokens;
+    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, bk);
+
+    // cmma loads and stores need 32-byte aligned tiles.
+    let mut q_s = SharedMemory::<f16>::new_aligned(BM * hd, 32usize);
+    let mut k_s = SharedMemory::<f16>::new_aligned(bk * hd, 32usize);
+    let mut v_s = SharedMemory::<f16>::new_aligned(bk * hd, 32usize);
+    let mut s_s = SharedMemory::<f32>::new_aligned(BM * bk, 32usize);
+    let mut p_s = SharedMemory::<f16>::new_aligned(BM * bk, 32usize);
+    let mut o_s = SharedMemory::<f32>::new_aligned(1024usize, 32usize);
+    // Pair exchange of the two lanes that share a row.
+    let mut x_s = SharedMemory::<f32>::new(THREADS);
+
+    stage_q::<f16>(q, &mut q_s, &cube, heads_per_cube, n_heads, hd, hd);
+
+    let r = w * 16 + lane / 2; // this lane's row in the tile
+    let my_last = last_visible(cube.r0 + r, tokens, heads_per_cube, start);
+    let mut o = Array::<f32>::new(n_dims * 8);
+    #[unroll]
+    for i in 0..n_dims * 8 {
+        o[i] = 0.0;
+    }
+    let mut m_run = f32::new(NEG);
+    let mut l_run = 0.0f32;
+
+    let mut tile = 0usize;
+    while tile < cube.n_tiles {
+        let j0 = tile * bk;
+        stage_kv::<f16>(
+            k_cache,
+            v_cache,
+            &mut k_s,
+            &mut v_s,
+            cube.kv_base,
+            j0,
+            kv_len,
+            hd,
+            bk,
+            hd,
+        );
+        sync_cube();
+
+        #[unroll]
+        for n in 0..comptime!(bk / 16) {
+            scores_tile(&q_s, &k_s, &mut s_s, w, n, lane, hd, bk, emulate);
+        }
+        sync_cube();
+
+        // Online softmax of row r, this lane's half of the keys, combined with the partner.
+        let base = r * bk + half * half_keys;
+        let mut mx = f32::new(NEG);
+        for jj in 0..half_keys {
+            if j0 + half * half_keys + jj <= my_last {
+                mx = f32::max(mx, s_s[base + jj] * scale);
+            }
+        }
+        x_s[tid] = mx;
+        sync_cube();
+        let m_new = f32::max(m_run, f32::max(mx, x_s[partner]));
+        sync_cube();
+        let mut sum = 0.0f32;
+        for jj in 0..half_keys {
+            let mut p = 0.0f32;
+            if j0 + half * half_keys + jj <= my_last {
+                p = f32::exp(s_s[base + jj] * scale - m_new);
+            }
+            p_s[base + jj] = f16::cast_from(p);
+            sum += p;
+        }
+        x_s[tid] = sum;
+        sync_cube();
+        let alpha = f32::exp(m_run - m_new);
+        l_run = l_run * alpha + (sum + x_s[partner]);
+        m_run = m_new;
+
+        // O = diag(alpha)·O + P·V, one 16-dim column block at a time through o_s.
+        #[unroll]
+        for c in 0..n_dims {
+            values_tile(&p_s, &v_s, &mut o_s, w, c, lane, hd, bk, emulate);
+            sync_cube();
+            #[unroll]
+            for x in 0..8usize {
+                o[c * 8 + x] = o[c * 8 + x] * alpha + o_s[w * 256 + lane * 8 + x];
+            }
+            sync_cube();
+        }
+        tile += 1;
+    }
+
+    let row = cube.r0 + r;
+    if row < cube.rows {
+        let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
+        let inv = 1.0 / l_run;
+        #[unroll]
+        for c in 0..n_dims {
+            #[unroll]
+            for x in 0..8usize {
+                out[at + c * 16 + half * 8 + x] = f16::cast_from(o[c * 8 + x] * inv);
+            }
+        }
+    }
+}
+
+/// Shared memory of the portable kernel for key tiles of `bk`, in bytes.
+fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
+    elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
+}
+
+/// Shared memory of the cmma kernel for key tiles of `bk`, in bytes.
+fn cmma_smem(hd: usize, bk: usize) -> usize {
+    2 * (BM * hd + 2 * bk * hd + BM * bk) + 4 * (BM * bk + 4 * 256 + THREADS)
+}
+
+/// The kernel [`PrefillKernel::Auto`] resolves to on this device for element type `F`.
+pub fn resolve_kernel<R: Runtime, F: CubePrimitive>(
+    client: &ComputeClient<R>,
+    kernel: PrefillKernel,
+) -> PrefillKernel {
+    match kernel {
+        PrefillKernel::Auto
+            if is_f16::<F>()
+                && cmma_supported(client)
+                && client.properties().hardware.plane_size_max == 32 =>
+        {
+            PrefillKernel::Cmma
+        }
+        PrefillKernel::Auto => PrefillKernel::Portable,
+        k => k,
+    }
+}
+
+fn is_f16<F: CubePrimitive>() -> bool {
+    F::as_type_native_unchecked().elem_type() == ElemType::Float(FloatKind::F16)
+}
+
+/// `out = softmax(q·Kᵀ/sqrt(hd) + causal) · V` for query tokens at positions
+/// `start..start + tokens` against cache positions `0..=start + t`, with the flash kernels
+/// ([`PrefillOptions::default`]). Same arguments as [`crate::attention::attention`].
+pub fn attention_prefill<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    n_heads: usize,
+    start: usize,
+    out: &DeviceTensor<R, F>,
+) -> Result<()> {
+    attention_prefill_with(
+        client,
+        PrefillOptions::default(),
+        q,
+        cache,
+        n_heads,
+        start,
+        out,
+    )
+}
+
+/// [`attention_prefill`] with a chosen kernel and row packing.
+pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    options: PrefillOptions,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    n_heads: usize,
+    start: usize,
+    out: &DeviceTensor<R, F>,
+) -> Result<()> {
+    let hd = cache.head_dim;
+    ensure!(
+        q.shape.len() == 2 && q.shape[1] == n_heads * hd,
+        "attention prefill: q must be [tokens, {}], got {:?}",
+        n_heads * hd,
+        q.shape
+    );
+    ensure!(
+        out.shape == q.shape,
+        "attention prefill: out {:?} differs from q {:?}",
+        out.shape,
+        q.shape
+    );
+    ensure!(
+        cache.n_kv > 0 && n_heads > 0 && n_heads.is_multiple_of(cache.n_kv),
+        "attention prefill: {n_heads} query heads cannot share {} kv heads",
+        cache.n_kv
+    );
+    ensure!(
+        hd > 0 && hd <= 256 && hd.is_multiple_of(16),
+        "attention prefill: head_dim {hd} unsupported (a multiple of 16, at most 256)"
+    );
+    let tokens = q.shape[0];
+    ensure!(tokens > 0, "attention prefill: no query tokens");
+    let kv_len = start + tokens;
+    ensure!(
+        kv_len <= cache.max_ctx,
+        "attention prefill: positions up to {kv_len} exceed the cache of {} positions",
+        cache.max_ctx
+    );
+    let group = n_heads / cache.n_kv;
+    let heads_per_cube = if options.pack_group { group } else { 1 };
+    let row_tiles = (tokens * heads_per_cube).div_ceil(BM);
+    let head_blocks = n_heads / heads_per_cube;
+    ensure!(
+        row_tiles <= 65535 && head_blocks <= 65535,
+        "attention prefill: {tokens} tokens × {n_heads} heads need more cubes than one launch allows"
+    );
+    let count = CubeCount::Static(row_tiles as u32, head_blocks as u32, 1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let max_smem = client.properties().hardware.max_shared_memory_size;
+    let fits =
+        |need: &dyn Fn(usize) -> usize| [64, 32, 16].into_iter().find(|&b| need(b) <= max_smem);
+
+    match resolve_kernel::<R, F>(client, options.kernel) {
+        PrefillKernel::Portable => {
+            let bk = fits(&|b| portable_smem(size_of::<F>(), hd, b)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "attention prefill: head_dim {hd} needs {} bytes of shared memory, the device has {max_smem}",
+                    portable_smem(size_of::<F>(), hd, 16)
+                )
+            })?;
+            prefill_portable_kernel::launch::<F, R>(
+                client,
+                count,
+                CubeDim::new_2d(16, 8),
+                q.arg(),
+                cache.k.arg(),
+                cache.v.arg(),
+                out.arg(),
+                tokens,
+                n_heads,
+                group,
+                heads_per_cube,
+                cache.max_ctx,
+                start,
+                scale,
+                hd,
+                bk,
+            );
+        }
+        kernel @ (PrefillKernel::Cmma | PrefillKernel::CmmaEmulated) => {
+            let emulate = kernel == PrefillKernel::CmmaEmulated;
+            ensure!(
+                is_f16::<F>(),
+                "attention prefill: the cmma kernels take f16 tensors"
+            );
+            if !emulate {
+                ensure!(
+                    cmma_supported(client),
+                    "attention prefill: this device has no f16 tensor cores (cmma); use the portable kernel"
+                );
+                ensure!(
+                    client.properties().hardware.plane_size_max == 32,
+                    "attention prefill: the cmma kernel needs 32-wide planes"
+                );
+            }
+            let bk = fits(&|b| cmma_smem(hd, b)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "attention prefill: head_dim {hd} needs {} bytes of shared memory, the device has {max_smem}",
+                    cmma_smem(hd, 16)
+                )
+            })?;
+            prefill_cmma_kernel::launch::<R>(
+                client,
+                count,
+                CubeDim::new_1d(THREADS as u32),
+                q.arg(),
+                cache.k.arg(),
+                cache.v.arg(),
+                out.arg(),
+                tokens,
+                n_heads,
+                group,
+                heads_per_cube,
+                cache.max_ctx,
+                start,
+                scale,
+                hd,
+                bk,
+                emulate,
+            );
+        }
+        PrefillKernel::Auto => unreachable!("resolve_kernel never returns Auto"),
+    }
+    Ok(())
+}
