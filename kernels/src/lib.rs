@@ -22,6 +22,7 @@
 
 pub mod attention;
 pub mod bandwidth;
+pub mod baseline;
 pub mod buffer;
 pub mod decode;
 pub mod elementwise;

@@ -1,5 +1,5 @@
-//! Matmul parity with cuBLAS (GemmEx, f16 inputs and output, f32 compute) on the GPU, on the
-//! same device buffers: cuBLAS reads the x and W that cubecl uploaded and writes into a
+//! Matmul parity with cuBLAS (`baseline::Cublas`: GemmEx, f16 inputs and output, f32 compute)
+//! on the GPU, on the same device buffers: cuBLAS reads the x and W that cubecl uploaded and writes into a
 //! cubecl-allocated, poisoned y. Every variant and cuBLAS are each compared with the f64
 //! reference at every Qwen shape, `auto` is compared with cuBLAS over the whole output, and all
 //! of it is printed as a table. CUDA only: `#[ignore]`d here, run by `scripts/run-gpu.sh`
@@ -7,15 +7,13 @@
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 #![cfg(feature = "cuda")]
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use cubecl::cuda::CudaRuntime;
-use cubecl::prelude::*;
+use cubeqwen_kernels::baseline::Cublas;
 use cubeqwen_kernels::matmul::{reference, resolve_variant, MatmulVariant, RowChunked};
 use cubeqwen_kernels::runtime::cuda_client;
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::DeviceTensor;
-use cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaStream};
 use half::f16;
 
 type R = CudaRuntime;
@@ -27,80 +25,10 @@ const TOL: f64 = 2e-3;
 /// 2.546e-4 from f64), 0 wherever both round the same f32 sums to f16. About 3× the largest.
 const AUTO_VS_CUBLAS_TOL: f64 = 8e-4;
 
-/// The raw device address of a cubecl buffer (cubecl and cudarc share the primary context).
-/// The returned guard keeps the allocation alive.
-fn device_ptr(client: &ComputeClient<R>, t: &DeviceTensor<R, f16>) -> Result<(u64, impl Sized)> {
-    let res = client
-        .get_resource(t.handle.clone())
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .context("getting a cubecl buffer's device pointer")?;
-    let r = res.resource();
-    ensure!(
-        r.size as usize >= t.len() * size_of::<f16>(),
-        "cubecl buffer holds {} bytes, expected at least {}",
-        r.size,
-        t.len() * size_of::<f16>()
-    );
-    Ok((r.ptr, res))
-}
-
-/// Row-major `y[m][n] = x[m][k] · W[n][k]ᵀ` by cuBLAS into `y`, one GemmEx per weight chunk.
-/// Column-major, that is `yᵀ (n×m) = W (opT of k×n) · xᵀ (k×m)`; a chunk of weight rows
-/// `n0..n0+c` writes the sub-matrix starting at column `n0` of y's rows (ldc = n).
-fn cublas_matmul(
-    client: &ComputeClient<R>,
-    blas: &CudaBlas,
-    stream: &CudaStream,
-    x: &DeviceTensor<R, f16>,
-    w: &RowChunked<R, f16>,
-    y: &DeviceTensor<R, f16>,
-) -> Result<()> {
-    let (m, k, n) = (x.shape[0], x.shape[1], w.n);
-    // cubecl's uploads and launches run on its own stream: wait for them before cuBLAS reads.
-    cubecl::future::block_on(client.sync()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let (xp, _xg) = device_ptr(client, x)?;
-    let (yp, _yg) = device_ptr(client, y)?;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let mut n0 = 0;
-    for chunk in &w.chunks {
-        let (wp, _wg) = device_ptr(client, chunk)?;
-        let rows = chunk.shape[0];
-        unsafe {
-            gemm_ex(
-                *blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                rows as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const _,
-                wp as *const _,
-                sys::cudaDataType_t::CUDA_R_16F,
-                k as i32,
-                xp as *const _,
-                sys::cudaDataType_t::CUDA_R_16F,
-                k as i32,
-                (&beta) as *const f32 as *const _,
-                (yp + (n0 * size_of::<f16>()) as u64) as *mut _,
-                sys::cudaDataType_t::CUDA_R_16F,
-                n as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
-        }
-        n0 += rows;
-    }
-    ensure!(n0 == n, "weight chunks hold {n0} rows, expected {n}");
-    stream.synchronize()?;
-    Ok(())
-}
-
 fn table(seed: u64) -> Result<Vec<String>> {
     let (client, device) = cuda_client()?;
     println!("test device: {device}");
-    let ctx = CudaContext::new(0)?;
-    let stream = ctx.default_stream();
-    let blas = CudaBlas::new(stream.clone())?;
+    let cublas = Cublas::new()?;
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     println!("seed {seed}; relative error of each against f64 on sampled rows (gemv: m <= 128)");
@@ -171,7 +99,7 @@ fn table(seed: u64) -> Result<Vec<String>> {
                 }
             }
             let yc = poisoned()?;
-            cublas_matmul(&client, &blas, &stream, &xd, &wc, &yc)?;
+            cublas.matmul(&client, &xd, &wc, &yc)?;
             let yc = yc.to_vec(&client)?;
             let cub = rel_err(&pick(&yc), &want);
             if !(cub <= TOL) {
