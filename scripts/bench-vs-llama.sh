@@ -26,7 +26,9 @@ here() {
   local anchors=${ANCHORS:-$(cd .. && pwd)/shared/anchors}
   local model=${CUBEQWEN_MODEL:-$(bash scripts/fetch-model.sh)}
   [ -f "$anchors/fetch-llama-cpp.sh" ] || { echo "bench-vs-llama: no $anchors/fetch-llama-cpp.sh (set ANCHORS)" >&2; exit 1; }
-  bash scripts/stage-gpu.sh --bin-only
+  # STAGE_ONLY=REGEX stages test binaries too (run them first with stage/run-gpu.sh); its regex
+  # must match bin-cubeqwen-bin-cubeqwen as well.
+  if [ -n "${STAGE_ONLY:-}" ]; then bash scripts/stage-gpu.sh; else bash scripts/stage-gpu.sh --bin-only; fi
   target/release/cubeqwen random-gguf --tokenizer-only --tokenizer-from "$model" stage/tokenizer.gguf
   local cache=${CUBEQWEN_CACHE:-$HOME/.cache/cubeqwen}/anchors  # llama.cpp's source, fetched once
   [ -s "$cache/llama-cpp.tgz" ] || bash "$anchors/fetch-llama-cpp.sh" "$cache"

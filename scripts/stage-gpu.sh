@@ -4,6 +4,9 @@
 # device command that runs them all on the GPU machine.
 #
 #   bash scripts/stage-gpu.sh [--no-bench | --bin-only]
+#   STAGE_ONLY=REGEX bash scripts/stage-gpu.sh   stages only the binaries whose staged name
+#     matches (names: test-kernels-t-flash, test-cubeqwen-t-decode_graphs, bench-cubeqwen-b-decode,
+#     bin-cubeqwen-bin-cubeqwen, ...): all of them are over the carry limit together.
 #
 # --bin-only stages the cubeqwen binary alone (scripts/bench-vs-llama.sh: the test binaries and
 # llama.cpp's source together are over the carry limit).
@@ -16,8 +19,9 @@ manifest=stage/bin/MANIFEST   # lines: <binary> <package dir relative to repo> <
 
 collect() { # $1 = kind; stdin = cargo json
   python3 -c '
-import json, sys, os, shutil, subprocess
+import json, sys, os, re, shutil, subprocess
 kind, root = sys.argv[1], os.getcwd()
+only = re.compile(os.environ.get("STAGE_ONLY") or ".")
 SKIP = {"golden_device", "haiku", "tokenizer_golden", "reference_golden", "cli", "bench_cli", "serve"}
 for line in sys.stdin:
     try: m = json.loads(line)
@@ -34,6 +38,7 @@ for line in sys.stdin:
     if kind == "test" and (pkg == "loaders" or t["name"] in SKIP): continue
     exe = m["executable"]
     name = "%s-%s-%s-%s" % (kind, os.path.basename(pkg) if pkg != "." else "cubeqwen", t["kind"][0], t["name"])
+    if not only.search(name): continue
     dst = os.path.join("stage/bin", name)
     shutil.copy(exe, dst)
     subprocess.run(["strip", dst], check=True)

@@ -594,9 +594,17 @@ fn run_tests<R: Runtime>(
                 } else {
                     let token = ids(1)[0];
                     let t0 = Instant::now();
-                    session.set_token(client, token)?;
                     for _ in 0..test.n_gen {
-                        session.decode(client)?;
+                        if session.len == 0 {
+                            // An empty cache (depth 0): the first token is a one-token prefill,
+                            // as llama-bench's first tg step is.
+                            session.prefill(client, &[token])?;
+                        } else {
+                            if session.len == depth {
+                                session.set_token(client, token)?;
+                            }
+                            session.decode(client)?;
+                        }
                         session.top2(client)?;
                     }
                     t0.elapsed().as_secs_f64()
