@@ -155,6 +155,15 @@ impl<R: Runtime> Ctx<'_, R> {
         bytes: f64,
         flops: f64,
     ) {
+        if !seconds.is_finite() {
+            return; // filtered out on the command line
+        }
+        eprintln!(
+            "record: {group} | {shape} | m {m} | {variant} | {:.2} µs | {:.0} GB/s | {:.1} TFLOP/s",
+            seconds * 1e6,
+            bytes / seconds / 1e9,
+            flops / seconds / 1e12
+        );
         self.records.push(Record {
             group,
             variant: variant.to_string(),

@@ -13,3 +13,7 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/cubeqwen-runtime-$(id -u)"
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 fi
+# cudarc reads the CUDA version at build time; the GPU machine has CUDA 13.0. One value for
+# every build (tests here, staged GPU binaries) keeps cargo from rebuilding cudarc and all
+# that depends on it whenever the two alternate.
+export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"

@@ -14,6 +14,7 @@
 # On the GPU machine: `bash stage/run-gpu.sh` (with `stage` carried). Logs go to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"  # the GPU machine: CUDA 13.0
 rm -rf stage && mkdir -p stage/bin
 manifest=stage/bin/MANIFEST   # lines: <binary> <package dir relative to repo> <kind>
 

@@ -70,8 +70,9 @@ fn graph_decode_equals_cubecl_decode() -> Result<()> {
     let host = random_qwen2(&config(), seed);
     let model = DeviceModel::upload(&client, &host, 1024)?;
     let mut rng = Rng::new(seed);
-    // 250 prompt tokens and 12 steps: positions 250..262 cross the 256-key chunk boundary.
-    let prompt: Vec<u32> = (0..250).map(|_| (rng.next_u64() % 151936) as u32).collect();
+    // Prompt and steps cross an attention chunk boundary (a second graph is captured).
+    let n = 2 * cubeqwen_kernels::decode::ATT_CHUNK - 6;
+    let prompt: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 151936) as u32).collect();
     let graph = run(&client, &model, &prompt, 12, true)?;
     let plain = run(&client, &model, &prompt, 12, false)?;
     ensure!(graph.len() == plain.len(), "step counts differ");

@@ -32,10 +32,17 @@ use cubeqwen_kernels::testing::{fresh_seed, full_shapes, rel_err, run_test};
 use cubeqwen_loaders::{random_qwen2, small_gqa7_config, Qwen2Config};
 use serde_json::Value;
 
-/// Per-position relative logit error allowed. It grows with the position (f16 q and k under
-/// peaked attention). Measured on wgpu at the CI size (positions < 200): at most 3.6e-3; at
-/// positions 410-440: 6.3e-3. About 3x.
+/// Per-position relative logit error allowed at the CI size (2 layers). It grows with the
+/// position (f16 q and k under peaked attention). Measured on wgpu (positions < 200): at most
+/// 3.6e-3; at positions 410-440: 6.3e-3. About 3x.
 const MAX_REL: f64 = 2e-2;
+/// The same at the real shape (`CUBEQWEN_FULL_SHAPES=1`: 24 layers, on the GPU machine), where
+/// the f16 rounding of 24 layers compounds. Measured on the H100 (2026-11-26, seed
+/// 1795723009872919689): 4.4e-3 at position 28, 1.4e-2 at 93, 3.2e-2 at 342, 3.5e-2 at 582;
+/// the chunked attention kernel instead of the flash one (`CUBEQWEN_NO_FLASH=1`) gave 3.0e-2
+/// and 3.5e-2 at the same positions, so the growth is not the prefill attention's; a second
+/// seed (with cubek prefill matmuls), 4.3e-2 at position 409. About 2.5x.
+const MAX_REL_FULL: f64 = 1e-1;
 /// Prefill chunk of the per-case runs: several chunks per prompt, each > 4 rows (cmma).
 const CHUNK: usize = 16;
 
@@ -183,10 +190,11 @@ impl RuntimeJob for Production {
 fn golden_prompts_on_the_real_shape_match_the_reference_at_every_position() {
     let seed = fresh_seed();
     println!("seed {seed}");
+    let max_rel = if full_shapes() { MAX_REL_FULL } else { MAX_REL };
     for (name, n, e, p) in run_test(Production { seed }) {
         assert!(
-            e <= MAX_REL,
-            "{name}: logit rel err {e:.3e} > {MAX_REL:.0e} at position {p} of {n} (seed {seed}; replay with CUBEQWEN_SEED={seed})"
+            e <= max_rel,
+            "{name}: logit rel err {e:.3e} > {max_rel:.0e} at position {p} of {n} (seed {seed}; replay with CUBEQWEN_SEED={seed})"
         );
     }
 }

@@ -2,62 +2,22 @@
 //! same device buffers cubecl allocated) and cubek's matmul (tracel's cubecl kernels, any
 //! runtime).
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use cubecl::prelude::*;
 use half::f16;
 
-use crate::matmul::RowChunked;
+use crate::matmul::{matmul, MatmulVariant};
 use crate::DeviceTensor;
 
-/// `y = x · Wᵀ` with cubek's matmul (its `Auto` strategy): x [m, k], W [n, k] row-major (read
-/// as the [k, n] matrix Wᵀ through strides), y [m, n] f16.
+/// `y = x · Wᵀ` with cubek's matmul (its `Auto` strategy): the `Cubek` matmul variant
+/// without bias. x [m, k], W [n, k], y [m, n] f16.
 pub fn cubek_matmul<R: Runtime>(
     client: &ComputeClient<R>,
     x: &DeviceTensor<R, f16>,
     w: &DeviceTensor<R, f16>,
     y: &DeviceTensor<R, f16>,
 ) -> Result<()> {
-    use cubecl::ir::{ElemType, FloatKind, StorageType};
-    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-    use cubek::matmul::launch::{launch_ref, Strategy};
-    use cubek::std::InputBinding;
-
-    let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
-    ensure!(
-        w.shape == [n, k] && y.shape == [m, n],
-        "cubek_matmul: x {:?}, W {:?}, y {:?} do not fit",
-        x.shape,
-        w.shape,
-        y.shape
-    );
-    let f16t = StorageType::Scalar(ElemType::Float(FloatKind::F16));
-    let f32t = StorageType::Scalar(ElemType::Float(FloatKind::F32));
-    let binding = |t: &DeviceTensor<R, f16>, shape: [usize; 2], strides: [usize; 2]| {
-        // SAFETY: the buffer holds shape[0]·shape[1] f16 values at these strides.
-        unsafe {
-            TensorBinding::<R>::from_raw_parts(
-                t.handle.clone(),
-                cubecl::zspace::Strides::new(&strides),
-                cubecl::zspace::Shape::new(shape),
-            )
-        }
-    };
-    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
-        lhs: f16t,
-        rhs: f16t,
-        out: f16t,
-    });
-    dtypes.acc_register = f32t;
-    dtypes.acc_stage = f32t;
-    launch_ref(
-        &Strategy::Auto,
-        client,
-        InputBinding::Normal(binding(x, [m, k], [k, 1]), f16t),
-        InputBinding::Normal(binding(w, [k, n], [1, k]), f16t),
-        binding(y, [m, n], [n, 1]),
-        &mut dtypes,
-    )
-    .map_err(|e| anyhow::anyhow!("cubek matmul: {e:?}"))
+    matmul(client, MatmulVariant::Cubek, x, w, None, y)
 }
 
 #[cfg(feature = "cuda")]
@@ -74,7 +34,7 @@ mod cublas {
     use cudarc::driver::{CudaContext, CudaStream};
     use half::f16;
 
-    use super::RowChunked;
+    use crate::matmul::RowChunked;
     use crate::DeviceTensor;
 
     type R = CudaRuntime;

@@ -6,8 +6,10 @@
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
 //! - `Cmma`: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate); CUDA only.
 //! - `Gemv`: for few rows (decode): 32 threads share one output, vectorised loads along k.
-//! - `Auto`: `Gemv` for m ≤ 4, else `Cmma` where the device has f16 tensor cores, else `Gemv`
-//!   on CPU-emulated devices (measured faster there), else `Tiled`.
+//! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
+//! - `Auto`: `Gemv` for m ≤ 4; where the device has f16 tensor cores `Cubek` for m ≥
+//!   [`CUBEK_MIN_ROWS`] (H100, m = 2048: 63–88 TFLOP/s against `Cmma`'s 5, BENCHMARKS.md) and
+//!   `Cmma` below; else `Gemv` on CPU-emulated devices (measured faster there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -26,6 +28,9 @@ pub enum MatmulVariant {
     Tiled,
     Cmma,
     Gemv,
+    /// cubek's matmul (tracel's CubeCL kernels, `Strategy::Auto`), then the bias added by
+    /// [`add_bias_kernel`]; a whole, contiguous output only.
+    Cubek,
 }
 
 impl std::str::FromStr for MatmulVariant {
@@ -36,10 +41,15 @@ impl std::str::FromStr for MatmulVariant {
             "tiled" => Self::Tiled,
             "cmma" => Self::Cmma,
             "gemv" => Self::Gemv,
-            _ => bail!("unknown matmul variant `{s}`: expected auto, tiled, cmma or gemv"),
+            "cubek" => Self::Cubek,
+            _ => bail!("unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv or cubek"),
         })
     }
 }
+
+/// Rows from which `Auto` takes `Cubek` on tensor-core devices (measured only at 2048 so far;
+/// below it `Cmma`).
+pub const CUBEK_MIN_ROWS: usize = 64;
 
 /// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
 const TILE: usize = 16;
@@ -295,6 +305,9 @@ pub fn resolve_variant<R: Runtime>(
 ) -> MatmulVariant {
     match variant {
         MatmulVariant::Auto if m <= 4 => MatmulVariant::Gemv,
+        MatmulVariant::Auto if cmma_supported(client) && m >= CUBEK_MIN_ROWS => {
+            MatmulVariant::Cubek
+        }
         MatmulVariant::Auto if cmma_supported(client) => MatmulVariant::Cmma,
         // On a CPU-emulated device (lavapipe: plane size 8) the shared-memory tiles cost more
         // than re-reading weights: m=45, n=4864, k=896 took 1.8 s tiled vs 0.5-0.8 s gemv.
@@ -304,6 +317,67 @@ pub fn resolve_variant<R: Runtime>(
         MatmulVariant::Auto => MatmulVariant::Tiled,
         v => v,
     }
+}
+
+/// `y[i][j] += bias[j]` over a whole `[m, n]` output (the `Cubek` variant's bias).
+#[cube(launch)]
+fn add_bias_kernel<O: Float>(y: &mut Array<O>, bias: &Array<f32>, n: usize, total: usize) {
+    let i = ABSOLUTE_POS;
+    if i < total {
+        y[i] = O::cast_from(f32::cast_from(y[i]) + bias[i % n]);
+    }
+}
+
+/// The `Cubek` variant: cubek's matmul (f32 accumulation) into the whole of y, then the bias.
+fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    bias: Option<&DeviceTensor<R, f32>>,
+    y: &DeviceTensor<R, O>,
+) -> Result<()> {
+    use cubecl::ir::StorageType;
+    use cubecl::zspace::{Shape, Strides};
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::launch::{launch_ref, Strategy};
+    use cubek::std::InputBinding;
+
+    let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+    let storage = |t: Option<cubecl::ir::Type>| -> Result<StorageType> {
+        Ok(t.ok_or_else(|| {
+            KernelError::unsupported("matmul", "cubek: an element type without a native type")
+        })?
+        .storage_type())
+    };
+    let (ft, ot) = (storage(F::as_type_native())?, storage(O::as_type_native())?);
+    let bind = |h: &cubecl::server::Handle, shape: [usize; 2], strides: [usize; 2]| {
+        // SAFETY: each buffer holds shape[0]·shape[1] values at these strides (checked shapes).
+        unsafe {
+            TensorBinding::<R>::from_raw_parts(h.clone(), Strides::new(&strides), Shape::new(shape))
+        }
+    };
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: ft,
+        rhs: ft,
+        out: ot,
+    });
+    let f32t = StorageType::Scalar(ElemType::Float(FloatKind::F32));
+    dtypes.acc_register = f32t;
+    dtypes.acc_stage = f32t;
+    launch_ref(
+        &Strategy::Auto,
+        client,
+        InputBinding::Normal(bind(&x.handle, [m, k], [k, 1]), ft),
+        InputBinding::Normal(bind(&w.handle, [k, n], [1, k]), ft),
+        bind(&y.handle, [m, n], [n, 1]),
+        &mut dtypes,
+    )
+    .map_err(|e| KernelError::unsupported("matmul", format!("cubek: {e:?}")))?;
+    if let Some(b) = bias {
+        let (count, dim) = crate::grid::elementwise(client, m * n);
+        add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
+    }
+    Ok(())
 }
 
 /// `y = x · Wᵀ (+ bias)`; see the module docs for shapes.
@@ -377,7 +451,21 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         );
         Ok(t as u32)
     };
-    match resolve_variant(client, variant, m) {
+    let mut resolved = resolve_variant(client, variant, m);
+    if resolved == MatmulVariant::Cubek {
+        if col_off == 0 && ldy == n {
+            return cubek_into(client, x, w, bias, y);
+        }
+        ensure!(
+            variant == MatmulVariant::Auto,
+            KernelError::unsupported(
+                "matmul",
+                "cubek writes whole outputs only (no column offset)"
+            )
+        );
+        resolved = MatmulVariant::Cmma;
+    }
+    match resolved {
         MatmulVariant::Tiled => {
             matmul_tiled::launch::<F, O, R>(
                 client,
@@ -458,7 +546,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 Reduction::new(client, threads * rows_per_cube, threads),
             );
         }
-        MatmulVariant::Auto => unreachable!(),
+        MatmulVariant::Auto | MatmulVariant::Cubek => unreachable!(),
     }
     Ok(())
 }

@@ -180,7 +180,7 @@ impl RuntimeJob for Fused {
         }
 
         // --- attention of one token over positions 0..=pos (one chunk, several chunks).
-        for pos in [0usize, 37, 300, 1023] {
+        for pos in [0usize, 37, 64, 300, 1023] {
             let keys = pos + 1;
             let q = rng.f16_vec(qd, 0.0, 1.0);
             let k = rng.f16_vec(keys * kvd, 0.0, 1.0);

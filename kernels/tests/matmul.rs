@@ -117,6 +117,12 @@ device_test! {
 }
 
 device_test! {
+    fn matmul_cubek_qwen_shapes<R>(client, seed) {
+        run_shapes(client, MatmulVariant::Cubek, &[7, 33], seed)
+    }
+}
+
+device_test! {
     fn matmul_gemv_qwen_shapes<R>(client, seed) {
         run_shapes(client, MatmulVariant::Gemv, &[1, 2, 7], seed)
     }
