@@ -657,11 +657,8 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             ctx.client, rec, &xs, &w, &tables, &st, 1e-6, s.n_heads, &q, &cache,
         )
     };
-    let fused: [(
-        &str,
-        usize,
-        Box<dyn Fn(&L<R>, decode::Rec<'_>) -> Result<()> + '_>,
-    ); 4] = [
+    type Launch<'a, R> = Box<dyn Fn(&L<R>, decode::Rec<'_>) -> Result<()> + 'a>;
+    let fused: [(&str, usize, Launch<'_, R>); 4] = [
         (
             "attn_in (norm+qkv+rope+append)",
             (qd + 2 * kvd) * d * 2,
@@ -823,7 +820,7 @@ fn report<R: Runtime>(ctx: &Ctx<R>) -> Result<()> {
             let rec = serde_json::json!({
                 "group": r.group, "variant": r.variant, "shape": r.shape, "m": r.m, "n": r.n,
                 "k": r.k, "tokens": r.tokens, "seconds": r.seconds, "gbps": gbps,
-                "tflops": tflops, "ceiling_ratio": if r.flops > 0.0 && mx.is_some() { mx.unwrap() } else { bw },
+                "tflops": tflops, "ceiling_ratio": mx.filter(|_| r.flops > 0.0).unwrap_or(bw),
                 "copy_gbps": ctx.copy_gbps, "gemm_tflops": ctx.gemm_tflops, "device": ctx.device,
             });
             writeln!(f, "{rec}")?;

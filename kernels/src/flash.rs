@@ -123,7 +123,7 @@ fn rows_of_cube(
         rows,
         head0,
         kv_base: (head0 / group) * max_ctx,
-        n_tiles: (seen + bk - 1) / bk,
+        n_tiles: seen.div_ceil(bk),
     }
 }
 

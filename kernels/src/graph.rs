@@ -28,6 +28,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream};
 
 use crate::DeviceTensor;
 
+/// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions.
+type CompiledSource = (String, String, u32, (u32, u32, u32));
+
 /// The arguments of one launch, in the kernel's parameter order: arrays (with the vector size
 /// the kernel reads them in) and runtime scalars, laid out as cubecl's `KernelLauncher` does.
 #[derive(Default)]
@@ -210,10 +213,7 @@ impl GraphRecorder {
 
     /// cubecl's CUDA C++ for `kernel`, compiled by NVRTC as cubecl-cuda compiles it: (PTX,
     /// entry point, shared-memory bytes, block dimensions).
-    fn compile_source<K: CubeKernel>(
-        &self,
-        kernel: K,
-    ) -> Result<(String, String, u32, (u32, u32, u32))> {
+    fn compile_source<K: CubeKernel>(&self, kernel: K) -> Result<CompiledSource> {
         let task = cubecl::prelude::KernelTask::<CudaCompiler, K>::new(kernel);
         let out = task
             .compile(
