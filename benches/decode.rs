@@ -15,21 +15,12 @@ use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
 use cubeqwen_kernels::testing::{full_shapes, test_device, Rng};
-use cubeqwen_loaders::{random_qwen2, Qwen2Config};
+use cubeqwen_loaders::{qwen25_config, random_qwen2, Qwen2Config};
 
 fn config(layers: usize) -> Qwen2Config {
     Qwen2Config {
-        hidden: 896,
         layers,
-        n_heads: 14,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ffn: 4864,
-        vocab: 151936,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
-        context_length: 32768,
-        tied_embeddings: true,
+        ..qwen25_config("0.5b").expect("a known shape")
     }
 }
 

@@ -11,22 +11,15 @@ use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen_kernels::runtime::cuda_client;
 use cubeqwen_kernels::testing::{fresh_seed, Rng};
-use cubeqwen_loaders::{random_qwen2, Qwen2Config};
+use cubeqwen_loaders::{qwen25_config, random_qwen2, Qwen2Config};
 
 /// Real Qwen2.5-0.5B widths (GQA 7, head_dim 64, the full vocabulary), fewer layers.
 fn config() -> Qwen2Config {
     Qwen2Config {
-        hidden: 896,
         layers: 4,
-        n_heads: 14,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ffn: 4864,
-        vocab: 151936,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
         context_length: 4096,
         tied_embeddings: false,
+        ..qwen25_config("0.5b").expect("a known shape")
     }
 }
 

@@ -29,7 +29,7 @@ use cubeqwen::reference::RefModel;
 use cubeqwen_kernels::matmul::{resolve_variant, MatmulVariant};
 use cubeqwen_kernels::runtime::RuntimeJob;
 use cubeqwen_kernels::testing::{fresh_seed, full_shapes, rel_err, run_test};
-use cubeqwen_loaders::{random_qwen2, small_gqa7_config, Qwen2Config};
+use cubeqwen_loaders::{qwen25_config, random_qwen2, small_gqa7_config, Qwen2Config};
 use serde_json::Value;
 
 /// Per-position relative logit error allowed at the CI size (2 layers). It grows with the
@@ -48,17 +48,8 @@ const CHUNK: usize = 16;
 
 fn config() -> Qwen2Config {
     let real = Qwen2Config {
-        hidden: 896,
-        layers: 24,
-        n_heads: 14,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ffn: 4864,
-        vocab: 151936,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
-        context_length: 32768,
         tied_embeddings: false,
+        ..qwen25_config("0.5b").expect("a known shape")
     };
     if full_shapes() {
         real
