@@ -3,7 +3,7 @@
 //! on the same device: the device-to-device copy bandwidth
 //! (`cubeqwen_kernels::bandwidth`, 512 MiB buffers, bytes read + written) and, on CUDA, cuBLAS on an 8192³ f16 GEMM.
 //!
-//! - `matmul`: tiled, cmma, gemv, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
+//! - `matmul`: tiled, cmma, gemv, blocked, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
 //!   q, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 128, 512, 2048;
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash cmma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
@@ -264,6 +264,7 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 }
                 if m <= 128 && (n * k) < 100_000_000 {
                     variants.push("tiled");
+                    variants.push("blocked");
                 }
                 if cmma {
                     variants.push("cmma");

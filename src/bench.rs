@@ -52,7 +52,7 @@ pub struct BenchArgs {
     /// auto (CUDA if a GPU and driver are present, else wgpu), cuda or wgpu.
     #[arg(long, default_value = "auto")]
     pub device: DeviceKind,
-    /// Matmul kernel: auto, tiled, cmma, gemv or cubek.
+    /// Matmul kernel: auto, tiled, cmma, gemv, blocked or cubek.
     #[arg(long, default_value = "auto")]
     pub matmul: MatmulVariant,
     /// Seed of the random weights and token ids.

@@ -150,7 +150,11 @@ impl crate::RuntimeJob for SelfTest {
 
         // Matmul, every variant this device runs (cmma only with f16 tensor cores).
         {
-            let mut variants = vec![MatmulVariant::Gemv, MatmulVariant::Tiled];
+            let mut variants = vec![
+                MatmulVariant::Gemv,
+                MatmulVariant::Tiled,
+                MatmulVariant::Blocked,
+            ];
             if cmma_supported(c) && c.properties().hardware.plane_size_max >= 32 {
                 variants.push(MatmulVariant::Cmma);
             }
@@ -274,6 +278,7 @@ mod tests {
             "attention decode",
             "matmul Gemv",
             "matmul Tiled",
+            "matmul Blocked",
             "matmul Auto",
             "embedding",
             "swiglu",

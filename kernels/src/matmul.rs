@@ -6,10 +6,13 @@
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
 //! - `Cmma`: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate); CUDA only.
 //! - `Gemv`: for few rows (decode): 32 threads share one output, vectorised loads along k.
+//! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
+//!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
+//!   gather and every barrier a context switch, so each loaded value must feed several outputs.
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
 //! - `Auto`: `Gemv` for m ≤ 4; where the device has f16 tensor cores `Cubek` for m ≥
 //!   [`CUBEK_MIN_ROWS`] (H100, m = 2048: 63–88 TFLOP/s against `Cmma`'s 5, BENCHMARKS.md) and
-//!   `Cmma` below; else `Gemv` on CPU-emulated devices (measured faster there), else `Tiled`.
+//!   `Cmma` below; else `Blocked` on CPU-emulated devices (measured fastest there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -28,6 +31,7 @@ pub enum MatmulVariant {
     Tiled,
     Cmma,
     Gemv,
+    Blocked,
     /// cubek's matmul (tracel's CubeCL kernels, `Strategy::Auto`), then the bias added by
     /// [`add_bias_kernel`]; a whole, contiguous output only.
     Cubek,
@@ -41,8 +45,11 @@ impl std::str::FromStr for MatmulVariant {
             "tiled" => Self::Tiled,
             "cmma" => Self::Cmma,
             "gemv" => Self::Gemv,
+            "blocked" => Self::Blocked,
             "cubek" => Self::Cubek,
-            _ => bail!("unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv or cubek"),
+            _ => bail!(
+                "unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv, blocked or cubek"
+            ),
         })
     }
 }
@@ -172,6 +179,84 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
             acc += bias[col_off + col];
         }
         y[row * ldy + col_off + col] = O::cast_from(acc);
+    }
+}
+
+/// Outputs per thread of the `Blocked` variant: BLOCK_ROWS rows of x by BLOCK_COLS rows of W,
+/// and threads per cube (few, so that a small product still spreads over several cubes, which
+/// lavapipe runs on separate CPU threads). On lavapipe (2 cores) at m = 45, n = 4864, k = 896:
+/// 4×4 395 ms, 8×8 228 ms, 16×16 100 ms (gemv 2022 ms, tiled 3060 ms). 16×16 costs lavapipe
+/// about 100 s to compile (once per kernel variant and machine, Mesa caches it) against 7 s
+/// for 8×8, and made a 16-token prefill only 1.5x faster (3.1 against 2.1 tok/s): 8×8.
+const BLOCK_ROWS: usize = 8;
+const BLOCK_COLS: usize = 8;
+const BLOCK_THREADS: u32 = 32;
+
+/// Thread `t` computes rows `r0..r0 + rows` and columns `c0..c0 + cols` of y, accumulating in
+/// f32 registers; each vector of x and W it loads feeds `cols` (or `rows`) outputs. Rows and
+/// columns past the edges read the last row or column and are not written.
+#[cube(launch)]
+fn matmul_blocked<F: Float, O: Float, V: Size>(
+    x: &Array<Vector<F, V>>,
+    w: &Array<Vector<F, V>>,
+    bias: &Array<f32>,
+    y: &mut Array<O>,
+    m: usize,
+    n: usize,
+    k_vec: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+) {
+    let col_blocks = n.div_ceil(cols);
+    let t = ABSOLUTE_POS;
+    let r0 = (t / col_blocks) * rows;
+    let c0 = (t % col_blocks) * cols;
+    if r0 < m {
+        let mut acc = Array::<f32>::new(comptime!(rows * cols));
+        #[unroll]
+        for i in 0..rows * cols {
+            acc[i] = 0.0;
+        }
+        let mut wv = Array::<Vector<f32, V>>::new(cols);
+        let mut kk = 0usize;
+        while kk < k_vec {
+            #[unroll]
+            for j in 0..cols {
+                wv[j] = Vector::<f32, V>::cast_from(w[min(c0 + j, n - 1) * k_vec + kk]);
+            }
+            #[unroll]
+            for i in 0..rows {
+                let xv = Vector::<f32, V>::cast_from(x[min(r0 + i, m - 1) * k_vec + kk]);
+                #[unroll]
+                for j in 0..cols {
+                    let p = xv * wv[j];
+                    let mut s = 0.0f32;
+                    #[unroll]
+                    for l in 0..V::value() {
+                        s += p[l];
+                    }
+                    acc[i * cols + j] += s;
+                }
+            }
+            kk += 1;
+        }
+        #[unroll]
+        for i in 0..rows {
+            #[unroll]
+            for j in 0..cols {
+                let (r, c) = (r0 + i, c0 + j);
+                if r < m && c < n {
+                    let mut v = acc[i * cols + j];
+                    if comptime!(has_bias) {
+                        v += bias[col_off + c];
+                    }
+                    y[r * ldy + col_off + c] = O::cast_from(v);
+                }
+            }
+        }
     }
 }
 
@@ -309,10 +394,10 @@ pub fn resolve_variant<R: Runtime>(
             MatmulVariant::Cubek
         }
         MatmulVariant::Auto if cmma_supported(client) => MatmulVariant::Cmma,
-        // On a CPU-emulated device (lavapipe: plane size 8) the shared-memory tiles cost more
-        // than re-reading weights: m=45, n=4864, k=896 took 1.8 s tiled vs 0.5-0.8 s gemv.
+        // On a CPU-emulated device (lavapipe: plane size 8) every load is a gather and every
+        // barrier a context switch: register blocks, no shared memory (see BLOCK_ROWS).
         MatmulVariant::Auto if client.properties().hardware.plane_size_max < 32 => {
-            MatmulVariant::Gemv
+            MatmulVariant::Blocked
         }
         MatmulVariant::Auto => MatmulVariant::Tiled,
         v => v,
@@ -516,11 +601,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
             );
         }
         MatmulVariant::Gemv => {
-            let vec = client
-                .io_optimized_vector_sizes(size_of::<F>())
-                .filter(|v| k % v == 0 && *v <= 8)
-                .max()
-                .unwrap_or(1);
+            let vec = vector_size(client, size_of::<F>(), k);
             let (threads, rows_per_cube) = gemv_shape(client);
             let col_groups = n.div_ceil(rows_per_cube);
             let cubes = u32::try_from(m * col_groups).map_err(|_| {
@@ -546,9 +627,43 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 Reduction::new(client, threads * rows_per_cube, threads),
             );
         }
+        MatmulVariant::Blocked => {
+            let vec = vector_size(client, size_of::<F>(), k);
+            let blocks = m.div_ceil(BLOCK_ROWS) * n.div_ceil(BLOCK_COLS);
+            let dim = CubeDim::new_1d(BLOCK_THREADS);
+            let count = cubecl::calculate_cube_count_elemwise(client, blocks, dim);
+            matmul_blocked::launch::<F, O, R>(
+                client,
+                count,
+                dim,
+                vec,
+                // SAFETY: same buffers, viewed as vectors of `vec` elements; k % vec == 0.
+                unsafe { ArrayArg::from_raw_parts(x.handle.clone(), x.len() / vec) },
+                unsafe { ArrayArg::from_raw_parts(w.handle.clone(), w.len() / vec) },
+                bias_arg,
+                y.arg(),
+                m,
+                n,
+                k / vec,
+                ldy,
+                col_off,
+                has_bias,
+                BLOCK_ROWS,
+                BLOCK_COLS,
+            );
+        }
         MatmulVariant::Auto | MatmulVariant::Cubek => unreachable!(),
     }
     Ok(())
+}
+
+/// The widest vector (at most 8 elements) the device loads well that divides `k`.
+fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem_bytes: usize, k: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(elem_bytes)
+        .filter(|v| k.is_multiple_of(*v) && *v <= 8)
+        .max()
+        .unwrap_or(1)
 }
 
 /// A weight [n, k] kept as row chunks that each fit one device buffer (wgpu caps a buffer at

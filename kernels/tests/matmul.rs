@@ -129,6 +129,13 @@ device_test! {
 }
 
 device_test! {
+    /// Row counts that are not multiples of the block (1, 7, 33) exercise the edge clamps.
+    fn matmul_blocked_qwen_shapes<R>(client, seed) {
+        run_shapes(client, MatmulVariant::Blocked, &[1, 7, 33], seed)
+    }
+}
+
+device_test! {
     fn matmul_auto_qwen_shapes<R>(client, seed) {
         run_shapes(client, MatmulVariant::Auto, &[1, 7], seed)
     }
