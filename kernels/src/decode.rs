@@ -28,7 +28,7 @@ use cubecl::prelude::*;
 use crate::attention::KvCache;
 #[cfg(feature = "cuda")]
 pub use crate::graph::GraphRecorder;
-use crate::matmul::RowChunked;
+use crate::matmul::{vector_size, RowChunked};
 use crate::rope::RopeTables;
 use crate::DeviceTensor;
 
@@ -825,15 +825,6 @@ fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
     client.properties().hardware.plane_size_min == LANES as u32
         && client.properties().hardware.plane_size_max == LANES as u32
         && client.features().plane.contains(Plane::Ops)
-}
-
-/// The widest vector (≤ 8 elements) that divides `k`.
-fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem: usize, k: usize) -> usize {
-    client
-        .io_optimized_vector_sizes(elem)
-        .filter(|v| k.is_multiple_of(*v) && *v <= 8)
-        .max()
-        .unwrap_or(1)
 }
 
 /// Planes per row (a power of two ≤ [`PLANES`]): enough that `rows` rows keep ~4096 planes

@@ -657,8 +657,13 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     Ok(())
 }
 
-/// The widest vector (at most 8 elements) the device loads well that divides `k`.
-fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem_bytes: usize, k: usize) -> usize {
+/// The widest vector (at most 8 elements) the device loads well that divides `k` (the matmul
+/// and decode kernels' loads along k).
+pub(crate) fn vector_size<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem_bytes: usize,
+    k: usize,
+) -> usize {
     client
         .io_optimized_vector_sizes(elem_bytes)
         .filter(|v| k.is_multiple_of(*v) && *v <= 8)
