@@ -22,13 +22,13 @@
 //! [`crate::select::top_k_reference`].
 
 use anyhow::{ensure, Result};
-use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 
 use crate::attention::KvCache;
 #[cfg(feature = "cuda")]
 pub use crate::graph::GraphRecorder;
 use crate::matmul::{vector_size, RowChunked};
+use crate::reduce::{reduce_max, reduce_sum, Reduction};
 use crate::rope::RopeTables;
 use crate::DeviceTensor;
 
@@ -80,7 +80,6 @@ macro_rules! launch {
 
 /// Units that share one dot product (one plane on GPUs).
 pub const LANES: usize = 32;
-const LANES_LOG2: usize = 5;
 /// Key positions per cube of the decode attention: small, so that a long context spreads over
 /// many cubes (4096 keys: 64 chunks × 14 heads = 896 cubes; 256-key chunks left the H100 at
 /// 37 µs per layer for 1 MB of keys and values).
@@ -105,93 +104,30 @@ struct Pair {
     b: f32,
 }
 
-/// Sum over the [`LANES`] lanes of this unit's plane row (`UNIT_POS_Y`): a plane sum where
-/// planes are exactly [`LANES`] wide, else a shared-memory tree (`red` holds
-/// `LANES × CUBE_DIM_Y` values). Every unit of the cube must call it (it may synchronise).
-#[cube]
-#[allow(unused_assignments)]
-fn lanes_sum(partial: f32, red: &mut SharedMemory<f32>, #[comptime] plane: bool) -> f32 {
-    let mut out = 0.0f32;
-    if comptime!(plane) {
-        out = plane_sum(partial);
-    } else {
-        let lane = UNIT_POS_X as usize;
-        let base = UNIT_POS_Y as usize * LANES;
-        red[base + lane] = partial;
-        sync_cube();
-        #[unroll]
-        for step in 1..LANES_LOG2 + 1 {
-            let stride = LANES >> step;
-            if lane < stride {
-                red[base + lane] += red[base + lane + stride];
-            }
-            sync_cube();
-        }
-        out = red[base];
-        sync_cube();
-    }
-    out
-}
-
-/// Adds the `split` per-plane sums of each row group: plane `y` holds part `y % split` of row
-/// group `y / split`; the result is valid in every unit. `parts` holds `CUBE_DIM_Y` values.
-#[cube]
-#[allow(unused_assignments)]
-fn split_sum(v: f32, parts: &mut SharedMemory<f32>, #[comptime] split: usize) -> f32 {
-    let mut out = 0.0f32;
-    if comptime!(split > 1) {
-        let y = UNIT_POS_Y as usize;
-        if UNIT_POS_X == 0 {
-            parts[y] = v;
-        }
-        sync_cube();
-        let first = (y / split) * split;
-        #[unroll]
-        for s in 0..split {
-            out += parts[first + s];
-        }
-        sync_cube();
-    } else {
-        out = v;
-    }
-    out
-}
-
-/// RMSNorm of `x[0..d]` (f32) with weight `nw`, rounded to `F`, into `h` (every unit helps;
-/// `red` holds `CUBE_DIM` values, a power of two).
+/// RMSNorm of `x[0..d]` (f32) with weight `nw`, rounded to `F`, into `h` (every unit of the
+/// cube helps; `cube` is the whole cube as one reduction group).
 #[cube]
 fn norm_to_shared<F: Float>(
     x: &Array<f32>,
     nw: &Array<f32>,
     h: &mut SharedMemory<f32>,
-    red: &mut SharedMemory<f32>,
     eps: f32,
     #[comptime] d: usize,
+    #[comptime] cube: Reduction,
 ) {
     let tid = UNIT_POS as usize;
-    let threads = CUBE_DIM as usize;
     let mut ss = 0.0f32;
     let mut i = tid;
     while i < d {
         let v = x[i];
         ss += v * v;
-        i += threads;
+        i += cube.units;
     }
-    red[tid] = ss;
-    sync_cube();
-    let mut stride = threads / 2;
-    while stride > 0 {
-        if tid < stride {
-            red[tid] += red[tid + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let scale = f32::inverse_sqrt(red[0] / f32::cast_from(d) + eps);
+    let scale = f32::inverse_sqrt(reduce_sum::<f32>(ss, cube) / f32::cast_from(d) + eps);
     let mut j = tid;
     while j < d {
         h[j] = f32::cast_from(F::cast_from(x[j] * scale * nw[j]));
-        j += threads;
+        j += cube.units;
     }
     sync_cube();
 }
@@ -306,14 +242,13 @@ fn attn_in_kernel<F: Float, V: Size>(
     #[comptime] head_dim: usize,
     #[comptime] k_vec: usize,
     #[comptime] split: usize,
-    #[comptime] plane: bool,
+    #[comptime] row_sum: Reduction,
+    #[comptime] cube: Reduction,
 ) {
     let stride = comptime!(LANES * split);
     let iters = comptime!(k_vec.div_ceil(LANES * split));
     let mut h = SharedMemory::<f32>::new(d);
-    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
-    let mut parts = SharedMemory::<f32>::new(PLANES);
-    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
 
     let half = head_dim / 2;
     let q_pairs = n_heads * half;
@@ -358,8 +293,8 @@ fn attn_in_kernel<F: Float, V: Size>(
             acc_b = r.b;
         }
     }
-    let a = split_sum(lanes_sum(acc_a, &mut red, plane), &mut parts, split);
-    let b = split_sum(lanes_sum(acc_b, &mut red, plane), &mut parts, split);
+    let a = reduce_sum::<f32>(acc_a, row_sum);
+    let b = reduce_sum::<f32>(acc_b, row_sum);
 
     if p < total && lane == 0 && y.is_multiple_of(split) {
         let pos = state[0] as usize;
@@ -413,6 +348,7 @@ fn attention_kernel<F: Float>(
     #[comptime] group: usize,
     #[comptime] head_dim: usize,
     #[comptime] single: bool,
+    #[comptime] cube: Reduction,
 ) {
     let chunk = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
@@ -423,7 +359,6 @@ fn attention_kernel<F: Float>(
 
     let mut q_s = SharedMemory::<f32>::new(head_dim);
     let mut scores = SharedMemory::<f32>::new(ATT_CHUNK);
-    let mut red = SharedMemory::<f32>::new(ATT_THREADS);
 
     let mut d = tid;
     while d < head_dim {
@@ -452,38 +387,17 @@ fn attention_kernel<F: Float>(
         local_max = f32::max(local_max, s);
         j += ATT_THREADS;
     }
-    red[tid] = local_max;
-    sync_cube();
-    let mut stride = CUBE_DIM as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            red[tid] = f32::max(red[tid], red[tid + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let m = red[0];
-    sync_cube();
+    let m = reduce_max::<f32>(local_max, cube);
 
     let mut local_sum = 0.0f32;
-    let mut jj = tid;
-    while jj < n_keys {
-        let e = f32::exp(scores[jj] - m);
-        scores[jj] = e;
+    let mut key = tid;
+    while key < n_keys {
+        let e = f32::exp(scores[key] - m);
+        scores[key] = e;
         local_sum += e;
-        jj += ATT_THREADS;
+        key += ATT_THREADS;
     }
-    red[tid] = local_sum;
-    sync_cube();
-    let mut stride2 = CUBE_DIM as usize / 2;
-    while stride2 > 0 {
-        if tid < stride2 {
-            red[tid] += red[tid + stride2];
-        }
-        sync_cube();
-        stride2 /= 2;
-    }
-    let l = red[0];
+    let l = reduce_sum::<f32>(local_sum, cube);
 
     let part = head * chunks + chunk;
     let mut dim = tid;
@@ -556,10 +470,8 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     n: usize,
     #[comptime] k_vec: usize,
     #[comptime] split: usize,
-    #[comptime] plane: bool,
+    #[comptime] row_sum: Reduction,
 ) {
-    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
-    let mut parts = SharedMemory::<f32>::new(PLANES);
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let row = CUBE_POS * (PLANES / split) + y / split;
@@ -569,7 +481,7 @@ fn gemv_residual_kernel<F: Float, V: Size>(
         let iters = comptime!(k_vec.div_ceil(LANES * split));
         acc = dot_global::<F, V>(w, row, a, first, k_vec, LANES * split, iters);
     }
-    let sum = split_sum(lanes_sum(acc, &mut red, plane), &mut parts, split);
+    let sum = reduce_sum::<f32>(acc, row_sum);
     if row < n && lane == 0 && y.is_multiple_of(split) {
         x[row] += sum;
     }
@@ -590,12 +502,11 @@ fn ffn_in_kernel<F: Float, V: Size>(
     #[comptime] d: usize,
     #[comptime] k_vec: usize,
     #[comptime] split: usize,
-    #[comptime] plane: bool,
+    #[comptime] row_sum: Reduction,
+    #[comptime] cube: Reduction,
 ) {
     let mut h = SharedMemory::<f32>::new(d);
-    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
-    let mut parts = SharedMemory::<f32>::new(PLANES);
-    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
 
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
@@ -619,8 +530,8 @@ fn ffn_in_kernel<F: Float, V: Size>(
         acc_g = r.a;
         acc_u = r.b;
     }
-    let g = split_sum(lanes_sum(acc_g, &mut red, plane), &mut parts, split);
-    let u = split_sum(lanes_sum(acc_u, &mut red, plane), &mut parts, split);
+    let g = reduce_sum::<f32>(acc_g, row_sum);
+    let u = reduce_sum::<f32>(acc_u, row_sum);
     if row < ffn && lane == 0 && y.is_multiple_of(split) {
         let g = f32::cast_from(F::cast_from(g));
         let u = f32::cast_from(F::cast_from(u));
@@ -647,12 +558,12 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
     eps: f32,
     #[comptime] d: usize,
     #[comptime] k_vec: usize,
-    #[comptime] plane: bool,
+    #[comptime] row_sum: Reduction,
+    #[comptime] cube: Reduction,
 ) {
     let mut h = SharedMemory::<f32>::new(d);
-    let mut red = SharedMemory::<f32>::new(LANES * PLANES);
     let mut vals = SharedMemory::<f32>::new(PLANES * HEAD_ROWS_PER_PLANE);
-    norm_to_shared::<F>(x, norm_w, &mut h, &mut red, eps, d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let rows_per_cube = comptime!(PLANES * HEAD_ROWS_PER_PLANE);
@@ -672,8 +583,8 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
             ib = rb;
         }
         let acc = dot2_shared::<F, V>(w, ia, w, ib, &h, lane, k_vec, LANES, iters);
-        let sa = lanes_sum(acc.a, &mut red, plane);
-        let sb = lanes_sum(acc.b, &mut red, plane);
+        let sa = reduce_sum::<f32>(acc.a, row_sum);
+        let sb = reduce_sum::<f32>(acc.b, row_sum);
         if lane == 0 {
             let mut va = f32::new(-3.0e38);
             let mut vb = f32::new(-3.0e38);
@@ -821,10 +732,14 @@ fn set_u32_kernel(t: &mut Array<u32>, value: u32) {
     }
 }
 
-fn plane_ok<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    client.properties().hardware.plane_size_min == LANES as u32
-        && client.properties().hardware.plane_size_max == LANES as u32
-        && client.features().plane.contains(Plane::Ops)
+/// The sum over the `split` planes (of [`LANES`] units) that share a row of a fused GEMV.
+fn row_sum<R: Runtime>(client: &ComputeClient<R>, split: usize) -> Reduction {
+    Reduction::new(client, LANES * PLANES, LANES * split)
+}
+
+/// The whole cube of a fused GEMV as one reduction group (the RMSNorm before it).
+fn gemv_cube<R: Runtime>(client: &ComputeClient<R>) -> Reduction {
+    Reduction::cube(client, LANES * PLANES)
 }
 
 /// Planes per row (a power of two ≤ [`PLANES`]): enough that `rows` rows keep ~4096 planes
@@ -951,14 +866,14 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     let pairs = (qd + 2 * kvd) / 2;
     let k_vec = d / vec;
     let split = split_for(k_vec, pairs);
-    let (n_kv, max_ctx, plane) = (cache.n_kv, cache.max_ctx, plane_ok(client));
+    let (n_kv, max_ctx) = (cache.n_kv, cache.max_ctx);
     launch!(rec, client, attn_in_kernel::AttnInKernel<F>,
         cube_count(pairs.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec];
         arrays [x => 1, w.norm => 1, w.wq => vec, w.wk => vec, w.wv => vec, w.bq => 1, w.bk => 1,
             w.bv => 1, rope.cos => 1, rope.sin => 1, st.state => 1, q => 1, cache.k => 1, cache.v => 1];
         scalars [usize max_ctx, f32 eps];
-        comptime [d, n_heads, n_kv, hd, k_vec, split, plane])
+        comptime [d, n_heads, n_kv, hd, k_vec, split, row_sum(client, split), gemv_cube(client)])
 }
 
 /// Scratch for [`attention`] over up to `max_ctx` positions.
@@ -1036,7 +951,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         arrays [q => 1, cache.k => 1, cache.v => 1, st.state => 1, out => 1, part_out => 1,
             part_max_sum => 1];
         scalars [usize max_ctx, f32 scale];
-        comptime [group, hd, single])?;
+        comptime [group, hd, single, Reduction::cube(client, ATT_THREADS)])?;
     if !single {
         launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
             cube_count(n_heads)?, CubeDim::new_1d(hd.min(256) as u32);
@@ -1064,12 +979,12 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         x.shape
     );
     let vec = vector_size(client, size_of::<F>(), k);
-    let (k_vec, plane) = (k / vec, plane_ok(client));
+    let k_vec = k / vec;
     let split = split_for(k_vec, n);
     launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
         cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
-        comptime [k_vec, split, plane])
+        comptime [k_vec, split, row_sum(client, split)])
 }
 
 /// RMSNorm → gate, up → SwiGLU: s [ffn] from x [d].
@@ -1099,11 +1014,10 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), d);
     let k_vec = d / vec;
     let split = split_for(k_vec, ffn);
-    let plane = plane_ok(client);
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
         cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
-        scalars [usize ffn, f32 eps]; comptime [d, k_vec, split, plane])
+        scalars [usize ffn, f32 eps]; comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client)])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.
@@ -1142,7 +1056,7 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
         "lm_head_top2: partial too small"
     );
     let vec = vector_size(client, size_of::<F>(), d);
-    let (k_vec, plane) = (d / vec, plane_ok(client));
+    let k_vec = d / vec;
     let (mut row0, mut part0) = (0, 0);
     for chunk in &lm_head.chunks {
         let n = chunk.shape[0];
@@ -1150,7 +1064,7 @@ pub fn lm_head_top2<R: Runtime, F: Float + CubeElement>(
         launch!(rec.as_deref_mut(), client, lm_head_top2_kernel::LmHeadTop2Kernel<F>,
             cube_count(cubes)?, CubeDim::new_2d(LANES as u32, PLANES as u32);
             sizes [vec]; arrays [x => 1, norm => 1, chunk => vec, logits => 1, partial => 1];
-            scalars [usize n, usize row0, usize part0, f32 eps]; comptime [d, k_vec, plane])?;
+            scalars [usize n, usize row0, usize part0, f32 eps]; comptime [d, k_vec, row_sum(client, 1), gemv_cube(client)])?;
         row0 += n;
         part0 += cubes;
     }
