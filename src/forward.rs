@@ -413,6 +413,15 @@ impl<'m, R: Runtime> Session<'m, R> {
         Ok(())
     }
 
+    /// Kernel launches recorded into this session's decode graphs with programmatic dependent
+    /// launch (0 without graphs, before sm_90, or with `CUBEQWEN_NO_PDL` set).
+    #[cfg(feature = "cuda")]
+    pub fn programmatic_launches(&self) -> usize {
+        self.graphs
+            .as_ref()
+            .map_or(0, |g| g.rec.programmatic_launches())
+    }
+
     /// Before cubecl touches the caches or decode buffers: waits for graph replays on our
     /// stream (cubecl's stream does not know of them).
     fn cubecl_turn(&mut self) -> Result<()> {

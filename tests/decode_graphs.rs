@@ -2,7 +2,8 @@
 //! arguments as cubecl does) against the same steps launched by cubecl: the logits and the
 //! chosen tokens must be bit-identical, across an attention chunk boundary (a second graph, with
 //! the merge kernel), with a sampled token written between steps, and after a cubecl prefill
-//! that follows graph replays. CUDA only: run by scripts/run-gpu.sh (--include-ignored).
+//! that follows graph replays; on sm_90+ the graphs' kernels must overlap (programmatic
+//! dependent launch), with the same bits. CUDA only: run by scripts/run-gpu.sh (--include-ignored).
 #![cfg(feature = "cuda")]
 
 use anyhow::{ensure, Result};
@@ -34,6 +35,31 @@ fn run(
 ) -> Result<Vec<(Vec<f32>, u32)>> {
     let mut s = Session::new(client, model, 1024)?;
     s.use_graphs = graphs;
+    let out = steps_of(client, &mut s, prompt, steps)?;
+    if graphs && hopper()? && std::env::var_os("CUBEQWEN_NO_PDL").is_none() {
+        // The kernels' grid-dependency markers survived cubecl's compiler: their launches
+        // overlap (a marker lost would leave every launch serialised, and this at 0).
+        ensure!(
+            s.programmatic_launches() > 0,
+            "no decode kernel was launched with programmatic dependent launch on sm_90+"
+        );
+    }
+    Ok(out)
+}
+
+/// Whether the GPU is sm_90 or newer (programmatic dependent launch).
+fn hopper() -> Result<bool> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+    let ctx = cudarc::driver::CudaContext::new(0)?;
+    Ok(ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9)
+}
+
+fn steps_of(
+    client: &cubecl::prelude::ComputeClient<CudaRuntime>,
+    s: &mut Session<'_, CudaRuntime>,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<Vec<(Vec<f32>, u32)>> {
     let mut out = Vec::new();
     s.prefill(client, prompt)?;
     for i in 0..steps {

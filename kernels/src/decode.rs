@@ -80,13 +80,15 @@ macro_rules! launch {
 
 /// Units that share one dot product (one plane on GPUs).
 pub const LANES: usize = 32;
-/// Key positions per cube of the decode attention: small, so that a long context spreads over
-/// many cubes (4096 keys: 64 chunks × 14 heads = 896 cubes; 256-key chunks left the H100 at
-/// 37 µs per layer for 1 MB of keys and values).
-pub const ATT_CHUNK: usize = 64;
-/// Units per cube of the decode attention: one per key of the chunk (scores), one per
-/// dimension (the weighted sum of values, coalesced along the head dimension).
-const ATT_THREADS: usize = 64;
+/// Planes per cube of the decode attention (one per 32 keys of its chunk).
+const ATT_PLANES: usize = 4;
+/// Key positions per cube of the decode attention: a context of up to 128 tokens needs no merge
+/// kernel, and 4096 keys still spread over 32 chunks × 14 heads = 448 cubes (0.5B).
+pub const ATT_CHUNK: usize = LANES * ATT_PLANES;
+/// Units of the decode attention's merge kernel (a multiple of the head dimension).
+const MERGE_UNITS: usize = 256;
+/// Units per cube of the decode attention.
+const ATT_THREADS: usize = ATT_CHUNK;
 /// Planes per cube of the fused GEMVs; `split` of them share a row (a row pair for
 /// `attn_in`/`ffn_in`), so a cube computes `PLANES / split` rows.
 const PLANES: usize = 8;
@@ -102,6 +104,17 @@ const FINISH_THREADS: usize = 1024;
 struct Pair {
     a: f32,
     b: f32,
+}
+
+/// Where a kernel of the decode step starts to read what the kernels before it wrote. In a
+/// CUDA graph on Hopper (sm_90+) the graph recorder turns this marker into
+/// `griddepcontrol.wait` + `griddepcontrol.launch_dependents` and launches the kernel with
+/// programmatic stream serialization: the kernel is scheduled while the one before it still
+/// runs and waits here. Elsewhere it is a comment. Before it a kernel may read only weights,
+/// and write nothing.
+#[cube]
+fn grid_dependency() {
+    comment!("cubeqwen:grid-dependency");
 }
 
 /// RMSNorm of `x[0..d]` (f32) with weight `nw`, rounded to `F`, into `h` (every unit of the
@@ -207,6 +220,7 @@ fn embed_token_kernel<F: Float>(
     rows: usize,
     #[comptime] d: usize,
 ) {
+    grid_dependency();
     let i = ABSOLUTE_POS;
     let id = token[0] as usize;
     if i < d && id >= row0 && id < row0 + rows {
@@ -247,9 +261,6 @@ fn attn_in_kernel<F: Float, V: Size>(
 ) {
     let stride = comptime!(LANES * split);
     let iters = comptime!(k_vec.div_ceil(LANES * split));
-    let mut h = SharedMemory::<f32>::new(d);
-    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-
     let half = head_dim / 2;
     let q_pairs = n_heads * half;
     let kv_pairs = n_kv * half;
@@ -275,6 +286,10 @@ fn attn_in_kernel<F: Float, V: Size>(
     let i = local % half;
     let r0 = head * head_dim + i;
     let r1 = r0 + half;
+
+    grid_dependency();
+    let mut h = SharedMemory::<f32>::new(d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
 
     let mut acc_a = 0.0f32;
     let mut acc_b = 0.0f32;
@@ -329,16 +344,20 @@ fn attn_in_kernel<F: Float, V: Size>(
 }
 
 /// Attention of one query token at position `state[0]` over a chunk of [`ATT_CHUNK`] cache
-/// positions, one cube per (chunk, query head). With `single` (one chunk covers every
-/// position) the cube writes the normalised output; otherwise it writes its unnormalised
-/// output and (max, sum) for [`attention_merge_kernel`]. Chunks past the position write an
-/// empty part (sum 0).
+/// positions, one cube per (chunk, query head). Plane `y` of the cube takes the chunk's keys
+/// `32y..32y + 32`: for the scores each unit takes one key (its row in `head_dim / KV` vector
+/// loads); for the values each unit takes `VV` dimensions of all 32 keys (coalesced along the
+/// row); both loops are unrolled, so a unit's loads are in flight together. Each plane's
+/// softmax is combined across the cube's planes with the online-softmax rule. With `single`
+/// (one chunk covers every position) the cube writes the normalised output; otherwise its
+/// unnormalised output and (max, sum) for [`attention_merge_kernel`]. Positions past `pos`
+/// are never read (the cache there may hold anything).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn attention_kernel<F: Float>(
+fn attention_kernel<F: Float, KV: Size, VV: Size>(
     q: &Array<F>,
-    k_cache: &Array<F>,
-    v_cache: &Array<F>,
+    k_cache: &Array<Vector<F, KV>>,
+    v_cache: &Array<Vector<F, VV>>,
     state: &Array<u32>,
     out: &mut Array<F>,
     part_out: &mut Array<f32>,
@@ -348,81 +367,109 @@ fn attention_kernel<F: Float>(
     #[comptime] group: usize,
     #[comptime] head_dim: usize,
     #[comptime] single: bool,
-    #[comptime] cube: Reduction,
+    #[comptime] k_vecs: usize,
+    #[comptime] keys: Reduction,
 ) {
+    grid_dependency();
     let chunk = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
     let chunks = CUBE_COUNT_X as usize;
+    let lane = UNIT_POS_X as usize;
+    let plane = UNIT_POS_Y as usize;
     let tid = UNIT_POS as usize;
-    let kv_head = head / group;
     let pos = state[0] as usize;
+    let base = (head / group) * max_ctx;
 
     let mut q_s = SharedMemory::<f32>::new(head_dim);
-    let mut scores = SharedMemory::<f32>::new(ATT_CHUNK);
-
-    let mut d = tid;
-    while d < head_dim {
-        q_s[d] = f32::cast_from(q[head * head_dim + d]) * scale;
-        d += ATT_THREADS;
+    if tid < head_dim {
+        q_s[tid] = f32::cast_from(q[head * head_dim + tid]) * scale;
     }
     sync_cube();
 
-    let first_key = chunk * ATT_CHUNK;
-    let mut n_keys = 0usize;
-    if pos + 1 > first_key {
-        n_keys = min(pos + 1 - first_key, ATT_CHUNK);
-    }
-    let kv_base = kv_head * max_ctx + first_key;
-
-    let mut local_max = f32::new(-1.0e30);
-    let mut j = tid;
-    while j < n_keys {
-        let row = (kv_base + j) * head_dim;
-        let mut s = 0.0f32;
-        #[unroll]
-        for e in 0..head_dim {
-            s += q_s[e] * f32::cast_from(k_cache[row + e]);
-        }
-        scores[j] = s;
-        local_max = f32::max(local_max, s);
-        j += ATT_THREADS;
-    }
-    let m = reduce_max::<f32>(local_max, cube);
-
-    let mut local_sum = 0.0f32;
-    let mut key = tid;
-    while key < n_keys {
-        let e = f32::exp(scores[key] - m);
-        scores[key] = e;
-        local_sum += e;
-        key += ATT_THREADS;
-    }
-    let l = reduce_sum::<f32>(local_sum, cube);
-
-    let part = head * chunks + chunk;
-    let mut dim = tid;
-    while dim < head_dim {
+    // This unit's key: its score, then the plane's softmax.
+    let first = chunk * ATT_CHUNK + plane * LANES;
+    let key = first + lane;
+    let mut score = f32::new(-1.0e30);
+    if key <= pos {
         let mut acc = 0.0f32;
-        let mut key = 0usize;
-        while key < n_keys {
-            acc += scores[key] * f32::cast_from(v_cache[(kv_base + key) * head_dim + dim]);
-            key += 1;
+        #[unroll]
+        for e in 0..k_vecs {
+            let kv = Vector::<f32, KV>::cast_from(k_cache[(base + key) * k_vecs + e]);
+            #[unroll]
+            for l in 0..KV::value() {
+                acc += q_s[e * KV::value() + l] * kv[l];
+            }
+        }
+        score = acc;
+    }
+    let m = reduce_max::<f32>(score, keys);
+    let mut p = 0.0f32;
+    if key <= pos {
+        p = f32::exp(score - m);
+    }
+    let mut probs = SharedMemory::<f32>::new(ATT_CHUNK);
+    probs[plane * LANES + lane] = p;
+    // reduce_sum ends on a cube barrier: the probabilities are visible after it.
+    let l = reduce_sum::<f32>(p, keys);
+
+    // This unit's dimensions of the weighted sum over the plane's keys.
+    let mut acc = Vector::<f32, VV>::new(0.0f32);
+    #[unroll]
+    for j in 0..LANES {
+        if first + j <= pos {
+            let v = Vector::<f32, VV>::cast_from(v_cache[(base + first + j) * LANES + lane]);
+            acc += Vector::<f32, VV>::new(probs[plane * LANES + j]) * v;
+        }
+    }
+    let mut sums = SharedMemory::<f32>::new(comptime!(ATT_PLANES * head_dim));
+    let mut stats = SharedMemory::<f32>::new(comptime!(ATT_PLANES * 2));
+    #[unroll]
+    for d in 0..VV::value() {
+        sums[plane * head_dim + lane * VV::value() + d] = acc[d];
+    }
+    if lane == 0 {
+        stats[plane * 2] = m;
+        stats[plane * 2 + 1] = l;
+    }
+    sync_cube();
+
+    // The planes combined: one unit per dimension.
+    if tid < head_dim {
+        let mut mx = f32::new(-1.0e30);
+        #[unroll]
+        for pl in 0..ATT_PLANES {
+            if stats[pl * 2 + 1] > 0.0 {
+                mx = f32::max(mx, stats[pl * 2]);
+            }
+        }
+        let mut total = 0.0f32;
+        let mut a = 0.0f32;
+        #[unroll]
+        for pl in 0..ATT_PLANES {
+            let lp = stats[pl * 2 + 1];
+            if lp > 0.0 {
+                let f = f32::exp(stats[pl * 2] - mx);
+                total += f * lp;
+                a += f * sums[pl * head_dim + tid];
+            }
         }
         if comptime!(single) {
-            out[head * head_dim + dim] = F::cast_from(acc / l);
+            out[head * head_dim + tid] = F::cast_from(a / total);
         } else {
-            part_out[part * head_dim + dim] = acc;
+            let part = head * chunks + chunk;
+            part_out[part * head_dim + tid] = a;
+            if tid == 0 {
+                part_max_sum[part * 2] = mx;
+                part_max_sum[part * 2 + 1] = total;
+            }
         }
-        dim += ATT_THREADS;
-    }
-    if !comptime!(single) && tid == 0 {
-        part_max_sum[part * 2] = m;
-        part_max_sum[part * 2 + 1] = l;
     }
 }
 
 /// Merges the chunk parts of [`attention_kernel`] with the online-softmax rule; one cube per
-/// query head, units over dimensions.
+/// query head. The cube's [`MERGE_UNITS`] units take the chunks in turn for the maximum and the
+/// denominator; then each of its `MERGE_UNITS / head_dim` groups sums every so-many chunk's
+/// output for its dimension, and the groups' sums are added.
 #[cube(launch)]
 fn attention_merge_kernel<F: Float>(
     part_out: &Array<f32>,
@@ -430,33 +477,55 @@ fn attention_merge_kernel<F: Float>(
     out: &mut Array<F>,
     chunks: usize,
     #[comptime] head_dim: usize,
+    #[comptime] all: Reduction,
 ) {
+    grid_dependency();
     let head = CUBE_POS;
     let base = head * chunks;
+    let tid = UNIT_POS as usize;
     let mut mx = f32::new(-1.0e30);
-    for c in 0..chunks {
+    let mut c = tid;
+    while c < chunks {
         if part_max_sum[(base + c) * 2 + 1] > 0.0 {
             mx = f32::max(mx, part_max_sum[(base + c) * 2]);
         }
+        c += MERGE_UNITS;
     }
+    let mx = reduce_max::<f32>(mx, all);
     let mut denom = 0.0f32;
-    for c in 0..chunks {
+    let mut c = tid;
+    while c < chunks {
         let l = part_max_sum[(base + c) * 2 + 1];
         if l > 0.0 {
             denom += f32::exp(part_max_sum[(base + c) * 2] - mx) * l;
         }
+        c += MERGE_UNITS;
     }
-    let mut dim = UNIT_POS as usize;
-    while dim < head_dim {
-        let mut acc = 0.0f32;
-        for c in 0..chunks {
-            if part_max_sum[(base + c) * 2 + 1] > 0.0 {
-                acc += f32::exp(part_max_sum[(base + c) * 2] - mx)
-                    * part_out[(base + c) * head_dim + dim];
-            }
+    let denom = reduce_sum::<f32>(denom, all);
+
+    let groups = comptime!(MERGE_UNITS / head_dim);
+    let dim = tid % head_dim;
+    let g = tid / head_dim;
+    let mut acc = 0.0f32;
+    let mut c = g;
+    while c < chunks {
+        let l = part_max_sum[(base + c) * 2 + 1];
+        if l > 0.0 {
+            acc +=
+                f32::exp(part_max_sum[(base + c) * 2] - mx) * part_out[(base + c) * head_dim + dim];
         }
-        out[head * head_dim + dim] = F::cast_from(acc / denom);
-        dim += CUBE_DIM as usize;
+        c += groups;
+    }
+    let mut sums = SharedMemory::<f32>::new(MERGE_UNITS);
+    sums[tid] = acc;
+    sync_cube();
+    if g == 0 {
+        let mut total = 0.0f32;
+        #[unroll]
+        for i in 0..groups {
+            total += sums[i * head_dim + dim];
+        }
+        out[head * head_dim + dim] = F::cast_from(total / denom);
     }
 }
 
@@ -475,11 +544,12 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let row = CUBE_POS * (PLANES / split) + y / split;
+    let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
+    let first = (y % split) * LANES + lane;
+    grid_dependency();
     let mut acc = 0.0f32;
     if row < n {
-        let first = (y % split) * LANES + lane;
-        let iters = comptime!(k_vec.div_ceil(LANES * split));
-        acc = dot_global::<F, V>(w, row, a, first, k_vec, LANES * split, iters);
+        acc = dot_global::<F, V>(w, row, a, first, k_vec, stride, iters);
     }
     let sum = reduce_sum::<f32>(acc, row_sum);
     if row < n && lane == 0 && y.is_multiple_of(split) {
@@ -505,28 +575,19 @@ fn ffn_in_kernel<F: Float, V: Size>(
     #[comptime] row_sum: Reduction,
     #[comptime] cube: Reduction,
 ) {
-    let mut h = SharedMemory::<f32>::new(d);
-    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let row = CUBE_POS * (PLANES / split) + y / split;
-    let iters = comptime!(k_vec.div_ceil(LANES * split));
+    let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
+    let first = (y % split) * LANES + lane;
+    grid_dependency();
+    let mut h = SharedMemory::<f32>::new(d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+
     let mut acc_g = 0.0f32;
     let mut acc_u = 0.0f32;
     if row < ffn {
-        let first = (y % split) * LANES + lane;
-        let r = dot2_shared::<F, V>(
-            w_gate,
-            row,
-            w_up,
-            row,
-            &h,
-            first,
-            k_vec,
-            LANES * split,
-            iters,
-        );
+        let r = dot2_shared::<F, V>(w_gate, row, w_up, row, &h, first, k_vec, stride, iters);
         acc_g = r.a;
         acc_u = r.b;
     }
@@ -561,6 +622,7 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
     #[comptime] row_sum: Reduction,
     #[comptime] cube: Reduction,
 ) {
+    grid_dependency();
     let mut h = SharedMemory::<f32>::new(d);
     let mut vals = SharedMemory::<f32>::new(PLANES * HEAD_ROWS_PER_PLANE);
     norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
@@ -649,6 +711,7 @@ fn top2_finish_kernel(
     #[comptime] threads: usize,
     #[comptime] advance: bool,
 ) {
+    grid_dependency();
     let tid = UNIT_POS as usize;
     let mut v1s = SharedMemory::<f32>::new(threads);
     let mut i1s = SharedMemory::<u32>::new(threads);
@@ -924,8 +987,9 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         n_heads * hd
     );
     ensure!(
-        n_heads.is_multiple_of(cache.n_kv) && hd <= 256,
-        "attention: {n_heads} heads on {} kv heads of dim {hd} unsupported",
+        n_heads.is_multiple_of(cache.n_kv) && [32, 64, 128].contains(&hd),
+        "attention: {n_heads} heads on {} kv heads of dim {hd} unsupported (the head dimension \
+         must be 32, 64 or 128)",
         cache.n_kv
     );
     ensure!(
@@ -945,18 +1009,22 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         n_heads / cache.n_kv,
     );
     let (part_out, part_max_sum) = (&scratch.part_out, &scratch.part_max_sum);
+    let k_vec = vector_size(client, size_of::<F>(), hd);
+    let v_vec = hd / LANES;
+    let keys = Reduction::new(client, ATT_THREADS, LANES);
     launch!(rec.as_deref_mut(), client, attention_kernel::AttentionKernel<F>,
-        CubeCount::Static(chunks as u32, n_heads as u32, 1), CubeDim::new_1d(ATT_THREADS as u32);
-        sizes [];
-        arrays [q => 1, cache.k => 1, cache.v => 1, st.state => 1, out => 1, part_out => 1,
-            part_max_sum => 1];
+        CubeCount::Static(chunks as u32, n_heads as u32, 1),
+        CubeDim::new_2d(LANES as u32, ATT_PLANES as u32);
+        sizes [k_vec, v_vec];
+        arrays [q => 1, cache.k => k_vec, cache.v => v_vec, st.state => 1, out => 1,
+            part_out => 1, part_max_sum => 1];
         scalars [usize max_ctx, f32 scale];
-        comptime [group, hd, single, Reduction::cube(client, ATT_THREADS)])?;
+        comptime [group, hd, single, hd / k_vec, keys])?;
     if !single {
         launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
-            cube_count(n_heads)?, CubeDim::new_1d(hd.min(256) as u32);
+            cube_count(n_heads)?, CubeDim::new_1d(MERGE_UNITS as u32);
             sizes []; arrays [part_out => 1, part_max_sum => 1, out => 1]; scalars [usize chunks];
-            comptime [hd])?;
+            comptime [hd, Reduction::cube(client, MERGE_UNITS)])?;
     }
     Ok(())
 }

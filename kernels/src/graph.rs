@@ -28,8 +28,19 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream};
 
 use crate::DeviceTensor;
 
-/// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions.
-type CompiledSource = (String, String, u32, (u32, u32, u32));
+/// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions, and whether it
+/// waits for the kernels before it itself (see [`GRID_DEPENDENCY`]).
+type CompiledSource = (String, String, u32, (u32, u32, u32), bool);
+
+/// The comment `decode`'s kernels place where they start reading what earlier kernels wrote
+/// (`grid_dependency()` in `decode.rs`). On sm_90+ it becomes [`GRID_WAIT`], and the kernel is
+/// launched with programmatic stream serialization (programmatic dependent launch): the GPU
+/// schedules it while the kernel before it runs, it issues its weight loads, and waits there.
+const GRID_DEPENDENCY: &str = "// cubeqwen:grid-dependency";
+/// Waits for the kernels before this one (their writes visible), then lets the next kernel be
+/// scheduled.
+const GRID_WAIT: &str = "asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n\
+                         asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");";
 
 /// The arguments of one launch, in the kernel's parameter order: arrays (with the vector size
 /// the kernel reads them in) and runtime scalars, laid out as cubecl's `KernelLauncher` does.
@@ -82,6 +93,8 @@ struct Compiled {
     func: CudaFunction,
     shared_bytes: u32,
     block: (u32, u32, u32),
+    /// Launched with programmatic stream serialization (it waits at its grid dependency).
+    programmatic: bool,
 }
 
 /// Compiles cubecl kernels for CUDA, launches them on its own stream, and captures graphs.
@@ -90,8 +103,15 @@ pub struct GraphRecorder {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
+    /// Compute capability, major × 10 + minor.
+    version: i32,
     options: CompilationOptions,
     compiled: HashMap<KernelId, Compiled>,
+    /// Programmatic dependent launch for the kernels that mark their grid dependency: sm_90+,
+    /// unless `CUBEQWEN_NO_PDL` is set.
+    pdl: bool,
+    /// Launches made with programmatic stream serialization so far.
+    programmatic_launches: usize,
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
     guards: HashMap<u64, Box<dyn std::any::Any>>,
 }
@@ -132,10 +152,19 @@ impl GraphRecorder {
             ctx,
             stream,
             arch,
+            version,
             options,
             compiled: HashMap::new(),
+            pdl: version >= 90 && std::env::var_os("CUBEQWEN_NO_PDL").is_none(),
+            programmatic_launches: 0,
             guards: HashMap::new(),
         })
+    }
+
+    /// Launches made with programmatic dependent launch so far (0 before sm_90 or with
+    /// `CUBEQWEN_NO_PDL` set).
+    pub fn programmatic_launches(&self) -> usize {
+        self.programmatic_launches
     }
 
     /// The cubecl client the kernels' definitions are made for.
@@ -149,8 +178,9 @@ impl GraphRecorder {
             // PTX is kept in the kernel cache (as cubecl keeps its own), so a second run
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
             let dir = crate::runtime::kernel_cache_dir().join("graph");
+            // "-g1": the grid-dependency rewrite (GRID_WAIT) is part of the PTX.
             let name = format!(
-                "{}-{}",
+                "{}-{}-g1",
                 fnv64(&format!("{:?}", id.stable_hash())),
                 self.arch
             );
@@ -170,9 +200,12 @@ impl GraphRecorder {
                     let mut f = meta.split_whitespace();
                     let entry = f.next()?.to_string();
                     let nums: Vec<u32> = f.map(|v| v.parse().ok()).collect::<Option<_>>()?;
-                    (nums.len() == 4).then(|| (ptx, entry, nums[0], (nums[1], nums[2], nums[3])))
+                    (nums.len() == 5).then(|| {
+                        let block = (nums[1], nums[2], nums[3]);
+                        (ptx, entry, nums[0], block, nums[4] == 1)
+                    })
                 });
-            let (ptx, entry, shared_bytes, block) = match cached {
+            let (ptx, entry, shared_bytes, block, waits) = match cached {
                 Some(c) => c,
                 None => {
                     let c = self.compile_source(kernel)?;
@@ -182,7 +215,10 @@ impl GraphRecorder {
                             std::fs::write(&ptx_path, &c.0)?;
                             std::fs::write(
                                 &meta_path,
-                                format!("{} {} {} {} {}", c.1, c.2, c.3 .0, c.3 .1, c.3 .2),
+                                format!(
+                                    "{} {} {} {} {} {}",
+                                    c.1, c.2, c.3 .0, c.3 .1, c.3 .2, c.4 as u32
+                                ),
                             )
                         });
                     }
@@ -205,6 +241,7 @@ impl GraphRecorder {
                     func,
                     shared_bytes,
                     block,
+                    programmatic: waits && self.pdl,
                 },
             );
         }
@@ -224,6 +261,13 @@ impl GraphRecorder {
             )
             .map_err(|e| anyhow::anyhow!("cubecl could not compile a kernel: {e:?}"))?;
         let repr = out.repr.context("the CUDA compiler returned no kernel")?;
+        // The grid-dependency marker: the wait on Hopper, nothing before it.
+        let waits = self.version >= 90 && out.source.contains(GRID_DEPENDENCY);
+        let source = if waits {
+            out.source.replace(GRID_DEPENDENCY, GRID_WAIT)
+        } else {
+            out.source.clone()
+        };
         let include = cubecl::cuda::install::include_path();
         let mut includes = vec![include.to_string_lossy().into_owned()];
         let cccl = include.join("cccl");
@@ -231,7 +275,7 @@ impl GraphRecorder {
             includes.push(cccl.to_string_lossy().into_owned());
         }
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-            &out.source,
+            &source,
             cudarc::nvrtc::CompileOptions {
                 include_paths: includes,
                 options: vec![
@@ -241,13 +285,14 @@ impl GraphRecorder {
                 ..Default::default()
             },
         )
-        .map_err(|e| anyhow::anyhow!("NVRTC: {e:?}\n{}", out.source))?;
+        .map_err(|e| anyhow::anyhow!("NVRTC: {e:?}\n{source}"))?;
         let d = out.cube_dim;
         Ok((
             ptx.to_src(),
             out.entrypoint_name,
             repr.shared_memory_size() as u32,
             (d.x, d.y, d.z),
+            waits,
         ))
     }
 
@@ -285,9 +330,14 @@ impl GraphRecorder {
             info.dynamic_metadata_offset == info.data.len(),
             "graph launches take arrays only (no dynamic metadata)"
         );
-        let (func, block, shared) = {
+        let (func, block, shared, programmatic) = {
             let c = self.compile(kernel)?;
-            (c.func.cu_function(), c.block, c.shared_bytes)
+            (
+                c.func.cu_function(),
+                c.block,
+                c.shared_bytes,
+                c.programmatic,
+            )
         };
         let mut params: Vec<*mut c_void> = ptrs
             .iter_mut()
@@ -299,14 +349,40 @@ impl GraphRecorder {
         // device addresses of its buffers and its info struct, alive until this call returns
         // (the driver copies them).
         unsafe {
-            cudarc::driver::result::launch_kernel(
-                func,
-                (gx, gy, gz),
-                block,
-                shared,
-                self.stream.cu_stream(),
-                &mut params,
-            )?;
+            if programmatic {
+                use cudarc::driver::sys;
+                let mut attr = sys::CUlaunchAttribute {
+                    id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                    pad: [0; 4],
+                    value: sys::CUlaunchAttributeValue {
+                        programmaticStreamSerializationAllowed: 1,
+                    },
+                };
+                let config = sys::CUlaunchConfig {
+                    gridDimX: gx,
+                    gridDimY: gy,
+                    gridDimZ: gz,
+                    blockDimX: block.0,
+                    blockDimY: block.1,
+                    blockDimZ: block.2,
+                    sharedMemBytes: shared,
+                    hStream: self.stream.cu_stream(),
+                    attrs: &mut attr,
+                    numAttrs: 1,
+                };
+                sys::cuLaunchKernelEx(&config, func, params.as_mut_ptr(), std::ptr::null_mut())
+                    .result()?;
+                self.programmatic_launches += 1;
+            } else {
+                cudarc::driver::result::launch_kernel(
+                    func,
+                    (gx, gy, gz),
+                    block,
+                    shared,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )?;
+            }
         }
         Ok(())
     }

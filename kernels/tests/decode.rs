@@ -180,12 +180,18 @@ impl RuntimeJob for Fused {
         }
 
         // --- attention of one token over positions 0..=pos (one chunk, several chunks).
-        for pos in [0usize, 37, 64, 300, 1023] {
+        // Chunks of ATT_CHUNK = 128 keys, 32 per plane: one key, part of a plane, part of a
+        // cube, exactly one chunk, one key into the second, several chunks.
+        for pos in [0usize, 37, 64, 127, 128, 300, 1023] {
             let keys = pos + 1;
             let q = rng.f16_vec(qd, 0.0, 1.0);
             let k = rng.f16_vec(keys * kvd, 0.0, 1.0);
             let v = rng.f16_vec(keys * kvd, 0.0, 1.0);
             let cache = KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?;
+            // Positions past `pos` hold NaN: a kernel that reads them fails.
+            let nan = vec![f16::NAN; (max_ctx - keys) * kvd];
+            let nan = up(&nan, &[max_ctx - keys, kvd])?;
+            cache.append(&client, &nan, &nan, keys)?;
             cache.append(&client, &up(&k, &[keys, kvd])?, &up(&v, &[keys, kvd])?, 0)?;
             let st = DecodeState::new(&client, pos as u32, 0)?;
             let scratch = AttentionScratch::new(&client, n_heads, hd, max_ctx)?;
