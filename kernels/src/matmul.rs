@@ -33,7 +33,8 @@ pub enum MatmulVariant {
     Gemv,
     Blocked,
     /// cubek's matmul (tracel's CubeCL kernels, `Strategy::Auto`), then the bias added by
-    /// [`add_bias_kernel`]; a whole, contiguous output only.
+    /// [`add_bias_kernel`]; into columns of a wider output through a scratch
+    /// ([`place_columns_kernel`]).
     Cubek,
 }
 
@@ -413,6 +414,31 @@ fn add_bias_kernel<O: Float>(y: &mut Array<O>, bias: &Array<f32>, n: usize, tota
     }
 }
 
+/// `y[r][col_off + c] = src[r][c] (+ bias[col_off + c])`: a cubek result ([m, n]) placed into
+/// columns of a wider output (a row chunk of the lm_head).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn place_columns_kernel<O: Float>(
+    src: &Array<O>,
+    y: &mut Array<O>,
+    bias: &Array<f32>,
+    n: usize,
+    ldy: usize,
+    col_off: usize,
+    total: usize,
+    #[comptime] has_bias: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i < total {
+        let (r, c) = (i / n, i % n);
+        let mut v = src[i];
+        if comptime!(has_bias) {
+            v = O::cast_from(f32::cast_from(v) + bias[col_off + c]);
+        }
+        y[r * ldy + col_off + c] = v;
+    }
+}
+
 /// The `Cubek` variant: cubek's matmul (f32 accumulation) into the whole of y, then the bias.
 fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -536,19 +562,29 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         );
         Ok(t as u32)
     };
-    let mut resolved = resolve_variant(client, variant, m);
+    let resolved = resolve_variant(client, variant, m);
     if resolved == MatmulVariant::Cubek {
         if col_off == 0 && ldy == n {
             return cubek_into(client, x, w, bias, y);
         }
-        ensure!(
-            variant == MatmulVariant::Auto,
-            KernelError::unsupported(
-                "matmul",
-                "cubek writes whole outputs only (no column offset)"
-            )
+        // cubek writes whole outputs: into a scratch [m, n], then placed at the columns.
+        let scratch = DeviceTensor::<R, O>::empty(client, &[m, n])?;
+        cubek_into(client, x, w, None, &scratch)?;
+        let (count, dim) = crate::grid::elementwise(client, m * n);
+        place_columns_kernel::launch::<O, R>(
+            client,
+            count,
+            dim,
+            scratch.arg(),
+            y.arg(),
+            bias_arg,
+            n,
+            ldy,
+            col_off,
+            m * n,
+            has_bias,
         );
-        resolved = MatmulVariant::Cmma;
+        return Ok(());
     }
     match resolved {
         MatmulVariant::Tiled => {
