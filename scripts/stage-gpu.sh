@@ -8,6 +8,10 @@
 #     matches (names: test-kernels-t-flash, test-cubeqwen-t-decode_graphs, bench-cubeqwen-b-decode,
 #     bin-cubeqwen-bin-cubeqwen, ...): all of them are over the carry limit together.
 #
+#   STAGE_TESTS="--test decode --test matmul" STAGE_BENCHES="--bench decode" bash scripts/stage-gpu.sh
+#     builds only those test and bench targets (cargo's target selection, across the workspace):
+#     a full build takes 25-30 min on 2 cores, mostly the root crate's integration tests.
+#
 # --bin-only stages the cubeqwen binary alone (scripts/bench-vs-llama.sh: the test binaries and
 # llama.cpp's source together are over the carry limit).
 #
@@ -55,10 +59,12 @@ build() { # $1 = kind, rest = cargo command; cargo's messages go to stage/build.
   fi
 }
 mode=${1:-}
-[ "$mode" = --bin-only ] || build test cargo test --release --workspace --no-run
+read -r -a tests <<< "${STAGE_TESTS:-}"
+read -r -a benches <<< "${STAGE_BENCHES:-}"
+[ "$mode" = --bin-only ] || build test cargo test --release --workspace --no-run ${tests[@]+"${tests[@]}"}
 build bin cargo build --release --bin cubeqwen
 if [ -z "$mode" ] && ls benches/*.rs >/dev/null 2>&1; then
-  build bench cargo bench --workspace --no-run
+  build bench cargo bench --workspace --no-run ${benches[@]+"${benches[@]}"}
 fi
 cp scripts/run-gpu.sh stage/run-gpu.sh
 du -sh stage; cat "$manifest"
