@@ -345,9 +345,9 @@ fn attn_in_kernel<F: Float, V: Size>(
 
 /// Attention of one query token at position `state[0]` over a chunk of [`ATT_CHUNK`] cache
 /// positions, one cube per (chunk, query head). Plane `y` of the cube takes the chunk's keys
-/// `32y..32y + 32`: for the scores each unit takes one key (its row in `head_dim / KV` vector
-/// loads); for the values each unit takes `VV` dimensions of all 32 keys (coalesced along the
-/// row); both loops are unrolled, so a unit's loads are in flight together. Each plane's
+/// `32y..32y + 32`: for the scores each unit takes one key (its row in `k_vecs = head_dim / KV`
+/// vector loads); for the values each of the first `v_lanes = head_dim / VV` units takes `VV`
+/// dimensions of all 32 keys (coalesced along the row); both loops are unrolled, so a unit's loads are in flight together. Each plane's
 /// softmax is combined across the cube's planes with the online-softmax rule. With `single`
 /// (one chunk covers every position) the cube writes the normalised output; otherwise its
 /// unnormalised output and (max, sum) for [`attention_merge_kernel`]. Positions past `pos`
@@ -368,6 +368,7 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     #[comptime] head_dim: usize,
     #[comptime] single: bool,
     #[comptime] k_vecs: usize,
+    #[comptime] v_lanes: usize,
     #[comptime] keys: Reduction,
 ) {
     grid_dependency();
@@ -412,20 +413,25 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     // reduce_sum ends on a cube barrier: the probabilities are visible after it.
     let l = reduce_sum::<f32>(p, keys);
 
-    // This unit's dimensions of the weighted sum over the plane's keys.
+    // This unit's dimensions of the weighted sum over the plane's keys (a head dimension
+    // below 32 leaves the lanes past `v_lanes` idle).
     let mut acc = Vector::<f32, VV>::new(0.0f32);
-    #[unroll]
-    for j in 0..LANES {
-        if first + j <= pos {
-            let v = Vector::<f32, VV>::cast_from(v_cache[(base + first + j) * LANES + lane]);
-            acc += Vector::<f32, VV>::new(probs[plane * LANES + j]) * v;
+    if lane < v_lanes {
+        #[unroll]
+        for j in 0..LANES {
+            if first + j <= pos {
+                let v = Vector::<f32, VV>::cast_from(v_cache[(base + first + j) * v_lanes + lane]);
+                acc += Vector::<f32, VV>::new(probs[plane * LANES + j]) * v;
+            }
         }
     }
     let mut sums = SharedMemory::<f32>::new(comptime!(ATT_PLANES * head_dim));
     let mut stats = SharedMemory::<f32>::new(comptime!(ATT_PLANES * 2));
-    #[unroll]
-    for d in 0..VV::value() {
-        sums[plane * head_dim + lane * VV::value() + d] = acc[d];
+    if lane < v_lanes {
+        #[unroll]
+        for d in 0..VV::value() {
+            sums[plane * head_dim + lane * VV::value() + d] = acc[d];
+        }
     }
     if lane == 0 {
         stats[plane * 2] = m;
@@ -987,9 +993,9 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         n_heads * hd
     );
     ensure!(
-        n_heads.is_multiple_of(cache.n_kv) && [32, 64, 128].contains(&hd),
+        n_heads.is_multiple_of(cache.n_kv) && [16, 32, 64, 128].contains(&hd),
         "attention: {n_heads} heads on {} kv heads of dim {hd} unsupported (the head dimension \
-         must be 32, 64 or 128)",
+         must be 16, 32, 64 or 128)",
         cache.n_kv
     );
     ensure!(
@@ -1010,7 +1016,8 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     );
     let (part_out, part_max_sum) = (&scratch.part_out, &scratch.part_max_sum);
     let k_vec = vector_size(client, size_of::<F>(), hd);
-    let v_vec = hd / LANES;
+    // Value dimensions per unit: the row spread over the plane's 32 units (fewer below 32).
+    let v_vec = (hd / LANES).max(1);
     let keys = Reduction::new(client, ATT_THREADS, LANES);
     launch!(rec.as_deref_mut(), client, attention_kernel::AttentionKernel<F>,
         CubeCount::Static(chunks as u32, n_heads as u32, 1),
@@ -1019,7 +1026,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
         arrays [q => 1, cache.k => k_vec, cache.v => v_vec, st.state => 1, out => 1,
             part_out => 1, part_max_sum => 1];
         scalars [usize max_ctx, f32 scale];
-        comptime [group, hd, single, hd / k_vec, keys])?;
+        comptime [group, hd, single, hd / k_vec, hd / v_vec, keys])?;
     if !single {
         launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
             cube_count(n_heads)?, CubeDim::new_1d(MERGE_UNITS as u32);

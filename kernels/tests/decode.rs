@@ -40,6 +40,16 @@ const QWEN_05B: Shape = Shape {
     hd: 64,
     vocab: 151936,
 };
+/// The heads of the random `tiny` model (`cubeqwen bench --random tiny`): head dimension 16,
+/// below a plane's 32 lanes (its vocabulary is 256; 1000 here for the lm_head tie at id 777).
+const TINY: Shape = Shape {
+    d: 64,
+    ffn: 128,
+    n_heads: 4,
+    n_kv: 2,
+    hd: 16,
+    vocab: 1000,
+};
 const QWEN_15B: Shape = Shape {
     d: 1536,
     ffn: 8960,
@@ -337,6 +347,14 @@ impl RuntimeJob for Fused {
 fn fused_decode_kernels_qwen_05b() {
     run_test(Fused {
         shape: &QWEN_05B,
+        seed: fresh_seed(),
+    });
+}
+
+#[test]
+fn fused_decode_kernels_tiny_head_dim_16() {
+    run_test(Fused {
+        shape: &TINY,
         seed: fresh_seed(),
     });
 }
