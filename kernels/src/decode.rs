@@ -347,8 +347,9 @@ fn attn_in_kernel<F: Float, V: Size>(
 /// positions, one cube per (chunk, query head). Plane `y` of the cube takes the chunk's keys
 /// `32y..32y + 32`: for the scores each unit takes one key (its row in `k_vecs = head_dim / KV`
 /// vector loads); for the values each of the first `v_lanes = head_dim / VV` units takes `VV`
-/// dimensions of all 32 keys (coalesced along the row); both loops are unrolled, so a unit's loads are in flight together. Each plane's
-/// softmax is combined across the cube's planes with the online-softmax rule. With `single`
+/// dimensions of all 32 keys (coalesced along the row); both loops are unrolled, so a unit's
+/// loads are in flight together. Each plane's softmax is combined across the cube's planes with
+/// the online-softmax rule. With `single`
 /// (one chunk covers every position) the cube writes the normalised output; otherwise its
 /// unnormalised output and (max, sum) for [`attention_merge_kernel`]. Positions past `pos`
 /// are never read (the cache there may hold anything).

@@ -35,7 +35,7 @@ type CompiledSource = (String, String, u32, (u32, u32, u32), bool);
 /// The comment `decode`'s kernels place where they start reading what earlier kernels wrote
 /// (`grid_dependency()` in `decode.rs`). On sm_90+ it becomes [`GRID_WAIT`], and the kernel is
 /// launched with programmatic stream serialization (programmatic dependent launch): the GPU
-/// schedules it while the kernel before it runs, it issues its weight loads, and waits there.
+/// schedules it while the kernel before it still runs, and it waits there.
 const GRID_DEPENDENCY: &str = "// cubeqwen:grid-dependency";
 /// Waits for the kernels before this one (their writes visible), then lets the next kernel be
 /// scheduled.
