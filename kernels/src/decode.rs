@@ -209,6 +209,78 @@ fn dot_global<F: Float, V: Size>(
     acc
 }
 
+/// The vectors of row `r` of the q (`sec` 0), k (1) or v (2) projection that a unit reads for
+/// its part of a dot product (`first, first + stride, ...` below `k_vec`, `iters` of them; zero
+/// past `k_vec` or where `valid` is false), held in registers (a [`Sequence`] is one variable per
+/// element, unlike a local array). [`attn_in_kernel`] loads its weights so before
+/// [`grid_dependency`]: under programmatic dependent launch they stream while the kernel before
+/// it finishes. (The same in `ffn_in` and the GEMVs measured slower on the H100, 2026-11-27:
+/// `ffn_in` took 60 registers a unit, so its 608 cubes no longer fitted the GPU at once.)
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_qkv_row<F: Float, V: Size>(
+    wq: &Array<Vector<F, V>>,
+    wk: &Array<Vector<F, V>>,
+    wv: &Array<Vector<F, V>>,
+    sec: u32,
+    r: usize,
+    valid: bool,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+) -> Sequence<Vector<F, V>> {
+    let mut out = Sequence::new();
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        let mut v = Vector::<F, V>::new(F::new(0.0));
+        if valid && i < k_vec {
+            if sec == 0u32 {
+                v = wq[r * k_vec + i];
+            } else if sec == 1u32 {
+                v = wk[r * k_vec + i];
+            } else {
+                v = wv[r * k_vec + i];
+            }
+        }
+        out.push(v);
+    }
+    out
+}
+
+/// Partial dot products of the rows `wa` and `wb` (as [`load_qkv_row`] loaded them) with `h`
+/// (shared, scalar).
+#[cube]
+fn dot2_loaded<F: Float, V: Size>(
+    wa: &Sequence<Vector<F, V>>,
+    wb: &Sequence<Vector<F, V>>,
+    h: &SharedMemory<f32>,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+) -> Pair {
+    let mut a = 0.0f32;
+    let mut b = 0.0f32;
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        if i < k_vec {
+            let va = Vector::<f32, V>::cast_from(*wa.index(j));
+            let vb = Vector::<f32, V>::cast_from(*wb.index(j));
+            let base = i * V::value();
+            #[unroll]
+            for l in 0..V::value() {
+                let hv = h[base + l];
+                a += va[l] * hv;
+                b += vb[l] * hv;
+            }
+        }
+    }
+    Pair { a, b }
+}
+
 /// `x = f32(table[token[0]])`, one row of the embedding table (a chunk of it: rows
 /// `row0..row0 + rows`; units of other chunks write nothing).
 #[cube(launch)]
@@ -287,48 +359,43 @@ fn attn_in_kernel<F: Float, V: Size>(
     let r0 = head * head_dim + i;
     let r1 = r0 + half;
 
-    grid_dependency();
-    let mut h = SharedMemory::<f32>::new(d);
-    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-
-    let mut acc_a = 0.0f32;
-    let mut acc_b = 0.0f32;
-    if p < total {
+    let valid = p < total;
+    let wa = load_qkv_row::<F, V>(wq, wk, wv, sec, r0, valid, first, k_vec, stride, iters);
+    let wb = load_qkv_row::<F, V>(wq, wk, wv, sec, r1, valid, first, k_vec, stride, iters);
+    // The pair's biases are weights too.
+    let mut bias_a = 0.0f32;
+    let mut bias_b = 0.0f32;
+    if valid {
         if sec == 0u32 {
-            let r = dot2_shared::<F, V>(wq, r0, wq, r1, &h, first, k_vec, stride, iters);
-            acc_a = r.a;
-            acc_b = r.b;
+            bias_a = bq[r0];
+            bias_b = bq[r1];
         } else if sec == 1u32 {
-            let r = dot2_shared::<F, V>(wk, r0, wk, r1, &h, first, k_vec, stride, iters);
-            acc_a = r.a;
-            acc_b = r.b;
+            bias_a = bk[r0];
+            bias_b = bk[r1];
         } else {
-            let r = dot2_shared::<F, V>(wv, r0, wv, r1, &h, first, k_vec, stride, iters);
-            acc_a = r.a;
-            acc_b = r.b;
+            bias_a = bv[r0];
+            bias_b = bv[r1];
         }
     }
-    let a = reduce_sum::<f32>(acc_a, row_sum);
-    let b = reduce_sum::<f32>(acc_b, row_sum);
+    grid_dependency();
+    // The position and its rotation, loaded while the norm and the dot product run.
+    let pos = state[0] as usize;
+    let c = cos[pos * half + i];
+    let s = sin[pos * half + i];
+    let mut h = SharedMemory::<f32>::new(d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+    let acc = dot2_loaded::<F, V>(&wa, &wb, &h, first, k_vec, stride, iters);
+    let a = reduce_sum::<f32>(acc.a, row_sum);
+    let b = reduce_sum::<f32>(acc.b, row_sum);
 
-    if p < total && lane == 0 && y.is_multiple_of(split) {
-        let pos = state[0] as usize;
+    if valid && lane == 0 && y.is_multiple_of(split) {
         if sec == 2u32 {
             let at = (head * max_ctx + pos) * head_dim;
-            v_cache[at + i] = F::cast_from(a + bv[r0]);
-            v_cache[at + i + half] = F::cast_from(b + bv[r1]);
+            v_cache[at + i] = F::cast_from(a + bias_a);
+            v_cache[at + i + half] = F::cast_from(b + bias_b);
         } else {
-            let mut x0 = 0.0f32;
-            let mut x1 = 0.0f32;
-            if sec == 0u32 {
-                x0 = f32::cast_from(F::cast_from(a + bq[r0]));
-                x1 = f32::cast_from(F::cast_from(b + bq[r1]));
-            } else {
-                x0 = f32::cast_from(F::cast_from(a + bk[r0]));
-                x1 = f32::cast_from(F::cast_from(b + bk[r1]));
-            }
-            let c = cos[pos * half + i];
-            let s = sin[pos * half + i];
+            let x0 = f32::cast_from(F::cast_from(a + bias_a));
+            let x1 = f32::cast_from(F::cast_from(b + bias_b));
             let o0 = F::cast_from(x0 * c - x1 * s);
             let o1 = F::cast_from(x1 * c + x0 * s);
             if sec == 0u32 {
@@ -381,7 +448,30 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     let tid = UNIT_POS as usize;
     let pos = state[0] as usize;
     let base = (head / group) * max_ctx;
+    let first = chunk * ATT_CHUNK + plane * LANES;
+    let key = first + lane;
 
+    // Every global load at once, right after the wait: q, the position, this unit's key row and
+    // its value slices of the plane's 32 keys. Rows inside the cache but past `pos` are loaded
+    // and never used (masked below: they may hold anything, even NaN).
+    let mut k_row = Sequence::<Vector<F, KV>>::new();
+    #[unroll]
+    for e in 0..k_vecs {
+        let mut kv = Vector::<F, KV>::new(F::new(0.0));
+        if key < max_ctx {
+            kv = k_cache[(base + key) * k_vecs + e];
+        }
+        k_row.push(kv);
+    }
+    let mut v_rows = Sequence::<Vector<F, VV>>::new();
+    #[unroll]
+    for j in 0..LANES {
+        let mut vv = Vector::<F, VV>::new(F::new(0.0));
+        if lane < v_lanes && first + j < max_ctx {
+            vv = v_cache[(base + first + j) * v_lanes + lane];
+        }
+        v_rows.push(vv);
+    }
     let mut q_s = SharedMemory::<f32>::new(head_dim);
     if tid < head_dim {
         q_s[tid] = f32::cast_from(q[head * head_dim + tid]) * scale;
@@ -389,14 +479,12 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     sync_cube();
 
     // This unit's key: its score, then the plane's softmax.
-    let first = chunk * ATT_CHUNK + plane * LANES;
-    let key = first + lane;
     let mut score = f32::new(-1.0e30);
     if key <= pos {
         let mut acc = 0.0f32;
         #[unroll]
         for e in 0..k_vecs {
-            let kv = Vector::<f32, KV>::cast_from(k_cache[(base + key) * k_vecs + e]);
+            let kv = Vector::<f32, KV>::cast_from(*k_row.index(e));
             #[unroll]
             for l in 0..KV::value() {
                 acc += q_s[e * KV::value() + l] * kv[l];
@@ -421,7 +509,7 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
         #[unroll]
         for j in 0..LANES {
             if first + j <= pos {
-                let v = Vector::<f32, VV>::cast_from(v_cache[(base + first + j) * v_lanes + lane]);
+                let v = Vector::<f32, VV>::cast_from(*v_rows.index(j));
                 acc += Vector::<f32, VV>::new(probs[plane * LANES + j]) * v;
             }
         }
@@ -554,13 +642,19 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
     let first = (y % split) * LANES + lane;
     grid_dependency();
+    let writer = row < n && lane == 0 && y.is_multiple_of(split);
+    // The residual, loaded while the dot product runs.
+    let mut xr = 0.0f32;
+    if writer {
+        xr = x[row];
+    }
     let mut acc = 0.0f32;
     if row < n {
         acc = dot_global::<F, V>(w, row, a, first, k_vec, stride, iters);
     }
     let sum = reduce_sum::<f32>(acc, row_sum);
-    if row < n && lane == 0 && y.is_multiple_of(split) {
-        x[row] += sum;
+    if writer {
+        x[row] = xr + sum;
     }
 }
 
@@ -1093,7 +1187,8 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
         cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
-        scalars [usize ffn, f32 eps]; comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client)])
+        scalars [usize ffn, f32 eps];
+        comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client)])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.

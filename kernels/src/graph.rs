@@ -30,7 +30,8 @@ use crate::DeviceTensor;
 
 /// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions, and whether it
 /// waits for the kernels before it itself (see [`GRID_DEPENDENCY`]).
-type CompiledSource = (String, String, u32, (u32, u32, u32), bool);
+/// (PTX, entry point, shared-memory bytes, block, waits, CUDA C++ source).
+type CompiledSource = (String, String, u32, (u32, u32, u32), bool, String);
 
 /// The comment `decode`'s kernels place where they start reading what earlier kernels wrote
 /// (`grid_dependency()` in `decode.rs`). On sm_90+ it becomes [`GRID_WAIT`], and the kernel is
@@ -210,8 +211,10 @@ impl GraphRecorder {
                 None => {
                     let c = self.compile_source(kernel)?;
                     if !crate::runtime::kernel_cache_disabled() {
-                        // A cache that cannot be written only costs time on the next run.
+                        // A cache that cannot be written only costs time on the next run. The
+                        // CUDA source is kept beside the PTX for reading (profiling), not used.
                         let _ = std::fs::create_dir_all(&dir).and_then(|_| {
+                            std::fs::write(dir.join(format!("{name}.cu")), &c.5)?;
                             std::fs::write(&ptx_path, &c.0)?;
                             std::fs::write(
                                 &meta_path,
@@ -222,7 +225,7 @@ impl GraphRecorder {
                             )
                         });
                     }
-                    c
+                    (c.0, c.1, c.2, c.3, c.4)
                 }
             };
             let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
@@ -293,6 +296,7 @@ impl GraphRecorder {
             repr.shared_memory_size() as u32,
             (d.x, d.y, d.z),
             waits,
+            source,
         ))
     }
 
