@@ -383,32 +383,47 @@ fn prefill_portable_kernel<F: Float>(
     }
 }
 
-/// `s_s[rows of plane w][keys 16n..16n+16] = Q_s[rows of w] · K_s[keys 16n..]ᵀ` (raw dot
-/// products, f32). `q_s` is [BM][hd], `k_s` [bk][hd], `s_s` [BM][bk], all row-major.
+/// One 16×16 f32 tile `out[o0..]` (row stride `o_stride`) = `A · B` over `inner` (a multiple
+/// of 16): A is 16 rows of `a` from `a0` (row-major, row stride `a_stride`); B is `inner` × 16
+/// of `b` from `b0`: row-major (element (e, c) at `b0 + e·b_stride + c`) or, with
+/// `b_col_major`, column-major (at `b0 + c·b_stride + e`). On tensor cores with cmma; with
+/// `emulate` each of the plane's 32 lanes computes 8 of the tile's elements in f32 (the
+/// element a row-major 16×16 tile puts at `8·lane + x`). `a_len`, `b_len`, `o_len`: the
+/// buffers' lengths.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn scores_tile(
-    q_s: &SharedMemory<f16>,
-    k_s: &SharedMemory<f16>,
-    s_s: &mut SharedMemory<f32>,
-    w: usize,
-    n: usize,
+fn tile_product(
+    a: &SharedMemory<f16>,
+    a0: usize,
+    b: &SharedMemory<f16>,
+    b0: usize,
+    out: &mut SharedMemory<f32>,
+    o0: usize,
     lane: usize,
-    #[comptime] hd: usize,
-    #[comptime] bk: usize,
+    #[comptime] a_stride: usize,
+    #[comptime] b_stride: usize,
+    #[comptime] b_col_major: bool,
+    #[comptime] o_stride: usize,
+    #[comptime] inner: usize,
+    #[comptime] lens: (usize, usize, usize),
     #[comptime] emulate: bool,
 ) {
+    let (a_len, b_len, o_len) = lens;
     if comptime!(emulate) {
         #[unroll]
         for x in 0..8usize {
             let r = (lane * 8 + x) / 16;
             let c = (lane * 8 + x) % 16;
             let mut acc = 0.0f32;
-            for e in 0..hd {
-                acc += f32::cast_from(q_s[(w * 16 + r) * hd + e])
-                    * f32::cast_from(k_s[(n * 16 + c) * hd + e]);
+            for e in 0..inner {
+                let bv = if comptime!(b_col_major) {
+                    b[b0 + c * b_stride + e]
+                } else {
+                    b[b0 + e * b_stride + c]
+                };
+                acc += f32::cast_from(a[a0 + r * a_stride + e]) * f32::cast_from(bv);
             }
-            s_s[(w * 16 + r) * bk + n * 16 + c] = acc;
+            out[o0 + r * o_stride + c] = acc;
         }
     } else {
         let acc = cmma::Matrix::<f32>::from_value(
@@ -419,10 +434,14 @@ fn scores_tile(
             cmma::MatrixLayout::Undefined,
             0.0,
         );
+        let b_layout = if comptime!(b_col_major) {
+            cmma::MatrixLayout::ColMajor
+        } else {
+            cmma::MatrixLayout::RowMajor
+        };
         #[unroll]
-        for e in 0..comptime!(hd / 16) {
-            // A = Q rows w·16.., dims 16e.. (row-major, stride hd).
-            let a = unsafe {
+        for e in 0..comptime!(inner / 16) {
+            let ma = unsafe {
                 cmma::Matrix::<f16>::uninitialized(
                     cmma::MatrixIdent::A,
                     16usize,
@@ -431,111 +450,33 @@ fn scores_tile(
                     cmma::MatrixLayout::RowMajor,
                 )
             };
-            // B = Kᵀ (dims × keys): element (d, j) at K row j, so col-major with stride hd.
-            let b = unsafe {
+            let mb = unsafe {
                 cmma::Matrix::<f16>::uninitialized(
                     cmma::MatrixIdent::B,
                     16usize,
                     16usize,
                     16usize,
-                    cmma::MatrixLayout::ColMajor,
+                    b_layout,
                 )
             };
+            // Rows e·16.. of B: along a row-major B's rows, along a column-major B's columns.
+            let b_at = if comptime!(b_col_major) {
+                b0 + e * 16
+            } else {
+                b0 + e * 16 * b_stride
+            };
             cmma::load(
-                &a,
-                &q_s.slice(w * 16 * hd + e * 16, BM * hd),
-                comptime!(hd as u32),
+                &ma,
+                &a.slice(a0 + e * 16, a_len),
+                comptime!(a_stride as u32),
             );
-            cmma::load(
-                &b,
-                &k_s.slice(n * 16 * hd + e * 16, bk * hd),
-                comptime!(hd as u32),
-            );
-            cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
+            cmma::load(&mb, &b.slice(b_at, b_len), comptime!(b_stride as u32));
+            cmma::execute::<f16, f16, f32, f32>(&ma, &mb, &acc, &acc);
         }
         cmma::store(
-            &mut s_s.slice_mut(w * 16 * bk + n * 16, BM * bk),
+            &mut out.slice_mut(o0, o_len),
             &acc,
-            comptime!(bk as u32),
-            cmma::MatrixLayout::RowMajor,
-        );
-    }
-}
-
-/// `o_s[16×16 tile of plane w] = P_s[rows of w] · V_s[all keys][dims 16c..16c+16]`. `p_s` is
-/// [BM][bk], `v_s` [bk][hd], both row-major; `o_s` holds one 16×16 row-major tile per plane.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn values_tile(
-    p_s: &SharedMemory<f16>,
-    v_s: &SharedMemory<f16>,
-    o_s: &mut SharedMemory<f32>,
-    w: usize,
-    c: usize,
-    lane: usize,
-    #[comptime] hd: usize,
-    #[comptime] bk: usize,
-    #[comptime] emulate: bool,
-) {
-    if comptime!(emulate) {
-        #[unroll]
-        for x in 0..8usize {
-            let r = (lane * 8 + x) / 16;
-            let d = (lane * 8 + x) % 16;
-            let mut acc = 0.0f32;
-            for j in 0..bk {
-                acc += f32::cast_from(p_s[(w * 16 + r) * bk + j])
-                    * f32::cast_from(v_s[j * hd + c * 16 + d]);
-            }
-            o_s[w * 256 + r * 16 + d] = acc;
-        }
-    } else {
-        let acc = cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        );
-        #[unroll]
-        for kk in 0..comptime!(bk / 16) {
-            // A = P rows w·16.., keys 16kk.. (row-major, stride bk).
-            let a = unsafe {
-                cmma::Matrix::<f16>::uninitialized(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            // B = V keys 16kk.., dims 16c.. (row-major, stride hd).
-            let b = unsafe {
-                cmma::Matrix::<f16>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            cmma::load(
-                &a,
-                &p_s.slice(w * 16 * bk + kk * 16, BM * bk),
-                comptime!(bk as u32),
-            );
-            cmma::load(
-                &b,
-                &v_s.slice(kk * 16 * hd + c * 16, bk * hd),
-                comptime!(hd as u32),
-            );
-            cmma::execute::<f16, f16, f32, f32>(&a, &b, &acc, &acc);
-        }
-        cmma::store(
-            &mut o_s.slice_mut(w * 256, 4 * 256),
-            &acc,
-            16u32,
+            comptime!(o_stride as u32),
             cmma::MatrixLayout::RowMajor,
         );
     }
@@ -615,7 +556,23 @@ fn prefill_cmma_kernel(
 
         #[unroll]
         for n in 0..comptime!(bk / 16) {
-            scores_tile(&q_s, &k_s, &mut s_s, w, n, lane, hd, bk, emulate);
+            // Scores: rows of plane w × keys 16n.. = Q_s · K_sᵀ (K_s rows are Bᵀ's columns).
+            tile_product(
+                &q_s,
+                w * 16 * hd,
+                &k_s,
+                n * 16 * hd,
+                &mut s_s,
+                w * 16 * bk + n * 16,
+                lane,
+                hd,
+                hd,
+                true,
+                bk,
+                hd,
+                (BM * hd, bk * hd, BM * bk),
+                emulate,
+            );
         }
         sync_cube();
 
@@ -649,7 +606,23 @@ fn prefill_cmma_kernel(
         // O = diag(alpha)·O + P·V, one 16-dim column block at a time through o_s.
         #[unroll]
         for c in 0..n_dims {
-            values_tile(&p_s, &v_s, &mut o_s, w, c, lane, hd, bk, emulate);
+            // Values: rows of plane w × dims 16c.. = P_s · V_s, into the plane's own tile.
+            tile_product(
+                &p_s,
+                w * 16 * bk,
+                &v_s,
+                c * 16,
+                &mut o_s,
+                w * 256,
+                lane,
+                bk,
+                hd,
+                false,
+                16usize,
+                bk,
+                (BM * bk, bk * hd, 4 * 256),
+                emulate,
+            );
             sync_cube();
             #[unroll]
             for x in 0..8usize {
