@@ -7,19 +7,24 @@ fixed seed, saves it as a Hugging Face checkpoint (config.json + model.safetenso
 reference outputs of an f32 forward pass. The q and k projections are scaled by QK_GAIN so that
 attention is peaked as in a trained model (with the default init it is nearly uniform, and a
 wrong attention scale or a missing causal mask would barely show); the script measures the
-mean attention entropy and fails if it is not well below uniform. A prompt longer than 512
-tokens (--prompt-len 600) makes cubeqwen prefill it in two chunks.
+mean attention entropy and fails if it is not well below uniform. It also measures how far
+transformers itself moves from its f32 logits in f16 (the yardsticks): `cubeqwen hf-parity`
+must do no worse. With `--prefill-chunk 512`, a 600-token prompt (--prompt-len 600) makes
+cubeqwen prefill it in two chunks.
 
   OUT/model/                      the checkpoint cubeqwen loads
   OUT/reference.safetensors       input_ids [P] i64, logits [P, vocab] f32 (every prompt position),
                                   greedy_ids [S] i64 and greedy_margins [S] f32 (top-1 minus top-2
-                                  logit at each greedy step, lowest id on ties)
+                                  logit at each greedy step, lowest id on ties), yardstick_f16 and
+                                  yardstick_f16_weights [P] f32 (transformers' own per-position
+                                  relative logit error with the model in f16, and with only the
+                                  weights rounded to f16, against its f32 logits)
   OUT/activations.safetensors     with --activations: every named step of the forward pass over
                                   the prompt (the names `cubeqwen trace --against FILE` reads),
                                   f32 [P, width] each, plus input_ids
 
 Usage: python3 scripts/hf_reference.py OUT [--config 0.5b|1.5b] [--seed 0] [--prompt-len 64]
-                                            [--steps 64] [--activations]
+                                            [--steps 64] [--activations] [--qk-gain 2.5]
 """
 import argparse
 import os
@@ -29,9 +34,13 @@ from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 import transformers.models.qwen2.modeling_qwen2 as mq
 
-# Scale of the q/k projection weights and biases over the default init: attention scores then
-# spread with a standard deviation of about 4 (about 0.6 without), as in cubeqwen's random_qwen2.
-QK_GAIN = 2.5
+# Scale of the q/k projection weights and biases over the default init, so that attention is
+# peaked as in a trained model, per shape (the 1.5B shape's head dimension is 128, twice the
+# 0.5B's). Measured on 2026-11-27 (entropy ratio, 600 tokens): 0.5B at 2.5: 0.644 (refused),
+# at 3.0: 0.445; 1.5B at 2.5: passes, at 3.0: 0.186 (so peaked that cubeqwen's top-1 differs
+# at 4 positions with a reference margin above 0.05, its logit error 4.8e-2 within
+# transformers' own f16 error of 8.0e-2).
+QK_GAIN = {"0.5b": 3.0, "1.5b": 2.5}
 # The mean attention entropy (over layers, heads and query positions >= 16), as a fraction of
 # the uniform distribution's, must be below this.
 MAX_ENTROPY_RATIO = 0.5
@@ -52,7 +61,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--activations", action="store_true")
+    ap.add_argument("--qk-gain", type=float, default=None,
+                    help="scale of the q/k projections over the default init (default: QK_GAIN)")
     a = ap.parse_args()
+    if a.qk_gain is None:
+        a.qk_gain = QK_GAIN[a.config]
 
     torch.manual_seed(a.seed)
     cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -68,7 +81,7 @@ def main():
             elif name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
             if ".q_proj." in name or ".k_proj." in name:
-                p.mul_(QK_GAIN)
+                p.mul_(a.qk_gain)
     model_dir = os.path.join(a.out, "model")
     try:
         model.save_pretrained(model_dir, safe_serialization=True)
@@ -97,6 +110,7 @@ def main():
         mq.apply_rotary_pos_emb = ORIGINAL_ROPE
     logits = out.logits[0].float()
     past = out.past_key_values
+    yard = yardstick(model, ids, logits)
     nxt_logits = logits[-1]
     greedy, margins = [], []
     with torch.no_grad():
@@ -113,6 +127,7 @@ def main():
         "logits": logits.cpu().contiguous(),
         "greedy_ids": torch.tensor(greedy, dtype=torch.int64),
         "greedy_margins": torch.tensor(margins, dtype=torch.float32),
+        **yard,
     }, os.path.join(a.out, "reference.safetensors"))
     if a.activations:
         acts["input_ids"] = ids[0].cpu().to(torch.int64).contiguous()
@@ -123,6 +138,49 @@ def main():
 
 
 ORIGINAL_ROPE = mq.apply_rotary_pos_emb
+
+
+def yardstick(model, ids, ref):
+    """Per-position relative logit error of transformers itself against its f32 logits `ref`:
+    weights rounded to f16 with f32 compute, and the whole model in f16 (RoPE's inv_freq kept
+    in f32): what f16 costs an independent implementation, the limits of `cubeqwen hf-parity`.
+    Returns them as [P] f32 tensors; the model is restored afterwards."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def set_buffers():
+        for mod_name, mod in model.named_modules():
+            for b in list(mod._buffers):
+                full = f"{mod_name}.{b}" if mod_name else b
+                if full in buffers and mod._buffers[b] is not None:
+                    mod._buffers[b] = buffers[full].clone()
+
+    def round_weights(m):
+        for p in m.parameters():
+            p.copy_(p.half().float())
+
+    def to_f16(m):
+        m.half()
+        set_buffers()
+
+    out = {}
+    for name, key, setup in (("weights f16, compute f32", "yardstick_f16_weights", round_weights),
+                             ("model in f16", "yardstick_f16", to_f16)):
+        with torch.no_grad():
+            setup(model)
+            got = model(input_ids=ids).logits[0].double()
+            err = (got - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)
+            worst = int(torch.argmax(err))
+            half = len(err) // 2
+            print(f"yardstick ({name}): worst per-position logit rel err {float(err[worst]):.3e} "
+                  f"at position {worst}; mean {float(err.mean()):.3e}; mean over the first half "
+                  f"{float(err[:half].mean()):.3e}, second half {float(err[half:].mean()):.3e}")
+            out[key] = err.float().cpu().contiguous()
+            model.float()
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+            set_buffers()
+    return out
 
 
 def entropy_ratio(attentions, start=16):

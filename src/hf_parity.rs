@@ -3,9 +3,12 @@
 //! of its prompt and greedy continuation).
 //!
 //! Checks: every logit finite (the first non-finite one fails at once, with its position);
-//! relative logit error ‖ours−ref‖/‖ref‖ ≤ [`MAX_REL`] at every prompt position; top-1
-//! identical wherever the reference's top-2 margin exceeds 0.05; greedy steps identical up to
-//! the first step whose reference margin is at most 0.05.
+//! the relative logit error ‖ours−ref‖/‖ref‖ per prompt position, its worst and its mean, no
+//! larger than transformers' own with the model in f16 (`yardstick_f16`, which
+//! `hf_reference.py` measures against its f32 logits: what f16 costs an independent
+//! implementation on these very weights), or than [`MAX_REL`] where the directory has no
+//! yardstick; top-1 identical wherever the reference's top-2 margin exceeds 0.05; greedy steps
+//! identical up to the first step whose reference margin is at most 0.05.
 
 use std::path::Path;
 
@@ -18,8 +21,11 @@ use crate::forward::Session;
 use crate::model::DeviceModel;
 use crate::sampling::top2;
 
-/// Per-position relative logit error allowed. Measured on the H100 (BENCHMARKS.md): 1.0e-3
-/// for the 0.5B shape, 1.75e-3 for the 1.5B shape; about 3x the larger.
+/// Per-position relative logit error allowed where the reference has no f16 yardstick.
+/// Measured on the H100 (BENCHMARKS.md) with the first set-up (q/k not scaled, 64 tokens):
+/// 1.0e-3 for the 0.5B shape, 1.75e-3 for the 1.5B shape; about 3x the larger. Peaked
+/// attention amplifies f16 rounding (2026-11-27: 1.5B at 600 tokens 1.4e-2, where transformers
+/// itself in f16 is at 2.0e-2): hence the yardstick.
 pub const MAX_REL: f64 = 5e-3;
 pub const MARGIN: f32 = 0.05;
 
@@ -28,6 +34,9 @@ pub struct Reference {
     pub logits: Vec<f32>,
     pub greedy_ids: Vec<u32>,
     pub greedy_margins: Vec<f32>,
+    /// Per prompt position: transformers' relative logit error with the model in f16, and with
+    /// only its weights rounded to f16 (f32 compute), against its f32 logits.
+    pub yardstick: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 pub fn read_reference(path: &Path) -> Result<Reference> {
@@ -57,6 +66,10 @@ pub fn read_reference(path: &Path) -> Result<Reference> {
         logits: f32s("logits")?,
         greedy_ids: i64s("greedy_ids")?,
         greedy_margins: f32s("greedy_margins")?,
+        yardstick: match (f32s("yardstick_f16"), f32s("yardstick_f16_weights")) {
+            (Ok(a), Ok(b)) => Some((a, b)),
+            _ => None,
+        },
     })
 }
 
@@ -74,7 +87,12 @@ fn all_finite(row: &[f32], pos: usize, what: &str) -> Result<()> {
 }
 
 /// Runs the checks on the device; returns the report and whether everything passed.
-pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String, bool)> {
+/// `prefill_chunk` overrides the session's prefill chunk (tokens per prefill block).
+pub fn run<R: Runtime>(
+    client: &ComputeClient<R>,
+    dir: &Path,
+    prefill_chunk: Option<usize>,
+) -> Result<(String, bool)> {
     let host = cubeqwen_loaders::load_model(&dir.join("model"))?;
     let r = read_reference(&dir.join("reference.safetensors"))?;
     let vocab = host.config.vocab;
@@ -83,11 +101,24 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
         r.logits.len() == p * vocab,
         "reference logits are not [{p}, {vocab}]"
     );
+    if let Some((a, b)) = &r.yardstick {
+        ensure!(
+            a.len() == p && b.len() == p,
+            "the reference's yardsticks are not [{p}]"
+        );
+    }
     let ctx = p + r.greedy_ids.len() + 1;
     let model = DeviceModel::upload(client, &host, ctx)?;
     let mut session = Session::new(client, &model, ctx)?;
+    if let Some(n) = prefill_chunk {
+        ensure!(n > 0, "the prefill chunk must be at least 1 token");
+        session.prefill_chunk = n;
+    }
+    let chunk = session.prefill_chunk;
     let got = session.forward_all(client, &r.input_ids, None)?;
     let mut worst = (0.0f64, 0);
+    // Per prefill chunk: (worst, its position, sum) of the per-position errors.
+    let mut per_chunk = vec![(0.0f64, 0usize, 0.0f64); p.div_ceil(chunk)];
     let mut top1_checked = 0;
     let mut top1_bad = Vec::new();
     let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -101,6 +132,11 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
         let rel = try_rel_err(&widen(g), &widen(w)).with_context(|| format!("position {pos}"))?;
         if rel > worst.0 {
             worst = (rel, pos);
+        }
+        let c = &mut per_chunk[pos / chunk];
+        c.2 += rel;
+        if rel > c.0 {
+            (c.0, c.1) = (rel, pos);
         }
         let (wi, wm) = top1(w);
         if wm > MARGIN {
@@ -127,15 +163,59 @@ pub fn run<R: Runtime>(client: &ComputeClient<R>, dir: &Path) -> Result<(String,
         .zip(&r.greedy_ids)
         .take_while(|(a, b)| a == b)
         .count();
-    let ok = worst.0 <= MAX_REL && top1_bad.is_empty() && same >= trusted;
+    let mean = per_chunk.iter().map(|c| c.2).sum::<f64>() / p as f64;
+    let stats = |v: &[f32]| {
+        let (at, w) =
+            v.iter().enumerate().fold(
+                (0, 0.0f64),
+                |b, (i, &x)| if x as f64 > b.1 { (i, x as f64) } else { b },
+            );
+        (
+            w,
+            at,
+            v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64,
+        )
+    };
+    let (limit_worst, limit_mean, limits) = match &r.yardstick {
+        Some((f16, weights)) => {
+            let (w, at, m) = stats(f16);
+            let (ww, wat, wm) = stats(weights);
+            (
+                w,
+                m,
+                format!(
+                    "limits: transformers with the model in f16, worst {w:.3e} (at {at}), mean \
+                     {m:.3e}; with f16-rounded weights (f32 compute): worst {ww:.3e} (at {wat}), \
+                     mean {wm:.3e}"
+                ),
+            )
+        }
+        None => (
+            MAX_REL,
+            MAX_REL,
+            format!("limit {MAX_REL:.0e} (no yardstick in the reference)"),
+        ),
+    };
+    let ok = worst.0 <= limit_worst && mean <= limit_mean && top1_bad.is_empty() && same >= trusted;
+    let chunks: String = per_chunk
+        .iter()
+        .enumerate()
+        .map(|(i, &(w, at, sum))| {
+            let (a, b) = (i * chunk, ((i + 1) * chunk).min(p));
+            format!(
+                "\n    chunk {i} (positions {a}..{b}): worst {w:.3e} at {at}, mean {:.3e}",
+                sum / (b - a) as f64
+            )
+        })
+        .collect();
     let report = format!(
-        "{}: {} layers, d {}, {} prompt tokens (prefilled in {} chunk(s) of at most {})\n  worst per-position logit rel err {:.3e} at position {} (limit {MAX_REL:.0e})\n  top-1 equal at {}/{} positions with reference margin > {MARGIN}{}\n  greedy: {same}/{} steps equal (required: {trusted}, the steps before the first margin <= {MARGIN})\n  {}",
+        "{}: {} layers, d {}, {} prompt tokens (prefilled in {} chunk(s) of at most {})\n  worst per-position logit rel err {:.3e} at position {}, mean {mean:.3e}\n  {limits}{chunks}\n  top-1 equal at {}/{} positions with reference margin > {MARGIN}{}\n  greedy: {same}/{} steps equal (required: {trusted}, the steps before the first margin <= {MARGIN})\n  {}",
         dir.display(),
         host.config.layers,
         host.config.hidden,
         p,
-        p.div_ceil(session.prefill_chunk),
-        session.prefill_chunk,
+        p.div_ceil(chunk),
+        chunk,
         worst.0,
         worst.1,
         top1_checked - top1_bad.len(),

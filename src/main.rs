@@ -48,6 +48,9 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "auto")]
         device: DeviceKind,
+        /// Prefill the prompt in blocks of this many tokens (default: the session's 512).
+        #[arg(long)]
+        prefill_chunk: Option<usize>,
     },
     /// Print a model file's architecture, config, tokenizer and tensor table.
     Inspect { file: PathBuf },
@@ -199,7 +202,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(args) => generate_cmd(args),
         Command::Selftest { device, seed } => selftest_cmd(device, seed),
         Command::Trace(args) => trace_cmd(args),
-        Command::HfParity { dir, device } => hf_parity_cmd(dir, device),
+        Command::HfParity {
+            dir,
+            device,
+            prefill_chunk,
+        } => hf_parity_cmd(dir, device, prefill_chunk),
         Command::Bench(args) => bench(&args),
         Command::RandomGguf(args) => random_gguf(&args),
         Command::Serve(args) => serve(args),
@@ -385,8 +392,12 @@ fn trace_cmd(args: TraceArgs) -> Result<ExitCode> {
     Ok(exit_code(!departed))
 }
 
-fn hf_parity_cmd(dir: PathBuf, device: DeviceKind) -> Result<ExitCode> {
-    let (report, ok) = dispatch(device, HfParityJob(dir))?;
+fn hf_parity_cmd(
+    dir: PathBuf,
+    device: DeviceKind,
+    prefill_chunk: Option<usize>,
+) -> Result<ExitCode> {
+    let (report, ok) = dispatch(device, HfParityJob(dir, prefill_chunk))?;
     println!("{report}");
     Ok(exit_code(ok))
 }
@@ -479,12 +490,12 @@ impl RuntimeJob for GenerateJob {
     }
 }
 
-struct HfParityJob(PathBuf);
+struct HfParityJob(PathBuf, Option<usize>);
 
 impl RuntimeJob for HfParityJob {
     type Output = (String, bool);
     fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<(String, bool)> {
-        let (report, ok) = cubeqwen::hf_parity::run(&client, &self.0)?;
+        let (report, ok) = cubeqwen::hf_parity::run(&client, &self.0, self.1)?;
         Ok((format!("device: {device}\n{report}"), ok))
     }
 }

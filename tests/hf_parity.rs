@@ -25,7 +25,13 @@ fn config() -> Qwen2Config {
 /// Writes `dir/model` (GGUF) and `dir/reference.safetensors` as scripts/hf_reference.py
 /// lays them out, with the f64 reference's logits; `poison` sets one logit (position,
 /// column) to NaN.
-fn write_dir(dir: &Path, seed: u64, poison: Option<(usize, usize)>) -> Result<()> {
+/// `yardstick` writes that value as transformers' f16 error at every position.
+fn write_dir(
+    dir: &Path,
+    seed: u64,
+    poison: Option<(usize, usize)>,
+    yardstick: Option<f32>,
+) -> Result<()> {
     let cfg = config();
     let host = random_qwen2(&cfg, seed);
     write_gguf_f16(&host, &dir.join("model"))?;
@@ -46,6 +52,13 @@ fn write_dir(dir: &Path, seed: u64, poison: Option<(usize, usize)>) -> Result<()
     let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let margins: Vec<f32> = margins.iter().map(|&m| m as f32).collect();
     let (a, b, c, d) = (i64s(&ids), f32s(&logits), i64s(&greedy_ids), f32s(&margins));
+    let y = yardstick.map(|v| f32s(&[v; PROMPT]));
+    let mut extra = Vec::new();
+    if let Some(y) = &y {
+        for name in ["yardstick_f16", "yardstick_f16_weights"] {
+            extra.push((name, TensorView::new(Dtype::F32, vec![PROMPT], y)?));
+        }
+    }
     let bytes = safetensors::serialize(
         [
             ("input_ids", TensorView::new(Dtype::I64, vec![PROMPT], &a)?),
@@ -58,7 +71,9 @@ fn write_dir(dir: &Path, seed: u64, poison: Option<(usize, usize)>) -> Result<()
                 "greedy_margins",
                 TensorView::new(Dtype::F32, vec![STEPS], &d)?,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(extra),
         None,
     )?;
     std::fs::write(dir.join("reference.safetensors"), bytes)?;
@@ -68,6 +83,7 @@ fn write_dir(dir: &Path, seed: u64, poison: Option<(usize, usize)>) -> Result<()
 struct Parity {
     seed: u64,
     poison: Option<(usize, usize)>,
+    yardstick: Option<f32>,
 }
 
 impl RuntimeJob for Parity {
@@ -75,14 +91,15 @@ impl RuntimeJob for Parity {
     type Output = std::result::Result<(String, bool), String>;
     fn run<R: Runtime>(self, client: ComputeClient<R>, _device: &str) -> Result<Self::Output> {
         let dir = std::env::temp_dir().join(format!(
-            "cubeqwen-hf-parity-{}-{}-{}",
+            "cubeqwen-hf-parity-{}-{}-{}-{}",
             std::process::id(),
             self.seed,
-            self.poison.is_some()
+            self.poison.is_some(),
+            self.yardstick.is_some()
         ));
         std::fs::create_dir_all(&dir)?;
-        write_dir(&dir, self.seed, self.poison)?;
-        let out = cubeqwen::hf_parity::run(&client, &dir).map_err(|e| format!("{e:#}"));
+        write_dir(&dir, self.seed, self.poison, self.yardstick)?;
+        let out = cubeqwen::hf_parity::run(&client, &dir, None).map_err(|e| format!("{e:#}"));
         std::fs::remove_dir_all(&dir)?;
         ensure!(!dir.exists());
         Ok(out)
@@ -93,9 +110,35 @@ impl RuntimeJob for Parity {
 fn a_clean_directory_passes() {
     let seed = fresh_seed();
     println!("seed {seed} (replay with CUBEQWEN_SEED={seed})");
-    let (report, ok) = run_test(Parity { seed, poison: None }).expect("hf-parity ran");
+    for yardstick in [None, Some(5e-3)] {
+        let (report, ok) = run_test(Parity {
+            seed,
+            poison: None,
+            yardstick,
+        })
+        .expect("hf-parity ran");
+        println!("{report}");
+        assert!(ok && report.ends_with("PASS"), "seed {seed}:\n{report}");
+    }
+}
+
+/// The yardstick is the limit: transformers in f16 closer to its f32 logits than the engine is
+/// (here 1e-9 per position) fails the check.
+#[test]
+fn an_engine_worse_than_the_yardstick_fails() {
+    let seed = fresh_seed();
+    println!("seed {seed} (replay with CUBEQWEN_SEED={seed})");
+    let (report, ok) = run_test(Parity {
+        seed,
+        poison: None,
+        yardstick: Some(1e-9),
+    })
+    .expect("hf-parity ran");
     println!("{report}");
-    assert!(ok && report.ends_with("PASS"), "seed {seed}:\n{report}");
+    assert!(
+        !ok && report.ends_with("FAIL") && report.contains("transformers with the model in f16"),
+        "seed {seed}:\n{report}"
+    );
 }
 
 #[test]
@@ -106,6 +149,7 @@ fn one_nan_fails_at_once_with_its_position() {
     let err = run_test(Parity {
         seed,
         poison: Some((3, 7)),
+        yardstick: None,
     })
     .expect_err("a NaN logit must fail hf-parity");
     assert!(
