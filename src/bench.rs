@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// Matmul kernel: auto, tiled, cmma, gemv, blocked or cubek.
     #[arg(long, default_value = "auto")]
     pub matmul: MatmulVariant,
+    /// Tokens per prefill block (llama-bench's ubatch; the session's default is 512).
+    #[arg(long = "ubatch-size", visible_alias = "ub")]
+    pub ubatch: Option<usize>,
     /// Seed of the random weights and token ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -570,6 +573,10 @@ fn run_tests<R: Runtime>(
     for depth in depths {
         let mut session = Session::new(client, model, plan.ctx)?;
         session.variant = args.matmul;
+        if let Some(n) = args.ubatch {
+            ensure!(n > 0, "--ubatch-size must be at least 1");
+            session.prefill_chunk = n;
+        }
         bar.set_message(format!("prefilling the depth of {depth} tokens"));
         if depth > 0 {
             session.forward(client, &ids(depth), None)?;

@@ -9,7 +9,7 @@
 //! golden_device, including the real special ids `<|im_start|>` and `<|im_end|>`). Each case
 //! runs as generation runs it: the prompt prefilled in chunks of [`CHUNK`] (many-row matmuls:
 //! cmma on CUDA), then the golden greedy continuation decoded token by token (GEMV); a last
-//! case runs every sequence back to back (611 tokens) with the default 512-token chunk. The
+//! case runs every sequence back to back (611 tokens) in 512-token chunks (two). The
 //! logits at every position must match the reference's prefill of the same sequence.
 //!
 //! Sizes: with `CUBEQWEN_FULL_SHAPES=1` (the GPU runner) the real shape and every case; else

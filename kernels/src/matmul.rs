@@ -439,6 +439,37 @@ fn place_columns_kernel<O: Float>(
     }
 }
 
+/// cubek's algorithm: `CUBEQWEN_CUBEK_STRATEGY` names one (for measuring them), else
+/// `Strategy::Auto` (cubek 0.2: its simple cyclic cmma kernel).
+fn cubek_strategy() -> Result<cubek::matmul::launch::Strategy> {
+    use cubek::matmul::launch::Strategy as S;
+    let name = std::env::var("CUBEQWEN_CUBEK_STRATEGY").unwrap_or_default();
+    Ok(match name.as_str() {
+        "" | "auto" => S::Auto,
+        "simple_cyclic_cmma" => S::SimpleCyclicCmma(Default::default()),
+        "simple_cyclic_mma" => S::SimpleCyclicMma(Default::default()),
+        "simple_tma_mma" => S::SimpleTmaMma(Default::default()),
+        "double_cyclic_cmma" => S::DoubleCyclicCmma(Default::default()),
+        "double_cyclic_mma" => S::DoubleCyclicMma(Default::default()),
+        "double_tilewise_mma" => S::DoubleTilewiseMma(Default::default()),
+        "double_hybrid_mma" => S::DoubleHybridMma(Default::default()),
+        "double_async_cyclic_mma" => S::DoubleAsyncCyclicMma(Default::default()),
+        "double_tma_cmma" => S::DoubleTmaCmma(Default::default()),
+        "double_tma_mma" => S::DoubleTmaMma(Default::default()),
+        "specialized_cyclic_mma" => S::SpecializedCyclicMma(Default::default()),
+        "specialized_tma_mma" => S::SpecializedTmaMma(Default::default()),
+        "ordered_double_cmma" => S::OrderedDoubleCmma(Default::default()),
+        "ordered_double_mma" => S::OrderedDoubleMma(Default::default()),
+        other => {
+            return Err(KernelError::unsupported(
+                "matmul",
+                format!("CUBEQWEN_CUBEK_STRATEGY: unknown cubek strategy `{other}`"),
+            )
+            .into())
+        }
+    })
+}
+
 /// The `Cubek` variant: cubek's matmul (f32 accumulation) into the whole of y, then the bias.
 fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -450,7 +481,7 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     use cubecl::ir::StorageType;
     use cubecl::zspace::{Shape, Strides};
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-    use cubek::matmul::launch::{launch_ref, Strategy};
+    use cubek::matmul::launch::launch_ref;
     use cubek::std::InputBinding;
 
     let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
@@ -476,7 +507,7 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     dtypes.acc_register = f32t;
     dtypes.acc_stage = f32t;
     launch_ref(
-        &Strategy::Auto,
+        &cubek_strategy()?,
         client,
         InputBinding::Normal(bind(&x.handle, [m, k], [k, 1]), ft),
         InputBinding::Normal(bind(&w.handle, [k, n], [1, k]), ft),

@@ -199,7 +199,7 @@ fn flash_cmma_emulated_prefill() {
 
 #[test]
 fn flash_auto_prefill() {
-    // Whatever Auto picks here (portable on wgpu, cmma on an NVIDIA GPU).
+    // Auto: the portable kernel (resolve_kernel).
     check_kernel(PrefillKernel::Auto);
     if full_shapes() {
         // 7B heads: 28 on 4 kv heads, hd 128; a 2048-token prefill and a chunk at depth 4096.
