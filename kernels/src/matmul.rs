@@ -32,7 +32,7 @@ pub enum MatmulVariant {
     Cmma,
     Gemv,
     Blocked,
-    /// cubek's matmul (tracel's CubeCL kernels, `Strategy::Auto`), then the bias added by
+    /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias added by
     /// [`add_bias_kernel`]; into columns of a wider output through a scratch
     /// ([`place_columns_kernel`]).
     Cubek,
@@ -439,13 +439,33 @@ fn place_columns_kernel<O: Float>(
     }
 }
 
-/// cubek's algorithm: `CUBEQWEN_CUBEK_STRATEGY` names one (for measuring them), else
-/// `Strategy::Auto` (cubek 0.2: its simple cyclic cmma kernel).
-fn cubek_strategy() -> Result<cubek::matmul::launch::Strategy> {
+/// cubek's algorithm, and whether it was named: `CUBEQWEN_CUBEK_STRATEGY` names one (for
+/// measuring them); else, where the device has the Tensor Memory Accelerator (Hopper),
+/// cubek's warp-specialized TMA kernel (`specialized_tma_mma`), elsewhere `Strategy::Auto`
+/// (cubek 0.2: its simple cyclic cmma kernel). Measured on the H200 (2026-11-27, pp2048 in one
+/// 2048-token chunk, two rounds): 0.5B 43 057 / 43 193 → 58 100 / 58 266 tok/s, 1.5B 15 719 /
+/// 15 733 → 28 107 / 28 085; the other algorithms of the list below 36 600–50 500 on 0.5B
+/// (BENCHMARKS.md). Parity with it on the H200: `production_path` and `hf-parity` (0.5B, 1.5B).
+fn cubek_strategy<R: Runtime>(
+    client: &ComputeClient<R>,
+) -> Result<(cubek::matmul::launch::Strategy, bool)> {
     use cubek::matmul::launch::Strategy as S;
     let name = std::env::var("CUBEQWEN_CUBEK_STRATEGY").unwrap_or_default();
-    Ok(match name.as_str() {
-        "" | "auto" => S::Auto,
+    if name.is_empty() {
+        let tma = client
+            .properties()
+            .features
+            .tma
+            .contains(cubecl::ir::features::Tma::Base);
+        let s = if tma {
+            S::SpecializedTmaMma(Default::default())
+        } else {
+            S::Auto
+        };
+        return Ok((s, false));
+    }
+    let strategy = match name.as_str() {
+        "auto" => S::Auto,
         "simple_cyclic_cmma" => S::SimpleCyclicCmma(Default::default()),
         "simple_cyclic_mma" => S::SimpleCyclicMma(Default::default()),
         "simple_tma_mma" => S::SimpleTmaMma(Default::default()),
@@ -467,7 +487,8 @@ fn cubek_strategy() -> Result<cubek::matmul::launch::Strategy> {
             )
             .into())
         }
-    })
+    };
+    Ok((strategy, true))
 }
 
 /// The `Cubek` variant: cubek's matmul (f32 accumulation) into the whole of y, then the bias.
@@ -506,15 +527,25 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     let f32t = StorageType::Scalar(ElemType::Float(FloatKind::F32));
     dtypes.acc_register = f32t;
     dtypes.acc_stage = f32t;
-    launch_ref(
-        &cubek_strategy()?,
-        client,
-        InputBinding::Normal(bind(&x.handle, [m, k], [k, 1]), ft),
-        InputBinding::Normal(bind(&w.handle, [k, n], [1, k]), ft),
-        bind(&y.handle, [m, n], [n, 1]),
-        &mut dtypes,
-    )
-    .map_err(|e| KernelError::unsupported("matmul", format!("cubek: {e:?}")))?;
+    let (strategy, named) = cubek_strategy(client)?;
+    let launch = |s: &cubek::matmul::launch::Strategy, dtypes: &mut MatmulElems| {
+        launch_ref(
+            s,
+            client,
+            InputBinding::Normal(bind(&x.handle, [m, k], [k, 1]), ft),
+            InputBinding::Normal(bind(&w.handle, [k, n], [1, k]), ft),
+            bind(&y.handle, [m, n], [n, 1]),
+            dtypes,
+        )
+    };
+    let first = dtypes.clone();
+    let mut result = launch(&strategy, &mut dtypes);
+    if result.is_err() && !named {
+        // The default TMA kernel cannot take this problem: cubek's own choice does.
+        dtypes = first;
+        result = launch(&cubek::matmul::launch::Strategy::Auto, &mut dtypes);
+    }
+    result.map_err(|e| KernelError::unsupported("matmul", format!("cubek: {e:?}")))?;
     if let Some(b) = bias {
         let (count, dim) = crate::grid::elementwise(client, m * n);
         add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
