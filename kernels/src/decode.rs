@@ -250,7 +250,8 @@ fn load_qkv_row<F: Float, V: Size>(
 }
 
 /// Partial dot products of the rows `wa` and `wb` (as [`load_qkv_row`] loaded them) with `h`
-/// (shared, scalar).
+/// (shared, scalar): [`dot2_shared`]'s arithmetic on rows already in registers. The two stay
+/// apart on purpose: loading whole rows first costs registers, which only `attn_in` can spare.
 #[cube]
 fn dot2_loaded<F: Float, V: Size>(
     wa: &Sequence<Vector<F, V>>,
