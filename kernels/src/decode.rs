@@ -420,7 +420,7 @@ fn attn_in_kernel<F: Float, V: Size>(
 /// the online-softmax rule. With `single`
 /// (one chunk covers every position) the cube writes the normalised output; otherwise its
 /// unnormalised output and (max, sum) for [`attention_merge_kernel`]. Positions past `pos`
-/// are never read (the cache there may hold anything).
+/// (inside the cache) are loaded with the rest but never used: the cache there may hold anything.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn attention_kernel<F: Float, KV: Size, VV: Size>(
