@@ -55,7 +55,7 @@ pub struct BenchArgs {
     /// Matmul kernel: auto, tiled, cmma, gemv, blocked or cubek.
     #[arg(long, default_value = "auto")]
     pub matmul: MatmulVariant,
-    /// Tokens per prefill block (llama-bench's ubatch; the session's default is 512).
+    /// Tokens per prefill block (llama-bench's ubatch; default `forward::PREFILL_CHUNK`, 2048).
     #[arg(long = "ubatch-size", visible_alias = "ub")]
     pub ubatch: Option<usize>,
     /// Seed of the random weights and token ids.

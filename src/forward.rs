@@ -167,10 +167,11 @@ pub struct Session<'m, R: Runtime> {
     /// turns it off): one launch per token instead of one per kernel.
     pub use_graphs: bool,
     /// Prefill attention (more than one token) with the flash kernel (`flash` module of the
-    /// kernels crate; tensor cores on CUDA); off (`CUBEQWEN_NO_FLASH=1`), with the chunked
+    /// kernels crate; the kernel: `flash_kernel`); off (`CUBEQWEN_NO_FLASH=1`), with the chunked
     /// attention kernel that decode steps of the general path use.
     pub flash_prefill: bool,
-    /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, cmma; default auto).
+    /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, cmma; default auto, which is
+    /// portable).
     pub flash_kernel: PrefillKernel,
     decode: DecodeBuffers<R>,
     #[cfg(feature = "cuda")]

@@ -86,6 +86,15 @@ fn all_finite(row: &[f32], pos: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest of `errs` (the first where several are), its index, and the mean of all.
+fn worst_and_mean(errs: &[f64]) -> (f64, usize, f64) {
+    let (at, worst) = errs
+        .iter()
+        .enumerate()
+        .fold((0, 0.0), |b, (i, &e)| if e > b.1 { (i, e) } else { b });
+    (worst, at, errs.iter().sum::<f64>() / errs.len() as f64)
+}
+
 /// Runs the checks on the device; returns the report and whether everything passed.
 /// `prefill_chunk` overrides the session's prefill chunk (tokens per prefill block).
 pub fn run<R: Runtime>(
@@ -116,9 +125,7 @@ pub fn run<R: Runtime>(
     }
     let chunk = session.prefill_chunk;
     let got = session.forward_all(client, &r.input_ids, None)?;
-    let mut worst = (0.0f64, 0);
-    // Per prefill chunk: (worst, its position, sum) of the per-position errors.
-    let mut per_chunk = vec![(0.0f64, 0usize, 0.0f64); p.div_ceil(chunk)];
+    let mut errs = Vec::with_capacity(p);
     let mut top1_checked = 0;
     let mut top1_bad = Vec::new();
     let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -129,15 +136,7 @@ pub fn run<R: Runtime>(
         );
         all_finite(g, pos, "device")?;
         all_finite(w, pos, "reference")?;
-        let rel = try_rel_err(&widen(g), &widen(w)).with_context(|| format!("position {pos}"))?;
-        if rel > worst.0 {
-            worst = (rel, pos);
-        }
-        let c = &mut per_chunk[pos / chunk];
-        c.2 += rel;
-        if rel > c.0 {
-            (c.0, c.1) = (rel, pos);
-        }
+        errs.push(try_rel_err(&widen(g), &widen(w)).with_context(|| format!("position {pos}"))?);
         let (wi, wm) = top1(w);
         if wm > MARGIN {
             top1_checked += 1;
@@ -163,23 +162,11 @@ pub fn run<R: Runtime>(
         .zip(&r.greedy_ids)
         .take_while(|(a, b)| a == b)
         .count();
-    let mean = per_chunk.iter().map(|c| c.2).sum::<f64>() / p as f64;
-    let stats = |v: &[f32]| {
-        let (at, w) =
-            v.iter().enumerate().fold(
-                (0, 0.0f64),
-                |b, (i, &x)| if x as f64 > b.1 { (i, x as f64) } else { b },
-            );
-        (
-            w,
-            at,
-            v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64,
-        )
-    };
+    let (worst, worst_at, mean) = worst_and_mean(&errs);
     let (limit_worst, limit_mean, limits) = match &r.yardstick {
         Some((f16, weights)) => {
-            let (w, at, m) = stats(f16);
-            let (ww, wat, wm) = stats(weights);
+            let (w, at, m) = worst_and_mean(&widen(f16));
+            let (ww, wat, wm) = worst_and_mean(&widen(weights));
             (
                 w,
                 m,
@@ -196,15 +183,17 @@ pub fn run<R: Runtime>(
             format!("limit {MAX_REL:.0e} (no yardstick in the reference)"),
         ),
     };
-    let ok = worst.0 <= limit_worst && mean <= limit_mean && top1_bad.is_empty() && same >= trusted;
-    let chunks: String = per_chunk
-        .iter()
+    let ok = worst <= limit_worst && mean <= limit_mean && top1_bad.is_empty() && same >= trusted;
+    let chunks: String = errs
+        .chunks(chunk)
         .enumerate()
-        .map(|(i, &(w, at, sum))| {
-            let (a, b) = (i * chunk, ((i + 1) * chunk).min(p));
+        .map(|(i, c)| {
+            let (w, at, m) = worst_and_mean(c);
+            let a = i * chunk;
             format!(
-                "\n    chunk {i} (positions {a}..{b}): worst {w:.3e} at {at}, mean {:.3e}",
-                sum / (b - a) as f64
+                "\n    chunk {i} (positions {a}..{}): worst {w:.3e} at {}, mean {m:.3e}",
+                a + c.len(),
+                a + at
             )
         })
         .collect();
@@ -216,8 +205,8 @@ pub fn run<R: Runtime>(
         p,
         p.div_ceil(chunk),
         chunk,
-        worst.0,
-        worst.1,
+        worst,
+        worst_at,
         top1_checked - top1_bad.len(),
         top1_checked,
         if top1_bad.is_empty() { String::new() } else { format!(" (differ at {top1_bad:?})") },

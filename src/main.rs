@@ -48,7 +48,7 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "auto")]
         device: DeviceKind,
-        /// Prefill the prompt in blocks of this many tokens (default: the session's 512).
+        /// Prefill the prompt in blocks of this many tokens (default: `PREFILL_CHUNK`, 2048).
         #[arg(long)]
         prefill_chunk: Option<usize>,
     },

@@ -671,28 +671,9 @@ fn is_f16<F: CubePrimitive>() -> bool {
 }
 
 /// `out = softmax(q·Kᵀ/sqrt(hd) + causal) · V` for query tokens at positions
-/// `start..start + tokens` against cache positions `0..=start + t`, with the flash kernels
-/// ([`PrefillOptions::default`]). Same arguments as [`crate::attention::attention`].
-pub fn attention_prefill<R: Runtime, F: Float + CubeElement>(
-    client: &ComputeClient<R>,
-    q: &DeviceTensor<R, F>,
-    cache: &KvCache<R, F>,
-    n_heads: usize,
-    start: usize,
-    out: &DeviceTensor<R, F>,
-) -> Result<()> {
-    attention_prefill_with(
-        client,
-        PrefillOptions::default(),
-        q,
-        cache,
-        n_heads,
-        start,
-        out,
-    )
-}
-
-/// [`attention_prefill`] with a chosen kernel and row packing.
+/// `start..start + tokens` against cache positions `0..=start + t`, with the flash kernel and
+/// row packing of `options` ([`PrefillOptions::default`]: `Auto`, packed). Same other arguments
+/// as [`crate::attention::attention`].
 pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     options: PrefillOptions,

@@ -28,9 +28,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream};
 
 use crate::DeviceTensor;
 
-/// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions, and whether it
-/// waits for the kernels before it itself (see [`GRID_DEPENDENCY`]).
-/// (PTX, entry point, shared-memory bytes, block, waits, CUDA C++ source).
+/// A compiled kernel: PTX, entry point, shared-memory bytes, block dimensions, whether it waits
+/// for the kernels before it itself (see [`GRID_DEPENDENCY`]), and its CUDA C++ source.
 type CompiledSource = (String, String, u32, (u32, u32, u32), bool, String);
 
 /// The comment `decode`'s kernels place where they start reading what earlier kernels wrote

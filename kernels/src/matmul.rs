@@ -32,8 +32,8 @@ pub enum MatmulVariant {
     Cmma,
     Gemv,
     Blocked,
-    /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias added by
-    /// [`add_bias_kernel`]; into columns of a wider output through a scratch
+    /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias
+    /// added by [`add_bias_kernel`]; into columns of a wider output through a scratch
     /// ([`place_columns_kernel`]).
     Cubek,
 }
