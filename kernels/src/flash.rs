@@ -15,7 +15,7 @@
 //! kernel keeps the running max `m` and sum `l` of `exp(s − m)` and rescales its output by
 //! `exp(m_old − m_new)`; the output is divided by `l` once at the end.
 //!
-//! Two kernels with the same tiling:
+//! Three kernels with the same tiling:
 //! - [`PrefillKernel::Portable`]: plain f32 FMAs, 128 threads as 8 × 16 each own a 8-row
 //!   slice of scores (`rows ty + 8a`, keys `tx + 16b`) and of the output (`rows ty + 8a`,
 //!   dims `tx + 16c`); one thread per row does the softmax. Runs on every runtime.
@@ -25,8 +25,14 @@
 //!   registers. [`PrefillKernel::CmmaEmulated`] is the same kernel with each cmma product
 //!   replaced by scalar loops over the same shared-memory tiles, so that everything but the
 //!   tensor-core instructions is tested on every runtime.
+//! - [`PrefillKernel::Mma`]: tensor cores through `mma.m16n8k16` with registers the kernel
+//!   manages (FlashAttention-2): the same 4 planes × 16 rows, but scores, softmax and
+//!   probabilities never leave the registers (see [`prefill_mma_kernel`]); CUDA sm_80+.
+//!   [`PrefillKernel::MmaEmulated`] runs it everywhere with each mma and each cross-lane
+//!   reduction done through shared memory.
 
 use anyhow::{bail, ensure, Result};
+use cubecl::ir::features::MmaConfig;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
@@ -45,9 +51,9 @@ const NEG: f32 = -1.0e30;
 /// Which prefill kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillKernel {
-    /// `Portable`: it beat `Cmma` in 2048-token chunks on the H100 (kernel bench, 2026-11-26:
-    /// 803 against 1026 µs for 2048 tokens of 0.5B heads) and on the H200 (pp2048 in one chunk,
-    /// 2026-11-27: 43 084 against 38 094 tok/s); in 512-token chunks `Cmma` was 3% ahead.
+    /// `Mma` for f16 where the device has `mma.m16n8k16` (H100 kernel bench, 2026-11-27, 2048
+    /// tokens of 0.5B heads: 122 µs against `Portable`'s 798 and `Cmma`'s 1020), else
+    /// `Portable`.
     #[default]
     Auto,
     Portable,
@@ -55,6 +61,12 @@ pub enum PrefillKernel {
     /// The `Cmma` kernel with scalar loops in place of the tensor-core products (a test of
     /// its tiling, masking and softmax on devices without tensor cores; slow).
     CmmaEmulated,
+    /// Tensor cores with manually managed `mma.m16n8k16` fragments: scores, softmax and
+    /// probabilities stay in registers (CUDA, f16, sm_80+).
+    Mma,
+    /// The `Mma` kernel with each mma and each cross-lane reduction done through shared memory
+    /// (the same register layout and code otherwise; every runtime; slow).
+    MmaEmulated,
 }
 
 impl std::str::FromStr for PrefillKernel {
@@ -65,8 +77,10 @@ impl std::str::FromStr for PrefillKernel {
             "portable" => Self::Portable,
             "cmma" => Self::Cmma,
             "cmma-emulated" => Self::CmmaEmulated,
+            "mma" => Self::Mma,
+            "mma-emulated" => Self::MmaEmulated,
             _ => bail!(
-                "unknown prefill kernel `{s}`: expected auto, portable, cmma or cmma-emulated"
+                "unknown prefill kernel `{s}`: expected auto, portable, cmma, cmma-emulated, mma or mma-emulated"
             ),
         })
     }
@@ -648,6 +662,388 @@ fn prefill_cmma_kernel(
     }
 }
 
+/// Rows of the `mma` kernel's tile handled by one plane (the m of `mma.m16n8k16`).
+const MMA_ROWS: usize = 16;
+/// Key positions per tile of the `mma` kernel.
+const MMA_BK: usize = 64;
+/// Padding of the `mma` kernel's shared rows, in f16 pairs: with it the 8 rows × 4 pairs a
+/// plane reads for one fragment fall in 32 distinct banks.
+const MMA_PAD: usize = 4;
+
+type Pair16 = Vector<f16, Const<2>>;
+type Pair32 = Vector<f32, Const<2>>;
+
+/// `c += a · b` for one `mma.m16n8k16` (f16 in, f32 accumulate) of a plane, in the registers
+/// of PTX's layout: lane `l` (`g = l / 4`, `t = l % 4`) holds
+/// - of A (16 × 16, 4 pairs): rows `g` (pairs 0, 2) and `g + 8` (pairs 1, 3), columns `2t..2t+2`
+///   (pairs 0, 1) and `8 + 2t..` (pairs 2, 3);
+/// - of B (16 × 8, 2 pairs): rows `2t..2t+2` (pair 0) and `8 + 2t..` (pair 1), column `g`;
+/// - of C (16 × 8, 2 pairs): rows `g` (pair 0) and `g + 8` (pair 1), columns `2t..2t+2`.
+///
+/// With `emulate` the plane's fragments go through shared memory `scratch` (384 f32 per plane)
+/// and each lane computes its four sums in f32: the same layout, on every runtime. Every unit
+/// of the cube must call it (the emulation synchronizes the cube).
+#[cube]
+fn mma_16816(
+    a: &Array<Pair16>,
+    b: &Array<Pair16>,
+    c: &mut Array<Pair32>,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] emulate: bool,
+) {
+    if comptime!(emulate) {
+        let lane = UNIT_POS as usize % 32;
+        let base = UNIT_POS as usize / 32 * 384;
+        let (g, t) = (lane / 4, lane % 4);
+        // A row-major 16 × 16 at base, B row-major 16 × 8 at base + 256.
+        #[unroll]
+        for r in 0..4usize {
+            let row = g + 8 * (r % 2);
+            let col = 2 * t + 8 * (r / 2);
+            scratch[base + row * 16 + col] = f32::cast_from(a[r][0]);
+            scratch[base + row * 16 + col + 1] = f32::cast_from(a[r][1]);
+        }
+        #[unroll]
+        for r in 0..2usize {
+            let k = 2 * t + 8 * r;
+            scratch[base + 256 + k * 8 + g] = f32::cast_from(b[r][0]);
+            scratch[base + 256 + (k + 1) * 8 + g] = f32::cast_from(b[r][1]);
+        }
+        sync_cube();
+        #[unroll]
+        for r in 0..2usize {
+            let row = g + 8 * r;
+            let mut v = c[r];
+            #[unroll]
+            for h in 0..2usize {
+                let col = 2 * t + h;
+                let mut acc = v[h];
+                for k in 0..16usize {
+                    acc += scratch[base + row * 16 + k] * scratch[base + 256 + k * 8 + col];
+                }
+                v[h] = acc;
+            }
+            c[r] = v;
+        }
+        sync_cube();
+    } else {
+        let def = cmma::MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
+        def.execute_inplace(a, b, c);
+    }
+}
+
+/// Max (`is_max`) or sum of `x` over the 4 lanes of a quad (lanes `4g..4g+4`: one row of an
+/// mma fragment). `scratch`: [`THREADS`] f32, used by the emulation (which synchronizes the
+/// cube: every unit must call it).
+#[cube]
+fn quad_reduce(
+    x: f32,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] is_max: bool,
+    #[comptime] emulate: bool,
+) -> f32 {
+    let mut r = x;
+    if comptime!(emulate) {
+        let tid = UNIT_POS as usize;
+        scratch[tid] = x;
+        sync_cube();
+        let q0 = tid - tid % 4;
+        #[unroll]
+        for i in 0..4usize {
+            let y = scratch[q0 + i];
+            if q0 + i != tid {
+                if comptime!(is_max) {
+                    r = f32::max(r, y);
+                } else {
+                    r += y;
+                }
+            }
+        }
+        sync_cube();
+    } else {
+        #[unroll]
+        for i in 0..2u32 {
+            let y = plane_shuffle_xor(r, 1u32 << i);
+            if comptime!(is_max) {
+                r = f32::max(r, y);
+            } else {
+                r += y;
+            }
+        }
+    }
+    r
+}
+
+/// The tensor-core kernel with manually managed `mma.m16n8k16` fragments (FlashAttention-2's
+/// register layout): cube (x: row tile, y: head block) of 4 planes; plane `w` owns rows
+/// `16w..16w+16` of the tile. Q's fragments stay in registers for the whole key loop; per
+/// tile of [`MMA_BK`] keys the scores `S = Q·Kᵀ` are mma accumulators, the online softmax runs
+/// on them in registers (row max and sum over the 4 lanes that share a row), and the
+/// probabilities, rounded to f16, are the A fragments of `P·V` without leaving the registers:
+/// an accumulator's pairs (rows g / g + 8, columns 2t..) are exactly A's pairs. K is staged
+/// row-major and V transposed (pairs of consecutive keys per dim), so every B fragment is one
+/// 32-bit shared load.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn prefill_mma_kernel<V: Size>(
+    q: &Array<f16>,
+    k_cache: &Array<Vector<f16, V>>,
+    v_cache: &Array<Vector<f16, V>>,
+    out: &mut Array<f16>,
+    tokens: usize,
+    n_heads: usize,
+    group: usize,
+    heads_per_cube: usize,
+    max_ctx: usize,
+    start: usize,
+    scale: f32,
+    #[comptime] hd: usize,
+    #[comptime] vec: usize,
+    #[comptime] emulate: bool,
+) {
+    let tid = UNIT_POS as usize;
+    let w = tid / 32;
+    let lane = tid % 32;
+    let (g, t) = (lane / 4, lane % 4);
+    let n_k = comptime!(hd / 16); // k-steps of Q·Kᵀ
+    let n_d = comptime!(hd / 8); // 8-dim column blocks of the output
+    let n_s = comptime!(MMA_BK / 8); // 8-key column blocks of the scores
+    let k_stride = comptime!(hd / 2 + MMA_PAD); // K rows, in pairs
+    let v_stride = comptime!(MMA_BK / 2 + MMA_PAD); // Vᵀ rows (one per dim), in pairs
+    let kv_len = start + tokens;
+    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, MMA_BK);
+
+    let mut k_s = SharedMemory::<Pair16>::new(MMA_BK * k_stride);
+    let mut v_s = SharedMemory::<Pair16>::new(hd * v_stride);
+    let scratch_len = comptime!(if emulate { 4 * 384usize } else { 1usize });
+    let mut scratch = SharedMemory::<f32>::new(scratch_len);
+    let mut red = SharedMemory::<f32>::new(THREADS);
+
+    // This lane's two rows of the tile (accumulator pairs 0 and 1) and what they see.
+    let row_lo = cube.r0 + w * MMA_ROWS + g;
+    let last_lo = last_visible(row_lo, tokens, heads_per_cube, start);
+    let last_hi = last_visible(row_lo + 8, tokens, heads_per_cube, start);
+
+    // Q's A fragments, k-step kk at 4·kk.. (rows past the last are zeros).
+    let mut qf = Array::<Pair16>::new(n_k * 4);
+    #[unroll]
+    for r in 0..2usize {
+        let row = row_lo + 8 * r;
+        let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
+        #[unroll]
+        for kk in 0..n_k {
+            #[unroll]
+            for half in 0..2usize {
+                let col = kk * 16 + 8 * half + 2 * t;
+                let mut p = Pair16::empty();
+                p[0] = f16::new(0.0);
+                p[1] = f16::new(0.0);
+                if row < cube.rows {
+                    p[0] = q[at + col];
+                    p[1] = q[at + col + 1];
+                }
+                qf[kk * 4 + 2 * half + r] = p;
+            }
+        }
+    }
+
+    let mut o = Array::<Pair32>::new(n_d * 2);
+    #[unroll]
+    for i in 0..n_d * 2 {
+        let mut z = Pair32::empty();
+        z[0] = 0.0;
+        z[1] = 0.0;
+        o[i] = z;
+    }
+    let mut s = Array::<Pair32>::new(n_s * 2);
+    let mut m_lo = f32::new(NEG);
+    let mut m_hi = f32::new(NEG);
+    // Partial sums over this lane's columns; the quad's are added at the end.
+    let mut l_lo = 0.0f32;
+    let mut l_hi = 0.0f32;
+    let mut af = Array::<Pair16>::new(4usize);
+    let mut bf = Array::<Pair16>::new(2usize);
+    let mut acc = Array::<Pair32>::new(2usize);
+
+    let mut tile = 0usize;
+    while tile < cube.n_tiles {
+        let j0 = tile * MMA_BK;
+        // K rows as pairs; V transposed: pair (dim e, keys 2p, 2p + 1). A unit takes a pair of
+        // keys and `vec` dims per step; positions at or past kv_len become zeros.
+        let chunks = comptime!(hd / vec);
+        let mut i = tid;
+        while i < MMA_BK / 2 * chunks {
+            let p = i % (MMA_BK / 2);
+            let c = i / (MMA_BK / 2);
+            let mut ka = Vector::<f16, V>::empty();
+            let mut kb = Vector::<f16, V>::empty();
+            let mut va = Vector::<f16, V>::empty();
+            let mut vb = Vector::<f16, V>::empty();
+            #[unroll]
+            for e in 0..vec {
+                ka[e] = f16::new(0.0);
+                kb[e] = f16::new(0.0);
+                va[e] = f16::new(0.0);
+                vb[e] = f16::new(0.0);
+            }
+            let ja = j0 + 2 * p;
+            let src = ((cube.kv_base + ja) * hd) / vec + c;
+            if ja < kv_len {
+                ka = k_cache[src];
+                va = v_cache[src];
+            }
+            if ja + 1 < kv_len {
+                kb = k_cache[src + hd / vec];
+                vb = v_cache[src + hd / vec];
+            }
+            #[unroll]
+            for e in 0..comptime!(vec / 2) {
+                let mut x = Pair16::empty();
+                x[0] = ka[2 * e];
+                x[1] = ka[2 * e + 1];
+                k_s[2 * p * k_stride + c * vec / 2 + e] = x;
+                let mut y = Pair16::empty();
+                y[0] = kb[2 * e];
+                y[1] = kb[2 * e + 1];
+                k_s[(2 * p + 1) * k_stride + c * vec / 2 + e] = y;
+            }
+            #[unroll]
+            for e in 0..vec {
+                let mut x = Pair16::empty();
+                x[0] = va[e];
+                x[1] = vb[e];
+                v_s[(c * vec + e) * v_stride + p] = x;
+            }
+            i += THREADS;
+        }
+        sync_cube();
+
+        // S = Q·Kᵀ: 8-key block n, accumulator pairs at 2n, 2n + 1.
+        #[unroll(!emulate)]
+        for n in 0..n_s {
+            let mut z = Pair32::empty();
+            z[0] = 0.0;
+            z[1] = 0.0;
+            acc[0] = z;
+            acc[1] = z;
+            #[unroll(!emulate)]
+            for kk in 0..n_k {
+                #[unroll]
+                for r in 0..4usize {
+                    af[r] = qf[kk * 4 + r];
+                }
+                let key = n * 8 + g;
+                bf[0] = k_s[key * k_stride + kk * 8 + t];
+                bf[1] = k_s[key * k_stride + kk * 8 + 4 + t];
+                mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
+            }
+            s[2 * n] = acc[0];
+            s[2 * n + 1] = acc[1];
+        }
+
+        // Online softmax on the registers: scale, causal mask, the row's new max over the quad.
+        let mut mx_lo = f32::new(NEG);
+        let mut mx_hi = f32::new(NEG);
+        #[unroll]
+        for n in 0..n_s {
+            #[unroll]
+            for h in 0..2usize {
+                let key = j0 + n * 8 + 2 * t + h;
+                let mut lo = s[2 * n];
+                let mut hi = s[2 * n + 1];
+                let a = select(key <= last_lo, lo[h] * scale, f32::new(NEG));
+                let b = select(key <= last_hi, hi[h] * scale, f32::new(NEG));
+                lo[h] = a;
+                hi[h] = b;
+                s[2 * n] = lo;
+                s[2 * n + 1] = hi;
+                mx_lo = f32::max(mx_lo, a);
+                mx_hi = f32::max(mx_hi, b);
+            }
+        }
+        let new_lo = f32::max(m_lo, quad_reduce(mx_lo, &mut red, true, emulate));
+        let new_hi = f32::max(m_hi, quad_reduce(mx_hi, &mut red, true, emulate));
+        let alpha_lo = f32::exp(m_lo - new_lo);
+        let alpha_hi = f32::exp(m_hi - new_hi);
+        m_lo = new_lo;
+        m_hi = new_hi;
+        let mut sum_lo = 0.0f32;
+        let mut sum_hi = 0.0f32;
+        #[unroll]
+        for n in 0..n_s {
+            let mut lo = s[2 * n];
+            let mut hi = s[2 * n + 1];
+            #[unroll]
+            for h in 0..2usize {
+                // Masked scores are NEG: exp underflows to 0.
+                lo[h] = f32::exp(lo[h] - new_lo);
+                hi[h] = f32::exp(hi[h] - new_hi);
+                sum_lo += lo[h];
+                sum_hi += hi[h];
+            }
+            s[2 * n] = lo;
+            s[2 * n + 1] = hi;
+        }
+        l_lo = l_lo * alpha_lo + sum_lo;
+        l_hi = l_hi * alpha_hi + sum_hi;
+        #[unroll]
+        for d in 0..n_d {
+            let mut lo = o[2 * d];
+            let mut hi = o[2 * d + 1];
+            lo[0] *= alpha_lo;
+            lo[1] *= alpha_lo;
+            hi[0] *= alpha_hi;
+            hi[1] *= alpha_hi;
+            o[2 * d] = lo;
+            o[2 * d + 1] = hi;
+        }
+
+        // O += P·V: k-step kk covers keys 16kk..16kk + 16, i.e. score blocks 2kk and 2kk + 1.
+        #[unroll(!emulate)]
+        for kk in 0..comptime!(MMA_BK / 16) {
+            #[unroll]
+            for r in 0..4usize {
+                // A pair r: rows g / g + 8 (r % 2) of score block 2kk + r / 2.
+                let sv = s[2 * (2 * kk + r / 2) + r % 2];
+                let mut x = Pair16::empty();
+                x[0] = f16::cast_from(sv[0]);
+                x[1] = f16::cast_from(sv[1]);
+                af[r] = x;
+            }
+            #[unroll(!emulate)]
+            for d in 0..n_d {
+                let dim = d * 8 + g;
+                bf[0] = v_s[dim * v_stride + kk * 8 + t];
+                bf[1] = v_s[dim * v_stride + kk * 8 + 4 + t];
+                acc[0] = o[2 * d];
+                acc[1] = o[2 * d + 1];
+                mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
+                o[2 * d] = acc[0];
+                o[2 * d + 1] = acc[1];
+            }
+        }
+        sync_cube();
+        tile += 1;
+    }
+
+    let inv_lo = 1.0 / quad_reduce(l_lo, &mut red, false, emulate);
+    let inv_hi = 1.0 / quad_reduce(l_hi, &mut red, false, emulate);
+    #[unroll]
+    for r in 0..2usize {
+        let row = row_lo + 8 * r;
+        if row < cube.rows {
+            let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
+            let inv = if comptime!(r == 0) { inv_lo } else { inv_hi };
+            #[unroll]
+            for d in 0..n_d {
+                let v = o[2 * d + r];
+                out[at + d * 8 + 2 * t] = f16::cast_from(v[0] * inv);
+                out[at + d * 8 + 2 * t + 1] = f16::cast_from(v[1] * inv);
+            }
+        }
+    }
+}
+
 /// Shared memory of the portable kernel for key tiles of `bk`, in bytes.
 fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
     elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
@@ -658,9 +1054,32 @@ fn cmma_smem(hd: usize, bk: usize) -> usize {
     2 * (BM * hd + 2 * bk * hd + BM * bk) + 4 * (BM * bk + 4 * 256 + THREADS)
 }
 
-/// The kernel [`PrefillKernel::Auto`] resolves to (see there).
-pub fn resolve_kernel(kernel: PrefillKernel) -> PrefillKernel {
+/// Shared memory of the mma kernel, in bytes (K rows and Vᵀ rows as padded f16 pairs, the
+/// quad-reduction scratch, and the emulation's fragments).
+fn mma_smem(hd: usize, emulate: bool) -> usize {
+    4 * (MMA_BK * (hd / 2 + MMA_PAD) + hd * (MMA_BK / 2 + MMA_PAD) + THREADS)
+        + if emulate { 4 * 4 * 384 } else { 4 }
+}
+
+/// Whether the device runs `mma.m16n8k16` with f16 inputs and f32 accumulators.
+pub fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    client.features().matmul.mma.contains(&MmaConfig {
+        a_type: ElemType::Float(FloatKind::F16).into(),
+        b_type: ElemType::Float(FloatKind::F16).into(),
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        n: 8,
+        k: 16,
+    }) && client.properties().hardware.plane_size_max == 32
+}
+
+/// The kernel [`PrefillKernel::Auto`] resolves to for `F` on this device (see there).
+pub fn resolve_kernel<R: Runtime, F: CubePrimitive>(
+    client: &ComputeClient<R>,
+    kernel: PrefillKernel,
+) -> PrefillKernel {
     match kernel {
+        PrefillKernel::Auto if is_f16::<F>() && mma_supported(client) => PrefillKernel::Mma,
         PrefillKernel::Auto => PrefillKernel::Portable,
         k => k,
     }
@@ -727,7 +1146,7 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
     let fits =
         |need: &dyn Fn(usize) -> usize| [64, 32, 16].into_iter().find(|&b| need(b) <= max_smem);
 
-    match resolve_kernel(options.kernel) {
+    match resolve_kernel::<R, F>(client, options.kernel) {
         PrefillKernel::Portable => {
             let bk = fits(&|b| portable_smem(size_of::<F>(), hd, b)).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -793,6 +1212,52 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 scale,
                 hd,
                 bk,
+                emulate,
+            );
+        }
+        kernel @ (PrefillKernel::Mma | PrefillKernel::MmaEmulated) => {
+            let emulate = kernel == PrefillKernel::MmaEmulated;
+            ensure!(
+                is_f16::<F>(),
+                "attention prefill: the mma kernels take f16 tensors"
+            );
+            ensure!(
+                emulate || mma_supported(client),
+                "attention prefill: this device has no f16 mma.m16n8k16 with 32-wide planes; use the portable kernel"
+            );
+            ensure!(
+                hd.is_multiple_of(16) && hd <= 128,
+                "attention prefill: the mma kernel takes head_dim a multiple of 16 up to 128, not {hd}"
+            );
+            ensure!(
+                mma_smem(hd, emulate) <= max_smem,
+                "attention prefill: head_dim {hd} needs {} bytes of shared memory for the mma kernel, the device has {max_smem}",
+                mma_smem(hd, emulate)
+            );
+            // K/V loads of `vec` f16 (16 bytes on CUDA); the staging splits them into pairs.
+            let vec = crate::matmul::vector_size(client, 2, hd);
+            ensure!(
+                vec.is_multiple_of(2),
+                "attention prefill: the mma kernel needs vectors of an even number of f16"
+            );
+            prefill_mma_kernel::launch::<R>(
+                client,
+                count,
+                CubeDim::new_1d(THREADS as u32),
+                vec,
+                q.arg(),
+                cache.k.arg(),
+                cache.v.arg(),
+                out.arg(),
+                tokens,
+                n_heads,
+                group,
+                heads_per_cube,
+                cache.max_ctx,
+                start,
+                scale,
+                hd,
+                vec,
                 emulate,
             );
         }

@@ -1,7 +1,7 @@
 //! Flash-attention prefill parity with the f64 reference: GQA 7 (and 6, 4 kv heads), head_dim
 //! 64 and 128, token counts that are not multiples of the 64-row tile, cache offsets (chunked
-//! prefill), poisoned outputs. The portable kernel and the cmma kernel's emulated form run on
-//! every device; the tensor-core form needs CUDA (`#[ignore]`d here, run by
+//! prefill), poisoned outputs. The portable kernel and the emulated forms of the cmma and mma
+//! kernels run on every device; the tensor-core forms need CUDA (`#[ignore]`d here, run by
 //! scripts/run-gpu.sh with --include-ignored).
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(e <= TOL)`: NaN must fail
 
@@ -198,8 +198,23 @@ fn flash_cmma_emulated_prefill() {
 }
 
 #[test]
+fn flash_mma_emulated_prefill() {
+    // The 0.5B heads only: at head_dim 128 the emulation needs 42 KB of shared memory, more
+    // than lavapipe's 32 KB (the tensor-core form runs the 1.5B and 7B heads on CUDA).
+    let qwen05 = Case::new(PrefillKernel::MmaEmulated, 14, 2, 64);
+    for (start, tokens) in [(0, 1), (0, 37), (0, 200), (20, 17), (300, 45)] {
+        check(qwen05.at(start, tokens));
+    }
+    let one_head = Case {
+        pack_group: false,
+        ..Case::new(PrefillKernel::MmaEmulated, 14, 2, 64)
+    };
+    check(one_head.at(10, 70));
+}
+
+#[test]
 fn flash_auto_prefill() {
-    // Auto: the portable kernel (resolve_kernel).
+    // Auto: the mma kernel where the device has f16 mma.m16n8k16 (CUDA), else the portable one.
     check_kernel(PrefillKernel::Auto);
     if full_shapes() {
         // 7B heads: 28 on 4 kv heads, hd 128; a 2048-token prefill and a chunk at depth 4096.
@@ -241,6 +256,28 @@ mod cuda {
         });
         for (heads, kv) in [(12, 2), (28, 4)] {
             let c = Case::new(PrefillKernel::Cmma, heads, kv, 128);
+            check_cuda(c.at(0, 37));
+            check_cuda(c.at(70, 61));
+            check_cuda(c.at(0, 2048));
+        }
+    }
+
+    #[test]
+    #[ignore = "needs CUDA tensor cores: run on the GPU machine by scripts/run-gpu.sh"]
+    fn flash_mma_prefill_cuda() {
+        let qwen05 = Case::new(PrefillKernel::Mma, 14, 2, 64);
+        for tokens in [1, 37, 200, 513, 2048] {
+            check_cuda(qwen05.at(0, tokens));
+        }
+        check_cuda(qwen05.at(20, 17));
+        check_cuda(qwen05.at(511, 66));
+        check_cuda(qwen05.at(4096, 512));
+        check_cuda(Case {
+            pack_group: false,
+            ..qwen05.at(10, 70)
+        });
+        for (heads, kv) in [(12, 2), (28, 4)] {
+            let c = Case::new(PrefillKernel::Mma, heads, kv, 128);
             check_cuda(c.at(0, 37));
             check_cuda(c.at(70, 61));
             check_cuda(c.at(0, 2048));
