@@ -5,7 +5,7 @@
 //!
 //! - `matmul`: tiled, cmma, gemv, blocked, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
 //!   q, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 128, 512, 2048;
-//! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash cmma, flash mma), decode at cache 128/4096/32768 (general and
+//! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
 //! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels,
 //!   against the bandwidth floor.
@@ -365,7 +365,6 @@ fn attention_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()
             ("flash portable", Some(PrefillKernel::Portable)),
         ];
         if ctx.cuda {
-            variants.push(("flash cmma", Some(PrefillKernel::Cmma)));
             variants.push(("flash mma", Some(PrefillKernel::Mma)));
         }
         for (name, kernel) in variants {

@@ -15,19 +15,13 @@
 //! kernel keeps the running max `m` and sum `l` of `exp(s − m)` and rescales its output by
 //! `exp(m_old − m_new)`; the output is divided by `l` once at the end.
 //!
-//! Three kernels with the same tiling:
+//! Two kernels with the same tiling:
 //! - [`PrefillKernel::Portable`]: plain f32 FMAs, 128 threads as 8 × 16 each own a 8-row
 //!   slice of scores (`rows ty + 8a`, keys `tx + 16b`) and of the output (`rows ty + 8a`,
 //!   dims `tx + 16c`); one thread per row does the softmax. Runs on every runtime.
-//! - [`PrefillKernel::Cmma`]: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate), CUDA
-//!   only: 4 planes of 32, each owning 16 rows; `Q·Kᵀ` and `P·V` are cmma products on
-//!   shared-memory tiles, P is rounded to f16 for the second product, the output stays in f32
-//!   registers. [`PrefillKernel::CmmaEmulated`] is the same kernel with each cmma product
-//!   replaced by scalar loops over the same shared-memory tiles, so that everything but the
-//!   tensor-core instructions is tested on every runtime.
 //! - [`PrefillKernel::Mma`]: tensor cores through `mma.m16n8k16` with registers the kernel
-//!   manages (FlashAttention-2): the same 4 planes × 16 rows, but scores, softmax and
-//!   probabilities never leave the registers (see [`prefill_mma_kernel`]); CUDA sm_80+.
+//!   manages (FlashAttention-2): 4 planes of 32, each owning 16 rows; scores, softmax and
+//!   probabilities never leave the registers (see `prefill_mma_kernel`); CUDA sm_80+.
 //!   [`PrefillKernel::MmaEmulated`] runs it everywhere with each mma and each cross-lane
 //!   reduction done through shared memory.
 
@@ -38,7 +32,6 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::attention::KvCache;
-use crate::matmul::cmma_supported;
 use crate::DeviceTensor;
 
 /// Query rows per cube.
@@ -52,15 +45,11 @@ const NEG: f32 = -1.0e30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillKernel {
     /// `Mma` for f16 where the device has `mma.m16n8k16` (H100 kernel bench, 2026-11-27, 2048
-    /// tokens of 0.5B heads: 122 µs against `Portable`'s 798 and `Cmma`'s 1020), else
-    /// `Portable`.
+    /// tokens of 0.5B heads: 122 µs against `Portable`'s 798 and 1020 for the kernel on cubecl's
+    /// opaque `cmma` fragments that it replaced), else `Portable`.
     #[default]
     Auto,
     Portable,
-    Cmma,
-    /// The `Cmma` kernel with scalar loops in place of the tensor-core products (a test of
-    /// its tiling, masking and softmax on devices without tensor cores; slow).
-    CmmaEmulated,
     /// Tensor cores with manually managed `mma.m16n8k16` fragments: scores, softmax and
     /// probabilities stay in registers (CUDA, f16, sm_80+).
     Mma,
@@ -75,13 +64,11 @@ impl std::str::FromStr for PrefillKernel {
         Ok(match s {
             "auto" => Self::Auto,
             "portable" => Self::Portable,
-            "cmma" => Self::Cmma,
-            "cmma-emulated" => Self::CmmaEmulated,
             "mma" => Self::Mma,
             "mma-emulated" => Self::MmaEmulated,
-            _ => bail!(
-                "unknown prefill kernel `{s}`: expected auto, portable, cmma, cmma-emulated, mma or mma-emulated"
-            ),
+            _ => {
+                bail!("unknown prefill kernel `{s}`: expected auto, portable, mma or mma-emulated")
+            }
         })
     }
 }
@@ -398,270 +385,6 @@ fn prefill_portable_kernel<F: Float>(
     }
 }
 
-/// One 16×16 f32 tile `out[o0..]` (row stride `o_stride`) = `A · B` over `inner` (a multiple
-/// of 16): A is 16 rows of `a` from `a0` (row-major, row stride `a_stride`); B is `inner` × 16
-/// of `b` from `b0`: row-major (element (e, c) at `b0 + e·b_stride + c`) or, with
-/// `b_col_major`, column-major (at `b0 + c·b_stride + e`). On tensor cores with cmma; with
-/// `emulate` each of the plane's 32 lanes computes 8 of the tile's elements in f32 (the
-/// element a row-major 16×16 tile puts at `8·lane + x`). `a_len`, `b_len`, `o_len`: the
-/// buffers' lengths.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn tile_product(
-    a: &SharedMemory<f16>,
-    a0: usize,
-    b: &SharedMemory<f16>,
-    b0: usize,
-    out: &mut SharedMemory<f32>,
-    o0: usize,
-    lane: usize,
-    #[comptime] a_stride: usize,
-    #[comptime] b_stride: usize,
-    #[comptime] b_col_major: bool,
-    #[comptime] o_stride: usize,
-    #[comptime] inner: usize,
-    #[comptime] lens: (usize, usize, usize),
-    #[comptime] emulate: bool,
-) {
-    let (a_len, b_len, o_len) = lens;
-    if comptime!(emulate) {
-        #[unroll]
-        for x in 0..8usize {
-            let r = (lane * 8 + x) / 16;
-            let c = (lane * 8 + x) % 16;
-            let mut acc = 0.0f32;
-            for e in 0..inner {
-                let bv = if comptime!(b_col_major) {
-                    b[b0 + c * b_stride + e]
-                } else {
-                    b[b0 + e * b_stride + c]
-                };
-                acc += f32::cast_from(a[a0 + r * a_stride + e]) * f32::cast_from(bv);
-            }
-            out[o0 + r * o_stride + c] = acc;
-        }
-    } else {
-        let acc = cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        );
-        let b_layout = if comptime!(b_col_major) {
-            cmma::MatrixLayout::ColMajor
-        } else {
-            cmma::MatrixLayout::RowMajor
-        };
-        #[unroll]
-        for e in 0..comptime!(inner / 16) {
-            let ma = unsafe {
-                cmma::Matrix::<f16>::uninitialized(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            let mb = unsafe {
-                cmma::Matrix::<f16>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    b_layout,
-                )
-            };
-            // Rows e·16.. of B: along a row-major B's rows, along a column-major B's columns.
-            let b_at = if comptime!(b_col_major) {
-                b0 + e * 16
-            } else {
-                b0 + e * 16 * b_stride
-            };
-            cmma::load(
-                &ma,
-                &a.slice(a0 + e * 16, a_len),
-                comptime!(a_stride as u32),
-            );
-            cmma::load(&mb, &b.slice(b_at, b_len), comptime!(b_stride as u32));
-            cmma::execute::<f16, f16, f32, f32>(&ma, &mb, &acc, &acc);
-        }
-        cmma::store(
-            &mut out.slice_mut(o0, o_len),
-            &acc,
-            comptime!(o_stride as u32),
-            cmma::MatrixLayout::RowMajor,
-        );
-    }
-}
-
-/// The tensor-core kernel (see the module docs). Cube (x: row tile, y: head block), 4 planes
-/// of 32 units; plane `w` owns rows `16w..16w+16` of the tile. Lane `l` of a plane does the
-/// softmax of row `16w + l/2` over half the keys (`l % 2` picks the half) and keeps that row's
-/// output dims `16c + 8(l % 2) + x` (x < 8) in registers: the element a 16×16 row-major tile
-/// puts at `8l + x`.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn prefill_cmma_kernel(
-    q: &Array<f16>,
-    k_cache: &Array<f16>,
-    v_cache: &Array<f16>,
-    out: &mut Array<f16>,
-    tokens: usize,
-    n_heads: usize,
-    group: usize,
-    heads_per_cube: usize,
-    max_ctx: usize,
-    start: usize,
-    scale: f32,
-    #[comptime] hd: usize,
-    #[comptime] bk: usize,
-    #[comptime] emulate: bool,
-) {
-    let tid = UNIT_POS as usize;
-    let w = tid / 32;
-    let lane = tid % 32;
-    let half = lane % 2;
-    let partner = tid + 1 - 2 * half;
-    let n_dims = comptime!(hd / 16);
-    let half_keys = comptime!(bk / 2);
-    let kv_len = start + tokens;
-    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, bk);
-
-    // cmma loads and stores need 32-byte aligned tiles.
-    let mut q_s = SharedMemory::<f16>::new_aligned(BM * hd, 32usize);
-    let mut k_s = SharedMemory::<f16>::new_aligned(bk * hd, 32usize);
-    let mut v_s = SharedMemory::<f16>::new_aligned(bk * hd, 32usize);
-    let mut s_s = SharedMemory::<f32>::new_aligned(BM * bk, 32usize);
-    let mut p_s = SharedMemory::<f16>::new_aligned(BM * bk, 32usize);
-    let mut o_s = SharedMemory::<f32>::new_aligned(1024usize, 32usize);
-    // Pair exchange of the two lanes that share a row.
-    let mut x_s = SharedMemory::<f32>::new(THREADS);
-
-    stage_q::<f16>(q, &mut q_s, &cube, heads_per_cube, n_heads, hd, hd);
-
-    let r = w * 16 + lane / 2; // this lane's row in the tile
-    let my_last = last_visible(cube.r0 + r, tokens, heads_per_cube, start);
-    let mut o = Array::<f32>::new(n_dims * 8);
-    #[unroll]
-    for i in 0..n_dims * 8 {
-        o[i] = 0.0;
-    }
-    let mut m_run = f32::new(NEG);
-    let mut l_run = 0.0f32;
-
-    let mut tile = 0usize;
-    while tile < cube.n_tiles {
-        let j0 = tile * bk;
-        stage_kv::<f16>(
-            k_cache,
-            v_cache,
-            &mut k_s,
-            &mut v_s,
-            cube.kv_base,
-            j0,
-            kv_len,
-            hd,
-            bk,
-            hd,
-        );
-        sync_cube();
-
-        #[unroll]
-        for n in 0..comptime!(bk / 16) {
-            // Scores: rows of plane w × keys 16n.. = Q_s · K_sᵀ (K_s rows are Bᵀ's columns).
-            tile_product(
-                &q_s,
-                w * 16 * hd,
-                &k_s,
-                n * 16 * hd,
-                &mut s_s,
-                w * 16 * bk + n * 16,
-                lane,
-                hd,
-                hd,
-                true,
-                bk,
-                hd,
-                (BM * hd, bk * hd, BM * bk),
-                emulate,
-            );
-        }
-        sync_cube();
-
-        // Online softmax of row r, this lane's half of the keys, combined with the partner.
-        let base = r * bk + half * half_keys;
-        let mut mx = f32::new(NEG);
-        for jj in 0..half_keys {
-            if j0 + half * half_keys + jj <= my_last {
-                mx = f32::max(mx, s_s[base + jj] * scale);
-            }
-        }
-        x_s[tid] = mx;
-        sync_cube();
-        let m_new = f32::max(m_run, f32::max(mx, x_s[partner]));
-        sync_cube();
-        let mut sum = 0.0f32;
-        for jj in 0..half_keys {
-            let mut p = 0.0f32;
-            if j0 + half * half_keys + jj <= my_last {
-                p = f32::exp(s_s[base + jj] * scale - m_new);
-            }
-            p_s[base + jj] = f16::cast_from(p);
-            sum += p;
-        }
-        x_s[tid] = sum;
-        sync_cube();
-        let alpha = f32::exp(m_run - m_new);
-        l_run = l_run * alpha + (sum + x_s[partner]);
-        m_run = m_new;
-
-        // O = diag(alpha)·O + P·V, one 16-dim column block at a time through o_s.
-        #[unroll]
-        for c in 0..n_dims {
-            // Values: rows of plane w × dims 16c.. = P_s · V_s, into the plane's own tile.
-            tile_product(
-                &p_s,
-                w * 16 * bk,
-                &v_s,
-                c * 16,
-                &mut o_s,
-                w * 256,
-                lane,
-                bk,
-                hd,
-                false,
-                16usize,
-                bk,
-                (BM * bk, bk * hd, 4 * 256),
-                emulate,
-            );
-            sync_cube();
-            #[unroll]
-            for x in 0..8usize {
-                o[c * 8 + x] = o[c * 8 + x] * alpha + o_s[w * 256 + lane * 8 + x];
-            }
-            sync_cube();
-        }
-        tile += 1;
-    }
-
-    let row = cube.r0 + r;
-    if row < cube.rows {
-        let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
-        let inv = 1.0 / l_run;
-        #[unroll]
-        for c in 0..n_dims {
-            #[unroll]
-            for x in 0..8usize {
-                out[at + c * 16 + half * 8 + x] = f16::cast_from(o[c * 8 + x] * inv);
-            }
-        }
-    }
-}
-
 /// Rows of the `mma` kernel's tile handled by one plane (the m of `mma.m16n8k16`).
 const MMA_ROWS: usize = 16;
 /// Key positions per tile of the `mma` kernel.
@@ -774,6 +497,103 @@ fn quad_reduce(
     r
 }
 
+/// K/V staging items (a pair of keys × `vec` dims) per unit for a tile of [`MMA_BK`] keys.
+fn mma_kv_items(hd: usize, vec: usize) -> usize {
+    (MMA_BK / 2 * (hd / vec)).div_ceil(THREADS)
+}
+
+/// Loads this unit's share of the K/V tile at cache positions `j0..j0 + MMA_BK` into `kv`:
+/// item `it` is keys `2p, 2p + 1` and dims `c·vec..` of K and V (`kv[4·it..4·it + 4]`: K of
+/// the first key, K of the second, V of the first, V of the second). Positions at or past
+/// `kv_len` (never written, maybe NaN) load as zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_load_kv<V: Size>(
+    k_cache: &Array<Vector<f16, V>>,
+    v_cache: &Array<Vector<f16, V>>,
+    kv: &mut Array<Vector<f16, V>>,
+    kv_base: usize,
+    j0: usize,
+    kv_len: usize,
+    #[comptime] hd: usize,
+    #[comptime] vec: usize,
+) {
+    let chunks = comptime!(hd / vec);
+    let mut zero = Vector::<f16, V>::empty();
+    #[unroll]
+    for e in 0..vec {
+        zero[e] = f16::new(0.0);
+    }
+    #[unroll]
+    for it in 0..comptime!(mma_kv_items(hd, vec)) {
+        let i = UNIT_POS as usize + it * THREADS;
+        let p = i % (MMA_BK / 2);
+        let c = i / (MMA_BK / 2);
+        let ja = j0 + 2 * p;
+        let src = ((kv_base + ja) * hd) / vec + c;
+        let mut ka = zero;
+        let mut kb = zero;
+        let mut va = zero;
+        let mut vb = zero;
+        if c < chunks && ja < kv_len {
+            ka = k_cache[src];
+            va = v_cache[src];
+        }
+        if c < chunks && ja + 1 < kv_len {
+            kb = k_cache[src + chunks];
+            vb = v_cache[src + chunks];
+        }
+        kv[4 * it] = ka;
+        kv[4 * it + 1] = kb;
+        kv[4 * it + 2] = va;
+        kv[4 * it + 3] = vb;
+    }
+}
+
+/// Stores what [`mma_load_kv`] loaded: K rows as f16 pairs (row stride `hd / 2 + MMA_PAD`), V
+/// transposed as pairs of consecutive keys per dim (row stride `MMA_BK / 2 + MMA_PAD`).
+#[cube]
+fn mma_store_kv<V: Size>(
+    kv: &Array<Vector<f16, V>>,
+    k_s: &mut SharedMemory<Pair16>,
+    v_s: &mut SharedMemory<Pair16>,
+    #[comptime] hd: usize,
+    #[comptime] vec: usize,
+) {
+    let k_stride = comptime!(hd / 2 + MMA_PAD);
+    let v_stride = comptime!(MMA_BK / 2 + MMA_PAD);
+    #[unroll]
+    for it in 0..comptime!(mma_kv_items(hd, vec)) {
+        let i = UNIT_POS as usize + it * THREADS;
+        let p = i % (MMA_BK / 2);
+        let c = i / (MMA_BK / 2);
+        if c < comptime!(hd / vec) {
+            let ka = kv[4 * it];
+            let kb = kv[4 * it + 1];
+            let va = kv[4 * it + 2];
+            let vb = kv[4 * it + 3];
+            #[unroll]
+            for e in 0..comptime!(vec / 2) {
+                let mut x = Pair16::empty();
+                x[0] = ka[2 * e];
+                x[1] = ka[2 * e + 1];
+                k_s[2 * p * k_stride + c * vec / 2 + e] = x;
+                let mut y = Pair16::empty();
+                y[0] = kb[2 * e];
+                y[1] = kb[2 * e + 1];
+                k_s[(2 * p + 1) * k_stride + c * vec / 2 + e] = y;
+            }
+            #[unroll]
+            for e in 0..vec {
+                let mut x = Pair16::empty();
+                x[0] = va[e];
+                x[1] = vb[e];
+                v_s[(c * vec + e) * v_stride + p] = x;
+            }
+        }
+    }
+}
+
 /// The tensor-core kernel with manually managed `mma.m16n8k16` fragments (FlashAttention-2's
 /// register layout): cube (x: row tile, y: head block) of 4 planes; plane `w` owns rows
 /// `16w..16w+16` of the tile. Q's fragments stay in registers for the whole key loop; per
@@ -865,57 +685,13 @@ fn prefill_mma_kernel<V: Size>(
     let mut bf = Array::<Pair16>::new(2usize);
     let mut acc = Array::<Pair32>::new(2usize);
 
+    // This unit's share of a K/V tile in registers (see `mma_load_kv`).
+    let mut kv = Array::<Vector<f16, V>>::new(comptime!(4 * mma_kv_items(hd, vec)));
     let mut tile = 0usize;
     while tile < cube.n_tiles {
         let j0 = tile * MMA_BK;
-        // K rows as pairs; V transposed: pair (dim e, keys 2p, 2p + 1). A unit takes a pair of
-        // keys and `vec` dims per step; positions at or past kv_len become zeros.
-        let chunks = comptime!(hd / vec);
-        let mut i = tid;
-        while i < MMA_BK / 2 * chunks {
-            let p = i % (MMA_BK / 2);
-            let c = i / (MMA_BK / 2);
-            let mut ka = Vector::<f16, V>::empty();
-            let mut kb = Vector::<f16, V>::empty();
-            let mut va = Vector::<f16, V>::empty();
-            let mut vb = Vector::<f16, V>::empty();
-            #[unroll]
-            for e in 0..vec {
-                ka[e] = f16::new(0.0);
-                kb[e] = f16::new(0.0);
-                va[e] = f16::new(0.0);
-                vb[e] = f16::new(0.0);
-            }
-            let ja = j0 + 2 * p;
-            let src = ((cube.kv_base + ja) * hd) / vec + c;
-            if ja < kv_len {
-                ka = k_cache[src];
-                va = v_cache[src];
-            }
-            if ja + 1 < kv_len {
-                kb = k_cache[src + hd / vec];
-                vb = v_cache[src + hd / vec];
-            }
-            #[unroll]
-            for e in 0..comptime!(vec / 2) {
-                let mut x = Pair16::empty();
-                x[0] = ka[2 * e];
-                x[1] = ka[2 * e + 1];
-                k_s[2 * p * k_stride + c * vec / 2 + e] = x;
-                let mut y = Pair16::empty();
-                y[0] = kb[2 * e];
-                y[1] = kb[2 * e + 1];
-                k_s[(2 * p + 1) * k_stride + c * vec / 2 + e] = y;
-            }
-            #[unroll]
-            for e in 0..vec {
-                let mut x = Pair16::empty();
-                x[0] = va[e];
-                x[1] = vb[e];
-                v_s[(c * vec + e) * v_stride + p] = x;
-            }
-            i += THREADS;
-        }
+        mma_load_kv::<V>(k_cache, v_cache, &mut kv, cube.kv_base, j0, kv_len, hd, vec);
+        mma_store_kv::<V>(&kv, &mut k_s, &mut v_s, hd, vec);
         sync_cube();
 
         // S = Q·Kᵀ: 8-key block n, accumulator pairs at 2n, 2n + 1.
@@ -1049,11 +825,6 @@ fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
     elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
 }
 
-/// Shared memory of the cmma kernel for key tiles of `bk`, in bytes.
-fn cmma_smem(hd: usize, bk: usize) -> usize {
-    2 * (BM * hd + 2 * bk * hd + BM * bk) + 4 * (BM * bk + 4 * 256 + THREADS)
-}
-
 /// Shared memory of the mma kernel, in bytes (K rows and Vᵀ rows as padded f16 pairs, the
 /// quad-reduction scratch, and the emulation's fragments).
 fn mma_smem(hd: usize, emulate: bool) -> usize {
@@ -1171,48 +942,6 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 scale,
                 hd,
                 bk,
-            );
-        }
-        kernel @ (PrefillKernel::Cmma | PrefillKernel::CmmaEmulated) => {
-            let emulate = kernel == PrefillKernel::CmmaEmulated;
-            ensure!(
-                is_f16::<F>(),
-                "attention prefill: the cmma kernels take f16 tensors"
-            );
-            if !emulate {
-                ensure!(
-                    cmma_supported(client),
-                    "attention prefill: this device has no f16 tensor cores (cmma); use the portable kernel"
-                );
-                ensure!(
-                    client.properties().hardware.plane_size_max == 32,
-                    "attention prefill: the cmma kernel needs 32-wide planes"
-                );
-            }
-            let bk = fits(&|b| cmma_smem(hd, b)).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "attention prefill: head_dim {hd} needs {} bytes of shared memory, the device has {max_smem}",
-                    cmma_smem(hd, 16)
-                )
-            })?;
-            prefill_cmma_kernel::launch::<R>(
-                client,
-                count,
-                CubeDim::new_1d(THREADS as u32),
-                q.arg(),
-                cache.k.arg(),
-                cache.v.arg(),
-                out.arg(),
-                tokens,
-                n_heads,
-                group,
-                heads_per_cube,
-                cache.max_ctx,
-                start,
-                scale,
-                hd,
-                bk,
-                emulate,
             );
         }
         kernel @ (PrefillKernel::Mma | PrefillKernel::MmaEmulated) => {

@@ -1,7 +1,7 @@
 //! Flash-attention prefill parity with the f64 reference: GQA 7 (and 6, 4 kv heads), head_dim
 //! 64 and 128, token counts that are not multiples of the 64-row tile, cache offsets (chunked
-//! prefill), poisoned outputs. The portable kernel and the emulated forms of the cmma and mma
-//! kernels run on every device; the tensor-core forms need CUDA (`#[ignore]`d here, run by
+//! prefill), poisoned outputs. The portable kernel and the mma kernel's emulated form run on
+//! every device; the tensor-core form needs CUDA (`#[ignore]`d here, run by
 //! scripts/run-gpu.sh with --include-ignored).
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(e <= TOL)`: NaN must fail
 
@@ -14,7 +14,7 @@ use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::DeviceTensor;
 use half::f16;
 
-/// f16 output rounding ≈ 2.8e-4 and P rounded to f16 in the cmma kernel; a wrong kv head, a
+/// f16 output rounding ≈ 2.8e-4 and P rounded to f16 in the mma kernel; a wrong kv head, a
 /// missing or shifted mask or a wrong scale give > 1e-2.
 const TOL: f64 = 3e-3;
 
@@ -183,21 +183,6 @@ fn flash_portable_one_head_per_cube() {
 }
 
 #[test]
-fn flash_cmma_emulated_prefill() {
-    // The 0.5B heads only: at head_dim 128 the cmma tiling needs 35 KB of shared memory, more
-    // than lavapipe's 32 KB (the tensor-core form runs the 1.5B heads on CUDA, module `cuda`).
-    let qwen05 = Case::new(PrefillKernel::CmmaEmulated, 14, 2, 64);
-    for (start, tokens) in [(0, 1), (0, 37), (0, 200), (20, 17), (300, 45)] {
-        check(qwen05.at(start, tokens));
-    }
-    let one_head = Case {
-        pack_group: false,
-        ..Case::new(PrefillKernel::CmmaEmulated, 14, 2, 64)
-    };
-    check(one_head.at(10, 70));
-}
-
-#[test]
 fn flash_mma_emulated_prefill() {
     // The 0.5B heads only: at head_dim 128 the emulation needs 42 KB of shared memory, more
     // than lavapipe's 32 KB (the tensor-core form runs the 1.5B and 7B heads on CUDA).
@@ -238,28 +223,6 @@ mod cuda {
             e <= TOL,
             "prefill rel_err {e:.3e} > {TOL:.0e} (seed {seed})"
         );
-    }
-
-    #[test]
-    #[ignore = "needs CUDA tensor cores: run on the GPU machine by scripts/run-gpu.sh"]
-    fn flash_cmma_prefill_cuda() {
-        let qwen05 = Case::new(PrefillKernel::Cmma, 14, 2, 64);
-        for tokens in [1, 37, 200, 513, 2048] {
-            check_cuda(qwen05.at(0, tokens));
-        }
-        check_cuda(qwen05.at(20, 17));
-        check_cuda(qwen05.at(511, 66));
-        check_cuda(qwen05.at(4096, 512));
-        check_cuda(Case {
-            pack_group: false,
-            ..qwen05.at(10, 70)
-        });
-        for (heads, kv) in [(12, 2), (28, 4)] {
-            let c = Case::new(PrefillKernel::Cmma, heads, kv, 128);
-            check_cuda(c.at(0, 37));
-            check_cuda(c.at(70, 61));
-            check_cuda(c.at(0, 2048));
-        }
     }
 
     #[test]
