@@ -8,7 +8,7 @@
 //! golden cases' (tests/data/golden.json: the real tokenizer's output, which CI checks in
 //! golden_device, including the real special ids `<|im_start|>` and `<|im_end|>`). Each case
 //! runs as generation runs it: the prompt prefilled in chunks of [`CHUNK`] (many-row matmuls:
-//! cmma on CUDA), then the golden greedy continuation decoded token by token (GEMV); a last
+//! cubek on CUDA), then the golden greedy continuation decoded token by token (GEMV); a last
 //! case runs every sequence back to back (611 tokens) in 512-token chunks (two). The
 //! logits at every position must match the reference's prefill of the same sequence.
 //!
@@ -17,7 +17,7 @@
 //! minutes) 2 layers of hidden 224 (14 q heads on 2 kv heads of 16), vocabulary 4096 (the ids
 //! taken modulo it), the cases of at most 128 tokens, and the back-to-back case (199 tokens)
 //! with 128-token chunks.
-//! On CUDA the prefill chunks must resolve to cmma, or the test fails. Randomized: the seed
+//! On CUDA the prefill chunks must resolve to cubek, or the test fails. Randomized: the seed
 //! is printed on failure; `CUBEQWEN_SEED=N` replays it.
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 
@@ -43,7 +43,8 @@ const MAX_REL: f64 = 2e-2;
 /// and 3.5e-2 at the same positions, so the growth is not the prefill attention's; a second
 /// seed (with cubek prefill matmuls), 4.3e-2 at position 409. About 2.5x.
 const MAX_REL_FULL: f64 = 1e-1;
-/// Prefill chunk of the per-case runs: several chunks per prompt, each > 4 rows (cmma).
+/// Prefill chunk of the per-case runs: several chunks per prompt, each > 4 rows (cubek's
+/// matmul on CUDA).
 const CHUNK: usize = 16;
 
 fn config() -> Qwen2Config {
@@ -134,8 +135,8 @@ impl RuntimeJob for Production {
         let chunk_variant = resolve_variant(&client, MatmulVariant::Auto, CHUNK);
         if std::env::var("CUBEQWEN_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
             ensure!(
-                chunk_variant == MatmulVariant::Cmma,
-                "on CUDA a {CHUNK}-row prefill chunk resolves to {chunk_variant:?}, not Cmma"
+                chunk_variant == MatmulVariant::Cubek,
+                "on CUDA a {CHUNK}-row prefill chunk resolves to {chunk_variant:?}, not Cubek"
             );
         }
 
