@@ -170,8 +170,8 @@ pub struct Session<'m, R: Runtime> {
     /// kernels crate; the kernel: `flash_kernel`); off (`CUBEQWEN_NO_FLASH=1`), with the chunked
     /// attention kernel that decode steps of the general path use.
     pub flash_prefill: bool,
-    /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, cmma; default auto, which is
-    /// portable).
+    /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, mma, mma-emulated; default
+    /// auto: mma for f16 where the device has `mma.m16n8k16`, else portable).
     pub flash_kernel: PrefillKernel,
     decode: DecodeBuffers<R>,
     #[cfg(feature = "cuda")]

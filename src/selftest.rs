@@ -1,13 +1,14 @@
 //! `cubeqwen selftest`: every kernel family once on the picked device, at Qwen2.5-0.5B widths,
 //! against its f64 reference (outputs poisoned with NaN first, so a kernel that writes
 //! nothing fails): RMSNorm (plain and fused with the residual add), RoPE, attention (GQA 7
-//! over a KV cache, prefill and decode), matmul (every variant the device has, with a bias),
+//! over a KV cache, prefill and decode; and the flash prefill kernel `Auto` picks), matmul (every variant the device has, with a bias),
 //! the embedding gather, SwiGLU and top-k / argmax.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::attention::{self, KvCache};
 use cubeqwen_kernels::elementwise::{embedding, swiglu, swiglu_reference};
+use cubeqwen_kernels::flash::{self, PrefillOptions};
 use cubeqwen_kernels::matmul::{self, cmma_supported, MatmulVariant, RowChunked};
 use cubeqwen_kernels::rope::{self, RopeTables};
 use cubeqwen_kernels::select::{argmax, top_k, top_k_reference};
@@ -145,6 +146,16 @@ impl crate::RuntimeJob for SelfTest {
                 let got = f16_to_f64(&od.to_vec(c)?);
                 let what = if n == 1 { "decode" } else { "prefill" };
                 check(format!("attention {what} [{n}x{qw}]"), &got, &want, TOL_F16);
+                if n > 1 {
+                    // The flash kernel the prompts take (`Auto`: tensor cores on CUDA).
+                    let od = poisoned(c, &[n, qw])?;
+                    let options = PrefillOptions::default();
+                    flash::attention_prefill_with(c, options, &qd, &cache, HEADS, start, &od)?;
+                    let kernel = flash::resolve_kernel::<R, f16>(c, options.kernel);
+                    let got = f16_to_f64(&od.to_vec(c)?);
+                    let name = format!("flash prefill {kernel:?} [{n}x{qw}]");
+                    check(name, &got, &want, TOL_F16);
+                }
             }
         }
 
@@ -276,6 +287,7 @@ mod tests {
             "rope",
             "attention prefill",
             "attention decode",
+            "flash prefill",
             "matmul Gemv",
             "matmul Tiled",
             "matmul Blocked",
