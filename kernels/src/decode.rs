@@ -1132,7 +1132,7 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     Ok(())
 }
 
-/// `x += W·a`: W [n, k], a [k] (f16 storage), x [n] f32.
+/// `x += W·a`: W `[n, k]`, a `[k]` (f16 storage), x `[n]` f32.
 pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     rec: Rec<'_>,
@@ -1158,7 +1158,7 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         comptime [k_vec, split, row_sum(client, split)])
 }
 
-/// RMSNorm → gate, up → SwiGLU: s [ffn] from x [d].
+/// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -1265,7 +1265,7 @@ pub fn top2_finish<R: Runtime>(
         scalars [usize parts]; comptime [threads, advance])
 }
 
-/// f64 reference of [`attn_in`]: returns (q roped [qd], k roped [kvd], v [kvd]) for `x` at
+/// f64 reference of [`attn_in`]: returns (q roped `[qd]`, k roped `[kvd]`, v `[kvd]`) for `x` at
 /// position `pos` (`inv_freq` as [`crate::rope::inv_freq`]; f16 rounding where the kernel
 /// rounds is not modelled).
 #[allow(clippy::too_many_arguments)]

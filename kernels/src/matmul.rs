@@ -33,8 +33,8 @@ pub enum MatmulVariant {
     Gemv,
     Blocked,
     /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias
-    /// added by [`add_bias_kernel`]; into columns of a wider output through a scratch
-    /// ([`place_columns_kernel`]).
+    /// added by `add_bias_kernel`; into columns of a wider output through a scratch
+    /// (`place_columns_kernel`).
     Cubek,
 }
 
