@@ -251,7 +251,7 @@ impl<'m, R: Runtime> Session<'m, R> {
     }
 
     /// Runs the prompt `ids` through the model (chunked), then the lm_head on its last token:
-    /// the logits ([`Session::logits`]), their top two ([`Session::top2`]) and, on the device,
+    /// the logits ([`Session::read_logits`]), their top two ([`Session::top2`]) and, on the device,
     /// the greedy next token, which [`Session::decode`] embeds unless [`Session::set_token`]
     /// replaces it.
     pub fn prefill(&mut self, client: &ComputeClient<R>, ids: &[u32]) -> Result<()> {
@@ -477,7 +477,7 @@ impl<'m, R: Runtime> Session<'m, R> {
     }
 
     /// Reads the logits of the last position that [`Session::prefill`] or [`Session::decode`]
-    /// ran ([vocab], f32).
+    /// ran (`[vocab]`, f32).
     pub fn read_logits(&mut self, client: &ComputeClient<R>) -> Result<Vec<f32>> {
         self.cubecl_turn()?;
         self.decode.logits.to_vec(client)

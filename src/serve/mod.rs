@@ -3,12 +3,12 @@
 //! - `GET /health`: `{state: "loading"|"ready", model, device, ctx, vram_bytes}`; answers while
 //!   the model is still loading.
 //! - `POST /execute` and `POST /cancel`: the worker protocol (server-sent events, see
-//!   [`execute`]).
+//!   `serve::execute`).
 //! - `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`: OpenAI's format
-//!   (see [`openai`]).
+//!   (see `serve::openai`).
 //! - `GET /metrics`: Prometheus text format.
 //!
-//! One thread (the engine, [`engine`]) owns the device and the model and runs one job at a
+//! One thread (the engine, `serve::engine`) owns the device and the model and runs one job at a
 //! time from a bounded FIFO queue; HTTP handlers hand it jobs and read their events back
 //! through channels. With `--api-key KEY` every route but `/health` wants
 //! `Authorization: Bearer KEY`.
