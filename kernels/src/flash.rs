@@ -32,6 +32,7 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::attention::KvCache;
+use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::DeviceTensor;
 
 /// Query rows per cube.
@@ -455,48 +456,6 @@ fn mma_16816(
     }
 }
 
-/// Max (`is_max`) or sum of `x` over the 4 lanes of a quad (lanes `4g..4g+4`: one row of an
-/// mma fragment). `scratch`: [`THREADS`] f32, used by the emulation (which synchronizes the
-/// cube: every unit must call it).
-#[cube]
-fn quad_reduce(
-    x: f32,
-    scratch: &mut SharedMemory<f32>,
-    #[comptime] is_max: bool,
-    #[comptime] emulate: bool,
-) -> f32 {
-    let mut r = x;
-    if comptime!(emulate) {
-        let tid = UNIT_POS as usize;
-        scratch[tid] = x;
-        sync_cube();
-        let q0 = tid - tid % 4;
-        #[unroll]
-        for i in 0..4usize {
-            let y = scratch[q0 + i];
-            if q0 + i != tid {
-                if comptime!(is_max) {
-                    r = f32::max(r, y);
-                } else {
-                    r += y;
-                }
-            }
-        }
-        sync_cube();
-    } else {
-        #[unroll]
-        for i in 0..2u32 {
-            let y = plane_shuffle_xor(r, 1u32 << i);
-            if comptime!(is_max) {
-                r = f32::max(r, y);
-            } else {
-                r += y;
-            }
-        }
-    }
-    r
-}
-
 /// K/V staging items (a pair of keys × `vec` dims) per unit for a tile of [`MMA_BK`] keys.
 fn mma_kv_items(hd: usize, vec: usize) -> usize {
     (MMA_BK / 2 * (hd / vec)).div_ceil(THREADS)
@@ -598,7 +557,7 @@ fn mma_store_kv<V: Size>(
 /// register layout): cube (x: row tile, y: head block) of 4 planes; plane `w` owns rows
 /// `16w..16w+16` of the tile. Q's fragments stay in registers for the whole key loop; per
 /// tile of [`MMA_BK`] keys the scores `S = Q·Kᵀ` are mma accumulators, the online softmax runs
-/// on them in registers (row max and sum over the 4 lanes that share a row), and the
+/// on them in registers (row max and sum over the 4 lanes that share a row, `quad`), and the
 /// probabilities, rounded to f16, are the A fragments of `P·V` without leaving the registers:
 /// an accumulator's pairs (rows g / g + 8, columns 2t..) are exactly A's pairs. K is staged
 /// row-major and V transposed (pairs of consecutive keys per dim), so every B fragment is one
@@ -619,6 +578,7 @@ fn prefill_mma_kernel<V: Size>(
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] vec: usize,
+    #[comptime] quad: Reduction,
     #[comptime] emulate: bool,
 ) {
     let tid = UNIT_POS as usize;
@@ -637,7 +597,6 @@ fn prefill_mma_kernel<V: Size>(
     let mut v_s = SharedMemory::<Pair16>::new(hd * v_stride);
     let scratch_len = comptime!(if emulate { 4 * 384usize } else { 1usize });
     let mut scratch = SharedMemory::<f32>::new(scratch_len);
-    let mut red = SharedMemory::<f32>::new(THREADS);
 
     // This lane's two rows of the tile (accumulator pairs 0 and 1) and what they see.
     let row_lo = cube.r0 + w * MMA_ROWS + g;
@@ -737,8 +696,8 @@ fn prefill_mma_kernel<V: Size>(
                 mx_hi = f32::max(mx_hi, b);
             }
         }
-        let new_lo = f32::max(m_lo, quad_reduce(mx_lo, &mut red, true, emulate));
-        let new_hi = f32::max(m_hi, quad_reduce(mx_hi, &mut red, true, emulate));
+        let new_lo = f32::max(m_lo, reduce_in_plane::<f32>(mx_lo, ReduceOp::Max, quad));
+        let new_hi = f32::max(m_hi, reduce_in_plane::<f32>(mx_hi, ReduceOp::Max, quad));
         let alpha_lo = f32::exp(m_lo - new_lo);
         let alpha_hi = f32::exp(m_hi - new_hi);
         m_lo = new_lo;
@@ -802,8 +761,8 @@ fn prefill_mma_kernel<V: Size>(
         tile += 1;
     }
 
-    let inv_lo = 1.0 / quad_reduce(l_lo, &mut red, false, emulate);
-    let inv_hi = 1.0 / quad_reduce(l_hi, &mut red, false, emulate);
+    let inv_lo = 1.0 / reduce_in_plane::<f32>(l_lo, ReduceOp::Sum, quad);
+    let inv_hi = 1.0 / reduce_in_plane::<f32>(l_hi, ReduceOp::Sum, quad);
     #[unroll]
     for r in 0..2usize {
         let row = row_lo + 8 * r;
@@ -825,11 +784,15 @@ fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
     elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
 }
 
-/// Shared memory of the mma kernel, in bytes (K rows and Vᵀ rows as padded f16 pairs, the
-/// quad-reduction scratch, and the emulation's fragments).
+/// Shared memory of the mma kernel, in bytes: K rows and Vᵀ rows as padded f16 pairs; with
+/// the emulation its fragments and the shared-memory trees of its six quad reductions.
 fn mma_smem(hd: usize, emulate: bool) -> usize {
-    4 * (MMA_BK * (hd / 2 + MMA_PAD) + hd * (MMA_BK / 2 + MMA_PAD) + THREADS)
-        + if emulate { 4 * 4 * 384 } else { 4 }
+    4 * (MMA_BK * (hd / 2 + MMA_PAD) + hd * (MMA_BK / 2 + MMA_PAD))
+        + if emulate {
+            4 * (4 * 384 + 6 * THREADS)
+        } else {
+            4
+        }
 }
 
 /// Whether the device runs `mma.m16n8k16` with f16 inputs and f32 accumulators.
@@ -987,6 +950,9 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 scale,
                 hd,
                 vec,
+                // The 4 lanes that share a row of an mma fragment: shuffles on CUDA, the
+                // shared-memory tree in the emulation.
+                Reduction::with_plane(THREADS, 4, if emulate { 0 } else { 32 }),
                 emulate,
             );
         }

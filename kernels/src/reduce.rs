@@ -93,6 +93,23 @@ pub fn reduce<N: Numeric>(value: N, #[comptime] op: ReduceOp, #[comptime] how: R
     result
 }
 
+/// As [`reduce()`], but where `how` uses plane operations and each group lies within one plane
+/// (butterfly shuffles, no shared memory) it returns without [`reduce()`]'s closing cube barrier:
+/// for reductions in a hot loop whose caller needs none. Elsewhere it is [`reduce()`], barrier
+/// included (the shared-memory tree needs it between rounds).
+#[cube]
+pub fn reduce_in_plane<N: Numeric>(
+    value: N,
+    #[comptime] op: ReduceOp,
+    #[comptime] how: Reduction,
+) -> N {
+    if comptime!(how.plane > 0 && how.group <= how.plane) {
+        reduce_planes::<N>(value, op, how)
+    } else {
+        reduce::<N>(value, op, how)
+    }
+}
+
 /// The sum over the group.
 #[cube]
 pub fn reduce_sum<N: Numeric>(value: N, #[comptime] how: Reduction) -> N {

@@ -99,7 +99,8 @@ fn check<R: Runtime>(client: &ComputeClient<R>, how: Reduction, seed: u64) -> Re
 
 device_test! {
     fn reduce_sum_max_min_over_groups<R>(client, seed) {
-        // (units, group): RMSNorm and top-k (256 as one), attention (128), the GEMV shapes
+        // (units, group): RMSNorm and top-k (256 as one), attention (128), the flash mma
+        // kernel's quads (128 in groups of 4), the GEMV shapes
         // (8×32 and 32×8 units in groups of 8 and 32), and the edges (2, a cube of 32, of 8,
         // cubes that are not a power of two as CUBEQWEN_GEMV_SHAPE allows: 32×3, 8×3).
         let shapes = [
@@ -108,6 +109,7 @@ device_test! {
             (256, 8),
             (256, 32),
             (256, 2),
+            (128, 4),
             (32, 32),
             (8, 8),
             (96, 32),
