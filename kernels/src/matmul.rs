@@ -10,9 +10,9 @@
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
-//! - `Auto`: `Gemv` for m ≤ 4; where the device has f16 tensor cores `Cubek` from
-//!   [`CUBEK_MIN_ROWS`] (H100, m = 2048: 63–88 TFLOP/s against `Cmma`'s 5, BENCHMARKS.md);
-//!   else `Blocked` on CPU-emulated devices (measured fastest there), else `Tiled`.
+//! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
+//!   cores, `Cubek` (H100, m = 2048: 63–88 TFLOP/s against `Cmma`'s 5, BENCHMARKS.md); else
+//!   `Blocked` on CPU-emulated devices (measured fastest there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -55,10 +55,8 @@ impl std::str::FromStr for MatmulVariant {
     }
 }
 
-/// Rows from which `Auto` takes `Cubek` on tensor-core devices: every count above `Gemv`'s.
-/// `Cmma` was 1% of cuBLAS at 2048 rows and made a 16-token prompt wait 30 ms on the H100
-/// (BENCHMARKS.md, "short prompts").
-pub const CUBEK_MIN_ROWS: usize = 5;
+/// Rows up to which `Auto` takes `Gemv`.
+pub const GEMV_MAX_ROWS: usize = 4;
 
 /// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
 const TILE: usize = 16;
@@ -391,10 +389,11 @@ pub fn resolve_variant<R: Runtime>(
     m: usize,
 ) -> MatmulVariant {
     match variant {
-        MatmulVariant::Auto if m <= 4 => MatmulVariant::Gemv,
-        MatmulVariant::Auto if cmma_supported(client) && m >= CUBEK_MIN_ROWS => {
-            MatmulVariant::Cubek
-        }
+        MatmulVariant::Auto if m <= GEMV_MAX_ROWS => MatmulVariant::Gemv,
+        // Above it, on tensor-core devices, cubek rather than `Cmma`: `Cmma` was 1% of cuBLAS at
+        // 2048 rows and made a 16-token prompt wait 30 ms on the H100 (BENCHMARKS.md, "short
+        // prompts").
+        MatmulVariant::Auto if cmma_supported(client) => MatmulVariant::Cubek,
         // On a CPU-emulated device (lavapipe: plane size 8) every load is a gather and every
         // barrier a context switch: register blocks, no shared memory (see BLOCK_ROWS).
         MatmulVariant::Auto if client.properties().hardware.plane_size_max < 32 => {
