@@ -22,6 +22,8 @@
 //! [`crate::select::top_k_reference`].
 
 use anyhow::{ensure, Result};
+use cubecl::ir::{BarrierLevel, OpaqueType};
+use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 
 use crate::attention::KvCache;
@@ -96,6 +98,9 @@ const PLANES: usize = 8;
 const HEAD_ROWS_PER_PLANE: usize = 4;
 /// Rows of the lm_head per cube.
 const HEAD_ROWS: usize = PLANES * HEAD_ROWS_PER_PLANE;
+/// Bytes of a weight vector when the decode GEMVs prefetch their rows with asynchronous
+/// copies (`cp.async` moves 4, 8 or 16 bytes; 16 bypasses L1).
+const ASYNC_COPY_BYTES: usize = 16;
 /// Units of the top-2 reduction.
 const FINISH_THREADS: usize = 1024;
 
@@ -111,7 +116,7 @@ struct Pair {
 /// `griddepcontrol.wait` + `griddepcontrol.launch_dependents` and launches the kernel with
 /// programmatic stream serialization: the kernel is scheduled while the one before it still
 /// runs and waits here. Elsewhere it is a comment. Before it a kernel may read only weights,
-/// and write nothing.
+/// and write nothing (but its own shared memory).
 #[cube]
 fn grid_dependency() {
     comment!("cubeqwen:grid-dependency");
@@ -150,12 +155,9 @@ fn norm_to_shared<F: Float>(
 /// steps, unrolled so that every load of a unit is in flight at once (a loop bounded at run
 /// time waits one memory latency per step).
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn dot2_shared<F: Float, V: Size>(
-    w0: &Array<Vector<F, V>>,
-    r0: usize,
-    w1: &Array<Vector<F, V>>,
-    r1: usize,
+fn dot2_rows<F: Float, V: Size>(
+    w0: &Slice<Vector<F, V>>,
+    w1: &Slice<Vector<F, V>>,
     h: &SharedMemory<f32>,
     first: usize,
     #[comptime] k_vec: usize,
@@ -168,8 +170,8 @@ fn dot2_shared<F: Float, V: Size>(
     for j in 0..iters {
         let i = first + j * stride;
         if i < k_vec {
-            let va = Vector::<f32, V>::cast_from(w0[r0 * k_vec + i]);
-            let vb = Vector::<f32, V>::cast_from(w1[r1 * k_vec + i]);
+            let va = Vector::<f32, V>::cast_from(w0[i]);
+            let vb = Vector::<f32, V>::cast_from(w1[i]);
             let base = i * V::value();
             #[unroll]
             for l in 0..V::value() {
@@ -182,11 +184,11 @@ fn dot2_shared<F: Float, V: Size>(
     Pair { a, b }
 }
 
-/// Partial dot product of row `r` of `w` with the vector `a` (global), as [`dot2_shared`].
+/// Partial dot product of the row `w` (a slice of `k_vec` vectors, in global or shared memory)
+/// with the vector `a` (global), as [`dot2_rows`].
 #[cube]
-fn dot_global<F: Float, V: Size>(
-    w: &Array<Vector<F, V>>,
-    r: usize,
+fn dot_row<F: Float, V: Size>(
+    w: &Slice<Vector<F, V>>,
     a: &Array<Vector<F, V>>,
     first: usize,
     #[comptime] k_vec: usize,
@@ -198,8 +200,7 @@ fn dot_global<F: Float, V: Size>(
     for j in 0..iters {
         let i = first + j * stride;
         if i < k_vec {
-            let p =
-                Vector::<f32, V>::cast_from(w[r * k_vec + i]) * Vector::<f32, V>::cast_from(a[i]);
+            let p = Vector::<f32, V>::cast_from(w[i]) * Vector::<f32, V>::cast_from(a[i]);
             #[unroll]
             for l in 0..V::value() {
                 acc += p[l];
@@ -209,13 +210,41 @@ fn dot_global<F: Float, V: Size>(
     acc
 }
 
+/// This unit's vectors of row `row` of `w` (`first, first + stride, ...` below `k_vec`, as the
+/// dot products read them) copied into row `local` of `dst` with asynchronous 16-byte copies
+/// (`cp.async`: no registers held while they fly). They count on the cube's barrier once the
+/// unit commits them (`commit_copy_async`) and arrives; read `dst` after waiting on it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_row_async<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    row: usize,
+    dst: &mut SharedMemory<Vector<F, V>>,
+    local: usize,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+    #[comptime] vec: u32,
+) {
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        if i < k_vec {
+            let (src, at) = (row * k_vec + i, local * k_vec + i);
+            copy_async(&w.slice(src, src + 1), &mut dst.slice_mut(at, at + 1), vec);
+        }
+    }
+}
+
 /// The vectors of row `r` of the q (`sec` 0), k (1) or v (2) projection that a unit reads for
 /// its part of a dot product (`first, first + stride, ...` below `k_vec`, `iters` of them; zero
 /// past `k_vec` or where `valid` is false), held in registers (a [`Sequence`] is one variable per
 /// element, unlike a local array). [`attn_in_kernel`] loads its weights so before
 /// [`grid_dependency`]: under programmatic dependent launch they stream while the kernel before
 /// it finishes. (The same in `ffn_in` and the GEMVs measured slower on the H100, 2026-11-27:
-/// `ffn_in` took 60 registers a unit, so its 608 cubes no longer fitted the GPU at once.)
+/// `ffn_in` took 60 registers a unit, so its 608 cubes no longer fitted the GPU at once; they
+/// prefetch into shared memory with [`copy_row_async`] instead.)
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_qkv_row<F: Float, V: Size>(
@@ -626,8 +655,11 @@ fn attention_merge_kernel<F: Float>(
 }
 
 /// `x[r] += Σ_k W[r][k]·a[k]` for every row r of W ([n, k]): the o-projection and the down
-/// projection with their residual add.
+/// projection with their residual add. With `prefetch` each unit copies its vectors of the row
+/// into shared memory asynchronously before [`grid_dependency`] (they stream while the kernel
+/// before finishes); otherwise it reads them from global memory after it.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn gemv_residual_kernel<F: Float, V: Size>(
     w: &Array<Vector<F, V>>,
     a: &Array<Vector<F, V>>,
@@ -636,22 +668,45 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     #[comptime] k_vec: usize,
     #[comptime] split: usize,
     #[comptime] row_sum: Reduction,
+    #[comptime] prefetch: bool,
+    #[comptime] vec: u32,
 ) {
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS * (PLANES / split) + y / split;
+    let rows = comptime!(PLANES / split);
+    let row = CUBE_POS * rows + y / split;
     let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
     let first = (y % split) * LANES + lane;
-    grid_dependency();
     let writer = row < n && lane == 0 && y.is_multiple_of(split);
-    // The residual, loaded while the dot product runs.
-    let mut xr = 0.0f32;
-    if writer {
-        xr = x[row];
-    }
     let mut acc = 0.0f32;
-    if row < n {
-        acc = dot_global::<F, V>(w, row, a, first, k_vec, stride, iters);
+    let mut xr = 0.0f32;
+    if comptime!(prefetch) {
+        let mut ws = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
+        let bar = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        if row < n {
+            copy_row_async::<F, V>(w, row, &mut ws, y / split, first, k_vec, stride, iters, vec);
+        }
+        bar.commit_copy_async();
+        let token = bar.arrive();
+        grid_dependency();
+        if writer {
+            xr = x[row];
+        }
+        bar.wait(token);
+        if row < n {
+            let at = (y / split) * k_vec;
+            acc = dot_row::<F, V>(&ws.slice(at, at + k_vec), a, first, k_vec, stride, iters);
+        }
+    } else {
+        grid_dependency();
+        // The residual, loaded while the dot product runs.
+        if writer {
+            xr = x[row];
+        }
+        if row < n {
+            let at = row * k_vec;
+            acc = dot_row::<F, V>(&w.slice(at, at + k_vec), a, first, k_vec, stride, iters);
+        }
     }
     let sum = reduce_sum::<f32>(acc, row_sum);
     if writer {
@@ -660,7 +715,9 @@ fn gemv_residual_kernel<F: Float, V: Size>(
 }
 
 /// FFN input of one token: `h = F(RMSNorm(x))`, gate and up = `F(h·Wᵀ)`,
-/// `s = F(silu(gate)·up)`; one plane row per output i (rows i of W_gate and W_up).
+/// `s = F(silu(gate)·up)`; one plane row per output i (rows i of W_gate and W_up). With
+/// `prefetch` the gate and up rows are copied into shared memory asynchronously before
+/// [`grid_dependency`], as in [`gemv_residual_kernel`].
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn ffn_in_kernel<F: Float, V: Size>(
@@ -676,22 +733,49 @@ fn ffn_in_kernel<F: Float, V: Size>(
     #[comptime] split: usize,
     #[comptime] row_sum: Reduction,
     #[comptime] cube: Reduction,
+    #[comptime] prefetch: bool,
+    #[comptime] vec: u32,
 ) {
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    let row = CUBE_POS * (PLANES / split) + y / split;
+    let rows = comptime!(PLANES / split);
+    let row = CUBE_POS * rows + y / split;
     let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
     let first = (y % split) * LANES + lane;
-    grid_dependency();
     let mut h = SharedMemory::<f32>::new(d);
-    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-
     let mut acc_g = 0.0f32;
     let mut acc_u = 0.0f32;
-    if row < ffn {
-        let r = dot2_shared::<F, V>(w_gate, row, w_up, row, &h, first, k_vec, stride, iters);
-        acc_g = r.a;
-        acc_u = r.b;
+    if comptime!(prefetch) {
+        let mut gs = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
+        let mut us = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
+        let bar = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        if row < ffn {
+            let l = y / split;
+            copy_row_async::<F, V>(w_gate, row, &mut gs, l, first, k_vec, stride, iters, vec);
+            copy_row_async::<F, V>(w_up, row, &mut us, l, first, k_vec, stride, iters, vec);
+        }
+        bar.commit_copy_async();
+        let token = bar.arrive();
+        grid_dependency();
+        norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+        bar.wait(token);
+        if row < ffn {
+            let at = (y / split) * k_vec;
+            let (g, u) = (gs.slice(at, at + k_vec), us.slice(at, at + k_vec));
+            let r = dot2_rows::<F, V>(&g, &u, &h, first, k_vec, stride, iters);
+            acc_g = r.a;
+            acc_u = r.b;
+        }
+    } else {
+        grid_dependency();
+        norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+        if row < ffn {
+            let at = row * k_vec;
+            let (g, u) = (w_gate.slice(at, at + k_vec), w_up.slice(at, at + k_vec));
+            let r = dot2_rows::<F, V>(&g, &u, &h, first, k_vec, stride, iters);
+            acc_g = r.a;
+            acc_u = r.b;
+        }
     }
     let g = reduce_sum::<f32>(acc_g, row_sum);
     let u = reduce_sum::<f32>(acc_u, row_sum);
@@ -746,7 +830,11 @@ fn lm_head_top2_kernel<F: Float, V: Size>(
         if rb < n {
             ib = rb;
         }
-        let acc = dot2_shared::<F, V>(w, ia, w, ib, &h, lane, k_vec, LANES, iters);
+        let (wa, wb) = (
+            w.slice(ia * k_vec, (ia + 1) * k_vec),
+            w.slice(ib * k_vec, (ib + 1) * k_vec),
+        );
+        let acc = dot2_rows::<F, V>(&wa, &wb, &h, lane, k_vec, LANES, iters);
         let sa = reduce_sum::<f32>(acc.a, row_sum);
         let sb = reduce_sum::<f32>(acc.b, row_sum);
         if lane == 0 {
@@ -915,6 +1003,22 @@ fn split_for(k_vec: usize, rows: usize) -> usize {
     let pass = (k_vec / LANES).max(1);
     let pass = 1 << pass.ilog2();
     fill.min(pass).clamp(1, PLANES)
+}
+
+/// Whether a fused GEMV prefetches its weight rows (`smem_bytes` of shared memory a cube) with
+/// asynchronous copies: where cubecl has cube barriers (CUDA, sm_80+), for 16-byte weight
+/// vectors, when they fit the cube's shared memory; not with `CUBEQWEN_NO_ASYNC_COPY` set (for
+/// before/after runs of one binary).
+fn async_prefetch<R: Runtime>(
+    client: &ComputeClient<R>,
+    vec_bytes: usize,
+    smem_bytes: usize,
+) -> bool {
+    let props = client.properties();
+    props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube))
+        && vec_bytes == ASYNC_COPY_BYTES
+        && smem_bytes + 1024 <= props.hardware.max_shared_memory_size
+        && std::env::var_os("CUBEQWEN_NO_ASYNC_COPY").is_none()
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {
@@ -1152,10 +1256,12 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), k);
     let k_vec = k / vec;
     let split = split_for(k_vec, n);
+    let vec_bytes = vec * size_of::<F>();
+    let prefetch = async_prefetch(client, vec_bytes, PLANES / split * k_vec * vec_bytes);
     launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
         cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
-        comptime [k_vec, split, row_sum(client, split)])
+        comptime [k_vec, split, row_sum(client, split), prefetch, vec as u32])
 }
 
 /// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`.
@@ -1185,11 +1291,14 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), d);
     let k_vec = d / vec;
     let split = split_for(k_vec, ffn);
+    let vec_bytes = vec * size_of::<F>();
+    let smem = 2 * (PLANES / split) * k_vec * vec_bytes + d * size_of::<f32>();
+    let prefetch = async_prefetch(client, vec_bytes, smem);
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
         cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
         scalars [usize ffn, f32 eps];
-        comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client)])
+        comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client), prefetch, vec as u32])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.
