@@ -22,7 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::forward::Session;
+use crate::generate::sample_next;
 use crate::model::DeviceModel;
+use crate::sampling::{Sampler, SamplingParams};
 use crate::{dispatch, DeviceKind, RuntimeJob};
 
 /// Arguments of `cubeqwen bench`.
@@ -64,6 +66,13 @@ pub struct BenchArgs {
     /// md (a markdown table) or json (one object, with every sample).
     #[arg(short = 'o', long = "format", default_value = "md", value_parser = ["md", "json"])]
     pub format: String,
+    /// Decode tests draw each token with llama.cpp's default sampler (temperature 0.8, top-k 40,
+    /// top-p 0.95, min-p 0.05; seed --seed) instead of taking the greedy one. `device`: as
+    /// `run` does, from the top-k found on the device (a read of 40 candidates per step);
+    /// `host`: from the whole row of logits read back each step (the path without a device
+    /// top-k, for before/after).
+    #[arg(long, value_parser = ["device", "host"])]
+    pub sample: Option<String>,
     /// Size of each of the two buffers of the copy-bandwidth measurement, in MiB.
     #[arg(long, default_value_t = 256)]
     pub copy_mib: usize,
@@ -298,6 +307,8 @@ pub struct BenchReport {
     pub matmul: MatmulVariant,
     pub plan: Plan,
     pub seed: u64,
+    /// Where decode tests sampled (`--sample device|host`); `None`: greedy.
+    pub sampled: Option<String>,
     pub copy: CopyBandwidth,
     pub results: Vec<TestResult>,
 }
@@ -319,9 +330,14 @@ impl BenchReport {
         let params = human(param_count(c) as f64, &["", "K", "M", "B"], 1000.0);
         let bw = self.copy.best_gbps();
         let mut s = format!(
-            "device: {}; matmul {}; copy bandwidth {bw:.1} GB/s (read + write, best of {} samples of {} copies of {} MiB)\n\n",
+            "device: {}; matmul {}; decode {}; copy bandwidth {bw:.1} GB/s (read + write, best of {} samples of {} copies of {} MiB)\n\n",
             self.device,
             format!("{:?}", self.matmul).to_lowercase(),
+            match &self.sampled {
+                Some(on) =>
+                    format!("sampled on the {on} (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)"),
+                None => "greedy".to_string(),
+            },
             self.copy.samples_gbps.len(),
             self.copy.launches,
             self.copy.buffer_bytes >> 20
@@ -381,6 +397,7 @@ impl BenchReport {
             "ctx": self.plan.ctx,
             "repetitions": self.plan.repetitions,
             "seed": self.seed,
+            "sampled": self.sampled,
             "copy_bandwidth": {
                 "best_gbps": self.copy.best_gbps(),
                 "samples_gbps": self.copy.samples_gbps,
@@ -526,6 +543,7 @@ impl RuntimeJob for BenchJob {
             matmul: args.matmul,
             plan,
             seed: args.seed,
+            sampled: args.sample.clone(),
             copy,
             results,
         })
@@ -566,6 +584,16 @@ fn run_tests<R: Runtime>(
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x0062_656e_6368);
     let vocab = c.vocab as u32;
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    let mut sampler = match &args.sample {
+        Some(on) => Some((
+            Sampler::new(SamplingParams {
+                seed: args.seed,
+                ..SamplingParams::default()
+            })?,
+            on == "host",
+        )),
+        None => None,
+    };
     let mut depths: Vec<usize> = plan.tests.iter().map(|t| t.n_depth).collect();
     depths.dedup();
     let runs = plan.tests.len() * (plan.repetitions + 1) + depths.len();
@@ -612,7 +640,18 @@ fn run_tests<R: Runtime>(
                             }
                             session.decode(client)?;
                         }
-                        session.top2(client)?;
+                        match sampler.as_mut() {
+                            None => {
+                                session.top2(client)?;
+                            }
+                            Some((s, false)) => {
+                                sample_next(client, &mut session, s, &[])?;
+                            }
+                            Some((s, true)) => {
+                                let next = s.sample(&session.read_logits(client)?, &[]);
+                                session.set_token(client, next)?;
+                            }
+                        }
                     }
                     t0.elapsed().as_secs_f64()
                 };

@@ -23,6 +23,7 @@ use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 #[cfg(not(feature = "faults"))]
 use cubeqwen_kernels::rope::rope;
 use cubeqwen_kernels::rope::RopeTables;
+use cubeqwen_kernels::select::{decode_pairs, TopK};
 use cubeqwen_kernels::DeviceTensor;
 #[cfg(feature = "faults")]
 use cubeqwen_kernels::{
@@ -32,7 +33,6 @@ use cubeqwen_kernels::{
 #[cfg(feature = "cuda")]
 use cudarc::driver::CudaGraph;
 use half::f16;
-#[cfg(feature = "cuda")]
 use std::collections::HashMap;
 
 use crate::model::DeviceModel;
@@ -114,6 +114,14 @@ struct DecodeBuffers<R: Runtime> {
     scratch: AttentionScratch<R>,
     /// The position `st.state` holds (the host's copy, to know when to set it).
     state_pos: usize,
+    /// Device top-k buffers for sampling ([`Session::top_k`]) by k: made at the first call
+    /// with that k and kept, since recorded decode graphs hold their addresses.
+    top_ks: HashMap<usize, TopK<R>>,
+    /// The k each decode step computes after its logits: the last one [`Session::top_k`] was
+    /// asked for.
+    step_k: Option<usize>,
+    /// Whether `top_ks[step_k]` holds the top-k of the logits now in `logits`.
+    top_k_fresh: bool,
 }
 
 impl<R: Runtime> DecodeBuffers<R> {
@@ -132,6 +140,9 @@ impl<R: Runtime> DecodeBuffers<R> {
             parts,
             scratch: AttentionScratch::new(client, c.n_heads, c.head_dim, max_ctx)?,
             state_pos: 0,
+            top_ks: HashMap::new(),
+            step_k: None,
+            top_k_fresh: false,
         })
     }
 }
@@ -188,17 +199,20 @@ enum DecodeValue {
     Position,
 }
 
-/// The decode step's CUDA graphs, one per attention chunk count, and the stream bookkeeping.
+/// The decode step's CUDA graphs, one per attention chunk count and sampling top-k (0 for
+/// none), and the stream bookkeeping.
 #[cfg(feature = "cuda")]
 struct Graphs {
     rec: GraphRecorder,
-    by_chunks: HashMap<usize, CudaGraph>,
+    by_shape: HashMap<(usize, usize), CudaGraph>,
     /// Whether our stream (graph replays) wrote the decode buffers last; cubecl must wait.
     ours: bool,
     /// Device addresses of the token, position and top-2 buffers.
     token: u64,
     position: u64,
     top2: u64,
+    /// Device addresses of the sampling top-k results, by k.
+    top_k: HashMap<usize, u64>,
 }
 
 impl<'m, R: Runtime> Session<'m, R> {
@@ -297,6 +311,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         }
         #[cfg(not(feature = "cuda"))]
         self.decode_kernels(client, None, pos)?;
+        self.decode.top_k_fresh = self.decode.step_k.is_some();
         self.decode.state_pos = pos + 1;
         self.len += 1;
         Ok(())
@@ -376,7 +391,11 @@ impl<'m, R: Runtime> Session<'m, R> {
             logits,
             partial,
         )?;
-        decode::top2_finish(client, rec, &b.partial, b.parts, &b.st, true)
+        decode::top2_finish(client, rec.as_deref_mut(), &b.partial, b.parts, &b.st, true)?;
+        if let Some(k) = b.step_k {
+            b.top_ks[&k].run(client, rec, logits)?;
+        }
+        Ok(())
     }
 
     /// The graph recorder, made at the first decode on CUDA (`None` elsewhere, or with
@@ -402,11 +421,12 @@ impl<'m, R: Runtime> Session<'m, R> {
         let top2 = address(&mut rec, &b.st.top2.handle)?;
         Ok(Some(Graphs {
             rec,
-            by_chunks: HashMap::new(),
+            by_shape: HashMap::new(),
             ours: false,
             token,
             position,
             top2,
+            top_k: HashMap::new(),
         }))
     }
 
@@ -416,14 +436,17 @@ impl<'m, R: Runtime> Session<'m, R> {
             g.rec.wait_for_cubecl()?;
             g.ours = true;
         }
-        let chunks = decode::attention_chunks(pos);
-        if !g.by_chunks.contains_key(&chunks) {
+        let shape = (
+            decode::attention_chunks(pos),
+            self.decode.step_k.unwrap_or(0),
+        );
+        if !g.by_shape.contains_key(&shape) {
             let graph = g
                 .rec
                 .capture(|rec| self.decode_kernels(client, Some(rec), pos))?;
-            g.by_chunks.insert(chunks, graph);
+            g.by_shape.insert(shape, graph);
         }
-        g.by_chunks[&chunks].launch()?;
+        g.by_shape[&shape].launch()?;
         Ok(())
     }
 
@@ -509,6 +532,51 @@ impl<'m, R: Runtime> Session<'m, R> {
         })
     }
 
+    /// The `k` best logits of the last position that [`Session::prefill`] or
+    /// [`Session::decode`] ran, as (id, value): value descending, lowest id first among equal
+    /// values, finite values only (fewer than `k` where fewer are finite). What a sampler draws
+    /// from ([`crate::sampling::Sampler::sample_top_k`]) without reading the whole row: from the
+    /// call after the first with this `k`, each decode step computes it on the device (inside its
+    /// CUDA graph where there is one), and this call reads `k` pairs.
+    pub fn top_k(&mut self, client: &ComputeClient<R>, k: usize) -> Result<Vec<(u32, f32)>> {
+        let vocab = self.model.config.vocab;
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.decode.top_ks.entry(k) {
+            slot.insert(TopK::new(client, 1, vocab, k)?);
+        }
+        if self.decode.step_k != Some(k) {
+            self.decode.step_k = Some(k);
+            self.decode.top_k_fresh = false;
+        }
+        if !self.decode.top_k_fresh {
+            self.cubecl_turn()?;
+            self.decode.top_ks[&k].run(client, None, &self.decode.logits)?;
+            self.decode.top_k_fresh = true;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graphs.as_mut().filter(|g| g.ours) {
+            let out = &self.decode.top_ks[&k].out;
+            let at = match g.top_k.get(&k) {
+                Some(&at) => at,
+                None => {
+                    let at = g.rec.address(&out.handle)?;
+                    g.top_k.insert(k, at);
+                    at
+                }
+            };
+            let mut bytes = vec![0u8; out.len() * 4];
+            // SAFETY: the address of this session's live `[1, k, 2]` f32 buffer.
+            unsafe { g.rec.read(at, &mut bytes)? };
+            let raw: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            return Ok(decode_pairs(&raw, k).swap_remove(0));
+        }
+        self.cubecl_turn()?;
+        let raw = self.decode.top_ks[&k].out.to_vec(client)?;
+        Ok(decode_pairs(&raw, k).swap_remove(0))
+    }
+
     /// The token the next [`Session::decode`] embeds (a sampled one, instead of the greedy
     /// choice already on the device).
     pub fn set_token(&mut self, client: &ComputeClient<R>, id: u32) -> Result<()> {
@@ -553,6 +621,7 @@ impl<'m, R: Runtime> Session<'m, R> {
     ) -> Result<LogitsOut<R>> {
         ensure!(!ids.is_empty(), "forward: no tokens");
         self.cubecl_turn()?;
+        self.decode.top_k_fresh = false;
         ensure!(
             self.len + ids.len() <= self.max_ctx,
             "the context is full: {} tokens so far + {} new > {} (raise --ctx, up to the model's {})",

@@ -102,7 +102,7 @@ pub fn generate_with<R: Runtime>(
         session.max_ctx,
         session.model.config.context_length,
     )?;
-    let greedy = req.params.is_greedy() && req.params.repeat_penalty == 1.0;
+    let greedy = req.params.is_greedy() && !req.params.penalizes();
     let mut sampler = Sampler::new(req.params.clone())?;
     let mut stop = StopChecker::new(req.stop.clone());
     let mut decoder = tokenizer.stream_decoder();
@@ -130,9 +130,7 @@ pub fn generate_with<R: Runtime>(
             out.margins.push(top.first - top.second);
             top.id
         } else {
-            let next = sampler.sample(&session.read_logits(client)?, &history);
-            session.set_token(client, next)?;
-            next
+            sample_next(client, session, &mut sampler, &history)?
         };
         if step == 0 {
             out.prefill_time = t0.elapsed();
@@ -191,6 +189,28 @@ pub fn generate_with<R: Runtime>(
     }
     out.decode_time = t0.elapsed().saturating_sub(out.prefill_time);
     Ok(out)
+}
+
+/// Draws the next token from the last logits of `session` with `sampler` (`history`: the ids
+/// so far, for the repetition penalty) and makes it the token the next [`Session::decode`]
+/// embeds. Where the settings allow ([`crate::sampling::SamplingParams::device_top_k`]) it draws
+/// from the top-k found on the device, reading `k` candidates instead of the whole row.
+pub fn sample_next<R: Runtime>(
+    client: &ComputeClient<R>,
+    session: &mut Session<'_, R>,
+    sampler: &mut Sampler,
+    history: &[u32],
+) -> Result<u32> {
+    let drawn = match sampler.params().device_top_k() {
+        Some(k) => sampler.sample_top_k(&session.top_k(client, k)?),
+        None => None,
+    };
+    let next = match drawn {
+        Some(id) => id,
+        None => sampler.sample(&session.read_logits(client)?, history),
+    };
+    session.set_token(client, next)?;
+    Ok(next)
 }
 
 /// What [`StopChecker::push`] says about the text so far.

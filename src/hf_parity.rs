@@ -150,7 +150,7 @@ pub fn run<R: Runtime>(
     while tokens.len() < r.greedy_ids.len() {
         let l = session.forward(client, &tokens[tokens.len() - 1..], None)?;
         all_finite(&l.to_vec(client)?, session.len - 1, "device decode")?;
-        tokens.push(argmax(client, &l)?.to_vec(client)?[0]);
+        tokens.push(argmax(client, &l)?[0]);
     }
     let trusted = r
         .greedy_margins

@@ -65,6 +65,20 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
+    /// Whether the repetition penalty changes anything.
+    pub fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_last_n > 0
+    }
+
+    /// The `k` of a device top-k from which [`Sampler::sample_top_k`] draws what
+    /// [`Sampler::sample`] would draw from the whole row: sampling (not greedy) with top-k in
+    /// `1..=`[`DEVICE_TOP_K_MAX`] and no repetition penalty. `None` where the draw needs every
+    /// logit.
+    pub fn device_top_k(&self) -> Option<usize> {
+        (!self.is_greedy() && (1..=DEVICE_TOP_K_MAX).contains(&self.top_k) && !self.penalizes())
+            .then_some(self.top_k)
+    }
+
     /// Checks the ranges documented on each field.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -156,6 +170,10 @@ impl Ord for Worst {
     }
 }
 
+/// The largest top-k drawn from a device top-k ([`SamplingParams::device_top_k`]); its rounds
+/// grow with k, so larger ones read the logits instead.
+pub const DEVICE_TOP_K_MAX: usize = 128;
+
 /// Number of logit buckets used to find the top-p boundary without sorting everything.
 const TOP_P_BUCKETS: usize = 4096;
 
@@ -185,6 +203,11 @@ impl Sampler {
         })
     }
 
+    /// The settings it draws with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
     /// The next token id given the logits of the last position (one per vocabulary entry) and
     /// the ids so far (prompt and generated; only the last `repeat_last_n` are penalized).
     ///
@@ -198,7 +221,7 @@ impl Sampler {
         let p = self.params.clone();
 
         // 1. Repetition penalty.
-        let penalize = p.repeat_penalty != 1.0 && p.repeat_last_n > 0 && !history.is_empty();
+        let penalize = p.penalizes() && !history.is_empty();
         let mut logits_buf = std::mem::take(&mut self.logits);
         let logits: &[f32] = if penalize {
             let start = history.len().saturating_sub(p.repeat_last_n);
@@ -229,12 +252,36 @@ impl Sampler {
         id
     }
 
+    /// [`Sampler::sample`]'s draw from `top`, the best finite logits of the row as (id, value),
+    /// value descending then id ascending (a device top-k's order): with
+    /// `top.len()` = `top_k` (or every finite logit when fewer) and no repetition penalty
+    /// ([`SamplingParams::device_top_k`]), the same token as [`Sampler::sample`] on the whole
+    /// row, and the same RNG state after. `None` when `top` holds no finite value (the caller
+    /// falls back to [`Sampler::sample`]).
+    pub fn sample_top_k(&mut self, top: &[(u32, f32)]) -> Option<u32> {
+        let p = self.params.clone();
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(top.iter().copied().filter(|c| c.1.is_finite()));
+        debug_assert!(cands.is_sorted_by(|a, b| by_logit_desc(a, b).is_le()));
+        match cands.first() {
+            None => None,
+            Some(best) if p.is_greedy() => Some(best.0),
+            Some(_) => Some(self.draw(&p)),
+        }
+    }
+
     fn sample_filtered(&mut self, logits: &[f32], p: &SamplingParams) -> u32 {
         // 2. Top-k (folded into collecting the finite candidates).
         self.collect_candidates(logits, p.top_k);
         if self.candidates.is_empty() {
             return argmax(logits);
         }
+        self.draw(p)
+    }
+
+    /// Steps 3 to 6 on `candidates` (finite, non-empty).
+    fn draw(&mut self, p: &SamplingParams) -> u32 {
         // 3. Top-p (nucleus), on the temperature-1 distribution of the candidates left.
         if p.top_p < 1.0 && self.candidates.len() > 1 {
             self.apply_top_p(p.top_p as f64);
@@ -274,7 +321,8 @@ impl Sampler {
             .unwrap_or(cands[0].0)
     }
 
-    /// Fills `candidates` with the finite logits, only the `top_k` best when `top_k > 0`.
+    /// Fills `candidates` with the finite logits, only the `top_k` best when `top_k > 0`; those
+    /// in `by_logit_desc` order (the order a device top-k gives, so both draw alike).
     fn collect_candidates(&mut self, logits: &[f32], top_k: usize) {
         let cands = &mut self.candidates;
         cands.clear();
@@ -304,7 +352,7 @@ impl Sampler {
                 worst_logit = heap.peek().map_or(f32::NEG_INFINITY, |w| w.0 .1);
             }
         }
-        cands.extend(heap.into_iter().map(|w| w.0));
+        cands.extend(heap.into_sorted_vec().into_iter().map(|w| w.0));
     }
 
     /// Keeps the smallest set of best candidates (in `by_logit_desc` order) whose probability
@@ -455,6 +503,57 @@ mod tests {
             let l = test_logits(5000, salt);
             assert_eq!(s.sample(&l, &[]), argmax(&l));
         }
+    }
+
+    #[test]
+    fn drawing_from_the_top_k_matches_the_whole_row() {
+        use cubeqwen_kernels::select::top_k_reference;
+        let settings = [
+            SamplingParams::default(),
+            params(1.0, 40, 1.0, 0.0, 3),
+            params(0.7, 5, 0.5, 0.0, 4),
+            params(1.3, 100, 0.9, 0.1, 5),
+            params(1.0, 128, 0.98, 0.0, 6),
+        ];
+        for p in settings {
+            let k = p
+                .device_top_k()
+                .expect("these settings sample from a top-k");
+            let (mut whole, mut top) = (Sampler::new(p.clone()).unwrap(), Sampler::new(p).unwrap());
+            let mut differ = 0;
+            for step in 0..300u32 {
+                let mut l = test_logits(5000, step);
+                // Ties (quarter steps) and a few non-finite values.
+                for x in &mut l[..2500] {
+                    *x = (*x * 4.0).round() / 4.0;
+                }
+                l[(step as usize * 37) % 5000] = f32::NAN;
+                l[(step as usize * 91) % 5000] = f32::INFINITY;
+                let a = whole.sample(&l, &[]);
+                let b = top.sample_top_k(&top_k_reference(&l, k)).unwrap();
+                assert_eq!(a, b, "step {step} k {k}");
+                differ += usize::from(a != argmax(&l));
+            }
+            // The settings sample: the draws are not all the argmax.
+            assert!(
+                differ > 10,
+                "k {k}: only {differ} of 300 draws differ from the argmax"
+            );
+        }
+        // Settings that need the whole row.
+        for p in [
+            SamplingParams::greedy(),
+            params(1.0, 0, 0.9, 0.0, 1),
+            params(1.0, DEVICE_TOP_K_MAX + 1, 1.0, 0.0, 1),
+            SamplingParams {
+                repeat_penalty: 1.1,
+                ..SamplingParams::default()
+            },
+        ] {
+            assert_eq!(p.device_top_k(), None, "{p:?}");
+        }
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample_top_k(&[(3, f32::NAN)]), None);
     }
 
     #[test]

@@ -85,6 +85,18 @@ fn bench_random_tiny_model_json_and_table() {
     assert_eq!(v["ctx"], 12);
     assert_eq!(v["config"]["vocab"], 151936);
 
+    assert_eq!(v["sampled"], serde_json::Value::Null);
+    // Sampled decode, from the device top-k and from the whole row.
+    for on in ["device", "host"] {
+        let args = [
+            "bench", "-p", "0", "-n", "3", "-d", "0,4", "-r", "1", "--format", "json",
+        ];
+        let json = ok(&[&args[..], &["--sample", on], &common[..]].concat());
+        let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
+        check_report(&v, &["tg3", "tg3 @ d4"], 1);
+        assert_eq!(v["sampled"], on);
+    }
+
     let md = ok(&[&["bench", "-p", "4", "-n", "0", "-r", "1"], &common[..]].concat());
     assert!(
         md.contains("| model | size | params | test | t/s | floor t/s |"),
@@ -190,6 +202,7 @@ fn bench_bad_input() {
     );
     fails_with(&with(&["--copy-mib", "0"]), "--copy-mib must be at least 1");
     fails_with(&with(&["--format", "csv"]), "invalid value 'csv'");
+    fails_with(&with(&["--sample", "gpu"]), "invalid value 'gpu'");
     fails_with(&["bench"], "--model");
     fails_with(
         &["bench", "--random", "tiny", "--model", "x.gguf"],

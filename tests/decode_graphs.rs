@@ -2,7 +2,8 @@
 //! arguments as cubecl does) against the same steps launched by cubecl: the logits and the
 //! chosen tokens must be bit-identical, across an attention chunk boundary (a second graph, with
 //! the merge kernel), with a sampled token written between steps, and after a cubecl prefill
-//! that follows graph replays; on sm_90+ the graphs' kernels must overlap (programmatic
+//! that follows graph replays, and the sampling top-k computed in the step equal to the host's
+//! top-k of its logits; on sm_90+ the graphs' kernels must overlap (programmatic
 //! dependent launch), with the same bits. CUDA only: run by scripts/run-gpu.sh (--include-ignored).
 #![cfg(feature = "cuda")]
 
@@ -11,6 +12,7 @@ use cubecl::cuda::CudaRuntime;
 use cubeqwen::forward::Session;
 use cubeqwen::model::DeviceModel;
 use cubeqwen_kernels::runtime::cuda_client;
+use cubeqwen_kernels::select::top_k_reference;
 use cubeqwen_kernels::testing::{fresh_seed, Rng};
 use cubeqwen_loaders::{qwen25_config, random_qwen2, Qwen2Config};
 
@@ -64,7 +66,16 @@ fn steps_of(
     s.prefill(client, prompt)?;
     for i in 0..steps {
         let top = s.top2(client)?;
-        out.push((s.read_logits(client)?, top.id));
+        // The sampling top-k, read before the logits (from the graph's stream), with k
+        // changing on the way (a graph per k): the host's top-k of the same logits.
+        let k = if (6..9).contains(&i) { 8 } else { 40 };
+        let top_k = s.top_k(client, k)?;
+        let logits = s.read_logits(client)?;
+        ensure!(
+            top_k == top_k_reference(&logits, k),
+            "step {i}: the device top-{k} is not the top-{k} of the logits"
+        );
+        out.push((logits, top.id));
         if i % 5 == 4 {
             s.set_token(client, (top.id + 7) % 151936)?;
         }

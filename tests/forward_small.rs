@@ -1,13 +1,16 @@
 //! The device forward pass on small random Qwen2 models against the f64 reference:
-//! written by the GGUF writer, loaded back, prefill (all positions) and step-by-step decode.
+//! written by the GGUF writer, loaded back, prefill (all positions) and step-by-step decode,
+//! with the sampling top-k of each decode step.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen::forward::Session;
+use cubeqwen::generate::sample_next;
 use cubeqwen::model::DeviceModel;
 use cubeqwen::reference::RefModel;
-use cubeqwen::sampling::top2;
+use cubeqwen::sampling::{top2, Sampler, SamplingParams};
 use cubeqwen_kernels::runtime::RuntimeJob;
+use cubeqwen_kernels::select::top_k_reference;
 use cubeqwen_kernels::testing::{fresh_seed, rel_err, run_test, Rng};
 use cubeqwen_loaders::{load_model, random_qwen2, small_gqa7_config, write_gguf_f16, Qwen2Config};
 
@@ -79,7 +82,15 @@ impl RuntimeJob for Case {
             session.fused_decode = s % 2 == 0;
             session.set_token(&client, next)?;
             session.decode(&client)?;
+            // The sampling top-k of the step (inside the fused step once a k was asked for,
+            // else a launch of its own; k changes on the way) equals the host's of its logits.
+            let k = [40, 40, 5][s % 3].min(cfg.vocab);
+            let top = session.top_k(&client, k)?;
             let got = session.read_logits(&client)?;
+            ensure!(
+                top == top_k_reference(&got, k),
+                "decode step {s}: the device top-{k} is not the top-{k} of the logits"
+            );
             let want = reference.forward(&mut ref_cache, &[next], pos)?;
             let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
             errs.push((
@@ -140,4 +151,68 @@ fn forward_matches_reference_tied_and_chunked_prefill() {
         decode_steps: 4,
         prefill_chunk: 5,
     });
+}
+
+/// Sampled decoding (llama.cpp's default settings, a hotter temperature): drawing from the
+/// device top-k ([`sample_next`], the top-k inside each fused step) gives the tokens the host
+/// draws from every logit of the same steps, with the same seed.
+struct Sampled {
+    seed: u64,
+}
+
+impl RuntimeJob for Sampled {
+    type Output = usize;
+    fn run<R: Runtime>(self, client: ComputeClient<R>, _device: &str) -> Result<usize> {
+        let cfg = config(false);
+        let model = DeviceModel::upload(&client, &random_qwen2(&cfg, self.seed), 64)?;
+        let mut rng = Rng::new(self.seed);
+        let prompt: Vec<u32> = (0..5).map(|_| rng.below(cfg.vocab) as u32).collect();
+        let params = SamplingParams {
+            temperature: 1.5,
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        ensure!(params.device_top_k() == Some(40));
+        // The tokens and how many of them were not the argmax of their logits.
+        let run = |device: bool| -> Result<(Vec<u32>, usize)> {
+            let mut s = Session::new(&client, &model, 64)?;
+            let mut sampler = Sampler::new(params.clone())?;
+            s.prefill(&client, &prompt)?;
+            let (mut history, mut not_top) = (prompt.clone(), 0);
+            for _ in 0..24 {
+                let next = if device {
+                    sample_next(&client, &mut s, &mut sampler, &history)?
+                } else {
+                    let logits = s.read_logits(&client)?;
+                    let next = sampler.sample(&logits, &history);
+                    not_top += usize::from(next != top_k_reference(&logits, 1)[0].0);
+                    s.set_token(&client, next)?;
+                    next
+                };
+                history.push(next);
+                s.decode(&client)?;
+            }
+            Ok((history.split_off(prompt.len()), not_top))
+        };
+        let (device, _) = run(true)?;
+        let (host, not_top) = run(false)?;
+        ensure!(
+            device == host,
+            "sampled from the device top-k {device:?}, from the whole row {host:?}"
+        );
+        Ok(not_top)
+    }
+}
+
+#[test]
+fn sampling_from_the_device_top_k_equals_sampling_from_every_logit() {
+    let seed = fresh_seed();
+    println!("seed {seed} (replay with CUBEQWEN_SEED={seed})");
+    let not_top = run_test(Sampled { seed });
+    // The settings really sample (a test of greedy decoding would prove nothing).
+    assert!(
+        not_top >= 3,
+        "only {not_top} of 24 draws were not the argmax (seed {seed})"
+    );
+    println!("seed {seed}: 24 sampled tokens equal, {not_top} of them not the argmax");
 }

@@ -27,58 +27,12 @@ use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 
 use crate::attention::KvCache;
-#[cfg(feature = "cuda")]
-pub use crate::graph::GraphRecorder;
+use crate::launch::launch;
+pub use crate::launch::{GraphRecorder, Rec};
 use crate::matmul::{vector_size, RowChunked};
 use crate::reduce::{reduce_max, reduce_sum, Reduction};
 use crate::rope::RopeTables;
 use crate::DeviceTensor;
-
-/// Stands in for the CUDA graph recorder where CUDA is not built: no value exists.
-#[cfg(not(feature = "cuda"))]
-pub enum GraphRecorder {}
-
-/// Where a host function's launches go: `None`, cubecl's own launch on `client`; `Some`, the
-/// CUDA graph recorder (which compiles the same kernel definitions and launches them itself).
-pub type Rec<'a> = Option<&'a mut GraphRecorder>;
-
-/// Launches a `#[cube(launch)]` kernel through cubecl or through the graph recorder, with one
-/// argument list. The kernel's parameters must come in this order: arrays, runtime scalars,
-/// comptime values (`sizes` are the vector sizes of its `Size` generics).
-macro_rules! launch {
-    ($rec:expr, $client:expr, $kmod:ident :: $kernel:ident <$($g:ty),*>, $count:expr, $dim:expr;
-     sizes [$($size:expr),*];
-     arrays [$($arr:expr => $vec:expr),*];
-     scalars [$($kind:ident $sc:expr),*];
-     comptime [$($ct:expr),*]) => {{
-        let count: CubeCount = $count;
-        let dim: CubeDim = $dim;
-        match $rec {
-            None => {
-                $kmod::launch::<$($g,)* R>($client, count, dim, $($size,)* $($arr.arg(),)* $($sc,)* $($ct,)*);
-                anyhow::Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Some(g) => {
-                let settings = KernelSettings::default()
-                    .cube_dim(dim)
-                    .address_type(AddressType::U32);
-                let kernel = $kmod::$kernel::<$($g,)* cubecl::cuda::CudaRuntime>::new(
-                    settings,
-                    g.client().clone(),
-                    $({ let _ = &$arr; ArrayCompilationArg { inplace: None } },)*
-                    $({ let _ = &$sc; },)*
-                    $($size,)*
-                    $($ct,)*
-                );
-                let args = crate::graph::GraphArgs::new() $(.array(&$arr, $vec))* $(.$kind($sc))*;
-                g.launch(kernel, count, args)
-            }
-            #[cfg(not(feature = "cuda"))]
-            Some(never) => match *never {},
-        }
-    }};
-}
 
 /// Units that share one dot product (one plane on GPUs).
 pub const LANES: usize = 32;
@@ -1008,17 +962,20 @@ fn split_for(k_vec: usize, rows: usize) -> usize {
 /// Whether a fused GEMV prefetches its weight rows (`smem_bytes` of shared memory a cube) with
 /// asynchronous copies: where cubecl has cube barriers (CUDA, sm_80+), for 16-byte weight
 /// vectors, when they fit the cube's shared memory; not with `CUBEQWEN_NO_ASYNC_COPY` set (for
-/// before/after runs of one binary).
+/// before/after runs of one binary; read once per process, as launches without a graph come
+/// 48 times a token).
 fn async_prefetch<R: Runtime>(
     client: &ComputeClient<R>,
     vec_bytes: usize,
     smem_bytes: usize,
 ) -> bool {
+    static OFF: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var_os("CUBEQWEN_NO_ASYNC_COPY").is_some());
     let props = client.properties();
     props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube))
         && vec_bytes == ASYNC_COPY_BYTES
         && smem_bytes + 1024 <= props.hardware.max_shared_memory_size
-        && std::env::var_os("CUBEQWEN_NO_ASYNC_COPY").is_none()
+        && !*OFF
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {

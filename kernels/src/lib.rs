@@ -33,6 +33,7 @@ pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;
+pub mod launch;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;

@@ -1,125 +1,267 @@
 //! Choosing tokens on the device: argmax and top-k over each row of logits.
 //!
-//! Ties go to the lowest id (as the reference and the golden data do). Top-k runs k rounds of
-//! a block-wide arg-max, each excluding what earlier rounds took ((value, id) ordered by value
-//! descending, then id ascending), so ties and repeated values are handled exactly.
+//! Only finite values are candidates (NaN and ±inf never are). Ties go to the lowest id (as the
+//! reference and the golden data do): the order is value descending, then id ascending.
+//!
+//! Two passes, so that a vocabulary-wide row spreads over many cubes: each cube takes a chunk
+//! of [`CHUNK`] elements of a row and finds its `k` best in `k` rounds of a cube-wide arg-max,
+//! each round excluding what earlier rounds took (so ties and repeated values are handled
+//! exactly); then one cube per row does the same over the chunks' candidates. A row of at most
+//! one chunk needs only the first pass. Results are (value, id) pairs in one f32 array, the id as
+//! its bit pattern (one read brings both back).
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
+use crate::launch::{launch, Rec};
 use crate::reduce::{reduce_max, reduce_min, Reduction};
 use crate::{DeviceTensor, KernelError};
 
-/// Threads per row (a power of two, as the reduction needs).
+/// Units per cube (a power of two, as the reduction needs).
 const BLOCK: usize = 256;
+/// Elements of a row that one cube of the first pass takes.
+pub const CHUNK: usize = 2048;
+/// The largest `k` the kernels take.
+pub const MAX_K: usize = 1024;
+/// The id of a candidate slot left empty (fewer than `k` finite values): above every vocabulary
+/// id, and as an f32 bit pattern a finite number, so no runtime rewrites it as a NaN.
+pub const NO_ID: u32 = 0x3FFF_FFFF;
 
+/// The `k` best finite values of each `chunk`-long piece of each row of `values` (`n` per row;
+/// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row).
+/// Writes `k` (value, id bits) pairs per cube to `out`, best first; slots past the piece's
+/// finite values get (`-f32::MAX`, [`NO_ID`]).
 #[cube(launch)]
 fn topk_kernel<F: Float>(
-    logits: &Array<F>,
-    out_ids: &mut Array<u32>,
-    out_vals: &mut Array<f32>,
-    vocab: usize,
+    values: &Array<F>,
+    out: &mut Array<f32>,
+    n: usize,
+    chunk: usize,
+    chunks: usize,
     k: usize,
+    #[comptime] pairs: bool,
     #[comptime] row_best: Reduction,
 ) {
-    let row = CUBE_POS;
+    let row = CUBE_POS / chunks;
+    let start = (CUBE_POS % chunks) * chunk;
+    let mut end = start + chunk;
+    if end > n {
+        end = n;
+    }
     let tid = UNIT_POS as usize;
-    let base = row * vocab;
+    let lowest = f32::new(-3.4028235e38);
+    let highest = f32::new(3.4028235e38);
 
     // (prev_v, prev_i): the last pick; candidates must come strictly after it in the order.
-    let mut prev_v = f32::new(3.0e38);
+    let mut prev_v = highest;
     let mut prev_i = 0u32;
     for r in 0..k {
-        // This thread's best candidate; `vocab` (past every id) when it has none.
-        let mut bv = f32::new(-3.0e38);
-        let mut bi = vocab as u32;
-        let mut i = tid;
-        while i < vocab {
-            let v = f32::cast_from(logits[base + i]);
-            let id = i as u32;
+        // This unit's best candidate; (lowest, NO_ID) when it has none.
+        let mut bv = lowest;
+        let mut bi = 0x3FFF_FFFFu32;
+        let mut i = start + tid;
+        while i < end {
+            let v = if comptime!(pairs) {
+                f32::cast_from(values[(row * n + i) * 2])
+            } else {
+                f32::cast_from(values[row * n + i])
+            };
+            let id = if comptime!(pairs) {
+                u32::reinterpret(f32::cast_from(values[(row * n + i) * 2 + 1]))
+            } else {
+                i as u32
+            };
+            // NaN and ±inf fail the range test; an empty slot's id is never below `bi`.
+            let finite = v >= lowest && v <= highest;
             let after_prev = r == 0 || v < prev_v || (v == prev_v && id > prev_i);
-            // NaN compares false everywhere, so it is never picked.
-            if after_prev && (v > bv || (v == bv && id < bi)) {
+            if finite && after_prev && (v > bv || (v == bv && id < bi)) {
                 bv = v;
                 bi = id;
             }
             i += row_best.units;
         }
-        // The row's best value, then the lowest id among the threads that hold it.
+        // The best value, then the lowest id among the units that hold it.
         prev_v = reduce_max::<f32>(bv, row_best);
-        let mut id_if_best = vocab as u32;
+        let mut id_if_best = 0x3FFF_FFFFu32;
         if bv == prev_v {
             id_if_best = bi;
         }
         prev_i = reduce_min::<u32>(id_if_best, row_best);
         if tid == 0 {
-            out_ids[row * k + r] = prev_i;
-            out_vals[row * k + r] = prev_v;
+            let at = (CUBE_POS * k + r) * 2;
+            out[at] = prev_v;
+            out[at + 1] = f32::reinterpret(prev_i);
         }
     }
 }
 
-/// The `k` largest logits of each row of `logits` ([rows, vocab]), largest first (lowest id
-/// first among equal values): ids [rows, k] and values [rows, k]. `k = 1` is the argmax.
+/// Device buffers and launch plan of a top-k over `rows` rows of `n` values: made once, run per
+/// token (no allocation in the loop).
+pub struct TopK<R: Runtime> {
+    pub rows: usize,
+    pub n: usize,
+    pub k: usize,
+    chunk: usize,
+    chunks: usize,
+    /// The first pass's candidates, `[rows × chunks, k]` pairs (when `chunks > 1`).
+    part: Option<DeviceTensor<R, f32>>,
+    /// The result: `[rows, k]` (value, id bits) pairs, best first.
+    pub out: DeviceTensor<R, f32>,
+}
+
+impl<R: Runtime> TopK<R> {
+    /// The `k` best of each of `rows` rows of `n` values, in chunks of [`CHUNK`].
+    pub fn new(client: &ComputeClient<R>, rows: usize, n: usize, k: usize) -> Result<Self> {
+        Self::with_chunk(client, rows, n, k, CHUNK)
+    }
+
+    /// As [`TopK::new`] with chunks of `chunk` elements (tests use small ones to reach the
+    /// second pass on small rows).
+    pub fn with_chunk(
+        client: &ComputeClient<R>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        chunk: usize,
+    ) -> Result<Self> {
+        ensure!(
+            rows >= 1 && n >= 1,
+            KernelError::invalid("top_k", format!("{rows} rows of {n} values"))
+        );
+        ensure!(
+            k >= 1 && k <= n,
+            KernelError::invalid("top_k", format!("k must be in 1..={n}, got {k}"))
+        );
+        ensure!(
+            k <= MAX_K,
+            KernelError::unsupported(
+                "top_k",
+                format!("k = {k} is more than this kernel is meant for (at most {MAX_K})")
+            )
+        );
+        ensure!(chunk >= 1, KernelError::invalid("top_k", "chunk of 0"));
+        let chunks = n.div_ceil(chunk);
+        let max_cubes = client.properties().hardware.max_cube_count.0 as usize;
+        ensure!(
+            rows * chunks <= max_cubes,
+            KernelError::unsupported(
+                "top_k",
+                format!(
+                    "{rows} rows of {chunks} chunks: at most {max_cubes} cubes per launch on this device"
+                )
+            )
+        );
+        let part = if chunks > 1 {
+            Some(DeviceTensor::empty(client, &[rows * chunks, k, 2])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            rows,
+            n,
+            k,
+            chunk,
+            chunks,
+            part,
+            out: DeviceTensor::empty(client, &[rows, k, 2])?,
+        })
+    }
+
+    /// Finds the top-k of `values` (`[rows, n]`) into [`TopK::out`]: one launch, or two when a
+    /// row spans several chunks.
+    pub fn run<F: Float + CubeElement>(
+        &self,
+        client: &ComputeClient<R>,
+        mut rec: Rec<'_>,
+        values: &DeviceTensor<R, F>,
+    ) -> Result<()> {
+        ensure!(
+            values.len() == self.rows * self.n,
+            KernelError::shape(
+                "top_k",
+                "values",
+                format!("[{}, {}]", self.rows, self.n),
+                &values.shape
+            )
+        );
+        let how = Reduction::cube(client, BLOCK);
+        let dim = CubeDim::new_1d(BLOCK as u32);
+        let (n, chunk, chunks, k) = (self.n, self.chunk, self.chunks, self.k);
+        let first = self.part.as_ref().unwrap_or(&self.out);
+        launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>,
+            CubeCount::new_1d((self.rows * chunks) as u32), dim;
+            sizes []; arrays [values => 1, first => 1];
+            scalars [usize n, usize chunk, usize chunks, usize k]; comptime [false, how])?;
+        if let Some(part) = &self.part {
+            let (n2, one) = (chunks * k, 1usize);
+            launch!(rec, client, topk_kernel::TopkKernel<f32>,
+                CubeCount::new_1d(self.rows as u32), dim;
+                sizes []; arrays [part => 1, self.out => 1];
+                scalars [usize n2, usize n2, usize one, usize k]; comptime [true, how])?;
+        }
+        Ok(())
+    }
+
+    /// Reads [`TopK::out`]: each row's best (id, value), best first; fewer than `k` where the
+    /// row has fewer finite values.
+    pub fn read(&self, client: &ComputeClient<R>) -> Result<Vec<Vec<(u32, f32)>>> {
+        Ok(decode_pairs(&self.out.to_vec(client)?, self.k))
+    }
+}
+
+/// Splits the (value, id bits) pairs of [`TopK::out`] into rows of `k` (id, value), dropping
+/// empty slots.
+pub fn decode_pairs(raw: &[f32], k: usize) -> Vec<Vec<(u32, f32)>> {
+    raw.chunks(2 * k)
+        .map(|row| {
+            row.chunks_exact(2)
+                .map(|p| (p[1].to_bits(), p[0]))
+                .filter(|&(id, _)| id != NO_ID)
+                .collect()
+        })
+        .collect()
+}
+
+/// The `k` largest finite values of each row of `values` (`[rows, n]`), largest first (lowest
+/// id first among equal values), as (id, value); fewer where a row has fewer finite values.
 pub fn top_k<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
-    logits: &DeviceTensor<R, F>,
+    values: &DeviceTensor<R, F>,
     k: usize,
-) -> Result<(DeviceTensor<R, u32>, DeviceTensor<R, f32>)> {
+) -> Result<Vec<Vec<(u32, f32)>>> {
     ensure!(
-        logits.shape.len() == 2,
-        KernelError::shape("top_k", "logits", "[rows, vocab]", &logits.shape)
+        values.shape.len() == 2,
+        KernelError::shape("top_k", "values", "[rows, n]", &values.shape)
     );
-    let (rows, vocab) = (logits.shape[0], logits.shape[1]);
-    ensure!(
-        k >= 1 && k <= vocab,
-        KernelError::invalid("top_k", format!("k must be in 1..={vocab}, got {k}"))
-    );
-    ensure!(
-        k <= 1024,
-        KernelError::unsupported(
-            "top_k",
-            format!("k = {k} is more than this kernel is meant for (at most 1024)")
-        )
-    );
-    let max_rows = client.properties().hardware.max_cube_count.0 as usize;
-    ensure!(
-        rows <= max_rows,
-        KernelError::unsupported(
-            "top_k",
-            format!("at most {max_rows} rows per launch on this device, got {rows}")
-        )
-    );
-    let ids = DeviceTensor::<R, u32>::empty(client, &[rows, k])?;
-    let vals = DeviceTensor::<R, f32>::empty(client, &[rows, k])?;
-    topk_kernel::launch::<F, R>(
-        client,
-        CubeCount::new_1d(rows as u32),
-        CubeDim::new_1d(BLOCK as u32),
-        logits.arg(),
-        ids.arg(),
-        vals.arg(),
-        vocab,
-        k,
-        Reduction::cube(client, BLOCK),
-    );
-    Ok((ids, vals))
+    let t = TopK::new(client, values.shape[0], values.shape[1], k)?;
+    t.run(client, None, values)?;
+    t.read(client)
 }
 
-/// Index of the largest logit of each row (lowest id on ties).
+/// Index of the largest finite value of each row (lowest id on ties); an error for a row
+/// without one.
 pub fn argmax<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
-    logits: &DeviceTensor<R, F>,
-) -> Result<DeviceTensor<R, u32>> {
-    Ok(top_k(client, logits, 1)?.0)
+    values: &DeviceTensor<R, F>,
+) -> Result<Vec<u32>> {
+    top_k(client, values, 1)?
+        .iter()
+        .enumerate()
+        .map(|(r, best)| match best.first() {
+            Some(&(id, _)) => Ok(id),
+            None => {
+                Err(KernelError::invalid("argmax", format!("row {r} has no finite value")).into())
+            }
+        })
+        .collect()
 }
 
-/// Reference: the `k` best (id, value) of `row`, value descending then id ascending; NaN never.
+/// Reference: the `k` best finite (id, value) of `row`, value descending then id ascending.
 pub fn top_k_reference(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut v: Vec<(u32, f32)> = row
         .iter()
         .enumerate()
-        .filter(|(_, x)| !x.is_nan())
+        .filter(|(_, x)| x.is_finite())
         .map(|(i, &x)| (i as u32, x))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -1,14 +1,30 @@
-//! Argmax and top-k over vocabulary-sized rows: ties to the lowest id, NaN never chosen.
+//! Argmax and top-k over vocabulary-wide rows: finite values only, ties to the lowest id;
+//! both passes (chunk candidates, then their merge) against the sorting reference.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen_kernels::select::{argmax, top_k, top_k_reference};
+use cubeqwen_kernels::select::{argmax, top_k, top_k_reference, TopK};
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor};
 
+/// Every row of `got` equals the reference's top-k of that row of `values` (ids and values).
+fn same(got: &[Vec<(u32, f32)>], values: &[f32], n: usize, k: usize, what: &str) -> Result<()> {
+    ensure!(got.len() * n == values.len(), "{what}: {} rows", got.len());
+    for (r, row) in got.iter().enumerate() {
+        let want = top_k_reference(&values[r * n..(r + 1) * n], k);
+        ensure!(
+            *row == want,
+            "{what} row {r} k {k}: got {:?}… want {:?}…",
+            &row[..row.len().min(6)],
+            &want[..want.len().min(6)]
+        );
+    }
+    Ok(())
+}
+
 fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let (rows, vocab) = (3, 151936);
+    let (rows, vocab) = (5, 151936);
     let mut logits = rng.f32_vec(rows * vocab, 0.0, 3.0);
     // Row 1: a tie for the maximum (lowest id must win) and repeated values in the top-k.
     let top = 50.0;
@@ -16,11 +32,26 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     logits[vocab + 70000] = top;
     logits[vocab + 5] = 40.0;
     logits[vocab + 4] = 40.0;
-    // Row 2: NaNs, one where the maximum would be.
+    logits[vocab + 1256] = 45.0;
+    logits[vocab + 1000] = 45.0;
+    // Row 2: NaNs and infinities, where the maximum and the minimum would be.
     logits[2 * vocab + 17] = f32::NAN;
     logits[2 * vocab + 151935] = f32::NAN;
+    logits[2 * vocab + 60000] = f32::INFINITY;
+    logits[2 * vocab + 60001] = f32::NEG_INFINITY;
+    // Row 3: the whole top 60 in one chunk (the merge must take more than one per chunk), with
+    // the largest finite value among them.
+    for j in 0..60 {
+        logits[3 * vocab + 4100 + j] = 10.0 + j as f32 * 0.25;
+    }
+    logits[3 * vocab + 4159] = f32::MAX;
+    // Row 4: negative values only, one of them the lowest finite f32.
+    for v in &mut logits[4 * vocab..] {
+        *v = -1.0 - *v;
+    }
+    logits[4 * vocab + 3] = -f32::MAX;
     let ld = DeviceTensor::<R, f32>::from_slice(client, &logits, &[rows, vocab])?;
-    let am = argmax(client, &ld)?.to_vec(client)?;
+    let am = argmax(client, &ld)?;
     for r in 0..rows {
         let want = top_k_reference(&logits[r * vocab..(r + 1) * vocab], 1)[0].0;
         ensure!(
@@ -30,22 +61,48 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
         );
     }
     ensure!(am[1] == 70000, "tie must go to the lowest id");
-    for k in [1, 2, 5, 40] {
-        let (ids, vals) = top_k(client, &ld, k)?;
-        let (ids, vals) = (ids.to_vec(client)?, vals.to_vec(client)?);
-        for r in 0..rows {
-            let want = top_k_reference(&logits[r * vocab..(r + 1) * vocab], k);
-            for (j, (wi, wv)) in want.iter().enumerate() {
-                ensure!(
-                    ids[r * k + j] == *wi && vals[r * k + j] == *wv,
-                    "row {r} k {k} rank {j}: got ({}, {}) want ({wi}, {wv}) (seed {seed})",
-                    ids[r * k + j],
-                    vals[r * k + j]
-                );
-            }
-        }
+    ensure!(am[2] != 60000, "+inf must not be chosen");
+    for k in [1, 2, 5, 40, 64] {
+        same(&top_k(client, &ld, k)?, &logits, vocab, k, "vocab rows")?;
     }
-    println!("argmax and top-k (k = 1, 2, 5, 40) exact on {rows}×{vocab} (seed {seed})");
+
+    // Small chunks: k above the chunk length (empty slots in the first pass), a short last
+    // chunk, and rows with fewer finite values than k.
+    let (rows, n) = (3, 1000);
+    let mut v = rng.f32_vec(rows * n, -2.0, 2.0);
+    // Row 1: 17 distinct values, so ties meet inside each unit and each pass.
+    for x in &mut v[n..2 * n] {
+        *x = (*x * 4.0).round() / 4.0;
+    }
+    for x in &mut v[2 * n + 30..3 * n] {
+        *x = f32::NAN;
+    }
+    let vd = DeviceTensor::<R, f32>::from_slice(client, &v, &[rows, n])?;
+    let flipped: Vec<f32> = v.iter().map(|x| 100.0 - x).collect();
+    let other = DeviceTensor::<R, f32>::from_slice(client, &flipped, &[rows, n])?;
+    for (k, chunk) in [(40, 16), (7, 96), (100, 1000), (25, 33)] {
+        let t = TopK::with_chunk(client, rows, n, k, chunk)?;
+        // A run on other values first: nothing of it may survive in the buffers.
+        t.run(client, None, &other)?;
+        t.run(client, None, &vd)?;
+        let got = t.read(client)?;
+        same(&got, &v, n, k, &format!("chunk {chunk}"))?;
+        ensure!(got[2].len() == k.min(30), "row of 30 finite values, k {k}");
+    }
+    // f16 input.
+    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let hd = DeviceTensor::<R, half::f16>::from_slice(client, &h, &[rows, n])?;
+    let back: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+    same(&top_k(client, &hd, 12)?, &back, n, 12, "f16")?;
+
+    // Bad arguments are errors.
+    ensure!(top_k(client, &vd, 0).is_err() && top_k(client, &vd, n + 1).is_err());
+    let all_nan = DeviceTensor::<R, f32>::from_slice(client, &[f32::NAN; 8], &[1, 8])?;
+    ensure!(
+        argmax(client, &all_nan).is_err(),
+        "a row without finite values"
+    );
+    println!("argmax and top-k exact on {rows}×{vocab} and small chunked rows (seed {seed})");
     Ok(())
 }
 
