@@ -150,9 +150,12 @@ fn lane_max<T: Copy + Into<f64>>(v: &[T]) -> f64 {
     max
 }
 
-/// Descending by logit, then ascending by id: a total order, so results are deterministic.
+/// Descending by logit, then ascending by id: a total order on finite logits (-0.0 and 0.0
+/// equal, as the device top-k compares them), so results are deterministic.
 fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+    b.1.partial_cmp(&a.1)
+        .unwrap_or_else(|| b.1.total_cmp(&a.1))
+        .then(a.0.cmp(&b.0))
 }
 
 /// A candidate in the top-k heap; the heap's maximum is the worst candidate.

@@ -15,10 +15,11 @@
 //! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
 //! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
 //! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
-//! | argmax, top-k | [`select`] | [`select::argmax`], [`select::top_k`] | [`select::top_k_reference`] | `select.rs` |
+//! | argmax, top-k (two passes: chunk candidates, their merge; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |
 //! | cube reduction (sum, max, min) used by the above | [`reduce`] | [`reduce::reduce()`] (inside kernels) | f64 sums, exact max/min | `reduce.rs` |
 //!
-//! Beside them: [`buffer`] (the typed device tensor), [`grid`] (launch grid of the
+//! Beside them: [`buffer`] (the typed device tensor), [`launch`] (one launch path through
+//! cubecl or a CUDA graph recorder), [`grid`] (launch grid of the
 //! one-thread-per-element kernels), [`runtime`] (picking CUDA or wgpu), [`error`] and
 //! [`testing`] (helpers for the parity tests, and the [`device_test!`] macro).
 

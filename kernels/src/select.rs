@@ -4,9 +4,10 @@
 //! reference and the golden data do): the order is value descending, then id ascending.
 //!
 //! Two passes, so that a vocabulary-wide row spreads over many cubes: each cube takes a chunk
-//! of [`CHUNK`] elements of a row and finds its `k` best in `k` rounds of a cube-wide arg-max,
-//! each round excluding what earlier rounds took (so ties and repeated values are handled
-//! exactly); then one cube per row does the same over the chunks' candidates. A row of at most
+//! of [`CHUNK`] elements of a row, holds them in registers, and finds its `k` best in `k`
+//! rounds of a cube-wide arg-max, each round excluding what earlier rounds took (so ties and
+//! repeated values are handled exactly); then one cube per row does the same over the chunks'
+//! candidates. A row of at most
 //! one chunk needs only the first pass. Results are (value, id) pairs in one f32 array, the id as
 //! its bit pattern (one read brings both back).
 
@@ -17,12 +18,16 @@ use crate::launch::{launch, Rec};
 use crate::reduce::{reduce_max, reduce_min, Reduction};
 use crate::{DeviceTensor, KernelError};
 
-/// Units per cube (a power of two, as the reduction needs).
+/// Units per cube of the first pass (a power of two, as the reduction needs).
 const BLOCK: usize = 256;
-/// Elements of a row that one cube of the first pass takes.
+/// Units of the second pass's cube, at most (the device's limit may be lower).
+const MERGE_UNITS: usize = 1024;
+/// Elements of a row that one cube of the first pass takes, at least.
 pub const CHUNK: usize = 2048;
+/// The most elements a unit holds in registers (more chunks or a larger k take longer chunks).
+const MAX_PER_UNIT: usize = 64;
 /// The largest `k` the kernels take.
-pub const MAX_K: usize = 1024;
+pub const MAX_K: usize = 256;
 /// The id of a candidate slot left empty (fewer than `k` finite values): above every vocabulary
 /// id, and as an f32 bit pattern a finite number, so no runtime rewrites it as a NaN.
 pub const NO_ID: u32 = 0x3FFF_FFFF;
@@ -30,8 +35,11 @@ pub const NO_ID: u32 = 0x3FFF_FFFF;
 /// The `k` best finite values of each `chunk`-long piece of each row of `values` (`n` per row;
 /// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row).
 /// Writes `k` (value, id bits) pairs per cube to `out`, best first; slots past the piece's
-/// finite values get (`-f32::MAX`, [`NO_ID`]).
+/// finite values get (`-f32::MAX`, [`NO_ID`]). Each unit holds its `per_unit` elements of the
+/// piece in registers for all `k` rounds (read from memory once: a round costs the two
+/// reductions and a few compares per element).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn topk_kernel<F: Float>(
     values: &Array<F>,
     out: &mut Array<f32>,
@@ -40,6 +48,7 @@ fn topk_kernel<F: Float>(
     chunks: usize,
     k: usize,
     #[comptime] pairs: bool,
+    #[comptime] per_unit: usize,
     #[comptime] row_best: Reduction,
 ) {
     let row = CUBE_POS / chunks;
@@ -52,6 +61,34 @@ fn topk_kernel<F: Float>(
     let lowest = f32::new(-3.4028235e38);
     let highest = f32::new(3.4028235e38);
 
+    // This unit's elements: finite ones as they are; NaN, ±inf, empty slots and places past
+    // the piece as (lowest, NO_ID), which no round picks (an id is never below NO_ID).
+    let mut vals = Sequence::<f32>::new();
+    let mut ids = Sequence::<u32>::new();
+    #[unroll]
+    for e in 0..per_unit {
+        let i = start + tid + e * row_best.units;
+        let mut v = lowest;
+        let mut id = 0x3FFF_FFFFu32;
+        if i < end {
+            let x = if comptime!(pairs) {
+                f32::cast_from(values[(row * n + i) * 2])
+            } else {
+                f32::cast_from(values[row * n + i])
+            };
+            if x >= lowest && x <= highest {
+                v = x;
+                id = if comptime!(pairs) {
+                    u32::reinterpret(f32::cast_from(values[(row * n + i) * 2 + 1]))
+                } else {
+                    i as u32
+                };
+            }
+        }
+        vals.push(v);
+        ids.push(id);
+    }
+
     // (prev_v, prev_i): the last pick; candidates must come strictly after it in the order.
     let mut prev_v = highest;
     let mut prev_i = 0u32;
@@ -59,26 +96,15 @@ fn topk_kernel<F: Float>(
         // This unit's best candidate; (lowest, NO_ID) when it has none.
         let mut bv = lowest;
         let mut bi = 0x3FFF_FFFFu32;
-        let mut i = start + tid;
-        while i < end {
-            let v = if comptime!(pairs) {
-                f32::cast_from(values[(row * n + i) * 2])
-            } else {
-                f32::cast_from(values[row * n + i])
-            };
-            let id = if comptime!(pairs) {
-                u32::reinterpret(f32::cast_from(values[(row * n + i) * 2 + 1]))
-            } else {
-                i as u32
-            };
-            // NaN and ±inf fail the range test; an empty slot's id is never below `bi`.
-            let finite = v >= lowest && v <= highest;
+        #[unroll]
+        for e in 0..per_unit {
+            let v = *vals.index(e);
+            let id = *ids.index(e);
             let after_prev = r == 0 || v < prev_v || (v == prev_v && id > prev_i);
-            if finite && after_prev && (v > bv || (v == bv && id < bi)) {
+            if after_prev && (v > bv || (v == bv && id < bi)) {
                 bv = v;
                 bi = id;
             }
-            i += row_best.units;
         }
         // The best value, then the lowest id among the units that hold it.
         prev_v = reduce_max::<f32>(bv, row_best);
@@ -103,6 +129,8 @@ pub struct TopK<R: Runtime> {
     pub k: usize,
     chunk: usize,
     chunks: usize,
+    /// Units of the second pass.
+    merge_units: usize,
     /// The first pass's candidates, `[rows × chunks, k]` pairs (when `chunks > 1`).
     part: Option<DeviceTensor<R, f32>>,
     /// The result: `[rows, k]` (value, id bits) pairs, best first.
@@ -140,8 +168,19 @@ impl<R: Runtime> TopK<R> {
             )
         );
         ensure!(chunk >= 1, KernelError::invalid("top_k", "chunk of 0"));
+        let hw = &client.properties().hardware;
+        let merge_units = 1 << MERGE_UNITS.min(hw.max_units_per_cube as usize).ilog2();
+        // Longer chunks where the merge would hold too many candidates a unit.
+        let chunk = chunk.max(n.div_ceil((MAX_PER_UNIT * merge_units / k).max(1)));
         let chunks = n.div_ceil(chunk);
-        let max_cubes = client.properties().hardware.max_cube_count.0 as usize;
+        ensure!(
+            chunk.div_ceil(BLOCK) <= MAX_PER_UNIT,
+            KernelError::unsupported(
+                "top_k",
+                format!("rows of {n} values with k = {k}: too long for this kernel")
+            )
+        );
+        let max_cubes = hw.max_cube_count.0 as usize;
         ensure!(
             rows * chunks <= max_cubes,
             KernelError::unsupported(
@@ -162,6 +201,7 @@ impl<R: Runtime> TopK<R> {
             k,
             chunk,
             chunks,
+            merge_units,
             part,
             out: DeviceTensor::empty(client, &[rows, k, 2])?,
         })
@@ -184,20 +224,20 @@ impl<R: Runtime> TopK<R> {
                 &values.shape
             )
         );
-        let how = Reduction::cube(client, BLOCK);
-        let dim = CubeDim::new_1d(BLOCK as u32);
         let (n, chunk, chunks, k) = (self.n, self.chunk, self.chunks, self.k);
         let first = self.part.as_ref().unwrap_or(&self.out);
         launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>,
-            CubeCount::new_1d((self.rows * chunks) as u32), dim;
+            CubeCount::new_1d((self.rows * chunks) as u32), CubeDim::new_1d(BLOCK as u32);
             sizes []; arrays [values => 1, first => 1];
-            scalars [usize n, usize chunk, usize chunks, usize k]; comptime [false, how])?;
+            scalars [usize n, usize chunk, usize chunks, usize k];
+            comptime [false, chunk.div_ceil(BLOCK), Reduction::cube(client, BLOCK)])?;
         if let Some(part) = &self.part {
-            let (n2, one) = (chunks * k, 1usize);
+            let (n2, one, units) = (chunks * k, 1usize, self.merge_units);
             launch!(rec, client, topk_kernel::TopkKernel<f32>,
-                CubeCount::new_1d(self.rows as u32), dim;
+                CubeCount::new_1d(self.rows as u32), CubeDim::new_1d(units as u32);
                 sizes []; arrays [part => 1, self.out => 1];
-                scalars [usize n2, usize n2, usize one, usize k]; comptime [true, how])?;
+                scalars [usize n2, usize n2, usize one, usize k];
+                comptime [true, n2.div_ceil(units), Reduction::cube(client, units)])?;
         }
         Ok(())
     }
@@ -256,7 +296,8 @@ pub fn argmax<R: Runtime, F: Float + CubeElement>(
         .collect()
 }
 
-/// Reference: the `k` best finite (id, value) of `row`, value descending then id ascending.
+/// Reference: the `k` best finite (id, value) of `row`, value descending then id ascending
+/// (values compared as numbers: -0.0 and 0.0 are equal, as on the device).
 pub fn top_k_reference(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut v: Vec<(u32, f32)> = row
         .iter()
@@ -264,7 +305,11 @@ pub fn top_k_reference(row: &[f32], k: usize) -> Vec<(u32, f32)> {
         .filter(|(_, x)| x.is_finite())
         .map(|(i, &x)| (i as u32, x))
         .collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .expect("finite values")
+            .then(a.0.cmp(&b.0))
+    });
     v.truncate(k);
     v
 }
