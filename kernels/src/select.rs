@@ -143,8 +143,9 @@ impl<R: Runtime> TopK<R> {
         Self::with_chunk(client, rows, n, k, CHUNK)
     }
 
-    /// As [`TopK::new`] with chunks of `chunk` elements (tests use small ones to reach the
-    /// second pass on small rows).
+    /// As [`TopK::new`] with chunks of at least `chunk` elements (longer where the merge would
+    /// hold more than 64 candidates a unit; tests use small ones to reach the second pass on
+    /// small rows).
     pub fn with_chunk(
         client: &ComputeClient<R>,
         rows: usize,
