@@ -537,7 +537,9 @@ impl<'m, R: Runtime> Session<'m, R> {
     /// values, finite values only (fewer than `k` where fewer are finite). What a sampler draws
     /// from ([`crate::sampling::Sampler::sample_top_k`]) without reading the whole row: from the
     /// call after the first with this `k`, each decode step computes it on the device (inside its
-    /// CUDA graph where there is one), and this call reads `k` pairs.
+    /// CUDA graph where there is one), and this call reads `k` pairs. The steps go on computing
+    /// it (tens of µs a step) for the rest of the session, which greedy callers should not
+    /// share.
     pub fn top_k(&mut self, client: &ComputeClient<R>, k: usize) -> Result<Vec<(u32, f32)>> {
         let vocab = self.model.config.vocab;
         if let std::collections::hash_map::Entry::Vacant(slot) = self.decode.top_ks.entry(k) {

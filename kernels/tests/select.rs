@@ -111,7 +111,7 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
         argmax(client, &all_nan).is_err(),
         "a row without finite values"
     );
-    println!("argmax and top-k exact on {rows}×{vocab} and small chunked rows (seed {seed})");
+    println!("argmax and top-k exact on 5×{vocab} and {rows}×{n} in small chunks (seed {seed})");
     Ok(())
 }
 
