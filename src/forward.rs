@@ -511,12 +511,8 @@ impl<'m, R: Runtime> Session<'m, R> {
         let mut t = [0f32; 3];
         #[cfg(feature = "cuda")]
         if let Some(g) = self.graphs.as_ref().filter(|g| g.ours) {
-            let mut bytes = [0u8; 12];
             // SAFETY: the address of this session's live three-element f32 buffer.
-            unsafe { g.rec.read(g.top2, &mut bytes)? };
-            for (v, b) in t.iter_mut().zip(bytes.chunks(4)) {
-                *v = f32::from_le_bytes(b.try_into().unwrap());
-            }
+            unsafe { g.rec.read_f32(g.top2, &mut t)? };
             return Ok(Top2 {
                 id: t[0].to_bits(),
                 first: t[1],
@@ -565,13 +561,9 @@ impl<'m, R: Runtime> Session<'m, R> {
                     at
                 }
             };
-            let mut bytes = vec![0u8; out.len() * 4];
+            let mut raw = vec![0f32; out.len()];
             // SAFETY: the address of this session's live `[1, k, 2]` f32 buffer.
-            unsafe { g.rec.read(at, &mut bytes)? };
-            let raw: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
+            unsafe { g.rec.read_f32(at, &mut raw)? };
             return Ok(decode_pairs(&raw, k).swap_remove(0));
         }
         self.cubecl_turn()?;

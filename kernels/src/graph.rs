@@ -426,6 +426,19 @@ impl GraphRecorder {
         self.synchronize()
     }
 
+    /// [`GraphRecorder::read`] of `out.len()` f32 values.
+    ///
+    /// # Safety
+    /// As [`GraphRecorder::read`], for `4 * out.len()` bytes.
+    pub unsafe fn read_f32(&self, address: u64, out: &mut [f32]) -> Result<()> {
+        let mut bytes = vec![0u8; out.len() * 4];
+        unsafe { self.read(address, &mut bytes)? };
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+        Ok(())
+    }
+
     /// Copies `data` to device memory at `address`, ordered on our stream, and waits for it.
     ///
     /// # Safety

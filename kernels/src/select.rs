@@ -3,28 +3,33 @@
 //! Only finite values are candidates (NaN and ±inf never are). Ties go to the lowest id (as the
 //! reference and the golden data do): the order is value descending, then id ascending.
 //!
-//! Two passes, so that a vocabulary-wide row spreads over many cubes: each cube takes a chunk
-//! of [`CHUNK`] elements of a row, holds them in registers, and finds its `k` best in `k`
-//! rounds of a cube-wide arg-max, each round excluding what earlier rounds took (so ties and
-//! repeated values are handled exactly); then one cube per row does the same over the chunks'
-//! candidates. A row of at most
-//! one chunk needs only the first pass. Results are (value, id) pairs in one f32 array, the id as
-//! its bit pattern (one read brings both back).
+//! The work is done by groups of [`GROUP`] units (one plane, a warp, on GPUs), each on its own:
+//! a group takes a piece of a row, its units hold the piece in registers, and it finds the
+//! piece's `k` best in `k` rounds. A round is one group-wide arg-max (the best value, then the
+//! lowest id among the units that hold it: plane shuffles, no cube barrier where the device has
+//! plane operations); after it, only the unit that held the pick looks again among its own
+//! elements for its next best. Levels of such groups reduce a row: the first takes pieces of
+//! [`CHUNK`] logits, each later one the candidates of the level before, until one group is left
+//! (three levels for a vocabulary of 151 936 at k = 40). Results are (value, id) pairs in one
+//! f32 array, the id as its bit pattern (one read brings both back).
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
 use crate::launch::{launch, Rec};
-use crate::reduce::{reduce_max, reduce_min, Reduction};
+use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::{DeviceTensor, KernelError};
 
-/// Units per cube of the first pass (a power of two, as the reduction needs).
-const BLOCK: usize = 256;
-/// Units of the second pass's cube, at most (the device's limit may be lower).
-const MERGE_UNITS: usize = 1024;
-/// Elements of a row that one cube of the first pass takes, at least.
-pub const CHUNK: usize = 2048;
-/// The most elements a unit holds in registers (more chunks or a larger k take longer chunks).
+/// Units of a group (a plane on GPUs whose planes are 32 wide; elsewhere a group of a cube's
+/// shared-memory reduction).
+pub const GROUP: usize = 32;
+/// Groups per cube, at most.
+const GROUPS_PER_CUBE: usize = 8;
+/// Elements of a row that one group of the first level takes (8 a unit).
+pub const CHUNK: usize = 8 * GROUP;
+/// Elements a unit of a later level holds, at least (fewer levels; more per round).
+const LATER_PER_UNIT: usize = 32;
+/// The most elements a unit holds in registers.
 const MAX_PER_UNIT: usize = 64;
 /// The largest `k` the kernels take.
 pub const MAX_K: usize = 256;
@@ -32,12 +37,54 @@ pub const MAX_K: usize = 256;
 /// id, and as an f32 bit pattern a finite number, so no runtime rewrites it as a NaN.
 pub const NO_ID: u32 = 0x3FFF_FFFF;
 
+/// Whether (v, id) comes strictly after (pv, pid) in the order (value descending, then id
+/// ascending).
+#[cube]
+fn after(v: f32, id: u32, pv: f32, pid: u32) -> bool {
+    v < pv || (v == pv && id > pid)
+}
+
+/// A candidate: a value and its id.
+#[derive(CubeType, Clone, Copy)]
+struct Cand {
+    v: f32,
+    id: u32,
+}
+
+/// The best of a unit's elements that come after (pv, pid) (all of them when `all`); (lowest,
+/// [`NO_ID`]) when none does.
+#[cube]
+fn unit_best(
+    vals: &Sequence<f32>,
+    ids: &Sequence<u32>,
+    pv: f32,
+    pid: u32,
+    #[comptime] all: bool,
+    #[comptime] per_unit: usize,
+) -> Cand {
+    let mut best = Cand {
+        v: f32::new(-3.4028235e38),
+        id: 0x3FFF_FFFFu32,
+    };
+    #[unroll]
+    for e in 0..per_unit {
+        let v = *vals.index(e);
+        let id = *ids.index(e);
+        let open = comptime!(all) || after(v, id, pv, pid);
+        if open && (v > best.v || (v == best.v && id < best.id)) {
+            best.v = v;
+            best.id = id;
+        }
+    }
+    best
+}
+
 /// The `k` best finite values of each `chunk`-long piece of each row of `values` (`n` per row;
-/// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row).
-/// Writes `k` (value, id bits) pairs per cube to `out`, best first; slots past the piece's
-/// finite values get (`-f32::MAX`, [`NO_ID`]). Each unit holds its `per_unit` elements of the
-/// piece in registers for all `k` rounds (read from memory once: a round costs the two
-/// reductions and a few compares per element).
+/// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row),
+/// one piece per group of `how.group` units (`pieces` per row). Writes `k` (value, id bits)
+/// pairs per piece to `out`, best first; slots past the piece's finite values get
+/// (`-f32::MAX`, [`NO_ID`]). Each unit holds its `per_unit` elements of the piece in registers
+/// for all `k` rounds (read from memory once).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn topk_kernel<F: Float>(
@@ -45,19 +92,27 @@ fn topk_kernel<F: Float>(
     out: &mut Array<f32>,
     n: usize,
     chunk: usize,
-    chunks: usize,
+    pieces: usize,
+    total: usize,
     k: usize,
     #[comptime] pairs: bool,
     #[comptime] per_unit: usize,
-    #[comptime] row_best: Reduction,
+    #[comptime] how: Reduction,
 ) {
-    let row = CUBE_POS / chunks;
-    let start = (CUBE_POS % chunks) * chunk;
+    let unit = UNIT_POS as usize;
+    let lane = unit % how.group;
+    // This group's piece (a group past the last piece takes none, but joins every round: on
+    // the shared-memory path the reductions are cube-wide steps).
+    let piece = CUBE_POS as usize * comptime!(how.units / how.group) + unit / how.group;
+    let row = piece / pieces;
+    let start = (piece % pieces) * chunk;
     let mut end = start + chunk;
     if end > n {
         end = n;
     }
-    let tid = UNIT_POS as usize;
+    if piece >= total {
+        end = 0;
+    }
     let lowest = f32::new(-3.4028235e38);
     let highest = f32::new(3.4028235e38);
 
@@ -67,7 +122,7 @@ fn topk_kernel<F: Float>(
     let mut ids = Sequence::<u32>::new();
     #[unroll]
     for e in 0..per_unit {
-        let i = start + tid + e * row_best.units;
+        let i = start + lane + e * how.group;
         let mut v = lowest;
         let mut id = 0x3FFF_FFFFu32;
         if i < end {
@@ -89,35 +144,42 @@ fn topk_kernel<F: Float>(
         ids.push(id);
     }
 
-    // (prev_v, prev_i): the last pick; candidates must come strictly after it in the order.
-    let mut prev_v = highest;
-    let mut prev_i = 0u32;
+    // (bv, bi): this unit's best candidate not yet picked; it changes only when it is picked.
+    let first = unit_best(&vals, &ids, highest, 0u32, true, per_unit);
+    let mut bv = first.v;
+    let mut bi = first.id;
     for r in 0..k {
-        // This unit's best candidate; (lowest, NO_ID) when it has none.
-        let mut bv = lowest;
-        let mut bi = 0x3FFF_FFFFu32;
-        #[unroll]
-        for e in 0..per_unit {
-            let v = *vals.index(e);
-            let id = *ids.index(e);
-            let after_prev = r == 0 || v < prev_v || (v == prev_v && id > prev_i);
-            if after_prev && (v > bv || (v == bv && id < bi)) {
-                bv = v;
-                bi = id;
-            }
-        }
         // The best value, then the lowest id among the units that hold it.
-        prev_v = reduce_max::<f32>(bv, row_best);
+        let pv = reduce_in_plane::<f32>(bv, ReduceOp::Max, how);
         let mut id_if_best = 0x3FFF_FFFFu32;
-        if bv == prev_v {
+        if bv == pv {
             id_if_best = bi;
         }
-        prev_i = reduce_min::<u32>(id_if_best, row_best);
-        if tid == 0 {
-            let at = (CUBE_POS * k + r) * 2;
-            out[at] = prev_v;
-            out[at + 1] = f32::reinterpret(prev_i);
+        let pid = reduce_in_plane::<u32>(id_if_best, ReduceOp::Min, how);
+        if lane == 0 && piece < total {
+            let at = (piece * k + r) * 2;
+            out[at] = pv;
+            out[at + 1] = f32::reinterpret(pid);
         }
+        if bi == pid {
+            let next = unit_best(&vals, &ids, pv, pid, false, per_unit);
+            bv = next.v;
+            bi = next.id;
+        }
+    }
+}
+
+/// One launch of [`topk_kernel`]: `pieces` pieces of `chunk` elements per row of `n`.
+#[derive(Clone, Copy, Debug)]
+struct Level {
+    n: usize,
+    chunk: usize,
+    pieces: usize,
+}
+
+impl Level {
+    fn per_unit(&self) -> usize {
+        self.chunk.div_ceil(GROUP)
     }
 }
 
@@ -127,25 +189,22 @@ pub struct TopK<R: Runtime> {
     pub rows: usize,
     pub n: usize,
     pub k: usize,
-    chunk: usize,
-    chunks: usize,
-    /// Units of the second pass.
-    merge_units: usize,
-    /// The first pass's candidates, `[rows × chunks, k]` pairs (when `chunks > 1`).
-    part: Option<DeviceTensor<R, f32>>,
+    levels: Vec<Level>,
+    /// Each level's candidates but the last's, `[rows, pieces, k]` pairs.
+    parts: Vec<DeviceTensor<R, f32>>,
     /// The result: `[rows, k]` (value, id bits) pairs, best first.
     pub out: DeviceTensor<R, f32>,
 }
 
 impl<R: Runtime> TopK<R> {
-    /// The `k` best of each of `rows` rows of `n` values, in chunks of [`CHUNK`].
+    /// The `k` best of each of `rows` rows of `n` values, the first level in pieces of
+    /// [`CHUNK`].
     pub fn new(client: &ComputeClient<R>, rows: usize, n: usize, k: usize) -> Result<Self> {
         Self::with_chunk(client, rows, n, k, CHUNK)
     }
 
-    /// As [`TopK::new`] with chunks of at least `chunk` elements (longer where the merge would
-    /// hold more than 64 candidates a unit; tests use small ones to reach the second pass on
-    /// small rows).
+    /// As [`TopK::new`] with the first level in pieces of `chunk` elements (at most
+    /// 64 · [`GROUP`]; tests use small ones to reach more levels on small rows).
     pub fn with_chunk(
         client: &ComputeClient<R>,
         rows: usize,
@@ -168,48 +227,61 @@ impl<R: Runtime> TopK<R> {
                 format!("k = {k} is more than this kernel is meant for (at most {MAX_K})")
             )
         );
-        ensure!(chunk >= 1, KernelError::invalid("top_k", "chunk of 0"));
-        let hw = &client.properties().hardware;
-        let merge_units = 1 << MERGE_UNITS.min(hw.max_units_per_cube as usize).ilog2();
-        // Longer chunks where the merge would hold too many candidates a unit.
-        let chunk = chunk.max(n.div_ceil((MAX_PER_UNIT * merge_units / k).max(1)));
-        let chunks = n.div_ceil(chunk);
         ensure!(
-            chunk.div_ceil(BLOCK) <= MAX_PER_UNIT,
-            KernelError::unsupported(
+            (1..=MAX_PER_UNIT * GROUP).contains(&chunk),
+            KernelError::invalid(
                 "top_k",
-                format!("rows of {n} values with k = {k}: too long for this kernel")
+                format!("pieces of {chunk}: 1 to {}", MAX_PER_UNIT * GROUP)
             )
         );
-        let max_cubes = hw.max_cube_count.0 as usize;
+        // Each level after the first holds at least 2k a group, so that it halves the
+        // candidates at the least; one group takes what fits its registers.
+        let later = (LATER_PER_UNIT * GROUP)
+            .max(2 * k)
+            .min(MAX_PER_UNIT * GROUP);
+        let (mut levels, mut len, mut chunk) = (Vec::new(), n, chunk);
+        loop {
+            if len <= MAX_PER_UNIT * GROUP && (!levels.is_empty() || len <= chunk) {
+                levels.push(Level {
+                    n: len,
+                    chunk: len,
+                    pieces: 1,
+                });
+                break;
+            }
+            let pieces = len.div_ceil(chunk);
+            levels.push(Level {
+                n: len,
+                chunk,
+                pieces,
+            });
+            len = pieces * k;
+            chunk = later;
+        }
+        let max_cubes = client.properties().hardware.max_cube_count.0 as usize;
+        let groups = rows * levels[0].pieces;
         ensure!(
-            rows * chunks <= max_cubes,
+            groups.div_ceil(GROUPS_PER_CUBE) <= max_cubes,
             KernelError::unsupported(
                 "top_k",
-                format!(
-                    "{rows} rows of {chunks} chunks: at most {max_cubes} cubes per launch on this device"
-                )
+                format!("{rows} rows of {n}: more cubes than one launch takes on this device")
             )
         );
-        let part = if chunks > 1 {
-            Some(DeviceTensor::empty(client, &[rows * chunks, k, 2])?)
-        } else {
-            None
-        };
+        let parts = levels[..levels.len() - 1]
+            .iter()
+            .map(|l| DeviceTensor::empty(client, &[rows, l.pieces * k, 2]))
+            .collect::<Result<_>>()?;
         Ok(Self {
             rows,
             n,
             k,
-            chunk,
-            chunks,
-            merge_units,
-            part,
+            levels,
+            parts,
             out: DeviceTensor::empty(client, &[rows, k, 2])?,
         })
     }
 
-    /// Finds the top-k of `values` (`[rows, n]`) into [`TopK::out`]: one launch, or two when a
-    /// row spans several chunks.
+    /// Finds the top-k of `values` (`[rows, n]`) into [`TopK::out`]: one launch per level.
     pub fn run<F: Float + CubeElement>(
         &self,
         client: &ComputeClient<R>,
@@ -225,20 +297,28 @@ impl<R: Runtime> TopK<R> {
                 &values.shape
             )
         );
-        let (n, chunk, chunks, k) = (self.n, self.chunk, self.chunks, self.k);
-        let first = self.part.as_ref().unwrap_or(&self.out);
-        launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>,
-            CubeCount::new_1d((self.rows * chunks) as u32), CubeDim::new_1d(BLOCK as u32);
-            sizes []; arrays [values => 1, first => 1];
-            scalars [usize n, usize chunk, usize chunks, usize k];
-            comptime [false, chunk.div_ceil(BLOCK), Reduction::cube(client, BLOCK)])?;
-        if let Some(part) = &self.part {
-            let (n2, one, units) = (chunks * k, 1usize, self.merge_units);
-            launch!(rec, client, topk_kernel::TopkKernel<f32>,
-                CubeCount::new_1d(self.rows as u32), CubeDim::new_1d(units as u32);
-                sizes []; arrays [part => 1, self.out => 1];
-                scalars [usize n2, usize n2, usize one, usize k];
-                comptime [true, n2.div_ceil(units), Reduction::cube(client, units)])?;
+        let k = self.k;
+        for (i, l) in self.levels.iter().enumerate() {
+            let (n, chunk, pieces) = (l.n, l.chunk, l.pieces);
+            let total = self.rows * pieces;
+            let groups = total.min(GROUPS_PER_CUBE);
+            let units = groups * GROUP;
+            let count = CubeCount::new_1d(total.div_ceil(groups) as u32);
+            let dim = CubeDim::new_1d(units as u32);
+            let how = Reduction::new(client, units, GROUP);
+            let dst = self.parts.get(i).unwrap_or(&self.out);
+            if i == 0 {
+                launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>, count, dim;
+                    sizes []; arrays [values => 1, dst => 1];
+                    scalars [usize n, usize chunk, usize pieces, usize total, usize k];
+                    comptime [false, l.per_unit(), how])?;
+            } else {
+                let src = &self.parts[i - 1];
+                launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<f32>, count, dim;
+                    sizes []; arrays [src => 1, dst => 1];
+                    scalars [usize n, usize chunk, usize pieces, usize total, usize k];
+                    comptime [true, l.per_unit(), how])?;
+            }
         }
         Ok(())
     }

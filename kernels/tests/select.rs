@@ -41,6 +41,11 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     logits[vocab + 4] = 40.0;
     logits[vocab + 1256] = 45.0;
     logits[vocab + 1000] = 45.0;
+    // Equal values 32, 256 and 2048 ids apart: in one unit's registers for pieces of any of
+    // those strides, so the unit's own tie rule is tested, not only the reduction's.
+    for id in [3000, 3032, 3256, 5048] {
+        logits[vocab + id] = 44.0;
+    }
     // Row 2: NaNs and infinities, where the maximum and the minimum would be.
     logits[2 * vocab + 17] = f32::NAN;
     logits[2 * vocab + 151935] = f32::NAN;
