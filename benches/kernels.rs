@@ -8,7 +8,8 @@
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
 //! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels,
-//!   against the bandwidth floor.
+//!   against the bandwidth floor;
+//! - `sync` (CUDA): a grid barrier inside one kernel against a kernel boundary, µs per phase.
 //!
 //! Every timed call reads inputs from one of several sets rotated so that a pass touches more
 //! than the 50 MB L2; inputs are random, never zeros. Timing: warm-up, then wall clock around
@@ -501,6 +502,74 @@ fn graph_time<R: Runtime>(
     Ok(median(&mut samples))
 }
 
+/// The grid barrier against the kernel boundary it would replace (`cubeqwen_kernels::gridsync`):
+/// `PHASES` phases of the relay as one launch with a barrier after each, and as one launch a
+/// phase (programmatic dependent launch on sm_90+, as the decode graphs), each captured once as
+/// a CUDA graph and replayed; µs per phase, with one cube and four cubes per multiprocessor.
+#[cfg(feature = "cuda")]
+fn sync_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
+    use anyhow::Context as _;
+    use cubeqwen_kernels::gridsync::{relay, relay_steps, GraphRecorder, RELAY_UNITS};
+    type C = cubecl::cuda::CudaRuntime;
+    const PHASES: usize = 32;
+    let client = (ctx.client as &dyn std::any::Any)
+        .downcast_ref::<ComputeClient<C>>()
+        .expect("a CUDA client");
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .context("no multiprocessor count")? as usize;
+    for per_sm in [1, 4] {
+        let n = sms * per_sm * RELAY_UNITS;
+        let cubes = n / RELAY_UNITS;
+        let mut rng = Rng::new(per_sm as u64);
+        let a = DeviceTensor::<C, f32>::from_slice(client, &rng.f32_vec(n, 0.0, 1.0), &[n])?;
+        let b = DeviceTensor::<C, f32>::from_slice(client, &rng.f32_vec(n, 0.0, 1.0), &[n])?;
+        let bar = DeviceTensor::<C, u32>::from_slice(client, &[0], &[1])?;
+        for variant in ["barrier", "launch a phase"] {
+            let id = format!("sync/{}/{cubes} cubes", variant.replace(' ', "_"));
+            let mut rec = GraphRecorder::new(client)?;
+            rec.wait_for_cubecl()?;
+            let graph = rec.capture(|rec| match variant {
+                "barrier" => relay(rec, &a, &b, &bar, RELAY_UNITS + 1, PHASES),
+                _ => relay_steps(rec, &a, &b, RELAY_UNITS + 1, PHASES),
+            })?;
+            let mut samples = Vec::new();
+            let mut group = c.benchmark_group("kernels");
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(200))
+                .measurement_time(Duration::from_millis(600));
+            group.bench_function(&id, |bench| {
+                bench.iter_custom(|iters| {
+                    rec.synchronize().expect("sync");
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        graph.launch().expect("graph launch");
+                    }
+                    rec.synchronize().expect("sync");
+                    let e = t.elapsed();
+                    samples.push(e.as_secs_f64() / (iters as usize * PHASES) as f64);
+                    e
+                })
+            });
+            group.finish();
+            let secs = median(&mut samples);
+            ctx.record(
+                "sync",
+                variant,
+                format!("{cubes} cubes × {RELAY_UNITS}"),
+                (0, 0, 0, 0),
+                secs,
+                0.0,
+                0.0,
+            );
+        }
+    }
+    Ok(())
+}
+
 fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
     let mut rng = Rng::new(13);
     let s = &SHAPES[0];
@@ -747,6 +816,10 @@ impl RuntimeJob for Job<'_> {
         matmul_group(&mut ctx, c)?;
         attention_group(&mut ctx, c)?;
         small_group(&mut ctx, c)?;
+        #[cfg(feature = "cuda")]
+        if cuda {
+            sync_group(&mut ctx, c)?;
+        }
         report(&ctx)
     }
 }

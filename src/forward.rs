@@ -481,7 +481,7 @@ impl<'m, R: Runtime> Session<'m, R> {
                 DecodeValue::Position => g.position,
             };
             // SAFETY: the address of a live one-element u32 buffer of this session.
-            return unsafe { g.rec.write(at, &v.to_le_bytes()) };
+            return unsafe { g.rec.set_u32(at, v) };
         }
         let t = match what {
             DecodeValue::Token => &self.decode.st.token,

@@ -72,7 +72,7 @@ struct Pair {
 /// runs and waits here. Elsewhere it is a comment. Before it a kernel may read only weights,
 /// and write nothing (but its own shared memory).
 #[cube]
-fn grid_dependency() {
+pub(crate) fn grid_dependency() {
     comment!("cubeqwen:grid-dependency");
 }
 

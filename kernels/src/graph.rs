@@ -42,6 +42,12 @@ const GRID_DEPENDENCY: &str = "// cubeqwen:grid-dependency";
 const GRID_WAIT: &str = "asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n\
                          asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");";
 
+/// The comment [`crate::gridsync::grid_barrier`] places where it needs a memory fence (cubecl
+/// 0.10's IR has none); compiled to [`FENCE_CODE`] on every architecture.
+const FENCE: &str = "// cubeqwen:fence";
+/// Orders this unit's memory accesses before and after it for the whole device.
+const FENCE_CODE: &str = "__threadfence();";
+
 /// The arguments of one launch, in the kernel's parameter order: arrays (with the vector size
 /// the kernel reads them in) and runtime scalars, laid out as cubecl's `KernelLauncher` does.
 #[derive(Default)]
@@ -270,6 +276,7 @@ impl GraphRecorder {
         } else {
             out.source.clone()
         };
+        let source = source.replace(FENCE, FENCE_CODE);
         let include = cubecl::cuda::install::include_path();
         let mut includes = vec![include.to_string_lossy().into_owned()];
         let cccl = include.join("cccl");
@@ -439,16 +446,18 @@ impl GraphRecorder {
         Ok(())
     }
 
-    /// Copies `data` to device memory at `address`, ordered on our stream, and waits for it.
+    /// Sets the u32 at `address` to `v`, ordered on our stream (a memset: nothing on the host
+    /// to keep alive, so it returns at once; what runs after it on the stream sees `v`).
     ///
     /// # Safety
-    /// `address .. address + data.len()` must lie inside a live buffer.
-    pub unsafe fn write(&self, address: u64, data: &[u8]) -> Result<()> {
+    /// `address .. address + 4` must lie inside a live buffer.
+    pub unsafe fn set_u32(&self, address: u64, v: u32) -> Result<()> {
         self.ctx.bind_to_thread()?;
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(address, data, self.stream.cu_stream())?;
+            cudarc::driver::sys::cuMemsetD32Async(address, v, 1, self.stream.cu_stream())
+                .result()?;
         }
-        self.synchronize()
+        Ok(())
     }
 }
 

@@ -15,11 +15,12 @@
 //! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
 //! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
 //! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
-//! | argmax, top-k (two passes: chunk candidates, their merge; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |
+//! | argmax, top-k (plane-wide rounds in levels: pieces of a row, then their candidates; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |
 //! | cube reduction (sum, max, min) used by the above | [`reduce`] | [`reduce::reduce()`] (inside kernels) | f64 sums, exact max/min | `reduce.rs` |
 //!
 //! Beside them: [`buffer`] (the typed device tensor), [`launch`] (one launch path through
-//! cubecl or a CUDA graph recorder), [`grid`] (launch grid of the
+//! cubecl or a CUDA graph recorder), `gridsync` (CUDA: a barrier across the cubes of one
+//! kernel, and the relay kernels that test and time it; `gridsync.rs`), [`grid`] (launch grid of the
 //! one-thread-per-element kernels), [`runtime`] (picking CUDA or wgpu), [`error`] and
 //! [`testing`] (helpers for the parity tests, and the [`device_test!`] macro).
 
@@ -34,6 +35,8 @@ pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;
+#[cfg(feature = "cuda")]
+pub mod gridsync;
 pub mod launch;
 pub mod matmul;
 pub mod reduce;

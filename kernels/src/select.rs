@@ -4,87 +4,52 @@
 //! reference and the golden data do): the order is value descending, then id ascending.
 //!
 //! The work is done by groups of [`GROUP`] units (one plane, a warp, on GPUs), each on its own:
-//! a group takes a piece of a row, its units hold the piece in registers, and it finds the
-//! piece's `k` best in `k` rounds. A round is one group-wide arg-max (the best value, then the
-//! lowest id among the units that hold it: plane shuffles, no cube barrier where the device has
-//! plane operations); after it, only the unit that held the pick looks again among its own
-//! elements for its next best. Levels of such groups reduce a row: the first takes pieces of
-//! [`CHUNK`] logits, each later one the candidates of the level before, until one group is left
-//! (three levels for a vocabulary of 151 936 at k = 40). Results are (value, id) pairs in one
-//! f32 array, the id as its bit pattern (one read brings both back).
+//! a group takes a piece of a row (a power of two, 8 or 16 elements a unit, held in registers),
+//! sorts it with a bitonic network (exchanges between units by plane shuffles, or through
+//! shared memory where the device has no plane operations) and keeps its first `k`. The
+//! network's depth depends on the piece's length, not on `k`. Levels of such groups reduce a
+//! row: the first takes pieces of the row, each later one pieces of the candidates of the level
+//! before, until one piece is left (five levels for a vocabulary of 151 936 at k = 40). Results
+//! are (value, id) pairs in one f32 array, the id as its bit pattern (one read brings both
+//! back).
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
 use crate::launch::{launch, Rec};
-use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
+use crate::reduce::plane_width;
 use crate::{DeviceTensor, KernelError};
 
-/// Units of a group (a plane on GPUs whose planes are 32 wide; elsewhere a group of a cube's
-/// shared-memory reduction).
+/// Units of a group (a plane on GPUs whose planes are 32 wide or more; elsewhere the group
+/// exchanges through shared memory).
 pub const GROUP: usize = 32;
 /// Groups per cube, at most.
 const GROUPS_PER_CUBE: usize = 8;
-/// Elements of a row that one group of the first level takes (8 a unit).
-pub const CHUNK: usize = 8 * GROUP;
-/// Elements a unit of a later level holds, at least (fewer levels; more per round).
-const LATER_PER_UNIT: usize = 32;
-/// The most elements a unit holds in registers.
-const MAX_PER_UNIT: usize = 64;
-/// The largest `k` the kernels take.
-pub const MAX_K: usize = 256;
+/// Elements a unit holds (a piece of 256; shorter first-level pieces take fewer). Longer
+/// pieces would mean fewer levels, but their networks take minutes to compile on a
+/// CPU-emulated device (Mesa's lavapipe: 9 minutes at 32 a unit).
+const PER_UNIT: usize = 8;
+/// Elements of a row that one group takes.
+pub const CHUNK: usize = PER_UNIT * GROUP;
+/// The largest `k` the kernels take (a piece of 256 keeps at most half of itself).
+pub const MAX_K: usize = 128;
 /// The id of a candidate slot left empty (fewer than `k` finite values): above every vocabulary
 /// id, and as an f32 bit pattern a finite number, so no runtime rewrites it as a NaN.
 pub const NO_ID: u32 = 0x3FFF_FFFF;
 
-/// Whether (v, id) comes strictly after (pv, pid) in the order (value descending, then id
-/// ascending).
+/// Whether (av, ai) comes before (bv, bi) in the order (value descending, then id ascending).
 #[cube]
-fn after(v: f32, id: u32, pv: f32, pid: u32) -> bool {
-    v < pv || (v == pv && id > pid)
-}
-
-/// A candidate: a value and its id.
-#[derive(CubeType, Clone, Copy)]
-struct Cand {
-    v: f32,
-    id: u32,
-}
-
-/// The best of a unit's elements that come after (pv, pid) (all of them when `all`); (lowest,
-/// [`NO_ID`]) when none does.
-#[cube]
-fn unit_best(
-    vals: &Sequence<f32>,
-    ids: &Sequence<u32>,
-    pv: f32,
-    pid: u32,
-    #[comptime] all: bool,
-    #[comptime] per_unit: usize,
-) -> Cand {
-    let mut best = Cand {
-        v: f32::new(-3.4028235e38),
-        id: 0x3FFF_FFFFu32,
-    };
-    #[unroll]
-    for e in 0..per_unit {
-        let v = *vals.index(e);
-        let id = *ids.index(e);
-        let open = comptime!(all) || after(v, id, pv, pid);
-        if open && (v > best.v || (v == best.v && id < best.id)) {
-            best.v = v;
-            best.id = id;
-        }
-    }
-    best
+fn before(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
+    av > bv || (av == bv && ai < bi)
 }
 
 /// The `k` best finite values of each `chunk`-long piece of each row of `values` (`n` per row;
 /// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row),
-/// one piece per group of `how.group` units (`pieces` per row). Writes `k` (value, id bits)
-/// pairs per piece to `out`, best first; slots past the piece's finite values get
-/// (`-f32::MAX`, [`NO_ID`]). Each unit holds its `per_unit` elements of the piece in registers
-/// for all `k` rounds (read from memory once).
+/// one piece per group of [`GROUP`] units (`pieces` per row, `total` in all). A unit holds the
+/// piece's elements `lane, lane + 32, ...` (`per_unit` of them, a power of two; `chunk` ≤
+/// 32 · `per_unit`); the group sorts them with a bitonic network and writes the first `k`
+/// (value, id bits) pairs of each piece to `out`, best first; slots past the piece's finite
+/// values get (`-f32::MAX`, [`NO_ID`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn topk_kernel<F: Float>(
@@ -97,13 +62,14 @@ fn topk_kernel<F: Float>(
     k: usize,
     #[comptime] pairs: bool,
     #[comptime] per_unit: usize,
-    #[comptime] how: Reduction,
+    #[comptime] groups: usize,
+    #[comptime] plane: bool,
 ) {
     let unit = UNIT_POS as usize;
-    let lane = unit % how.group;
-    // This group's piece (a group past the last piece takes none, but joins every round: on
-    // the shared-memory path the reductions are cube-wide steps).
-    let piece = CUBE_POS as usize * comptime!(how.units / how.group) + unit / how.group;
+    let lane = unit % GROUP;
+    // This group's piece (a group past the last piece sorts empty slots and writes nothing:
+    // without plane operations its exchanges are cube-wide steps).
+    let piece = CUBE_POS * groups + unit / GROUP;
     let row = piece / pieces;
     let start = (piece % pieces) * chunk;
     let mut end = start + chunk;
@@ -115,14 +81,19 @@ fn topk_kernel<F: Float>(
     }
     let lowest = f32::new(-3.4028235e38);
     let highest = f32::new(3.4028235e38);
+    // Where units exchange elements when the device has no plane operations.
+    let units = comptime!(groups * GROUP);
+    let slots = comptime!(if plane { 1 } else { per_unit * units });
+    let mut vslots = SharedMemory::<f32>::new(slots);
+    let mut islots = SharedMemory::<u32>::new(slots);
 
     // This unit's elements: finite ones as they are; NaN, ±inf, empty slots and places past
-    // the piece as (lowest, NO_ID), which no round picks (an id is never below NO_ID).
+    // the piece as (lowest, NO_ID), which sort after every finite value.
     let mut vals = Sequence::<f32>::new();
     let mut ids = Sequence::<u32>::new();
     #[unroll]
     for e in 0..per_unit {
-        let i = start + lane + e * how.group;
+        let i = start + lane + e * GROUP;
         let mut v = lowest;
         let mut id = 0x3FFF_FFFFu32;
         if i < end {
@@ -144,43 +115,120 @@ fn topk_kernel<F: Float>(
         ids.push(id);
     }
 
-    // (bv, bi): this unit's best candidate not yet picked; it changes only when it is picked.
-    let first = unit_best(&vals, &ids, highest, 0u32, true, per_unit);
-    let mut bv = first.v;
-    let mut bi = first.id;
-    for r in 0..k {
-        // The best value, then the lowest id among the units that hold it.
-        let pv = reduce_in_plane::<f32>(bv, ReduceOp::Max, how);
-        let mut id_if_best = 0x3FFF_FFFFu32;
-        if bv == pv {
-            id_if_best = bi;
+    // Bitonic sort of the piece's GROUP · per_unit places (place = e · GROUP + lane): blocks of
+    // `size` in alternating order, each merged by halving strides; the last block (the whole
+    // piece) in the order itself. Strides of a group or more pair two registers of one unit;
+    // shorter ones pair two units.
+    let log_len = comptime!((GROUP * per_unit).trailing_zeros() as usize);
+    #[unroll]
+    for s in 1..log_len + 1 {
+        let size = comptime!(1usize << s);
+        #[unroll]
+        for t in 0..s {
+            let stride = comptime!(1usize << (s - 1 - t));
+            if comptime!(stride >= GROUP) {
+                let es = comptime!(stride / GROUP);
+                #[unroll]
+                for e in 0..per_unit {
+                    if comptime!(e & es == 0) {
+                        let e2 = comptime!(e | es);
+                        // In order (best first) in blocks whose place has the `size` bit clear.
+                        let in_order = comptime!((e * GROUP) & size == 0);
+                        let (av, ai) = (*vals.index(e), *ids.index(e));
+                        let (bv, bi) = (*vals.index(e2), *ids.index(e2));
+                        // In order: the lower place takes the one that comes first.
+                        let swap = if comptime!(in_order) {
+                            before(bv, bi, av, ai)
+                        } else {
+                            before(av, ai, bv, bi)
+                        };
+                        // All four chosen before any is stored: `av` and the others name
+                        // the registers themselves, not copies.
+                        let (nav, nai) = (select(swap, bv, av), select(swap, bi, ai));
+                        let (nbv, nbi) = (select(swap, av, bv), select(swap, ai, bi));
+                        *vals.index_mut(e) = nav;
+                        *ids.index_mut(e) = nai;
+                        *vals.index_mut(e2) = nbv;
+                        *ids.index_mut(e2) = nbi;
+                    }
+                }
+            } else {
+                // Without plane operations every element of the unit goes through shared
+                // memory at once: two cube barriers a stage.
+                if comptime!(!plane) {
+                    #[unroll]
+                    for e in 0..per_unit {
+                        vslots[e * units + unit] = *vals.index(e);
+                        islots[e * units + unit] = *ids.index(e);
+                    }
+                    sync_cube();
+                }
+                let mask = comptime!(stride as u32);
+                #[unroll]
+                for e in 0..per_unit {
+                    let (v, id) = (*vals.index(e), *ids.index(e));
+                    let (pv, pid) = if comptime!(plane) {
+                        (plane_shuffle_xor(v, mask), plane_shuffle_xor(id, mask))
+                    } else {
+                        let other = e * units + (unit ^ stride);
+                        (vslots[other], islots[other])
+                    };
+                    let place = e * GROUP + lane;
+                    let lower = (lane & stride) == 0;
+                    let in_order = (place & size) == 0;
+                    // The lower place of a pair takes the one that comes first where the block
+                    // is in order, the other where it is reversed.
+                    let take_first = lower == in_order;
+                    let keep = if take_first {
+                        !before(pv, pid, v, id)
+                    } else {
+                        !before(v, id, pv, pid)
+                    };
+                    let (nv, nid) = (select(keep, v, pv), select(keep, id, pid));
+                    *vals.index_mut(e) = nv;
+                    *ids.index_mut(e) = nid;
+                }
+                if comptime!(!plane) {
+                    sync_cube();
+                }
+            }
         }
-        let pid = reduce_in_plane::<u32>(id_if_best, ReduceOp::Min, how);
-        if lane == 0 && piece < total {
-            let at = (piece * k + r) * 2;
-            out[at] = pv;
-            out[at + 1] = f32::reinterpret(pid);
+    }
+
+    // The first k places, and empty slots past the piece's length.
+    if piece < total {
+        #[unroll]
+        for e in 0..per_unit {
+            let place = e * GROUP + lane;
+            if place < k {
+                let at = (piece * k + place) * 2;
+                out[at] = *vals.index(e);
+                out[at + 1] = f32::reinterpret(*ids.index(e));
+            }
         }
-        if bi == pid {
-            let next = unit_best(&vals, &ids, pv, pid, false, per_unit);
-            bv = next.v;
-            bi = next.id;
+        let mut place = comptime!(GROUP * per_unit) + lane;
+        while place < k {
+            let at = (piece * k + place) * 2;
+            out[at] = lowest;
+            out[at + 1] = f32::reinterpret(0x3FFF_FFFFu32);
+            place += GROUP;
         }
     }
 }
 
-/// One launch of [`topk_kernel`]: `pieces` pieces of `chunk` elements per row of `n`.
+/// One launch of [`topk_kernel`]: `pieces` pieces of `chunk` elements per row of `n`, sorted
+/// as `per_unit` elements a unit.
 #[derive(Clone, Copy, Debug)]
 struct Level {
     n: usize,
     chunk: usize,
     pieces: usize,
+    per_unit: usize,
 }
 
-impl Level {
-    fn per_unit(&self) -> usize {
-        self.chunk.div_ceil(GROUP)
-    }
+/// Elements a unit holds for pieces of `chunk` (a power of two, at least 1).
+fn per_unit_for(chunk: usize) -> usize {
+    chunk.div_ceil(GROUP).next_power_of_two()
 }
 
 /// Device buffers and launch plan of a top-k over `rows` rows of `n` values: made once, run per
@@ -204,7 +252,7 @@ impl<R: Runtime> TopK<R> {
     }
 
     /// As [`TopK::new`] with the first level in pieces of `chunk` elements (at most
-    /// 64 · [`GROUP`]; tests use small ones to reach more levels on small rows).
+    /// [`CHUNK`]; tests use small ones to reach more levels on small rows).
     pub fn with_chunk(
         client: &ComputeClient<R>,
         rows: usize,
@@ -228,33 +276,24 @@ impl<R: Runtime> TopK<R> {
             )
         );
         ensure!(
-            (1..=MAX_PER_UNIT * GROUP).contains(&chunk),
-            KernelError::invalid(
-                "top_k",
-                format!("pieces of {chunk}: 1 to {}", MAX_PER_UNIT * GROUP)
-            )
+            (1..=CHUNK).contains(&chunk),
+            KernelError::invalid("top_k", format!("pieces of {chunk}: 1 to {CHUNK}"))
         );
-        // Each level after the first holds at least 2k a group, so that it halves the
-        // candidates at the least; one group takes what fits its registers.
-        let later = (LATER_PER_UNIT * GROUP)
-            .max(2 * k)
-            .min(MAX_PER_UNIT * GROUP);
+        // Later levels take pieces of CHUNK ≥ 2k: each level at least halves the candidates.
+        let later = CHUNK;
         let (mut levels, mut len, mut chunk) = (Vec::new(), n, chunk);
         loop {
-            if len <= MAX_PER_UNIT * GROUP && (!levels.is_empty() || len <= chunk) {
-                levels.push(Level {
-                    n: len,
-                    chunk: len,
-                    pieces: 1,
-                });
-                break;
-            }
             let pieces = len.div_ceil(chunk);
+            let per_unit = per_unit_for(chunk.min(len));
             levels.push(Level {
                 n: len,
                 chunk,
                 pieces,
+                per_unit,
             });
+            if pieces == 1 {
+                break;
+            }
             len = pieces * k;
             chunk = later;
         }
@@ -298,26 +337,27 @@ impl<R: Runtime> TopK<R> {
             )
         );
         let k = self.k;
+        let plane = plane_width(client).is_some_and(|w| w >= GROUP);
         for (i, l) in self.levels.iter().enumerate() {
             let (n, chunk, pieces) = (l.n, l.chunk, l.pieces);
             let total = self.rows * pieces;
-            let groups = total.min(GROUPS_PER_CUBE);
-            let units = groups * GROUP;
+            // Always whole cubes of GROUPS_PER_CUBE groups (one compiled kernel per element
+            // count); the groups past the last piece sort empty slots.
+            let groups = GROUPS_PER_CUBE;
             let count = CubeCount::new_1d(total.div_ceil(groups) as u32);
-            let dim = CubeDim::new_1d(units as u32);
-            let how = Reduction::new(client, units, GROUP);
+            let dim = CubeDim::new_1d((groups * GROUP) as u32);
             let dst = self.parts.get(i).unwrap_or(&self.out);
             if i == 0 {
                 launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>, count, dim;
                     sizes []; arrays [values => 1, dst => 1];
                     scalars [usize n, usize chunk, usize pieces, usize total, usize k];
-                    comptime [false, l.per_unit(), how])?;
+                    comptime [false, l.per_unit, groups, plane])?;
             } else {
                 let src = &self.parts[i - 1];
                 launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<f32>, count, dim;
                     sizes []; arrays [src => 1, dst => 1];
                     scalars [usize n, usize chunk, usize pieces, usize total, usize k];
-                    comptime [true, l.per_unit(), how])?;
+                    comptime [true, l.per_unit, groups, plane])?;
             }
         }
         Ok(())

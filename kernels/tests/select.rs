@@ -1,5 +1,6 @@
 //! Argmax and top-k over vocabulary-wide rows: finite values only, ties to the lowest id;
-//! both passes (chunk candidates, then their merge) against the sorting reference.
+//! every level (pieces of a row, then their candidates, until one group is left) against the
+//! sorting reference.
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
@@ -51,7 +52,7 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     logits[2 * vocab + 151935] = f32::NAN;
     logits[2 * vocab + 60000] = f32::INFINITY;
     logits[2 * vocab + 60001] = f32::NEG_INFINITY;
-    // Row 3: the whole top 60 in one chunk (the merge must take more than one per chunk), with
+    // Row 3: the whole top 60 in one piece (a later level must take more than one per piece), with
     // the largest finite value among them.
     for j in 0..60 {
         logits[3 * vocab + 4100 + j] = 10.0 + j as f32 * 0.25;
@@ -74,12 +75,12 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     }
     ensure!(am[1] == 70000, "tie must go to the lowest id");
     ensure!(am[2] != 60000, "+inf must not be chosen");
-    for k in [1, 2, 5, 40, 64] {
+    for k in [1, 2, 5, 40, 128] {
         same(&top_k(client, &ld, k)?, &logits, vocab, k, "vocab rows")?;
     }
 
-    // Small chunks: k above the chunk length (empty slots in the first pass), a short last
-    // chunk, and rows with fewer finite values than k.
+    // Small first-level pieces: k above the piece length (empty slots in the first level), a
+    // short last piece, up to four levels, and rows with fewer finite values than k.
     let (rows, n) = (3, 1000);
     let mut v = rng.f32_vec(rows * n, -2.0, 2.0);
     // Row 1: 17 distinct values, so ties meet inside each unit and each pass.
@@ -92,8 +93,8 @@ fn check<R: Runtime>(client: &ComputeClient<R>, seed: u64) -> Result<()> {
     let vd = DeviceTensor::<R, f32>::from_slice(client, &v, &[rows, n])?;
     let flipped: Vec<f32> = v.iter().map(|x| 100.0 - x).collect();
     let other = DeviceTensor::<R, f32>::from_slice(client, &flipped, &[rows, n])?;
-    // (200, 8): the merge would hold too many candidates a unit; the chunks grow.
-    for (k, chunk) in [(40, 16), (7, 96), (100, 1000), (25, 33), (200, 8)] {
+    // (120, 8): nine levels (15 000 candidates, then 7 080, 3 360, ...: 120 of each 256 kept).
+    for (k, chunk) in [(40, 16), (7, 96), (100, 256), (25, 33), (120, 8)] {
         let t = TopK::with_chunk(client, rows, n, k, chunk)?;
         // A run on other values first: nothing of it may survive in the buffers.
         t.run(client, None, &other)?;
