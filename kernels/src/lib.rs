@@ -15,7 +15,7 @@
 //! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
 //! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
 //! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
-//! | argmax, top-k (plane-wide rounds in levels: pieces of a row, then their candidates; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |
+//! | argmax, top-k (bitonic sorts of 256-element pieces, in levels; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |
 //! | cube reduction (sum, max, min) used by the above | [`reduce`] | [`reduce::reduce()`] (inside kernels) | f64 sums, exact max/min | `reduce.rs` |
 //!
 //! Beside them: [`buffer`] (the typed device tensor), [`launch`] (one launch path through

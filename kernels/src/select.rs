@@ -3,11 +3,12 @@
 //! Only finite values are candidates (NaN and ±inf never are). Ties go to the lowest id (as the
 //! reference and the golden data do): the order is value descending, then id ascending.
 //!
-//! The work is done by groups of [`GROUP`] units (one plane, a warp, on GPUs), each on its own:
-//! a group takes a piece of a row (a power of two, 8 or 16 elements a unit, held in registers),
-//! sorts it with a bitonic network (exchanges between units by plane shuffles, or through
-//! shared memory where the device has no plane operations) and keeps its first `k`. The
-//! network's depth depends on the piece's length, not on `k`. Levels of such groups reduce a
+//! The work is done by groups of units, each on its own: a group takes a piece of [`CHUNK`]
+//! elements of a row, held in registers, sorts it with a bitonic network and keeps its first
+//! `k`. On GPUs a group is one plane (a warp of [`GROUP`] units, 8 elements a unit, exchanging
+//! by plane shuffles); where the device has no plane operations (CI's lavapipe) it is a cube
+//! of 256 units, one element each, exchanging through shared memory. The network's depth
+//! depends on the piece's length, not on `k`. Levels of such groups reduce a
 //! row: the first takes pieces of the row, each later one pieces of the candidates of the level
 //! before, until one piece is left (five levels for a vocabulary of 151 936 at k = 40). Results
 //! are (value, id) pairs in one f32 array, the id as its bit pattern (one read brings both
@@ -20,17 +21,14 @@ use crate::launch::{launch, Rec};
 use crate::reduce::plane_width;
 use crate::{DeviceTensor, KernelError};
 
-/// Units of a group (a plane on GPUs whose planes are 32 wide or more; elsewhere the group
-/// exchanges through shared memory).
+/// Units of a group on devices with plane operations (a plane, 32 wide or more).
 pub const GROUP: usize = 32;
-/// Groups per cube, at most.
+/// Groups of [`GROUP`] units per cube.
 const GROUPS_PER_CUBE: usize = 8;
-/// Elements a unit holds (a piece of 256; shorter first-level pieces take fewer). Longer
-/// pieces would mean fewer levels, but their networks take minutes to compile on a
-/// CPU-emulated device (Mesa's lavapipe: 9 minutes at 32 a unit).
-const PER_UNIT: usize = 8;
-/// Elements of a row that one group takes.
-pub const CHUNK: usize = PER_UNIT * GROUP;
+/// Elements of a row that one group takes (8 a unit in a plane). Longer pieces would mean
+/// fewer levels, but their networks take minutes to compile on a CPU-emulated device (Mesa's
+/// lavapipe: 9 minutes at 32 elements a unit).
+pub const CHUNK: usize = 8 * GROUP;
 /// The largest `k` the kernels take (a piece of 256 keeps at most half of itself).
 pub const MAX_K: usize = 128;
 /// The id of a candidate slot left empty (fewer than `k` finite values): above every vocabulary
@@ -45,9 +43,9 @@ fn before(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
 
 /// The `k` best finite values of each `chunk`-long piece of each row of `values` (`n` per row;
 /// as (value, id) pairs when `pairs`, else plain values whose ids are their index in the row),
-/// one piece per group of [`GROUP`] units (`pieces` per row, `total` in all). A unit holds the
-/// piece's elements `lane, lane + 32, ...` (`per_unit` of them, a power of two; `chunk` ≤
-/// 32 · `per_unit`); the group sorts them with a bitonic network and writes the first `k`
+/// one piece per group of `group` units (`groups` a cube; `pieces` per row, `total` in all). A
+/// unit holds the piece's elements `lane, lane + group, ...` (`per_unit` of them, a power of two;
+/// `chunk` ≤ `group · per_unit`); the group sorts them with a bitonic network and writes the first `k`
 /// (value, id bits) pairs of each piece to `out`, best first; slots past the piece's finite
 /// values get (`-f32::MAX`, [`NO_ID`]).
 #[cube(launch)]
@@ -62,14 +60,15 @@ fn topk_kernel<F: Float>(
     k: usize,
     #[comptime] pairs: bool,
     #[comptime] per_unit: usize,
+    #[comptime] group: usize,
     #[comptime] groups: usize,
     #[comptime] plane: bool,
 ) {
     let unit = UNIT_POS as usize;
-    let lane = unit % GROUP;
+    let lane = unit % group;
     // This group's piece (a group past the last piece sorts empty slots and writes nothing:
     // without plane operations its exchanges are cube-wide steps).
-    let piece = CUBE_POS * groups + unit / GROUP;
+    let piece = CUBE_POS * groups + unit / group;
     let row = piece / pieces;
     let start = (piece % pieces) * chunk;
     let mut end = start + chunk;
@@ -82,7 +81,7 @@ fn topk_kernel<F: Float>(
     let lowest = f32::new(-3.4028235e38);
     let highest = f32::new(3.4028235e38);
     // Where units exchange elements when the device has no plane operations.
-    let units = comptime!(groups * GROUP);
+    let units = comptime!(groups * group);
     let slots = comptime!(if plane { 1 } else { per_unit * units });
     let mut vslots = SharedMemory::<f32>::new(slots);
     let mut islots = SharedMemory::<u32>::new(slots);
@@ -93,7 +92,7 @@ fn topk_kernel<F: Float>(
     let mut ids = Sequence::<u32>::new();
     #[unroll]
     for e in 0..per_unit {
-        let i = start + lane + e * GROUP;
+        let i = start + lane + e * group;
         let mut v = lowest;
         let mut id = 0x3FFF_FFFFu32;
         if i < end {
@@ -115,25 +114,25 @@ fn topk_kernel<F: Float>(
         ids.push(id);
     }
 
-    // Bitonic sort of the piece's GROUP · per_unit places (place = e · GROUP + lane): blocks of
+    // Bitonic sort of the piece's group · per_unit places (place = e · group + lane): blocks of
     // `size` in alternating order, each merged by halving strides; the last block (the whole
     // piece) in the order itself. Strides of a group or more pair two registers of one unit;
     // shorter ones pair two units.
-    let log_len = comptime!((GROUP * per_unit).trailing_zeros() as usize);
+    let log_len = comptime!((group * per_unit).trailing_zeros() as usize);
     #[unroll]
     for s in 1..log_len + 1 {
         let size = comptime!(1usize << s);
         #[unroll]
         for t in 0..s {
             let stride = comptime!(1usize << (s - 1 - t));
-            if comptime!(stride >= GROUP) {
-                let es = comptime!(stride / GROUP);
+            if comptime!(stride >= group) {
+                let es = comptime!(stride / group);
                 #[unroll]
                 for e in 0..per_unit {
                     if comptime!(e & es == 0) {
                         let e2 = comptime!(e | es);
                         // In order (best first) in blocks whose place has the `size` bit clear.
-                        let in_order = comptime!((e * GROUP) & size == 0);
+                        let in_order = comptime!((e * group) & size == 0);
                         let (av, ai) = (*vals.index(e), *ids.index(e));
                         let (bv, bi) = (*vals.index(e2), *ids.index(e2));
                         // In order: the lower place takes the one that comes first.
@@ -173,7 +172,7 @@ fn topk_kernel<F: Float>(
                         let other = e * units + (unit ^ stride);
                         (vslots[other], islots[other])
                     };
-                    let place = e * GROUP + lane;
+                    let place = e * group + lane;
                     let lower = (lane & stride) == 0;
                     let in_order = (place & size) == 0;
                     // The lower place of a pair takes the one that comes first where the block
@@ -199,36 +198,31 @@ fn topk_kernel<F: Float>(
     if piece < total {
         #[unroll]
         for e in 0..per_unit {
-            let place = e * GROUP + lane;
+            let place = e * group + lane;
             if place < k {
                 let at = (piece * k + place) * 2;
                 out[at] = *vals.index(e);
                 out[at + 1] = f32::reinterpret(*ids.index(e));
             }
         }
-        let mut place = comptime!(GROUP * per_unit) + lane;
+        let mut place = comptime!(group * per_unit) + lane;
         while place < k {
             let at = (piece * k + place) * 2;
             out[at] = lowest;
-            out[at + 1] = f32::reinterpret(0x3FFF_FFFFu32);
-            place += GROUP;
+            // NO_ID's bits as a float constant (CUDA cannot reinterpret a literal in place).
+            out[at + 1] = f32::new(comptime!(f32::from_bits(NO_ID)));
+            place += group;
         }
     }
 }
 
-/// One launch of [`topk_kernel`]: `pieces` pieces of `chunk` elements per row of `n`, sorted
-/// as `per_unit` elements a unit.
+/// One launch of [`topk_kernel`]: `pieces` pieces of `chunk` elements per row of `n` (the
+/// last level's one piece may be shorter than `chunk`).
 #[derive(Clone, Copy, Debug)]
 struct Level {
     n: usize,
     chunk: usize,
     pieces: usize,
-    per_unit: usize,
-}
-
-/// Elements a unit holds for pieces of `chunk` (a power of two, at least 1).
-fn per_unit_for(chunk: usize) -> usize {
-    chunk.div_ceil(GROUP).next_power_of_two()
 }
 
 /// Device buffers and launch plan of a top-k over `rows` rows of `n` values: made once, run per
@@ -284,12 +278,10 @@ impl<R: Runtime> TopK<R> {
         let (mut levels, mut len, mut chunk) = (Vec::new(), n, chunk);
         loop {
             let pieces = len.div_ceil(chunk);
-            let per_unit = per_unit_for(chunk.min(len));
             levels.push(Level {
                 n: len,
                 chunk,
                 pieces,
-                per_unit,
             });
             if pieces == 1 {
                 break;
@@ -337,27 +329,32 @@ impl<R: Runtime> TopK<R> {
             )
         );
         let k = self.k;
+        // Groups of a plane's 32 units where the device has plane operations; else one cube of
+        // CHUNK units, an element each (a short network, quick to compile), exchanging through
+        // shared memory.
         let plane = plane_width(client).is_some_and(|w| w >= GROUP);
+        let group = if plane { GROUP } else { CHUNK };
+        let groups = GROUPS_PER_CUBE * GROUP / group;
         for (i, l) in self.levels.iter().enumerate() {
             let (n, chunk, pieces) = (l.n, l.chunk, l.pieces);
+            let per_unit = chunk.min(n).div_ceil(group).next_power_of_two();
             let total = self.rows * pieces;
-            // Always whole cubes of GROUPS_PER_CUBE groups (one compiled kernel per element
-            // count); the groups past the last piece sort empty slots.
-            let groups = GROUPS_PER_CUBE;
+            // Always whole cubes (one compiled kernel per element count); the groups past the
+            // last piece sort empty slots.
             let count = CubeCount::new_1d(total.div_ceil(groups) as u32);
-            let dim = CubeDim::new_1d((groups * GROUP) as u32);
+            let dim = CubeDim::new_1d((groups * group) as u32);
             let dst = self.parts.get(i).unwrap_or(&self.out);
             if i == 0 {
                 launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<F>, count, dim;
                     sizes []; arrays [values => 1, dst => 1];
                     scalars [usize n, usize chunk, usize pieces, usize total, usize k];
-                    comptime [false, l.per_unit, groups, plane])?;
+                    comptime [false, per_unit, group, groups, plane])?;
             } else {
                 let src = &self.parts[i - 1];
                 launch!(rec.as_deref_mut(), client, topk_kernel::TopkKernel<f32>, count, dim;
                     sizes []; arrays [src => 1, dst => 1];
                     scalars [usize n, usize chunk, usize pieces, usize total, usize k];
-                    comptime [true, l.per_unit, groups, plane])?;
+                    comptime [true, per_unit, group, groups, plane])?;
             }
         }
         Ok(())
