@@ -122,27 +122,15 @@ impl<R: Runtime> Ctx<'_, R> {
             f(i % sets);
         }
         self.sync();
-        let mut samples = Vec::new();
-        let mut group = c.benchmark_group("kernels");
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(200))
-            .measurement_time(Duration::from_millis(600));
-        group.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                self.sync();
-                let t = Instant::now();
-                for i in 0..iters as usize {
-                    f(i % sets);
-                }
-                self.sync();
-                let e = t.elapsed();
-                samples.push(e.as_secs_f64() / iters as f64);
-                e
-            })
-        });
-        group.finish();
-        median(&mut samples)
+        criterion_median(c, id, 1, |iters| {
+            self.sync();
+            let t = Instant::now();
+            for i in 0..iters as usize {
+                f(i % sets);
+            }
+            self.sync();
+            t.elapsed()
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -178,6 +166,32 @@ impl<R: Runtime> Ctx<'_, R> {
             flops,
         });
     }
+}
+
+/// Median seconds per unit of work under criterion (its filter applies: NaN when filtered
+/// out): `run(iters)` does `iters` iterations of `per_iter` units each, waits for the device,
+/// and returns the time it measured.
+fn criterion_median(
+    c: &mut Criterion,
+    id: &str,
+    per_iter: usize,
+    mut run: impl FnMut(u64) -> Duration,
+) -> f64 {
+    let mut samples = Vec::new();
+    let mut group = c.benchmark_group("kernels");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(600));
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let e = run(iters);
+            samples.push(e.as_secs_f64() / (iters as usize * per_iter) as f64);
+            e
+        })
+    });
+    group.finish();
+    median(&mut samples)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -303,30 +317,18 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                         .expect("CUDA weights");
                     ctx.sync();
                     let id = format!("matmul/{shape}/m{m}/cublas");
-                    let mut samples = Vec::new();
                     for i in 0..sets.max(2) {
                         cb.enqueue(client, &cx, &cws[i % sets], &cy)?;
                     }
                     cb.synchronize()?;
-                    let mut group = c.benchmark_group("kernels");
-                    group
-                        .sample_size(10)
-                        .warm_up_time(Duration::from_millis(200))
-                        .measurement_time(Duration::from_millis(600));
-                    group.bench_function(&id, |b| {
-                        b.iter_custom(|iters| {
-                            let t = Instant::now();
-                            for i in 0..iters as usize {
-                                cb.enqueue(client, &cx, &cws[i % sets], &cy).unwrap();
-                            }
-                            cb.synchronize().unwrap();
-                            let e = t.elapsed();
-                            samples.push(e.as_secs_f64() / iters as f64);
-                            e
-                        })
+                    let secs = criterion_median(c, &id, 1, |iters| {
+                        let t = Instant::now();
+                        for i in 0..iters as usize {
+                            cb.enqueue(client, &cx, &cws[i % sets], &cy).unwrap();
+                        }
+                        cb.synchronize().unwrap();
+                        t.elapsed()
                     });
-                    group.finish();
-                    let secs = median(&mut samples);
                     ctx.record(
                         "matmul",
                         "cublas",
@@ -535,27 +537,15 @@ fn sync_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 "barrier" => relay(rec, &a, &b, &bar, RELAY_UNITS + 1, PHASES),
                 _ => relay_steps(rec, &a, &b, RELAY_UNITS + 1, PHASES),
             })?;
-            let mut samples = Vec::new();
-            let mut group = c.benchmark_group("kernels");
-            group
-                .sample_size(10)
-                .warm_up_time(Duration::from_millis(200))
-                .measurement_time(Duration::from_millis(600));
-            group.bench_function(&id, |bench| {
-                bench.iter_custom(|iters| {
-                    rec.synchronize().expect("sync");
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        graph.launch().expect("graph launch");
-                    }
-                    rec.synchronize().expect("sync");
-                    let e = t.elapsed();
-                    samples.push(e.as_secs_f64() / (iters as usize * PHASES) as f64);
-                    e
-                })
+            let secs = criterion_median(c, &id, PHASES, |iters| {
+                rec.synchronize().expect("sync");
+                let t = Instant::now();
+                for _ in 0..iters {
+                    graph.launch().expect("graph launch");
+                }
+                rec.synchronize().expect("sync");
+                t.elapsed()
             });
-            group.finish();
-            let secs = median(&mut samples);
             ctx.record(
                 "sync",
                 variant,
