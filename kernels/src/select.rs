@@ -232,6 +232,13 @@ pub struct TopK<R: Runtime> {
     pub n: usize,
     pub k: usize,
     levels: Vec<Level>,
+    /// Groups of a plane's [`GROUP`] units where the device has plane operations; else one cube
+    /// of [`CHUNK`] units, an element each (a short network, quick to compile), exchanging
+    /// through shared memory.
+    plane: bool,
+    /// Units of a group, and groups of a cube.
+    group: usize,
+    groups: usize,
     /// Each level's candidates but the last's, `[rows, pieces, k]` pairs.
     parts: Vec<DeviceTensor<R, f32>>,
     /// The result: `[rows, k]` (value, id bits) pairs, best first.
@@ -289,10 +296,12 @@ impl<R: Runtime> TopK<R> {
             len = pieces * k;
             chunk = later;
         }
+        let plane = plane_width(client).is_some_and(|w| w >= GROUP);
+        let group = if plane { GROUP } else { CHUNK };
+        let groups = GROUPS_PER_CUBE * GROUP / group;
         let max_cubes = client.properties().hardware.max_cube_count.0 as usize;
-        let groups = rows * levels[0].pieces;
         ensure!(
-            groups.div_ceil(GROUPS_PER_CUBE) <= max_cubes,
+            (rows * levels[0].pieces).div_ceil(groups) <= max_cubes,
             KernelError::unsupported(
                 "top_k",
                 format!("{rows} rows of {n}: more cubes than one launch takes on this device")
@@ -307,6 +316,9 @@ impl<R: Runtime> TopK<R> {
             n,
             k,
             levels,
+            plane,
+            group,
+            groups,
             parts,
             out: DeviceTensor::empty(client, &[rows, k, 2])?,
         })
@@ -328,13 +340,7 @@ impl<R: Runtime> TopK<R> {
                 &values.shape
             )
         );
-        let k = self.k;
-        // Groups of a plane's 32 units where the device has plane operations; else one cube of
-        // CHUNK units, an element each (a short network, quick to compile), exchanging through
-        // shared memory.
-        let plane = plane_width(client).is_some_and(|w| w >= GROUP);
-        let group = if plane { GROUP } else { CHUNK };
-        let groups = GROUPS_PER_CUBE * GROUP / group;
+        let (k, plane, group, groups) = (self.k, self.plane, self.group, self.groups);
         for (i, l) in self.levels.iter().enumerate() {
             let (n, chunk, pieces) = (l.n, l.chunk, l.pieces);
             let per_unit = chunk.min(n).div_ceil(group).next_power_of_two();
