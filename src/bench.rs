@@ -672,6 +672,15 @@ fn run_tests<R: Runtime>(
                 samples_s,
                 floor_ts,
             };
+            #[cfg(feature = "cuda")]
+            if test.n_gen > 0 {
+                if let Some(t) = session.decode_timeline()? {
+                    say(
+                        &bar,
+                        format!("bench: timeline of the last {} step\n{t}", test.name()),
+                    );
+                }
+            }
             let (mean, sd) = r.mean_sd();
             say(
                 &bar,

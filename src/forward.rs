@@ -213,6 +213,10 @@ struct Graphs {
     top2: u64,
     /// Device addresses of the sampling top-k results, by k.
     top_k: HashMap<usize, u64>,
+    /// With a timeline (`CUBEQWEN_TIMELINE`): each graph's launches, and the last graph
+    /// replayed.
+    launches: HashMap<(usize, usize), Vec<cubeqwen_kernels::graph::TimelineLaunch>>,
+    last: Option<(usize, usize)>,
 }
 
 impl<'m, R: Runtime> Session<'m, R> {
@@ -427,6 +431,8 @@ impl<'m, R: Runtime> Session<'m, R> {
             position,
             top2,
             top_k: HashMap::new(),
+            launches: HashMap::new(),
+            last: None,
         }))
     }
 
@@ -445,9 +451,30 @@ impl<'m, R: Runtime> Session<'m, R> {
                 .rec
                 .capture(|rec| self.decode_kernels(client, Some(rec), pos))?;
             g.by_shape.insert(shape, graph);
+            g.launches.insert(shape, g.rec.timeline_launches());
         }
+        g.rec.timeline_reset()?;
         g.by_shape[&shape].launch()?;
+        g.last = Some(shape);
         Ok(())
+    }
+
+    /// With `CUBEQWEN_TIMELINE` set (CUDA graphs): the last decode step's timeline, a table
+    /// of its kernels' start, wait and end times (see the graph recorder's `Timeline`);
+    /// `None` without one.
+    #[cfg(feature = "cuda")]
+    pub fn decode_timeline(&self) -> Result<Option<String>> {
+        let Some(g) = self.graphs.as_ref() else {
+            return Ok(None);
+        };
+        let Some(launches) = g.last.and_then(|s| g.launches.get(&s)) else {
+            return Ok(None);
+        };
+        if launches.is_empty() {
+            return Ok(None);
+        }
+        let times = g.rec.timeline_read(launches)?;
+        Ok(Some(cubeqwen_kernels::graph::timeline_summary(&times)))
     }
 
     /// Kernel launches recorded into this session's decode graphs with programmatic dependent

@@ -12,6 +12,11 @@
 //! CUDA context, the primary one, serves both). cubecl's stream and ours are ordered by hand:
 //! [`GraphRecorder::wait_for_cubecl`] before our launches read what cubecl wrote, and
 //! [`GraphRecorder::synchronize`] before cubecl reads what ours wrote.
+//!
+//! With `CUBEQWEN_TIMELINE` set (or [`GraphRecorder::with_timeline`]) the recorder compiles
+//! its kernels with per-warp timestamps: [`GraphRecorder::timeline_read`] and
+//! [`timeline_summary`] show when each launch of a graph started, got past its grid-dependency
+//! wait and ended (`Timeline`).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -97,6 +102,10 @@ impl GraphArgs {
 
 struct Compiled {
     func: CudaFunction,
+    /// Entry point (the kernel's name).
+    entry: String,
+    /// Its number in the order of compilation (the timeline's kernel id).
+    index: usize,
     shared_bytes: u32,
     block: (u32, u32, u32),
     /// Launched with programmatic stream serialization (it waits at its grid dependency).
@@ -120,10 +129,20 @@ pub struct GraphRecorder {
     programmatic_launches: usize,
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
     guards: HashMap<u64, Box<dyn std::any::Any>>,
+    /// Per-warp timestamps of our kernels (`CUBEQWEN_TIMELINE` set; see [`Timeline`]).
+    timeline: Option<Timeline>,
 }
 
 impl GraphRecorder {
+    /// A recorder; with `CUBEQWEN_TIMELINE` set, one that keeps a timeline
+    /// ([`GraphRecorder::with_timeline`]).
     pub fn new(client: &ComputeClient<CudaRuntime>) -> Result<Self> {
+        Self::with_timeline(client, std::env::var_os("CUBEQWEN_TIMELINE").is_some())
+    }
+
+    /// A recorder whose kernels, with `timeline`, record when each warp starts, gets past its
+    /// grid-dependency wait and ends ([`GraphRecorder::timeline_read`]).
+    pub fn with_timeline(client: &ComputeClient<CudaRuntime>, timeline: bool) -> Result<Self> {
         let ctx = CudaContext::new(0).context("opening the CUDA context for graphs")?;
         let stream = ctx.new_stream()?;
         let major = ctx.attribute(
@@ -164,6 +183,7 @@ impl GraphRecorder {
             pdl: version >= 90 && std::env::var_os("CUBEQWEN_NO_PDL").is_none(),
             programmatic_launches: 0,
             guards: HashMap::new(),
+            timeline: timeline.then(Timeline::new).transpose()?,
         })
     }
 
@@ -194,7 +214,10 @@ impl GraphRecorder {
                 dir.join(format!("{name}.ptx")),
                 dir.join(format!("{name}.meta")),
             );
-            let cached = (!crate::runtime::kernel_cache_disabled())
+            // Timeline builds bake the kernel's number and a buffer address in: never cached.
+            let cache = !crate::runtime::kernel_cache_disabled() && self.timeline.is_none();
+            let index = self.compiled.len();
+            let cached = cache
                 .then(|| {
                     Some((
                         std::fs::read_to_string(&ptx_path).ok()?,
@@ -214,8 +237,8 @@ impl GraphRecorder {
             let (ptx, entry, shared_bytes, block, waits) = match cached {
                 Some(c) => c,
                 None => {
-                    let c = self.compile_source(kernel)?;
-                    if !crate::runtime::kernel_cache_disabled() {
+                    let c = self.compile_source(kernel, index)?;
+                    if cache {
                         // A cache that cannot be written only costs time on the next run. The
                         // CUDA source is kept beside the PTX for reading (profiling), not used.
                         let _ = std::fs::create_dir_all(&dir).and_then(|_| {
@@ -247,6 +270,8 @@ impl GraphRecorder {
                 id.clone(),
                 Compiled {
                     func,
+                    entry,
+                    index,
                     shared_bytes,
                     block,
                     programmatic: waits && self.pdl,
@@ -258,7 +283,7 @@ impl GraphRecorder {
 
     /// cubecl's CUDA C++ for `kernel`, compiled by NVRTC as cubecl-cuda compiles it: (PTX,
     /// entry point, shared-memory bytes, block dimensions).
-    fn compile_source<K: CubeKernel>(&self, kernel: K) -> Result<CompiledSource> {
+    fn compile_source<K: CubeKernel>(&self, kernel: K, index: usize) -> Result<CompiledSource> {
         let task = cubecl::prelude::KernelTask::<CudaCompiler, K>::new(kernel);
         let out = task
             .compile(
@@ -271,10 +296,16 @@ impl GraphRecorder {
         let repr = out.repr.context("the CUDA compiler returned no kernel")?;
         // The grid-dependency marker: the wait on Hopper, nothing before it.
         let waits = self.version >= 90 && out.source.contains(GRID_DEPENDENCY);
-        let source = if waits {
-            out.source.replace(GRID_DEPENDENCY, GRID_WAIT)
-        } else {
-            out.source.clone()
+        let source = match (waits, &self.timeline) {
+            (true, Some(_)) => out
+                .source
+                .replace(GRID_DEPENDENCY, &format!("{GRID_WAIT}\n{TIMELINE_WAIT}")),
+            (true, None) => out.source.replace(GRID_DEPENDENCY, GRID_WAIT),
+            (false, _) => out.source.clone(),
+        };
+        let source = match &self.timeline {
+            Some(t) => instrument(&source, t.buf, index)?,
+            None => source,
         };
         let source = source.replace(FENCE, FENCE_CODE);
         let include = cubecl::cuda::install::include_path();
@@ -340,15 +371,26 @@ impl GraphRecorder {
             info.dynamic_metadata_offset == info.data.len(),
             "graph launches take arrays only (no dynamic metadata)"
         );
-        let (func, block, shared, programmatic) = {
+        let (func, block, shared, programmatic, index, entry) = {
             let c = self.compile(kernel)?;
             (
                 c.func.cu_function(),
                 c.block,
                 c.shared_bytes,
                 c.programmatic,
+                c.index,
+                c.entry.clone(),
             )
         };
+        if let Some(t) = self.timeline.as_mut() {
+            let threads = block.0 * block.1 * block.2;
+            t.launches.push(TimelineLaunch {
+                kernel: index,
+                name: entry,
+                cubes: gx * gy * gz,
+                warps: gx * gy * gz * threads.div_ceil(32),
+            });
+        }
         let mut params: Vec<*mut c_void> = ptrs
             .iter_mut()
             .map(|p| p as *mut u64 as *mut c_void)
@@ -397,6 +439,40 @@ impl GraphRecorder {
         Ok(())
     }
 
+    /// With a timeline: the launches of the last [`GraphRecorder::capture`] (or of all launches
+    /// since the recorder was made, when nothing was captured), in order; else empty.
+    pub fn timeline_launches(&self) -> Vec<TimelineLaunch> {
+        self.timeline
+            .as_ref()
+            .map_or(Vec::new(), |t| t.launches.clone())
+    }
+
+    /// With a timeline: forgets the timestamps so far (ordered on our stream), so that the
+    /// next graph launch's are the only ones. Returns whether there is a timeline.
+    pub fn timeline_reset(&self) -> Result<bool> {
+        let Some(t) = &self.timeline else {
+            return Ok(false);
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the counter is the first 4 bytes of the timeline's buffer.
+        unsafe {
+            cudarc::driver::sys::cuMemsetD32Async(t.buf, 0, 1, self.stream.cu_stream()).result()?;
+        }
+        Ok(true)
+    }
+
+    /// With a timeline: waits for our stream and reads the timestamps since
+    /// [`GraphRecorder::timeline_reset`], which must have been taken by exactly the warps of
+    /// `launches` (one graph launch of them).
+    pub fn timeline_read(&self, launches: &[TimelineLaunch]) -> Result<Vec<LaunchTimes>> {
+        let t = self
+            .timeline
+            .as_ref()
+            .context("no timeline (set CUBEQWEN_TIMELINE)")?;
+        self.synchronize()?;
+        t.read(launches)
+    }
+
     /// Waits for every cubecl launch and upload so far (our launches may read their results).
     pub fn wait_for_cubecl(&self) -> Result<()> {
         cubecl::future::block_on(self.client.sync()).map_err(|e| anyhow::anyhow!("{e:?}"))
@@ -410,6 +486,9 @@ impl GraphRecorder {
     /// Records the launches `body` makes into a graph instead of running them.
     pub fn capture(&mut self, body: impl FnOnce(&mut Self) -> Result<()>) -> Result<CudaGraph> {
         self.ctx.bind_to_thread()?;
+        if let Some(t) = self.timeline.as_mut() {
+            t.launches.clear();
+        }
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let result = body(self);
@@ -467,4 +546,267 @@ fn fnv64(s: &str) -> String {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{h:016x}")
+}
+
+/// Written after the grid-dependency wait in timeline builds: the warp's time past the wait.
+const TIMELINE_WAIT: &str = "if (cq_e) { cq_e[2] = cq_now(); }";
+/// Warps a timeline holds at most (4 timestamps of 8 bytes each: 64 MiB).
+const TIMELINE_WARPS: usize = 1 << 21;
+
+/// Per-warp timestamps of our kernels, for profiling a CUDA graph from the inside (the GPU
+/// machine has no Nsight Systems, and ncu replays kernels one by one, so neither shows how a
+/// graph's kernels overlap). With `CUBEQWEN_TIMELINE` set, the recorder compiles every kernel
+/// with a prologue in which each cube takes a slot a warp in one device buffer (one atomic a
+/// cube) and lane 0 of each warp writes the kernel's number and `%globaltimer` (ns) at its
+/// start, after its grid-dependency wait and when it returns. The kernels are then a little
+/// slower (an atomic and a barrier a cube, three stores a warp): a timeline shows where a
+/// step's time goes, not its speed.
+struct Timeline {
+    /// Device buffer: a u32 counter (in the first u64), then [kernel, start, wait, end] u64s
+    /// per warp.
+    buf: u64,
+    launches: Vec<TimelineLaunch>,
+}
+
+/// One launch as the timeline knows it: the kernel's number and name, cubes and warps.
+#[derive(Clone, Debug)]
+pub struct TimelineLaunch {
+    pub kernel: usize,
+    pub name: String,
+    pub cubes: u32,
+    pub warps: u32,
+}
+
+/// When a launch's warps started, got past their grid-dependency wait and ended (ns of
+/// `%globaltimer`; `wait` is `None` for kernels without one).
+#[derive(Clone, Debug)]
+pub struct LaunchTimes {
+    pub launch: TimelineLaunch,
+    /// The first warp's start.
+    pub start: u64,
+    /// The first warp past its wait (when the kernels before had finished).
+    pub wait: Option<u64>,
+    /// The last warp's end.
+    pub end: u64,
+}
+
+impl Timeline {
+    fn new() -> Result<Self> {
+        // SAFETY: a plain device allocation, freed in Drop.
+        let buf = unsafe { cudarc::driver::result::malloc_sync(8 + TIMELINE_WARPS * 32)? };
+        unsafe { cudarc::driver::result::memset_d8_sync(buf, 0, 8)? };
+        Ok(Self {
+            buf,
+            launches: Vec::new(),
+        })
+    }
+
+    /// The launches' times from the buffer (see [`GraphRecorder::timeline_read`]).
+    fn read(&self, launches: &[TimelineLaunch]) -> Result<Vec<LaunchTimes>> {
+        let mut count = [0u32; 2];
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut count, self.buf)? };
+        let n = count[0] as usize;
+        let want: usize = launches.iter().map(|l| l.warps as usize).sum();
+        ensure!(
+            n == want && n <= TIMELINE_WARPS,
+            "timeline: {n} warps recorded, the launches have {want} (at most {TIMELINE_WARPS} fit)"
+        );
+        let mut raw = vec![0u64; 4 * n];
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut raw, self.buf + 8)? };
+        // Each kernel's warps in the order their cubes took their slots (one atomic counter: a
+        // total order, unlike timestamps, which need not agree to the tick across
+        // multiprocessors); its launches take them in turn. A launch's cubes all take their
+        // slots before the next launch of the chain starts: they do it first thing, and the
+        // next launch starts only after every cube of this one has got past its wait (or
+        // ended).
+        let mut by_kernel: HashMap<usize, Vec<[u64; 3]>> = HashMap::new();
+        for e in raw.chunks_exact(4) {
+            by_kernel
+                .entry(e[0] as usize)
+                .or_default()
+                .push([e[1], e[2], e[3]]);
+        }
+        let mut taken: HashMap<usize, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(launches.len());
+        for l in launches {
+            let at = taken.entry(l.kernel).or_default();
+            let all = by_kernel.get(&l.kernel).map_or(&[][..], |w| &w[..]);
+            let warps = all
+                .get(*at..*at + l.warps as usize)
+                .context("timeline: fewer warps of a kernel than its launches have")?;
+            *at += l.warps as usize;
+            out.push(LaunchTimes {
+                launch: l.clone(),
+                start: warps.iter().map(|w| w[0]).min().unwrap_or(0),
+                wait: warps.iter().map(|w| w[1]).filter(|&t| t > 0).min(),
+                end: warps.iter().map(|w| w[2]).max().unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_sync in `new`, freed once.
+        let _ = unsafe { cudarc::driver::result::free_sync(self.buf) };
+    }
+}
+
+/// `source` with the timeline's prologue in its kernel (number `index`; timestamps into the
+/// buffer at device address `buf`).
+fn instrument(source: &str, buf: u64, index: usize) -> Result<String> {
+    let (head, kernel) = source
+        .split_once("extern \"C\" __global__")
+        .context("timeline: no kernel in the source")?;
+    let (signature, body) = kernel
+        .split_once("\n) {\n")
+        .context("timeline: the kernel's signature does not end as expected")?;
+    // One atomic a cube (its thread 0 takes a slot for each of its warps), not one a warp:
+    // thousands of warps on one counter cost microseconds a launch.
+    let prologue = format!(
+        "unsigned long long* cq_e = nullptr;\n\
+         {{ __shared__ unsigned cq_base;\n\
+         const unsigned cq_t = threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y;\n\
+         const unsigned long long cq_t0 = cq_now();\n\
+         unsigned long long* cq_b = (unsigned long long*){buf}ull;\n\
+         if (cq_t == 0u) {{ cq_base = atomicAdd((unsigned*)cq_b, (blockDim.x * blockDim.y * blockDim.z + 31u) / 32u); }}\n\
+         __syncthreads();\n\
+         const unsigned cq_s = cq_base + cq_t / 32u;\n\
+         if ((cq_t & 31u) == 0u && cq_s < {cap}u) {{ cq_e = cq_b + 1 + 4ull * cq_s; cq_e[0] = {index}ull; cq_e[1] = cq_t0; cq_e[2] = 0ull; }}\n\
+         }}\n\
+         CqTimelineEnd cq_end{{cq_e}};\n",
+        cap = TIMELINE_WARPS,
+    );
+    let helpers = "__device__ __forceinline__ unsigned long long cq_now() {\n\
+         unsigned long long t; asm volatile(\"mov.u64 %0, %%globaltimer;\" : \"=l\"(t)); return t; }\n\
+         struct CqTimelineEnd { unsigned long long* e;\n\
+         __device__ ~CqTimelineEnd() { if (e) { e[3] = cq_now(); } } };\n";
+    Ok(format!(
+        "{head}{helpers}extern \"C\" __global__{signature}\n) {{\n{prologue}{body}"
+    ))
+}
+
+/// A timeline as text: each launch's start, wait and end relative to the first start (µs),
+/// and per kernel its mean time from the end of the launch before to being past its wait
+/// (the boundary) and from there to its end (the body).
+pub fn timeline_summary(times: &[LaunchTimes]) -> String {
+    use std::fmt::Write;
+    let Some(t0) = times.iter().map(|t| t.start).min() else {
+        return "timeline: no launches\n".into();
+    };
+    let us = |t: u64| (t as f64 - t0 as f64) / 1e3;
+    let mut out = String::new();
+    // Per kernel (its number, name and cube count), in order of first launch: launches and
+    // the sums of their boundary, body and resident times.
+    let mut kinds: Vec<((usize, String, u32), [f64; 4])> = Vec::new();
+    let _ = writeln!(
+        out,
+        "| # | kernel | cubes | start µs | past wait µs | end µs | boundary µs | body µs |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut prev_end = None;
+    for (i, t) in times.iter().enumerate() {
+        let past = t.wait.unwrap_or(t.start);
+        let boundary = prev_end.map_or(0.0, |p: u64| (past as f64 - p as f64) / 1e3);
+        let body = (t.end as f64 - past as f64) / 1e3;
+        let _ = writeln!(
+            out,
+            "| {i} | {} | {} | {:.2} | {:.2} | {:.2} | {boundary:.2} | {body:.2} |",
+            t.launch.name,
+            t.launch.cubes,
+            us(t.start),
+            us(past),
+            us(t.end),
+        );
+        let key = (t.launch.kernel, t.launch.name.clone(), t.launch.cubes);
+        let at = match kinds.iter().position(|k| k.0 == key) {
+            Some(at) => at,
+            None => {
+                kinds.push((key, [0.0; 4]));
+                kinds.len() - 1
+            }
+        };
+        let resident = (t.end as f64 - t.start as f64) / 1e3;
+        for (sum, v) in kinds[at].1.iter_mut().zip([1.0, boundary, body, resident]) {
+            *sum += v;
+        }
+        prev_end = Some(t.end);
+    }
+    let total = times.iter().map(|t| t.end).max().unwrap_or(t0);
+    let _ = writeln!(
+        out,
+        "\nstep: {:.2} µs from the first start to the last end\n\n| kernel | cubes | launches | boundary µs (mean) | body µs (mean) | resident µs (mean) |\n|---|---:|---:|---:|---:|---:|",
+        us(total)
+    );
+    for ((_, name, cubes), [n, b, d, r]) in kinds {
+        let _ = writeln!(
+            out,
+            "| {name} | {cubes} | {n} | {:.2} | {:.2} | {:.2} |",
+            b / n,
+            d / n,
+            r / n
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel as cubecl 0.10 writes it (shortened).
+    const KERNEL: &str = "typedef unsigned int uint32;\nextern \"C\" __global__ void __launch_bounds__(256)k_f32 (\n    const float* __restrict__ buffer_0, float* buffer_1, const __grid_constant__ info_st info\n) {\nuint32 threadIdxGlobal = threadIdx.x;\n// cubeqwen:grid-dependency\nbuffer_1[threadIdxGlobal] = buffer_0[threadIdxGlobal];\n}\n";
+
+    #[test]
+    fn timeline_summary_takes_boundaries_and_bodies() {
+        let launch = |kernel, name: &str| TimelineLaunch {
+            kernel,
+            name: name.into(),
+            cubes: 2,
+            warps: 16,
+        };
+        let at = |launch, start, wait, end| LaunchTimes {
+            launch,
+            start,
+            wait,
+            end,
+        };
+        // a (no wait) 1000–3000; b resident from 2000, past its wait at 3500, ends 6000; a
+        // again 6000–7000 (boundary 0); b resident from 6500, past its wait 7400, ends 8000.
+        let times = [
+            at(launch(0, "a"), 1000, None, 3000),
+            at(launch(1, "b"), 2000, Some(3500), 6000),
+            at(launch(0, "a"), 6000, None, 7000),
+            at(launch(1, "b"), 6500, Some(7400), 8000),
+        ];
+        let out = timeline_summary(&times);
+        assert!(
+            out.contains("| 1 | b | 2 | 1.00 | 2.50 | 5.00 | 0.50 | 2.50 |"),
+            "{out}"
+        );
+        assert!(out.contains("step: 7.00 µs"), "{out}");
+        // a: boundaries 0 (first) and 0, bodies 2 and 1, resident 2 and 1.
+        assert!(out.contains("| a | 2 | 2 | 0.00 | 1.50 | 1.50 |"), "{out}");
+        // b: boundaries 0.5 and 0.4, bodies 2.5 and 0.6, resident 4 and 1.5.
+        assert!(out.contains("| b | 2 | 2 | 0.45 | 1.55 | 2.75 |"), "{out}");
+    }
+
+    #[test]
+    fn timeline_prologue_goes_first_in_the_kernel() {
+        let out = instrument(KERNEL, 0x7000, 5).unwrap();
+        let (before, after) = out.split_once("extern \"C\" __global__").unwrap();
+        assert!(before.contains("typedef unsigned int uint32;") && before.contains("cq_now()"));
+        assert!(before.contains("struct CqTimelineEnd"), "{out}");
+        let (_, body) = after.split_once("\n) {\n").unwrap();
+        assert!(
+            body.starts_with("unsigned long long* cq_e = nullptr;"),
+            "{body}"
+        );
+        assert!(body.contains("(unsigned long long*)28672ull") && body.contains("cq_e[0] = 5ull;"));
+        assert!(
+            body.contains("CqTimelineEnd cq_end{cq_e};\nuint32 threadIdxGlobal"),
+            "{body}"
+        );
+        assert!(instrument("__global__ void f() {}", 0x7000, 0).is_err());
+    }
 }
