@@ -397,44 +397,38 @@ impl GraphRecorder {
             .collect();
         params.push(info.data.as_ptr() as *mut c_void);
         self.ctx.bind_to_thread()?;
+        let stream = self.stream.cu_stream();
+        // One launch call either way: the programmatic attribute is passed only where the
+        // kernel waits at its grid dependency (and PDL is on).
+        use cudarc::driver::sys;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: gx,
+            gridDimY: gy,
+            gridDimZ: gz,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: shared,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: programmatic as u32,
+        };
         // SAFETY: `func` was compiled from this kernel's definition; `params` are, in order, the
         // device addresses of its buffers and its info struct, alive until this call returns
         // (the driver copies them).
         unsafe {
-            if programmatic {
-                use cudarc::driver::sys;
-                let mut attr = sys::CUlaunchAttribute {
-                    id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-                    pad: [0; 4],
-                    value: sys::CUlaunchAttributeValue {
-                        programmaticStreamSerializationAllowed: 1,
-                    },
-                };
-                let config = sys::CUlaunchConfig {
-                    gridDimX: gx,
-                    gridDimY: gy,
-                    gridDimZ: gz,
-                    blockDimX: block.0,
-                    blockDimY: block.1,
-                    blockDimZ: block.2,
-                    sharedMemBytes: shared,
-                    hStream: self.stream.cu_stream(),
-                    attrs: &mut attr,
-                    numAttrs: 1,
-                };
-                sys::cuLaunchKernelEx(&config, func, params.as_mut_ptr(), std::ptr::null_mut())
-                    .result()?;
-                self.programmatic_launches += 1;
-            } else {
-                cudarc::driver::result::launch_kernel(
-                    func,
-                    (gx, gy, gz),
-                    block,
-                    shared,
-                    self.stream.cu_stream(),
-                    &mut params,
-                )?;
-            }
+            sys::cuLaunchKernelEx(&config, func, params.as_mut_ptr(), std::ptr::null_mut())
+                .result()?;
+        }
+        if programmatic {
+            self.programmatic_launches += 1;
         }
         Ok(())
     }
