@@ -371,22 +371,23 @@ impl GraphRecorder {
             info.dynamic_metadata_offset == info.data.len(),
             "graph launches take arrays only (no dynamic metadata)"
         );
-        let (func, block, shared, programmatic, index, entry) = {
+        let timeline = self.timeline.is_some();
+        let (func, block, shared, programmatic, named) = {
             let c = self.compile(kernel)?;
             (
                 c.func.cu_function(),
                 c.block,
                 c.shared_bytes,
                 c.programmatic,
-                c.index,
-                c.entry.clone(),
+                // The kernel's number and name, for the timeline only.
+                timeline.then(|| (c.index, c.entry.clone())),
             )
         };
-        if let Some(t) = self.timeline.as_mut() {
+        if let (Some(t), Some((kernel, name))) = (self.timeline.as_mut(), named) {
             let threads = block.0 * block.1 * block.2;
             t.launches.push(TimelineLaunch {
-                kernel: index,
-                name: entry,
+                kernel,
+                name,
                 cubes: gx * gy * gz,
                 warps: gx * gy * gz * threads.div_ceil(32),
             });
@@ -442,17 +443,17 @@ impl GraphRecorder {
     }
 
     /// With a timeline: forgets the timestamps so far (ordered on our stream), so that the
-    /// next graph launch's are the only ones. Returns whether there is a timeline.
-    pub fn timeline_reset(&self) -> Result<bool> {
+    /// next graph launch's are the only ones. Without one, nothing.
+    pub fn timeline_reset(&self) -> Result<()> {
         let Some(t) = &self.timeline else {
-            return Ok(false);
+            return Ok(());
         };
         self.ctx.bind_to_thread()?;
         // SAFETY: the counter is the first 4 bytes of the timeline's buffer.
         unsafe {
             cudarc::driver::sys::cuMemsetD32Async(t.buf, 0, 1, self.stream.cu_stream()).result()?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// With a timeline: waits for our stream and reads the timestamps since
