@@ -234,6 +234,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         let caches = (0..c.layers)
             .map(|_| KvCache::new(client, c.n_kv_heads, max_ctx, c.head_dim))
             .collect::<Result<Vec<_>>>()?;
+        let switches = cubeqwen_kernels::switches::switches()?;
         Ok(Self {
             model,
             caches,
@@ -242,12 +243,9 @@ impl<'m, R: Runtime> Session<'m, R> {
             variant: MatmulVariant::Auto,
             prefill_chunk: PREFILL_CHUNK,
             fused_decode: true,
-            use_graphs: std::env::var_os("CUBEQWEN_NO_GRAPHS").is_none(),
-            flash_prefill: std::env::var_os("CUBEQWEN_NO_FLASH").is_none(),
-            flash_kernel: match std::env::var("CUBEQWEN_FLASH_KERNEL") {
-                Ok(k) => k.parse()?,
-                Err(_) => PrefillKernel::Auto,
-            },
+            use_graphs: !switches.no_graphs,
+            flash_prefill: !switches.no_flash,
+            flash_kernel: switches.flash_kernel,
             decode: DecodeBuffers::new(client, model, max_ctx)?,
             #[cfg(feature = "cuda")]
             graphs: None,

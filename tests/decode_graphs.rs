@@ -38,7 +38,7 @@ fn run(
     let mut s = Session::new(client, model, 1024)?;
     s.use_graphs = graphs;
     let out = steps_of(client, &mut s, prompt, steps)?;
-    if graphs && hopper()? && std::env::var_os("CUBEQWEN_NO_PDL").is_none() {
+    if graphs && hopper()? && !cubeqwen_kernels::switches::switches()?.no_pdl {
         // The kernels' grid-dependency markers survived cubecl's compiler: their launches
         // overlap (a marker lost would leave every launch serialised, and this at 0).
         ensure!(

@@ -153,8 +153,33 @@ fn attention_chunk_kernel<F: Float>(
     }
 }
 
-/// One cube per (query token, head): merges its chunks' parts with the online-softmax rule,
-/// skipping chunks with no visible position (sum 0).
+/// The online-softmax rule for parts of one softmax (chunks of keys, planes of a cube), each
+/// with its max `m` and sum `l` of `exp(score − m)` and its unnormalised output: the overall
+/// max `mx` is the largest `m` of the parts that saw a key ([`parts_max`] folds one part in),
+/// and a part counts with weight `exp(m − mx)`, 0 where it saw none (`l` = 0; its output is 0).
+/// The result: `Σ w·out / Σ w·l`. Used by [`attention_combine_kernel`], the decode attention
+/// kernel (its planes) and its merge kernel (`decode.rs`).
+#[cube]
+pub(crate) fn part_weight(m: f32, l: f32, mx: f32) -> f32 {
+    let mut w = 0.0f32;
+    if l > 0.0 {
+        w = f32::exp(m - mx);
+    }
+    w
+}
+
+/// `mx` raised to the part's max `m` where the part saw a key (`l` > 0): see [`part_weight`].
+#[cube]
+pub(crate) fn parts_max(mx: f32, m: f32, l: f32) -> f32 {
+    let mut r = mx;
+    if l > 0.0 {
+        r = f32::max(mx, m);
+    }
+    r
+}
+
+/// One cube per (query token, head): merges its chunks' parts with the online-softmax rule
+/// ([`part_weight`]).
 #[cube(launch)]
 fn attention_combine_kernel<F: Float>(
     part_out: &Array<f32>,
@@ -172,24 +197,19 @@ fn attention_combine_kernel<F: Float>(
         let base = th * chunks;
         let mut mx = f32::new(-1.0e30);
         for c in 0..chunks {
-            if part_sum[base + c] > 0.0 && part_max[base + c] > mx {
-                mx = part_max[base + c];
-            }
+            mx = parts_max(mx, part_max[base + c], part_sum[base + c]);
         }
         let mut denom = 0.0f32;
         for c in 0..chunks {
             let l = part_sum[base + c];
-            if l > 0.0 {
-                denom += f32::exp(part_max[base + c] - mx) * l;
-            }
+            denom += part_weight(part_max[base + c], l, mx) * l;
         }
         let mut d = tid;
         while d < head_dim {
             let mut acc = 0.0f32;
             for c in 0..chunks {
-                if part_sum[base + c] > 0.0 {
-                    acc += f32::exp(part_max[base + c] - mx) * part_out[(base + c) * head_dim + d];
-                }
+                let w = part_weight(part_max[base + c], part_sum[base + c], mx);
+                acc += w * part_out[(base + c) * head_dim + d];
             }
             out[th * head_dim + d] = F::cast_from(acc / denom);
             d += threads;

@@ -23,10 +23,10 @@
 
 use anyhow::{ensure, Result};
 use cubecl::ir::{BarrierLevel, OpaqueType};
-use cubecl::prelude::barrier::{copy_async, Barrier};
+use cubecl::prelude::barrier::{copy_async, Barrier, BarrierToken};
 use cubecl::prelude::*;
 
-use crate::attention::KvCache;
+use crate::attention::{part_weight, parts_max, KvCache};
 use crate::launch::launch;
 pub use crate::launch::{GraphRecorder, Rec};
 use crate::matmul::{vector_size, RowChunked};
@@ -164,30 +164,97 @@ fn dot_row<F: Float, V: Size>(
     acc
 }
 
+/// The cube's barrier for asynchronous weight-row copies into shared memory, with `prefetch`
+/// (none without). A fused GEMV starts its copies before [`grid_dependency`], so that its
+/// weights stream while the kernel before finishes: [`copy_row_async`] for each row, then
+/// [`arrive_copies`]; after the wait and its own pre-work, [`wait_copies`]; its dot products
+/// read [`weight_row`] (the staged copy, or the row in global memory without a barrier).
+#[cube]
+fn copy_barrier(#[comptime] prefetch: bool) -> ComptimeOption<Shared<Barrier>> {
+    if comptime!(prefetch) {
+        ComptimeOption::new_Some(Barrier::shared(CUBE_DIM, UNIT_POS == 0))
+    } else {
+        ComptimeOption::new_None()
+    }
+}
+
 /// This unit's vectors of row `row` of `w` (`first, first + stride, ...` below `k_vec`, as the
 /// dot products read them) copied into row `local` of `dst` with asynchronous 16-byte copies
-/// (`cp.async`: no registers held while they fly). They count on the cube's barrier once the
-/// unit commits them (`commit_copy_async`) and arrives; read `dst` after waiting on it.
+/// (`cp.async`: no registers held while they fly), where there is a barrier and `valid`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn copy_row_async<F: Float, V: Size>(
+    bar: &ComptimeOption<Shared<Barrier>>,
     w: &Array<Vector<F, V>>,
     row: usize,
+    valid: bool,
     dst: &mut SharedMemory<Vector<F, V>>,
     local: usize,
     first: usize,
     #[comptime] k_vec: usize,
     #[comptime] stride: usize,
     #[comptime] iters: usize,
-    #[comptime] vec: u32,
 ) {
-    #[unroll]
-    for j in 0..iters {
-        let i = first + j * stride;
-        if i < k_vec {
-            let (src, at) = (row * k_vec + i, local * k_vec + i);
-            copy_async(&w.slice(src, src + 1), &mut dst.slice_mut(at, at + 1), vec);
+    if comptime!(bar.is_some()) {
+        let vec = V::value().comptime() as u32;
+        if valid {
+            #[unroll]
+            for j in 0..iters {
+                let i = first + j * stride;
+                if i < k_vec {
+                    let (src, at) = (row * k_vec + i, local * k_vec + i);
+                    copy_async(&w.slice(src, src + 1), &mut dst.slice_mut(at, at + 1), vec);
+                }
+            }
         }
+    }
+}
+
+/// Commits this unit's row copies to the barrier and arrives on it (nothing without one).
+#[cube]
+fn arrive_copies(bar: &ComptimeOption<Shared<Barrier>>) -> ComptimeOption<BarrierToken> {
+    #[comptime]
+    match bar {
+        ComptimeOption::Some(b) => {
+            b.commit_copy_async();
+            ComptimeOption::new_Some(b.arrive())
+        }
+        ComptimeOption::None => ComptimeOption::new_None(),
+    }
+}
+
+/// Waits until every unit's row copies have landed (nothing without a barrier).
+#[cube]
+fn wait_copies(bar: &ComptimeOption<Shared<Barrier>>, token: ComptimeOption<BarrierToken>) {
+    #[comptime]
+    match bar {
+        ComptimeOption::Some(b) =>
+        {
+            #[comptime]
+            match token {
+                ComptimeOption::Some(t) => b.wait(t),
+                ComptimeOption::None => {}
+            }
+        }
+        ComptimeOption::None => {}
+    }
+}
+
+/// Row `row` of `w` ([rows, `k_vec`] vectors) as the dot products read it: with a barrier, its
+/// staged copy (row `local` of `staged`, after [`wait_copies`]), else the row in global memory.
+#[cube]
+fn weight_row<F: Float, V: Size>(
+    bar: &ComptimeOption<Shared<Barrier>>,
+    w: &Array<Vector<F, V>>,
+    staged: &SharedMemory<Vector<F, V>>,
+    row: usize,
+    local: usize,
+    #[comptime] k_vec: usize,
+) -> Slice<Vector<F, V>> {
+    if comptime!(bar.is_some()) {
+        staged.slice(local * k_vec, local * k_vec + k_vec)
+    } else {
+        w.slice(row * k_vec, row * k_vec + k_vec)
     }
 }
 
@@ -400,7 +467,7 @@ fn attn_in_kernel<F: Float, V: Size>(
 /// vector loads); for the values each of the first `v_lanes = head_dim / VV` units takes `VV`
 /// dimensions of all 32 keys (coalesced along the row); both loops are unrolled, so a unit's
 /// loads are in flight together. Each plane's softmax is combined across the cube's planes with
-/// the online-softmax rule. With `single`
+/// the online-softmax rule ([`crate::attention::part_weight`]). With `single`
 /// (one chunk covers every position) the cube writes the normalised output; otherwise its
 /// unnormalised output and (max, sum) for [`attention_merge_kernel`]. Positions past `pos`
 /// (inside the cache) are loaded with the rest but never used: the cache there may hold anything.
@@ -517,20 +584,16 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
         let mut mx = f32::new(-1.0e30);
         #[unroll]
         for pl in 0..ATT_PLANES {
-            if stats[pl * 2 + 1] > 0.0 {
-                mx = f32::max(mx, stats[pl * 2]);
-            }
+            mx = parts_max(mx, stats[pl * 2], stats[pl * 2 + 1]);
         }
         let mut total = 0.0f32;
         let mut a = 0.0f32;
         #[unroll]
         for pl in 0..ATT_PLANES {
             let lp = stats[pl * 2 + 1];
-            if lp > 0.0 {
-                let f = f32::exp(stats[pl * 2] - mx);
-                total += f * lp;
-                a += f * sums[pl * head_dim + tid];
-            }
+            let f = part_weight(stats[pl * 2], lp, mx);
+            total += f * lp;
+            a += f * sums[pl * head_dim + tid];
         }
         if comptime!(single) {
             out[head * head_dim + tid] = F::cast_from(a / total);
@@ -545,7 +608,8 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     }
 }
 
-/// Merges the chunk parts of [`attention_kernel`] with the online-softmax rule; one cube per
+/// Merges the chunk parts of [`attention_kernel`] with the online-softmax rule
+/// ([`crate::attention::part_weight`]); one cube per
 /// query head. The cube's [`MERGE_UNITS`] units take the chunks in turn for the maximum and the
 /// denominator; then each of its `MERGE_UNITS / head_dim` groups sums every so-many chunk's
 /// output for its dimension, and the groups' sums are added.
@@ -565,9 +629,11 @@ fn attention_merge_kernel<F: Float>(
     let mut mx = f32::new(-1.0e30);
     let mut c = tid;
     while c < chunks {
-        if part_max_sum[(base + c) * 2 + 1] > 0.0 {
-            mx = f32::max(mx, part_max_sum[(base + c) * 2]);
-        }
+        mx = parts_max(
+            mx,
+            part_max_sum[(base + c) * 2],
+            part_max_sum[(base + c) * 2 + 1],
+        );
         c += MERGE_UNITS;
     }
     let mx = reduce_max::<f32>(mx, all);
@@ -575,9 +641,7 @@ fn attention_merge_kernel<F: Float>(
     let mut c = tid;
     while c < chunks {
         let l = part_max_sum[(base + c) * 2 + 1];
-        if l > 0.0 {
-            denom += f32::exp(part_max_sum[(base + c) * 2] - mx) * l;
-        }
+        denom += part_weight(part_max_sum[(base + c) * 2], l, mx) * l;
         c += MERGE_UNITS;
     }
     let denom = reduce_sum::<f32>(denom, all);
@@ -588,11 +652,12 @@ fn attention_merge_kernel<F: Float>(
     let mut acc = 0.0f32;
     let mut c = g;
     while c < chunks {
-        let l = part_max_sum[(base + c) * 2 + 1];
-        if l > 0.0 {
-            acc +=
-                f32::exp(part_max_sum[(base + c) * 2] - mx) * part_out[(base + c) * head_dim + dim];
-        }
+        let w = part_weight(
+            part_max_sum[(base + c) * 2],
+            part_max_sum[(base + c) * 2 + 1],
+            mx,
+        );
+        acc += w * part_out[(base + c) * head_dim + dim];
         c += groups;
     }
     let mut sums = SharedMemory::<f32>::new(MERGE_UNITS);
@@ -623,48 +688,54 @@ fn gemv_residual_kernel<F: Float, V: Size>(
     #[comptime] split: usize,
     #[comptime] row_sum: Reduction,
     #[comptime] prefetch: bool,
-    #[comptime] vec: u32,
 ) {
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let rows = comptime!(PLANES / split);
-    let row = CUBE_POS * rows + y / split;
+    let (row, local) = (CUBE_POS * rows + y / split, y / split);
     let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
     let first = (y % split) * LANES + lane;
     let writer = row < n && lane == 0 && y.is_multiple_of(split);
-    let mut acc = 0.0f32;
+    let mut ws = SharedMemory::<Vector<F, V>>::new(comptime!(staged_len(prefetch, rows, k_vec)));
+    let bar = copy_barrier(prefetch);
+    copy_row_async::<F, V>(
+        &bar,
+        w,
+        row,
+        row < n,
+        &mut ws,
+        local,
+        first,
+        k_vec,
+        stride,
+        iters,
+    );
+    let token = arrive_copies(&bar);
+    grid_dependency();
+    // The residual, loaded while the weights arrive.
     let mut xr = 0.0f32;
-    if comptime!(prefetch) {
-        let mut ws = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
-        let bar = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-        if row < n {
-            copy_row_async::<F, V>(w, row, &mut ws, y / split, first, k_vec, stride, iters, vec);
-        }
-        bar.commit_copy_async();
-        let token = bar.arrive();
-        grid_dependency();
-        if writer {
-            xr = x[row];
-        }
-        bar.wait(token);
-        if row < n {
-            let at = (y / split) * k_vec;
-            acc = dot_row::<F, V>(&ws.slice(at, at + k_vec), a, first, k_vec, stride, iters);
-        }
-    } else {
-        grid_dependency();
-        // The residual, loaded while the dot product runs.
-        if writer {
-            xr = x[row];
-        }
-        if row < n {
-            let at = row * k_vec;
-            acc = dot_row::<F, V>(&w.slice(at, at + k_vec), a, first, k_vec, stride, iters);
-        }
+    if writer {
+        xr = x[row];
+    }
+    wait_copies(&bar, token);
+    let mut acc = 0.0f32;
+    if row < n {
+        let w_row = weight_row::<F, V>(&bar, w, &ws, row, local, k_vec);
+        acc = dot_row::<F, V>(&w_row, a, first, k_vec, stride, iters);
     }
     let sum = reduce_sum::<f32>(acc, row_sum);
     if writer {
         x[row] = xr + sum;
+    }
+}
+
+/// Shared-memory vectors a fused GEMV's cube stages: `rows` rows of `k_vec` with `prefetch`,
+/// else one (unused).
+fn staged_len(prefetch: bool, rows: usize, k_vec: usize) -> usize {
+    if prefetch {
+        rows * k_vec
+    } else {
+        1
     }
 }
 
@@ -688,52 +759,41 @@ fn ffn_in_kernel<F: Float, V: Size>(
     #[comptime] row_sum: Reduction,
     #[comptime] cube: Reduction,
     #[comptime] prefetch: bool,
-    #[comptime] vec: u32,
 ) {
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let rows = comptime!(PLANES / split);
-    let row = CUBE_POS * rows + y / split;
+    let (row, local) = (CUBE_POS * rows + y / split, y / split);
     let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
     let first = (y % split) * LANES + lane;
     let mut h = SharedMemory::<f32>::new(d);
+    let staged = comptime!(staged_len(prefetch, rows, k_vec));
+    let mut gs = SharedMemory::<Vector<F, V>>::new(staged);
+    let mut us = SharedMemory::<Vector<F, V>>::new(staged);
+    let bar = copy_barrier(prefetch);
+    let valid = row < ffn;
+    copy_row_async::<F, V>(
+        &bar, w_gate, row, valid, &mut gs, local, first, k_vec, stride, iters,
+    );
+    copy_row_async::<F, V>(
+        &bar, w_up, row, valid, &mut us, local, first, k_vec, stride, iters,
+    );
+    let token = arrive_copies(&bar);
+    grid_dependency();
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+    wait_copies(&bar, token);
     let mut acc_g = 0.0f32;
     let mut acc_u = 0.0f32;
-    if comptime!(prefetch) {
-        let mut gs = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
-        let mut us = SharedMemory::<Vector<F, V>>::new(rows * k_vec);
-        let bar = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-        if row < ffn {
-            let l = y / split;
-            copy_row_async::<F, V>(w_gate, row, &mut gs, l, first, k_vec, stride, iters, vec);
-            copy_row_async::<F, V>(w_up, row, &mut us, l, first, k_vec, stride, iters, vec);
-        }
-        bar.commit_copy_async();
-        let token = bar.arrive();
-        grid_dependency();
-        norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-        bar.wait(token);
-        if row < ffn {
-            let at = (y / split) * k_vec;
-            let (g, u) = (gs.slice(at, at + k_vec), us.slice(at, at + k_vec));
-            let r = dot2_rows::<F, V>(&g, &u, &h, first, k_vec, stride, iters);
-            acc_g = r.a;
-            acc_u = r.b;
-        }
-    } else {
-        grid_dependency();
-        norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
-        if row < ffn {
-            let at = row * k_vec;
-            let (g, u) = (w_gate.slice(at, at + k_vec), w_up.slice(at, at + k_vec));
-            let r = dot2_rows::<F, V>(&g, &u, &h, first, k_vec, stride, iters);
-            acc_g = r.a;
-            acc_u = r.b;
-        }
+    if valid {
+        let g = weight_row::<F, V>(&bar, w_gate, &gs, row, local, k_vec);
+        let u = weight_row::<F, V>(&bar, w_up, &us, row, local, k_vec);
+        let r = dot2_rows::<F, V>(&g, &u, &h, first, k_vec, stride, iters);
+        acc_g = r.a;
+        acc_u = r.b;
     }
     let g = reduce_sum::<f32>(acc_g, row_sum);
     let u = reduce_sum::<f32>(acc_u, row_sum);
-    if row < ffn && lane == 0 && y.is_multiple_of(split) {
+    if valid && lane == 0 && y.is_multiple_of(split) {
         let g = f32::cast_from(F::cast_from(g));
         let u = f32::cast_from(F::cast_from(u));
         s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
@@ -962,20 +1022,17 @@ fn split_for(k_vec: usize, rows: usize) -> usize {
 /// Whether a fused GEMV prefetches its weight rows (`smem_bytes` of shared memory a cube) with
 /// asynchronous copies: where cubecl has cube barriers (CUDA, sm_80+), for 16-byte weight
 /// vectors, when they fit the cube's shared memory; not with `CUBEQWEN_NO_ASYNC_COPY` set (for
-/// before/after runs of one binary; read once per process, as launches without a graph come
-/// 48 times a token).
+/// before/after runs of one binary).
 fn async_prefetch<R: Runtime>(
     client: &ComputeClient<R>,
     vec_bytes: usize,
     smem_bytes: usize,
-) -> bool {
-    static OFF: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var_os("CUBEQWEN_NO_ASYNC_COPY").is_some());
+) -> Result<bool> {
     let props = client.properties();
-    props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube))
+    Ok(props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube))
         && vec_bytes == ASYNC_COPY_BYTES
         && smem_bytes + 1024 <= props.hardware.max_shared_memory_size
-        && !*OFF
+        && !crate::switches::switches()?.no_async_copy)
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {
@@ -1214,11 +1271,11 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     let k_vec = k / vec;
     let split = split_for(k_vec, n);
     let vec_bytes = vec * size_of::<F>();
-    let prefetch = async_prefetch(client, vec_bytes, PLANES / split * k_vec * vec_bytes);
+    let prefetch = async_prefetch(client, vec_bytes, PLANES / split * k_vec * vec_bytes)?;
     launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
         cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
-        comptime [k_vec, split, row_sum(client, split), prefetch, vec as u32])
+        comptime [k_vec, split, row_sum(client, split), prefetch])
 }
 
 /// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`.
@@ -1250,12 +1307,12 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     let split = split_for(k_vec, ffn);
     let vec_bytes = vec * size_of::<F>();
     let smem = 2 * (PLANES / split) * k_vec * vec_bytes + d * size_of::<f32>();
-    let prefetch = async_prefetch(client, vec_bytes, smem);
+    let prefetch = async_prefetch(client, vec_bytes, smem)?;
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
         cube_count(ffn.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
         scalars [usize ffn, f32 eps];
-        comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client), prefetch, vec as u32])
+        comptime [d, k_vec, split, row_sum(client, split), gemv_cube(client), prefetch])
 }
 
 /// Per-cube candidates [`lm_head_top2`] writes for a vocabulary of `n` rows.

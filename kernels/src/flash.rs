@@ -26,12 +26,12 @@
 //!   reduction done through shared memory.
 
 use anyhow::{bail, ensure, Result};
-use cubecl::ir::features::MmaConfig;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
 
 use crate::attention::KvCache;
+use crate::matmul::f16_f32_mma;
 use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::DeviceTensor;
 
@@ -797,14 +797,12 @@ fn mma_smem(hd: usize, emulate: bool) -> usize {
 
 /// Whether the device runs `mma.m16n8k16` with f16 inputs and f32 accumulators.
 pub fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    client.features().matmul.mma.contains(&MmaConfig {
-        a_type: ElemType::Float(FloatKind::F16).into(),
-        b_type: ElemType::Float(FloatKind::F16).into(),
-        cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: 16,
-        n: 8,
-        k: 16,
-    }) && client.properties().hardware.plane_size_max == 32
+    client
+        .features()
+        .matmul
+        .mma
+        .contains(&f16_f32_mma(16, 8, 16))
+        && client.properties().hardware.plane_size_max == 32
 }
 
 /// The kernel [`PrefillKernel::Auto`] resolves to for `F` on this device (see there).

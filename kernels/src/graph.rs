@@ -137,7 +137,7 @@ impl GraphRecorder {
     /// A recorder; with `CUBEQWEN_TIMELINE` set, one that keeps a timeline
     /// ([`GraphRecorder::with_timeline`]).
     pub fn new(client: &ComputeClient<CudaRuntime>) -> Result<Self> {
-        Self::with_timeline(client, std::env::var_os("CUBEQWEN_TIMELINE").is_some())
+        Self::with_timeline(client, crate::switches::switches()?.timeline)
     }
 
     /// A recorder whose kernels, with `timeline`, record when each warp starts, gets past its
@@ -180,7 +180,7 @@ impl GraphRecorder {
             version,
             options,
             compiled: HashMap::new(),
-            pdl: version >= 90 && std::env::var_os("CUBEQWEN_NO_PDL").is_none(),
+            pdl: version >= 90 && !crate::switches::switches()?.no_pdl,
             programmatic_launches: 0,
             guards: HashMap::new(),
             timeline: timeline.then(Timeline::new).transpose()?,

@@ -21,7 +21,8 @@
 //! Beside them: [`buffer`] (the typed device tensor), [`launch`] (one launch path through
 //! cubecl or a CUDA graph recorder), `gridsync` (CUDA: a barrier across the cubes of one
 //! kernel, and the relay kernels that test and time it; `gridsync.rs`), [`grid`] (launch grid of the
-//! one-thread-per-element kernels), [`runtime`] (picking CUDA or wgpu), [`error`] and
+//! one-thread-per-element kernels), [`runtime`] (picking CUDA or wgpu), [`switches`] (the environment's speed switches, read
+//! once), [`error`] and
 //! [`testing`] (helpers for the parity tests, and the [`device_test!`] macro).
 
 pub mod attention;
@@ -44,6 +45,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod runtime;
 pub mod select;
+pub mod switches;
 pub mod testing;
 
 pub use buffer::DeviceTensor;

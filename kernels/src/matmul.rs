@@ -117,21 +117,15 @@ fn matmul_tiled<F: Float, O: Float>(
 /// Threads that share one output in the GEMV kernel, and outputs per cube: a warp per output
 /// on GPUs; on a CPU-emulated device (Mesa's lavapipe, plane size 8) few threads per output,
 /// since every barrier of the reduction is costly there.
-fn gemv_shape<R: Runtime>(client: &ComputeClient<R>) -> (usize, usize) {
-    if let Ok(v) = std::env::var("CUBEQWEN_GEMV_SHAPE") {
-        if let Some((a, b)) = v.split_once('x') {
-            if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
-                if a.is_power_of_two() && a * b <= 1024 && b > 0 {
-                    return (a, b);
-                }
-            }
-        }
+fn gemv_shape<R: Runtime>(client: &ComputeClient<R>) -> Result<(usize, usize)> {
+    if let Some(shape) = crate::switches::switches()?.gemv_shape {
+        return Ok(shape);
     }
-    if client.properties().hardware.plane_size_max >= 32 {
+    Ok(if client.properties().hardware.plane_size_max >= 32 {
         (32, 8)
     } else {
         (8, 32)
-    }
+    })
 }
 
 /// One output per group of `dot.group` threads, `dot.units / dot.group` outputs per cube; cube
@@ -372,14 +366,25 @@ fn matmul_cmma<O: Float>(
 /// Whether the device has the f16×f16→f32 tensor-core shape the `Cmma` variant uses
 /// (`CMMA_TILE`³, 16×16×16).
 pub fn cmma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    client.features().matmul.cmma.contains(&MmaConfig {
+    let t = CMMA_TILE as u32;
+    client
+        .features()
+        .matmul
+        .cmma
+        .contains(&f16_f32_mma(t, t, t))
+}
+
+/// The tensor-core shape `m`×`n`×`k` with f16 inputs and f32 accumulators, as cubecl lists
+/// the device's shapes (`features().matmul.cmma` and `.mma`).
+pub(crate) fn f16_f32_mma(m: u32, n: u32, k: u32) -> MmaConfig {
+    MmaConfig {
         a_type: ElemType::Float(FloatKind::F16).into(),
         b_type: ElemType::Float(FloatKind::F16).into(),
         cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: CMMA_TILE as u32,
-        k: CMMA_TILE as u32,
-        n: CMMA_TILE as u32,
-    })
+        m,
+        n,
+        k,
+    }
 }
 
 /// The variant `Auto` resolves to for `m` rows on this device.
@@ -449,21 +454,26 @@ fn cubek_strategy<R: Runtime>(
     client: &ComputeClient<R>,
 ) -> Result<(cubek::matmul::launch::Strategy, bool)> {
     use cubek::matmul::launch::Strategy as S;
-    let name = std::env::var("CUBEQWEN_CUBEK_STRATEGY").unwrap_or_default();
-    if name.is_empty() {
-        let tma = client
-            .properties()
-            .features
-            .tma
-            .contains(cubecl::ir::features::Tma::Base);
-        let s = if tma {
-            S::SpecializedTmaMma(Default::default())
-        } else {
-            S::Auto
-        };
-        return Ok((s, false));
+    if let Some(name) = &crate::switches::switches()?.cubek_strategy {
+        return Ok((cubek_strategy_named(name)?, true));
     }
-    let strategy = match name.as_str() {
+    let tma = client
+        .properties()
+        .features
+        .tma
+        .contains(cubecl::ir::features::Tma::Base);
+    let s = if tma {
+        S::SpecializedTmaMma(Default::default())
+    } else {
+        S::Auto
+    };
+    Ok((s, false))
+}
+
+/// cubek's matmul algorithm of this name (`CUBEQWEN_CUBEK_STRATEGY`).
+pub fn cubek_strategy_named(name: &str) -> Result<cubek::matmul::launch::Strategy> {
+    use cubek::matmul::launch::Strategy as S;
+    Ok(match name {
         "auto" => S::Auto,
         "simple_cyclic_cmma" => S::SimpleCyclicCmma(Default::default()),
         "simple_cyclic_mma" => S::SimpleCyclicMma(Default::default()),
@@ -486,8 +496,7 @@ fn cubek_strategy<R: Runtime>(
             )
             .into())
         }
-    };
-    Ok((strategy, true))
+    })
 }
 
 /// The `Cubek` variant: cubek's matmul (f32 accumulation) into the whole of y, then the bias.
@@ -498,59 +507,118 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     bias: Option<&DeviceTensor<R, f32>>,
     y: &DeviceTensor<R, O>,
 ) -> Result<()> {
-    use cubecl::ir::StorageType;
-    use cubecl::zspace::{Shape, Strides};
-    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-    use cubek::matmul::launch::launch_ref;
-    use cubek::std::InputBinding;
-
     let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
-    let storage = |t: Option<cubecl::ir::Type>| -> Result<StorageType> {
+    let storage = |t: Option<cubecl::ir::Type>| -> Result<cubecl::ir::StorageType> {
         Ok(t.ok_or_else(|| {
             KernelError::unsupported("matmul", "cubek: an element type without a native type")
         })?
         .storage_type())
     };
-    let (ft, ot) = (storage(F::as_type_native())?, storage(O::as_type_native())?);
-    let bind = |h: &cubecl::server::Handle, shape: [usize; 2], strides: [usize; 2]| {
-        // SAFETY: each buffer holds shape[0]·shape[1] values at these strides (checked shapes).
-        unsafe {
-            TensorBinding::<R>::from_raw_parts(h.clone(), Strides::new(&strides), Shape::new(shape))
-        }
+    let problem = CubekProblem {
+        x: &x.handle,
+        w: &w.handle,
+        y: &y.handle,
+        mkn: [m, k, n],
+        input: storage(F::as_type_native())?,
+        output: storage(O::as_type_native())?,
     };
-    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
-        lhs: ft,
-        rhs: ft,
-        out: ot,
-    });
-    let f32t = StorageType::Scalar(ElemType::Float(FloatKind::F32));
-    dtypes.acc_register = f32t;
-    dtypes.acc_stage = f32t;
     let (strategy, named) = cubek_strategy(client)?;
-    let launch = |s: &cubek::matmul::launch::Strategy, dtypes: &mut MatmulElems| {
-        launch_ref(
-            s,
-            client,
-            InputBinding::Normal(bind(&x.handle, [m, k], [k, 1]), ft),
-            InputBinding::Normal(bind(&w.handle, [k, n], [1, k]), ft),
-            bind(&y.handle, [m, n], [n, 1]),
-            dtypes,
-        )
-    };
-    let first = dtypes.clone();
-    let mut result = launch(&strategy, &mut dtypes);
-    if result.is_err() && !named {
-        // The default TMA kernel cannot take this problem: cubek's own choice does.
-        dtypes = first;
-        result = launch(&cubek::matmul::launch::Strategy::Auto, &mut dtypes);
+    // cubek's launch is generic over the runtime alone, and large: it is compiled once, in
+    // this crate, for each runtime (`cubek_launch_on!`), not again in every binary that
+    // instantiates this function (≈ 170 s of release build each, 2 cores, 2026-11-28).
+    let any: &dyn std::any::Any = client;
+    #[allow(unused_mut)]
+    let mut launched = None;
+    #[cfg(feature = "cuda")]
+    if let Some(c) = any.downcast_ref::<ComputeClient<cubecl::cuda::CudaRuntime>>() {
+        launched = Some(cubek_cuda(c, &problem, &strategy, named));
     }
-    result.map_err(|e| KernelError::unsupported("matmul", format!("cubek: {e:?}")))?;
+    if let Some(c) = any.downcast_ref::<ComputeClient<cubecl::wgpu::WgpuRuntime>>() {
+        launched = Some(cubek_wgpu(c, &problem, &strategy, named));
+    }
+    launched.ok_or_else(|| {
+        KernelError::unsupported("matmul", "cubek: a runtime other than CUDA or wgpu")
+    })??;
     if let Some(b) = bias {
         let (count, dim) = crate::grid::elementwise(client, m * n);
         add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
     }
     Ok(())
 }
+
+/// One cubek matmul, `y [m, n] = x [m, k] · wᵀ` (w is [n, k]), in buffers of these element
+/// types (accumulated in f32).
+struct CubekProblem<'a> {
+    x: &'a cubecl::server::Handle,
+    w: &'a cubecl::server::Handle,
+    y: &'a cubecl::server::Handle,
+    mkn: [usize; 3],
+    input: cubecl::ir::StorageType,
+    output: cubecl::ir::StorageType,
+}
+
+/// `fn $name(client, problem, strategy, named)`: cubek's launch of `problem` on runtime `$r`,
+/// with the strategy or, where the default one (not `named`) cannot take the problem, with
+/// cubek's own choice.
+macro_rules! cubek_launch_on {
+    ($name:ident, $r:ty) => {
+        fn $name(
+            client: &ComputeClient<$r>,
+            p: &CubekProblem<'_>,
+            strategy: &cubek::matmul::launch::Strategy,
+            named: bool,
+        ) -> Result<()> {
+            use cubecl::ir::StorageType;
+            use cubecl::zspace::{Shape, Strides};
+            use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+            use cubek::matmul::launch::launch_ref;
+            use cubek::std::InputBinding;
+
+            let [m, k, n] = p.mkn;
+            let bind = |h: &cubecl::server::Handle, shape: [usize; 2], strides: [usize; 2]| {
+                // SAFETY: each buffer holds shape[0]·shape[1] values at these strides (checked
+                // shapes).
+                unsafe {
+                    TensorBinding::<$r>::from_raw_parts(
+                        h.clone(),
+                        Strides::new(&strides),
+                        Shape::new(shape),
+                    )
+                }
+            };
+            let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+                lhs: p.input,
+                rhs: p.input,
+                out: p.output,
+            });
+            let f32t = StorageType::Scalar(ElemType::Float(FloatKind::F32));
+            dtypes.acc_register = f32t;
+            dtypes.acc_stage = f32t;
+            let launch = |s: &cubek::matmul::launch::Strategy, dtypes: &mut MatmulElems| {
+                launch_ref(
+                    s,
+                    client,
+                    InputBinding::Normal(bind(p.x, [m, k], [k, 1]), p.input),
+                    InputBinding::Normal(bind(p.w, [k, n], [1, k]), p.input),
+                    bind(p.y, [m, n], [n, 1]),
+                    dtypes,
+                )
+            };
+            let first = dtypes.clone();
+            let mut result = launch(strategy, &mut dtypes);
+            if result.is_err() && !named {
+                // The default TMA kernel cannot take this problem: cubek's own choice does.
+                dtypes = first;
+                result = launch(&cubek::matmul::launch::Strategy::Auto, &mut dtypes);
+            }
+            result.map_err(|e| KernelError::unsupported("matmul", format!("cubek: {e:?}")))?;
+            Ok(())
+        }
+    };
+}
+cubek_launch_on!(cubek_wgpu, cubecl::wgpu::WgpuRuntime);
+#[cfg(feature = "cuda")]
+cubek_launch_on!(cubek_cuda, cubecl::cuda::CudaRuntime);
 
 /// `y = x · Wᵀ (+ bias)`; see the module docs for shapes.
 pub fn matmul<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
@@ -699,7 +767,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         }
         MatmulVariant::Gemv => {
             let vec = vector_size(client, size_of::<F>(), k);
-            let (threads, rows_per_cube) = gemv_shape(client);
+            let (threads, rows_per_cube) = gemv_shape(client)?;
             let col_groups = n.div_ceil(rows_per_cube);
             let cubes = u32::try_from(m * col_groups).map_err(|_| {
                 KernelError::unsupported("matmul", format!("gemv of {m}×{n} is too large"))

@@ -1,0 +1,157 @@
+//! The speed switches: environment variables that choose between kernel paths, so that one
+//! binary gives a before/after pair in one run. Read once per process, all in one place, and
+//! checked: a value that is not understood is an error, never silently the default.
+//!
+//! | variable | effect | default |
+//! |---|---|---|
+//! | `CUBEQWEN_NO_GRAPHS` | decode through cubecl launches, no CUDA graph | graphs on CUDA |
+//! | `CUBEQWEN_NO_PDL` | graph kernels strictly one after another | programmatic dependent launch (sm_90+) |
+//! | `CUBEQWEN_NO_ASYNC_COPY` | the decode GEMVs read their weights after the wait | `cp.async` prefetch (CUDA, sm_80+) |
+//! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
+//! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
+//! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
+//! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device |
+//! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
+//!
+//! The on/off switches take `1`, `true`, `yes`, `on` (set) or `0`, `false`, `no`, `off`, empty
+//! (not set).
+
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+
+use crate::flash::PrefillKernel;
+
+/// The switches as this process reads them (see the module's table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switches {
+    pub no_graphs: bool,
+    pub no_pdl: bool,
+    pub no_async_copy: bool,
+    pub no_flash: bool,
+    pub flash_kernel: PrefillKernel,
+    pub timeline: bool,
+    /// (threads an output, outputs a cube).
+    pub gemv_shape: Option<(usize, usize)>,
+    /// A name [`crate::matmul`] knows (checked when read).
+    pub cubek_strategy: Option<String>,
+}
+
+/// The process's switches, read from the environment on the first call.
+pub fn switches() -> Result<&'static Switches> {
+    static SWITCHES: OnceLock<std::result::Result<Switches, String>> = OnceLock::new();
+    SWITCHES
+        .get_or_init(|| Switches::parse(|k| std::env::var(k).ok()).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+impl Switches {
+    /// The switches from `get` (a variable's value, `None` where it is not set).
+    pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let flag = |k: &str| -> Result<bool> {
+            Ok(match get(k).as_deref().map(str::trim) {
+                None | Some("" | "0" | "false" | "no" | "off") => false,
+                Some("1" | "true" | "yes" | "on") => true,
+                Some(v) => bail!("{k}={v}: expected 1/true/yes/on or 0/false/no/off"),
+            })
+        };
+        let flash_kernel = match get("CUBEQWEN_FLASH_KERNEL") {
+            Some(k) => k
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("CUBEQWEN_FLASH_KERNEL: {e:#}"))?,
+            None => PrefillKernel::Auto,
+        };
+        let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
+            Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "CUBEQWEN_GEMV_SHAPE={v}: expected AxB, A threads an output (a power of \
+                     two), B ≥ 1 outputs a cube, A·B ≤ 1024"
+                )
+            })?),
+            None => None,
+        };
+        let cubek_strategy = match get("CUBEQWEN_CUBEK_STRATEGY") {
+            Some(v) if !v.trim().is_empty() => {
+                crate::matmul::cubek_strategy_named(v.trim())?;
+                Some(v.trim().to_string())
+            }
+            _ => None,
+        };
+        Ok(Self {
+            no_graphs: flag("CUBEQWEN_NO_GRAPHS")?,
+            no_pdl: flag("CUBEQWEN_NO_PDL")?,
+            no_async_copy: flag("CUBEQWEN_NO_ASYNC_COPY")?,
+            no_flash: flag("CUBEQWEN_NO_FLASH")?,
+            flash_kernel,
+            timeline: flag("CUBEQWEN_TIMELINE")?,
+            gemv_shape,
+            cubek_strategy,
+        })
+    }
+}
+
+fn parse_gemv_shape(v: &str) -> Option<(usize, usize)> {
+    let (a, b) = v.split_once('x')?;
+    let (a, b) = (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+    (a.is_power_of_two() && b > 0 && a.checked_mul(b)? <= 1024).then_some((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Switches> {
+        Switches::parse(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn unset_is_every_default() {
+        let s = parse(&[]).unwrap();
+        assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
+        assert_eq!(s.flash_kernel, PrefillKernel::Auto);
+        assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
+    }
+
+    #[test]
+    fn flags_read_both_ways() {
+        let on = parse(&[("CUBEQWEN_NO_GRAPHS", "1"), ("CUBEQWEN_TIMELINE", "yes")]).unwrap();
+        assert!(on.no_graphs && on.timeline && !on.no_pdl);
+        let off = parse(&[("CUBEQWEN_NO_GRAPHS", "0"), ("CUBEQWEN_NO_PDL", "")]).unwrap();
+        assert!(!off.no_graphs && !off.no_pdl);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let s = parse(&[
+            ("CUBEQWEN_GEMV_SHAPE", "16x4"),
+            ("CUBEQWEN_FLASH_KERNEL", "portable"),
+            ("CUBEQWEN_CUBEK_STRATEGY", "simple_cyclic_cmma"),
+        ])
+        .unwrap();
+        assert_eq!(s.gemv_shape, Some((16, 4)));
+        assert_eq!(s.flash_kernel, PrefillKernel::Portable);
+        assert_eq!(s.cubek_strategy.as_deref(), Some("simple_cyclic_cmma"));
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_name_the_variable() {
+        for (k, v) in [
+            ("CUBEQWEN_NO_GRAPHS", "maybe"),
+            ("CUBEQWEN_GEMV_SHAPE", "12x4"),
+            ("CUBEQWEN_GEMV_SHAPE", "32x64"),
+            ("CUBEQWEN_GEMV_SHAPE", "32"),
+            ("CUBEQWEN_GEMV_SHAPE", "32x0"),
+            ("CUBEQWEN_FLASH_KERNEL", "fast"),
+            ("CUBEQWEN_CUBEK_STRATEGY", "quick"),
+        ] {
+            let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
+            assert!(e.contains(k), "{k}={v}: {e}");
+        }
+    }
+}
