@@ -10,6 +10,7 @@
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
+//! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
 //! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device |
 //! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
 //!
@@ -31,6 +32,7 @@ pub struct Switches {
     pub no_flash: bool,
     pub flash_kernel: PrefillKernel,
     pub timeline: bool,
+    pub graph_checked: bool,
     /// (threads an output, outputs a cube).
     pub gemv_shape: Option<(usize, usize)>,
     /// A name [`crate::matmul`] knows (checked when read).
@@ -86,6 +88,7 @@ impl Switches {
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
             flash_kernel,
             timeline: flag("CUBEQWEN_TIMELINE")?,
+            graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
             gemv_shape,
             cubek_strategy,
         })
@@ -114,6 +117,7 @@ mod tests {
     fn unset_is_every_default() {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
+        assert!(!s.graph_checked);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
     }
