@@ -130,8 +130,8 @@ pub struct GraphRecorder {
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
     guards: HashMap<u64, Box<dyn std::any::Any>>,
     /// cubecl's bounds checks in the kernels: none (`Unchecked`: every launch function checks
-    /// its shapes, and each kernel guards its own edges; H100, 2026-11-28: tg128 0.5B +3%, at
-    /// depth 4096 +8.5%, and compute-sanitizer's memcheck clean), or with
+    /// its shapes, and each kernel guards its own edges; H100, 2026-11-28: tg128 0.5B +3–7%,
+    /// at depth 4096 +8–10%, 1.5B +7%; compute-sanitizer's memcheck clean), or with
     /// `CUBEQWEN_GRAPH_CHECKED` set, cubecl's (`Checked`: a read out of bounds gives 0, a
     /// write is dropped).
     mode: ExecutionMode,
