@@ -173,6 +173,7 @@ impl GraphRecorder {
             version >= 70,
             "CUDA graphs of cubecl kernels need compute capability 7.0 (grid constants), found {major}.{minor}"
         );
+        let switches = crate::switches::switches()?;
         let arch = if version >= 90 {
             format!("sm_{version}a")
         } else {
@@ -186,8 +187,8 @@ impl GraphRecorder {
             version,
             options,
             compiled: HashMap::new(),
-            pdl: version >= 90 && !crate::switches::switches()?.no_pdl,
-            mode: if crate::switches::switches()?.graph_checked {
+            pdl: version >= 90 && !switches.no_pdl,
+            mode: if switches.graph_checked {
                 ExecutionMode::Checked
             } else {
                 ExecutionMode::Unchecked
