@@ -4,7 +4,9 @@
 //! (`cubeqwen_kernels::bandwidth`, 512 MiB buffers, bytes read + written) and, on CUDA, cuBLAS on an 8192³ f16 GEMM.
 //!
 //! - `matmul`: tiled, cmma, gemv, blocked, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
-//!   q, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 128, 512, 2048;
+//!   q, k/v, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 128, 512, 2048;
+//!   with `CUBEQWEN_BENCH_TILINGS="tiles=8,rows=1,pk=4;pm=4,pn=4,sm=2,sn=2;cubek"` (CUDA) also
+//!   cubek's TMA kernel at each of these tilings (`tma[...]`, from 64 rows);
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
 //! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels,
@@ -35,11 +37,12 @@ use cubeqwen_kernels::baseline::cubek_matmul;
 use cubeqwen_kernels::decode;
 use cubeqwen_kernels::elementwise::{embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
-use cubeqwen_kernels::matmul::{cmma_supported, MatmulVariant, RowChunked};
+use cubeqwen_kernels::matmul::{cmma_supported, cubek_tma, MatmulVariant, RowChunked};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 use cubeqwen_kernels::rope::{rope, RopeTables};
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
 use cubeqwen_kernels::select::top_k;
+use cubeqwen_kernels::switches::CubekTiling;
 use cubeqwen_kernels::testing::{full_shapes, test_device, Rng};
 use cubeqwen_kernels::DeviceTensor;
 use half::f16;
@@ -109,6 +112,9 @@ struct Ctx<'c, R: Runtime> {
     copy_gbps: f64,
     gemm_tflops: Option<f64>,
     records: Vec<Record>,
+    /// Criterion's filter (the first argument that is not a flag): what it filters out is not
+    /// warmed up, and weights no bench will read are not made.
+    filter: Option<regex::Regex>,
 }
 
 impl<R: Runtime> Ctx<'_, R> {
@@ -116,8 +122,19 @@ impl<R: Runtime> Ctx<'_, R> {
         cubecl::future::block_on(self.client.sync()).expect("device sync");
     }
 
-    /// Median seconds per call of `f(i)` (i rotates over the input sets) after a warm-up.
+    /// Whether criterion's filter lets the bench `id` run.
+    fn wanted(&self, id: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| f.is_match(&format!("kernels/{id}")))
+    }
+
+    /// Median seconds per call of `f(i)` (i rotates over the input sets) after a warm-up; NaN
+    /// where the filter leaves `id` out.
     fn time(&self, c: &mut Criterion, id: &str, sets: usize, mut f: impl FnMut(usize)) -> f64 {
+        if !self.wanted(id) {
+            return f64::NAN;
+        }
         for i in 0..sets.max(2) {
             f(i % sets);
         }
@@ -236,12 +253,24 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         None
     };
     let cmma = cmma_supported(ctx.client);
+    // cubek's TMA kernel at these tilings, side by side (CUDA, from 64 rows):
+    // CUBEQWEN_BENCH_TILINGS="tiles=8,rows=2,pk=4;tiles=8,rows=1,pk=2".
+    let tilings: Vec<(String, CubekTiling)> = match std::env::var("CUBEQWEN_BENCH_TILINGS") {
+        Ok(v) if ctx.cuda => v
+            .split(';')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Ok((format!("tma[{t}]"), t.parse()?))) // `cubek`: cubek's own blueprint
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
     let mut rng = Rng::new(5);
     let shapes: &[Shape] = if ctx.full { &SHAPES } else { &SHAPES[..1] };
     for s in shapes {
         let qd = s.n_heads * s.hd;
-        let layers: [(&str, usize, usize); 5] = [
+        let layers: [(&str, usize, usize); 6] = [
             ("q", qd, s.d),
+            ("k", s.n_kv * s.hd, s.d), // and v: few outputs, many rows (m ≥ 4n)
             ("o", s.d, qd),
             ("gate", s.ffn, s.d),
             ("down", s.d, s.ffn),
@@ -255,6 +284,19 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         for &(name, n, k) in &layers {
             if !ctx.full && name != "q" {
                 continue;
+            }
+            let names = [
+                "auto", "gemv", "tiled", "blocked", "cmma", "cubek", "cublas",
+            ];
+            let names = names
+                .iter()
+                .copied()
+                .chain(tilings.iter().map(|t| t.0.as_str()));
+            if !names.into_iter().any(|v| {
+                ms.iter()
+                    .any(|m| ctx.wanted(&format!("matmul/{} {name}/m{m}/{v}", s.model)))
+            }) {
+                continue; // no bench reads these weights
             }
             let w_bytes = n * k * 2;
             let sets = sets_for(w_bytes);
@@ -287,6 +329,13 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 if ws[0].chunks.len() == 1 {
                     variants.push("cubek");
                 }
+                for (v, t) in tilings.iter().filter(|_| m >= 64) {
+                    let id = format!("matmul/{shape}/m{m}/{v}");
+                    let secs = ctx.time(c, &id, sets, |i| {
+                        cubek_tma(ctx.client, &x, &ws[i].chunks[0], &y, *t).unwrap()
+                    });
+                    ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
+                }
                 for v in variants {
                     let id = format!("matmul/{shape}/m{m}/{v}");
                     let secs = match v {
@@ -303,7 +352,10 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                     ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                 }
                 #[cfg(feature = "cuda")]
-                if let Some(cb) = &cublas {
+                if let Some(cb) = cublas
+                    .as_ref()
+                    .filter(|_| ctx.wanted(&format!("matmul/{shape}/m{m}/cublas")))
+                {
                     // Same device buffers; cuBLAS runs on its own stream after cubecl's work.
                     let client = (ctx.client as &dyn std::any::Any)
                         .downcast_ref::<ComputeClient<cubecl::cuda::CudaRuntime>>()
@@ -795,6 +847,11 @@ impl RuntimeJob for Job<'_> {
             copy_gbps: 0.0,
             gemm_tflops: None,
             records: Vec::new(),
+            filter: std::env::args()
+                .skip(1)
+                .find(|a| !a.starts_with('-'))
+                .map(|f| regex::Regex::new(&f))
+                .transpose()?,
         };
         eprintln!("kernel benches on {device}");
         let copy_bytes = if ctx.full { 512 << 20 } else { 16 << 20 };

@@ -7,8 +7,8 @@
 //! weights (`random_qwen2`: peaked attention, so attention bugs show). The token ids are the
 //! golden cases' (tests/data/golden.json: the real tokenizer's output, which CI checks in
 //! golden_device, including the real special ids `<|im_start|>` and `<|im_end|>`). Each case
-//! runs as generation runs it: the prompt prefilled in chunks of [`CHUNK`] (many-row matmuls:
-//! cubek on CUDA), then the golden greedy continuation decoded token by token (GEMV); a last
+//! runs as generation runs it: the prompt prefilled in chunks of [`CHUNK`] (16-row matmuls:
+//! the GEMV on CUDA, as a short prompt takes), then the golden greedy continuation decoded token by token (GEMV); a last
 //! case runs every sequence back to back (611 tokens) in 512-token chunks (two). The
 //! logits at every position must match the reference's prefill of the same sequence.
 //!
@@ -17,8 +17,8 @@
 //! minutes) 2 layers of hidden 224 (14 q heads on 2 kv heads of 16), vocabulary 4096 (the ids
 //! taken modulo it), the cases of at most 128 tokens, and the back-to-back case (199 tokens)
 //! with 128-token chunks.
-//! On CUDA the prefill chunks must resolve to cubek, or the test fails. Randomized: the seed
-//! is printed on failure; `CUBEQWEN_SEED=N` replays it.
+//! On CUDA the long chunks must resolve to cubek and the short ones to the GEMV, or the test
+//! fails. Randomized: the seed is printed on failure; `CUBEQWEN_SEED=N` replays it.
 #![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x <= tol)`: NaN must fail
 
 use anyhow::{ensure, Result};
@@ -43,8 +43,8 @@ const MAX_REL: f64 = 2e-2;
 /// and 3.5e-2 at the same positions, so the growth is not the prefill attention's; a second
 /// seed (with cubek prefill matmuls), 4.3e-2 at position 409. About 2.5x.
 const MAX_REL_FULL: f64 = 1e-1;
-/// Prefill chunk of the per-case runs: several chunks per prompt, each > 4 rows (cubek's
-/// matmul on CUDA).
+/// Prefill chunk of the per-case runs: several chunks per prompt, each of more rows than one
+/// (the GEMV of a short prompt on CUDA; the 512-token chunks take cubek's matmul).
 const CHUNK: usize = 16;
 
 fn config() -> Qwen2Config {
@@ -131,12 +131,21 @@ impl RuntimeJob for Production {
             t0.elapsed()
         );
 
-        // The prefill chunks must take the tensor-core path on CUDA (the real model's path).
-        let chunk_variant = resolve_variant(&client, MatmulVariant::Auto, CHUNK);
+        // On CUDA the long chunks must take the tensor-core path (cubek) and the short ones
+        // the GEMV (the layer's weights fit in L2), as the real model's prompts do.
+        let long = resolve_variant(
+            &client,
+            MatmulVariant::Auto,
+            long_chunk,
+            cfg.ffn,
+            cfg.hidden,
+        );
+        let short = resolve_variant(&client, MatmulVariant::Auto, CHUNK, cfg.hidden, cfg.hidden);
         if std::env::var("CUBEQWEN_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
             ensure!(
-                chunk_variant == MatmulVariant::Cubek,
-                "on CUDA a {CHUNK}-row prefill chunk resolves to {chunk_variant:?}, not Cubek"
+                long == MatmulVariant::Cubek && short == MatmulVariant::Gemv,
+                "on CUDA a {long_chunk}-row prefill chunk resolves to {long:?} (not Cubek) or a \
+                 {CHUNK}-row one to {short:?} (not Gemv)"
             );
         }
 
@@ -165,7 +174,7 @@ impl RuntimeJob for Production {
                 }
             }
             println!(
-                "{name}: {} positions ({prompt_len} prefilled in chunks of {chunk}, {chunk_variant:?} on full chunks; {} decoded), worst logit rel err {:.3e} at position {} (device {device_time:.1?}, reference {:.1?})",
+                "{name}: {} positions ({prompt_len} prefilled in chunks of {chunk}; {} decoded), worst logit rel err {:.3e} at position {} (device {device_time:.1?}, reference {:.1?})",
                 seq.len(),
                 seq.len() - prompt_len,
                 worst.0,

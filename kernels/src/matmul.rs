@@ -11,8 +11,11 @@
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
 //! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
-//!   cores, `Cubek` (H100, m = 2048: 63–88 TFLOP/s against `Cmma`'s 5, BENCHMARKS.md); else
-//!   `Blocked` on CPU-emulated devices (measured fastest there), else `Tiled`.
+//!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
+//!   [`GEMV_SHORT_MAX_BYTES`] or with `n < k`, else `Cubek` (its TMA kernel at [`TMA_TILING`]
+//!   on Hopper: H200, m = 2048, the gate projections at 0.34–0.36 of cuBLAS's speed,
+//!   BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest there),
+//!   else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -55,8 +58,21 @@ impl std::str::FromStr for MatmulVariant {
     }
 }
 
-/// Rows up to which `Auto` takes `Gemv`.
+/// Rows up to which `Auto` takes `Gemv` for any weight.
 pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Rows up to which `Auto` takes `Gemv` for a weight of at most [`GEMV_SHORT_MAX_BYTES`], or
+/// with fewer outputs than inputs (`n < k`, the down projection): the GEMV reads the weight once
+/// per row, from L2 after the first when it fits there, and spreads the outputs over all
+/// multiprocessors, where cubek's 128-column tiles of a short matrix are few cubes with a long
+/// k loop. m = 16 (BENCHMARKS.md, "short prompts"), H100: 0.5B q/o 10.4–10.8 µs against
+/// cubek's 31.8–32.5, down 26.2 against 81.7, gate 34.2 against 34.0, the lm_head (272 MB)
+/// 1449 against 199; H200: 1.5B q/o 16.8 against 28.2, down (27.5 MB) 72.6 against 137.0,
+/// gate (27.5 MB) 81.4 against 31.9.
+pub const GEMV_SHORT_ROWS: usize = 16;
+
+/// The largest f16 weight (bytes) `Auto` gives to `Gemv` up to [`GEMV_SHORT_ROWS`] rows.
+pub const GEMV_SHORT_MAX_BYTES: usize = 16 << 20;
 
 /// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
 const TILE: usize = 16;
@@ -392,13 +408,21 @@ pub fn resolve_variant<R: Runtime>(
     client: &ComputeClient<R>,
     variant: MatmulVariant,
     m: usize,
+    n: usize,
+    k: usize,
 ) -> MatmulVariant {
     match variant {
         MatmulVariant::Auto if m <= GEMV_MAX_ROWS => MatmulVariant::Gemv,
         // Above it, on tensor-core devices, cubek rather than `Cmma`: `Cmma` was 1% of cuBLAS at
         // 2048 rows and made a 16-token prompt wait 30 ms on the H100 (BENCHMARKS.md, "short
-        // prompts").
-        MatmulVariant::Auto if cmma_supported(client) => MatmulVariant::Cubek,
+        // prompts"); but the GEMV for a short prompt's weights that fit L2, or with n < k.
+        MatmulVariant::Auto if cmma_supported(client) => {
+            if m <= GEMV_SHORT_ROWS && (n * k * 2 <= GEMV_SHORT_MAX_BYTES || n < k) {
+                MatmulVariant::Gemv
+            } else {
+                MatmulVariant::Cubek
+            }
+        }
         // On a CPU-emulated device (lavapipe: plane size 8) every load is a gather and every
         // barrier a context switch: register blocks, no shared memory (see BLOCK_ROWS).
         MatmulVariant::Auto if client.properties().hardware.plane_size_max < 32 => {
@@ -442,6 +466,22 @@ fn place_columns_kernel<O: Float>(
         y[r * ldy + col_off + c] = v;
     }
 }
+
+/// The tiling of cubek's TMA kernel where no switch names one: stages of 128 × 128 outputs,
+/// 64 deep (cubek 0.2 picks 32 deep, and two tile rows a plane from 1024 rows), computed by
+/// four planes of 64 × 64 (`pm=4,pn=4,sm=2,sn=2,pk=4`). H200, 2026-11-28, pp2048 alternated
+/// in one call (BENCHMARKS.md, "Prefill matmul: the TMA kernel's tiling"): cubek's own blueprint
+/// 0.5B 106 237 / 106 455 tok/s, 1.5B 48 764 / 48 717; eight planes of 16 × 128
+/// (`tiles=8,rows=1,pk=4`) 137 002 / 140 016 and 58 955 / 58 957; and in a later call that
+/// against this one, 0.5B 143 847 / 143 404 → 168 228 / 167 670, 1.5B 58 918 / 59 058 →
+/// 70 441 / 70 465.
+pub const TMA_TILING: crate::switches::CubekTiling = crate::switches::CubekTiling {
+    tiles: None,
+    rows: None,
+    pk: Some(4),
+    single_buffer: None,
+    partition: Some([4, 4, 2, 2]),
+};
 
 /// cubek's algorithm, and whether it was named: `CUBEQWEN_CUBEK_STRATEGY` names one (for
 /// measuring them); else, where the device has the Tensor Memory Accelerator (Hopper),
@@ -507,6 +547,63 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     bias: Option<&DeviceTensor<R, f32>>,
     y: &DeviceTensor<R, O>,
 ) -> Result<()> {
+    let (m, n) = (x.shape[0], w.shape[0]);
+    let (strategy, named) = cubek_strategy(client)?;
+    // A tiling a switch names is named too: an error where it does not fit, no fallback.
+    let (tiling, tiling_named) = match crate::switches::switches()?.cubek_tiling {
+        Some(t) => (t, true),
+        None => (TMA_TILING, false),
+    };
+    cubek_launch(
+        client,
+        x,
+        w,
+        y,
+        &strategy,
+        named || tiling_named,
+        Some(tiling),
+    )?;
+    if let Some(b) = bias {
+        let (count, dim) = crate::grid::elementwise(client, m * n);
+        add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
+    }
+    Ok(())
+}
+
+/// cubek's warp-specialized TMA kernel with this tiling (for measuring tilings side by side:
+/// `benches/kernels.rs`, `CUBEQWEN_BENCH_TILINGS`), `y [m, n] = x [m, k] · wᵀ`, no bias. An
+/// error where the device has no TMA or cubek refuses the tiling.
+pub fn cubek_tma<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    y: &DeviceTensor<R, O>,
+    tiling: crate::switches::CubekTiling,
+) -> Result<()> {
+    ensure!(
+        x.shape.len() == 2 && w.shape.len() == 2,
+        KernelError::shape("matmul", "x, W", "[m, k], [n, k]", &x.shape)
+    );
+    let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+    ensure!(
+        w.shape == [n, k] && y.shape == [m, n],
+        KernelError::shape("matmul", "x, W, y", "[m, k], [n, k], [m, n]", &y.shape)
+    );
+    let strategy = cubek::matmul::launch::Strategy::SpecializedTmaMma(Default::default());
+    cubek_launch(client, x, w, y, &strategy, true, Some(tiling))
+}
+
+/// cubek's launch of `y = x · wᵀ` with `strategy` (and a tiling for its TMA kernel) on the
+/// client's runtime.
+fn cubek_launch<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    y: &DeviceTensor<R, O>,
+    strategy: &cubek::matmul::launch::Strategy,
+    named: bool,
+    tiling: Option<crate::switches::CubekTiling>,
+) -> Result<()> {
     let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
     let storage = |t: Option<cubecl::ir::Type>| -> Result<cubecl::ir::StorageType> {
         Ok(t.ok_or_else(|| {
@@ -522,7 +619,6 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         input: storage(F::as_type_native())?,
         output: storage(O::as_type_native())?,
     };
-    let (strategy, named) = cubek_strategy(client)?;
     // cubek's launch is generic over the runtime alone, and large: it is compiled once, in
     // this crate, for each runtime (`cubek_launch_on!`), not again in every binary that
     // instantiates this function (≈ 170 s of release build each, 2 cores, 2026-11-28).
@@ -531,19 +627,14 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     let mut launched = None;
     #[cfg(feature = "cuda")]
     if let Some(c) = any.downcast_ref::<ComputeClient<cubecl::cuda::CudaRuntime>>() {
-        launched = Some(cubek_cuda(c, &problem, &strategy, named));
+        launched = Some(cubek_cuda(c, &problem, strategy, named, tiling));
     }
     if let Some(c) = any.downcast_ref::<ComputeClient<cubecl::wgpu::WgpuRuntime>>() {
-        launched = Some(cubek_wgpu(c, &problem, &strategy, named));
+        launched = Some(cubek_wgpu(c, &problem, strategy, named, tiling));
     }
     launched.ok_or_else(|| {
         KernelError::unsupported("matmul", "cubek: a runtime other than CUDA or wgpu")
-    })??;
-    if let Some(b) = bias {
-        let (count, dim) = crate::grid::elementwise(client, m * n);
-        add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
-    }
-    Ok(())
+    })?
 }
 
 /// One cubek matmul, `y [m, n] = x [m, k] · wᵀ` (w is [n, k]), in buffers of these element
@@ -557,9 +648,9 @@ struct CubekProblem<'a> {
     output: cubecl::ir::StorageType,
 }
 
-/// `fn $name(client, problem, strategy, named)`: cubek's launch of `problem` on runtime `$r`,
-/// with the strategy or, where the default one (not `named`) cannot take the problem, with
-/// cubek's own choice.
+/// `fn $name(client, problem, strategy, named, tiling)`: cubek's launch of `problem` on runtime
+/// `$r`, with the strategy (its TMA kernel at `tiling`) or, where the default one (not `named`)
+/// cannot take the problem, with cubek's own choice.
 macro_rules! cubek_launch_on {
     ($name:ident, $r:ty) => {
         fn $name(
@@ -567,6 +658,7 @@ macro_rules! cubek_launch_on {
             p: &CubekProblem<'_>,
             strategy: &cubek::matmul::launch::Strategy,
             named: bool,
+            tiling: Option<crate::switches::CubekTiling>,
         ) -> Result<()> {
             use cubecl::ir::StorageType;
             use cubecl::zspace::{Shape, Strides};
@@ -604,6 +696,31 @@ macro_rules! cubek_launch_on {
                     dtypes,
                 )
             };
+            // A tiling of the TMA kernel (a switch, or the shape's rule): cubek's selector with
+            // these options, forced.
+            let forced;
+            let strategy = match tiling {
+                Some(t)
+                    if t != crate::switches::CubekTiling::default()
+                        && matches!(
+                            strategy,
+                            cubek::matmul::launch::Strategy::SpecializedTmaMma(_)
+                        ) =>
+                {
+                    match tma_blueprint(client, p.mkn, &dtypes, t) {
+                        Ok(b) => {
+                            forced = cubek::matmul::launch::Strategy::SpecializedTmaMma(
+                                cubek::matmul::routines::BlueprintStrategy::Forced(b),
+                            );
+                            &forced
+                        }
+                        Err(e) if named => return Err(e),
+                        // The default tiling does not fit this problem: cubek's own does.
+                        Err(_) => strategy,
+                    }
+                }
+                _ => strategy,
+            };
             let first = dtypes.clone();
             let mut result = launch(strategy, &mut dtypes);
             if result.is_err() && !named {
@@ -616,6 +733,148 @@ macro_rules! cubek_launch_on {
         }
     };
 }
+/// cubek's blueprint for its warp-specialized TMA kernel on `[m, k, n]` (x row-major, w
+/// `[n, k]`), from cubek's own selector (`infer_blueprint_plane`, as cubek calls it for this
+/// kernel) with the fields of `t` in place of its choices: a stage is `16·tiles` rows by
+/// `16·tiles` columns by `16·pk` deep, `tiles / rows` planes compute it.
+fn tma_blueprint<R: Runtime>(
+    client: &ComputeClient<R>,
+    [m, k, n]: [usize; 3],
+    dtypes: &cubek::matmul::definition::MatmulElems,
+    t: crate::switches::CubekTiling,
+) -> Result<cubek::matmul::definition::TilingBlueprint> {
+    use cubecl::zspace::{Shape, Strides};
+    use cubek::matmul::components::stage::PartitionBuffering;
+    use cubek::matmul::components::tile::TileMatmulKind;
+    use cubek::matmul::definition::{AvailableVectorSizes, MatmulProblem, MultiRowStrategy};
+    use cubek::matmul::routines::{infer_blueprint_plane, PlaneTilingBlueprintOptions};
+    let err = |e: cubek::matmul::definition::MatmulSetupError| {
+        KernelError::unsupported("matmul", format!("cubek tiling {t:?}: {e:?}"))
+    };
+    let problem = MatmulProblem::from_shapes_and_strides(
+        Shape::new([m, k]),
+        Shape::new([k, n]),
+        Shape::new([m, n]),
+        Strides::new(&[k, 1]),
+        Strides::new(&[1, k]),
+        Strides::new(&[n, 1]),
+        dtypes.as_global_elems(),
+        cubecl::ir::AddressType::from_len((m * k).max(k * n).max(m * n)),
+        None,
+        None,
+    )
+    .map_err(err)?;
+    let vector_sizes = AvailableVectorSizes::from_type_size_tma(client, dtypes.acc_global.size())
+        .filter_lhs_with_tensor(&problem.lhs_strides, &problem.lhs_shape, problem.lhs_layout)
+        .filter_rhs_with_tensor(&problem.rhs_strides, &problem.rhs_shape, problem.rhs_layout)
+        .filter_out_with_tensor(&problem.out_strides, &problem.out_shape)
+        .pick_max()
+        .map_err(err)?;
+    let kind = TileMatmulKind::Mma;
+    let mut dtypes = dtypes.clone();
+    dtypes.adjust_stage_dtypes();
+    let plane_dim = match client.properties().hardware.plane_size_max {
+        0 => 32,
+        p => p,
+    };
+    let options = PlaneTilingBlueprintOptions {
+        specialized: true,
+        swizzled: kind.should_swizzle(client),
+        row_count: t.tiles,
+        partition_k: t.pk,
+        multi_row_strategy: match t.rows {
+            Some(r) => MultiRowStrategy::Always(r),
+            None => MultiRowStrategy::Adaptive {
+                minimum_stage_count: 8,
+            },
+        },
+        partition_buffering: t.single_buffer.map(|single| {
+            if single {
+                PartitionBuffering::Single
+            } else {
+                PartitionBuffering::Double
+            }
+        }),
+        ..Default::default()
+    };
+    let Some([pm, pn, sm, sn]) = t.partition else {
+        let (blueprint, _) = infer_blueprint_plane::<R>(
+            kind,
+            client,
+            &problem,
+            plane_dim,
+            dtypes,
+            &vector_sizes,
+            options,
+        )
+        .map_err(err)?;
+        return Ok(blueprint);
+    };
+    // An explicit stage: the selector's steps (instruction, hypercube, swizzle, load-only
+    // planes) with these partition and stage sizes.
+    use cubek::matmul::components::global::{InputLoadFlow, LoadFlows};
+    use cubek::matmul::definition::{TilingBlueprint, TilingScheme};
+    use cubek::matmul::routines::{find_instruction_size, select_swizzle};
+    use cubek::std::cube_count::{
+        CubeCountStrategy, GlobalOrder, HypercubeBlueprint, SmAllocation,
+    };
+    use cubek::std::{PartitionSize, StageSize, SwizzleModes};
+    let tile = find_instruction_size::<R, _, _>(
+        client,
+        (
+            dtypes.lhs_register,
+            dtypes.rhs_register,
+            dtypes.acc_register,
+        ),
+        (m, n, k).into(),
+        (None, None, None),
+        |c, cfg| kind.is_supported(c, cfg),
+        |c, l, r, a| kind.supported_sizes(c, l, r, a),
+    )
+    .map_err(|e| err(e.into()))?;
+    let scheme = TilingScheme::builder()
+        .with_tile_size(tile)
+        .with_partition_size(PartitionSize::new(pm, pn, t.pk.unwrap_or(4)))
+        .with_stage_size(StageSize::new(sm, sn, 1))
+        .build()
+        .map_err(|e| KernelError::unsupported("matmul", format!("cubek tiling {t:?}: {e}")))?;
+    let buffering = match t.single_buffer {
+        Some(true) => PartitionBuffering::Single,
+        Some(false) => PartitionBuffering::Double,
+        None if pn > 1 => PartitionBuffering::Double,
+        None => PartitionBuffering::Single,
+    };
+    let cube_count = match client.properties().hardware.num_streaming_multiprocessors {
+        Some(num_sms) => CubeCountStrategy::Sm {
+            num_sms,
+            sm_usage: SmAllocation::Exact,
+            cubes_first: true,
+        },
+        None => CubeCountStrategy::FromProblem,
+    };
+    let hypercube = HypercubeBlueprint::builder()
+        .global_order(GlobalOrder::SwizzleRow(4))
+        .cube_count_strategy(cube_count)
+        .build();
+    let mut builder = TilingBlueprint::builder(kind, scheme, plane_dim, &problem)
+        .partition_buffering(buffering)
+        .hypercube_blueprint(hypercube)
+        .load_specialization_config(LoadFlows {
+            lhs: InputLoadFlow::LoadOnly,
+            rhs: InputLoadFlow::LoadOnly,
+        });
+    if kind.should_swizzle(client) {
+        // x is row-major and w's columns are k-contiguous: both swizzle along k.
+        let along_k = scheme.elements_per_stage_along_k() as usize;
+        builder = builder.shared_swizzle(SwizzleModes {
+            lhs: select_swizzle(along_k, dtypes.lhs_stage, vector_sizes.lhs),
+            rhs: select_swizzle(along_k, dtypes.rhs_stage, vector_sizes.rhs),
+            ..Default::default()
+        });
+    }
+    Ok(builder.build())
+}
+
 cubek_launch_on!(cubek_wgpu, cubecl::wgpu::WgpuRuntime);
 #[cfg(feature = "cuda")]
 cubek_launch_on!(cubek_cuda, cubecl::cuda::CudaRuntime);
@@ -691,7 +950,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         );
         Ok(t as u32)
     };
-    let resolved = resolve_variant(client, variant, m);
+    let resolved = resolve_variant(client, variant, m, n, k);
     if resolved == MatmulVariant::Cubek {
         if col_off == 0 && ldy == n {
             return cubek_into(client, x, w, bias, y);

@@ -13,6 +13,7 @@
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
 //! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device |
 //! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
+//! | `CUBEQWEN_CUBEK_TILING` | `tiles=T,rows=R,pk=K,buf=single\|double` or `pm=,pn=,sm=,sn=,pk=,buf=` (any of them; [`CubekTiling`]), or `cubek` (cubek's own choice): the tiling of cubek's TMA kernel | [`crate::matmul::TMA_TILING`] |
 //!
 //! The on/off switches take `1`, `true`, `yes`, `on` (set) or `0`, `false`, `no`, `off`, empty
 //! (not set).
@@ -37,6 +38,71 @@ pub struct Switches {
     pub gemv_shape: Option<(usize, usize)>,
     /// A name [`crate::matmul`] knows (checked when read).
     pub cubek_strategy: Option<String>,
+    /// Overrides of the TMA kernel's tiling.
+    pub cubek_tiling: Option<CubekTiling>,
+}
+
+/// The tiling of cubek's warp-specialized TMA matmul, as cubek's selector takes it; `None`
+/// leaves a field to the selector (all `None`: cubek's own blueprint, the value `cubek`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CubekTiling {
+    /// 16×16 tiles along m and along n of a stage (cubek's `row_count`).
+    pub tiles: Option<u32>,
+    /// Rows of tiles a plane computes (so `tiles / rows` compute planes).
+    pub rows: Option<u32>,
+    /// 16-deep tiles along k in a stage (`partition_k`; at most 4 for f16).
+    pub pk: Option<u32>,
+    /// Partition buffering: single (`true`) or double.
+    pub single_buffer: Option<bool>,
+    /// An explicit stage instead of cubek's selector (`tiles`, `rows` then unused): each plane
+    /// computes `pm × pn` tiles, `sm × sn` planes a stage (so a stage is `16·pm·sm` rows by
+    /// `16·pn·sn` columns); `None` unless one of the four is given (the others then default to
+    /// 1, 8, 8, 1).
+    pub partition: Option<[u32; 4]>,
+}
+
+impl std::str::FromStr for CubekTiling {
+    type Err = anyhow::Error;
+    fn from_str(v: &str) -> Result<Self> {
+        let mut t = CubekTiling::default();
+        if v.trim() == "cubek" {
+            return Ok(t); // every field cubek's choice
+        }
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, val) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("`{part}`: expected name=value"))?;
+            let num = || -> Result<u32> {
+                match val.trim().parse::<u32>() {
+                    Ok(n) if (1..=32).contains(&n) => Ok(n),
+                    _ => bail!("`{part}`: expected a number from 1 to 32"),
+                }
+            };
+            match k.trim() {
+                "tiles" => t.tiles = Some(num()?),
+                "rows" => t.rows = Some(num()?),
+                "pk" => t.pk = Some(num()?),
+                "pm" | "pn" | "sm" | "sn" => {
+                    let i = ["pm", "pn", "sm", "sn"].iter().position(|n| *n == k.trim());
+                    t.partition.get_or_insert([1, 8, 8, 1])[i.unwrap_or(0)] = num()?;
+                }
+                "buf" => {
+                    t.single_buffer = Some(match val.trim() {
+                        "single" => true,
+                        "double" => false,
+                        _ => bail!("`{part}`: expected buf=single or buf=double"),
+                    })
+                }
+                other => bail!("`{other}`: expected tiles, rows, pk, buf, pm, pn, sm or sn"),
+            }
+        }
+        if t.partition.is_some() && (t.tiles.is_some() || t.rows.is_some()) {
+            bail!(
+                "`{v}`: tiles and rows are the selector's, pm/pn/sm/sn an explicit stage: not both"
+            );
+        }
+        Ok(t)
+    }
 }
 
 /// The process's switches, read from the environment on the first call.
@@ -81,6 +147,13 @@ impl Switches {
             }
             _ => None,
         };
+        let cubek_tiling = match get("CUBEQWEN_CUBEK_TILING") {
+            Some(v) if !v.trim().is_empty() => Some(
+                v.parse::<CubekTiling>()
+                    .map_err(|e| anyhow::anyhow!("CUBEQWEN_CUBEK_TILING={v}: {e:#}"))?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             no_graphs: flag("CUBEQWEN_NO_GRAPHS")?,
             no_pdl: flag("CUBEQWEN_NO_PDL")?,
@@ -91,6 +164,7 @@ impl Switches {
             graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
             gemv_shape,
             cubek_strategy,
+            cubek_tiling,
         })
     }
 }
@@ -120,6 +194,7 @@ mod tests {
         assert!(!s.graph_checked);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
+        assert_eq!(s.cubek_tiling, None);
     }
 
     #[test]
@@ -136,8 +211,18 @@ mod tests {
             ("CUBEQWEN_GEMV_SHAPE", "16x4"),
             ("CUBEQWEN_FLASH_KERNEL", "portable"),
             ("CUBEQWEN_CUBEK_STRATEGY", "simple_cyclic_cmma"),
+            ("CUBEQWEN_CUBEK_TILING", "tiles=4, pk=4,buf=single"),
         ])
         .unwrap();
+        assert_eq!(
+            "cubek".parse::<CubekTiling>().unwrap(),
+            CubekTiling::default()
+        );
+        let t = s.cubek_tiling.unwrap();
+        assert_eq!(
+            (t.tiles, t.rows, t.pk, t.single_buffer),
+            (Some(4), None, Some(4), Some(true))
+        );
         assert_eq!(s.gemv_shape, Some((16, 4)));
         assert_eq!(s.flash_kernel, PrefillKernel::Portable);
         assert_eq!(s.cubek_strategy.as_deref(), Some("simple_cyclic_cmma"));
@@ -153,6 +238,11 @@ mod tests {
             ("CUBEQWEN_GEMV_SHAPE", "32x0"),
             ("CUBEQWEN_FLASH_KERNEL", "fast"),
             ("CUBEQWEN_CUBEK_STRATEGY", "quick"),
+            ("CUBEQWEN_CUBEK_TILING", "tiles=0"),
+            ("CUBEQWEN_CUBEK_TILING", "pk"),
+            ("CUBEQWEN_CUBEK_TILING", "buf=triple"),
+            ("CUBEQWEN_CUBEK_TILING", "cols=2"),
+            ("CUBEQWEN_CUBEK_TILING", "tiles=8,pn=4"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");

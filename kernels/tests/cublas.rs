@@ -133,7 +133,10 @@ fn table(seed: u64) -> Result<Vec<String>> {
                     "m={m} n={n} k={k}: auto vs cuBLAS {diff:.3e} > {AUTO_VS_CUBLAS_TOL:.0e}"
                 ));
             }
-            let auto = format!("{:?}", resolve_variant(&client, MatmulVariant::Auto, m));
+            let auto = format!(
+                "{:?}",
+                resolve_variant(&client, MatmulVariant::Auto, m, n, k)
+            );
             println!(
                 "{m:>5} {n:>6} {k:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {auto:>7} | {cub:>9.3e} | {diff:>11.3e}",
                 cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
