@@ -13,7 +13,7 @@
 //! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
 //!   [`GEMV_SHORT_MAX_BYTES`] or with `n < k`, else `Cubek` (its TMA kernel at [`TMA_TILING`]
-//!   on Hopper: H200, m = 2048, the gate projections at 0.34–0.36 of cuBLAS's speed,
+//!   on Hopper: H200, m = 2048, the gate/up/down projections at a third of cuBLAS's speed,
 //!   BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest there),
 //!   else `Tiled`.
 
@@ -696,8 +696,8 @@ macro_rules! cubek_launch_on {
                     dtypes,
                 )
             };
-            // A tiling of the TMA kernel (a switch, or the shape's rule): cubek's selector with
-            // these options, forced.
+            // A tiling of the TMA kernel (a switch's, or `TMA_TILING`), forced as a blueprint
+            // (`tma_blueprint`).
             let forced;
             let strategy = match tiling {
                 Some(t)
@@ -777,6 +777,10 @@ fn tma_blueprint<R: Runtime>(
         0 => 32,
         p => p,
     };
+    let buffering = t.single_buffer.map(|single| match single {
+        true => PartitionBuffering::Single,
+        false => PartitionBuffering::Double,
+    });
     let options = PlaneTilingBlueprintOptions {
         specialized: true,
         swizzled: kind.should_swizzle(client),
@@ -788,13 +792,7 @@ fn tma_blueprint<R: Runtime>(
                 minimum_stage_count: 8,
             },
         },
-        partition_buffering: t.single_buffer.map(|single| {
-            if single {
-                PartitionBuffering::Single
-            } else {
-                PartitionBuffering::Double
-            }
-        }),
+        partition_buffering: buffering,
         ..Default::default()
     };
     let Some([pm, pn, sm, sn]) = t.partition else {
@@ -838,12 +836,11 @@ fn tma_blueprint<R: Runtime>(
         .with_stage_size(StageSize::new(sm, sn, 1))
         .build()
         .map_err(|e| KernelError::unsupported("matmul", format!("cubek tiling {t:?}: {e}")))?;
-    let buffering = match t.single_buffer {
-        Some(true) => PartitionBuffering::Single,
-        Some(false) => PartitionBuffering::Double,
-        None if pn > 1 => PartitionBuffering::Double,
-        None => PartitionBuffering::Single,
-    };
+    // As cubek's selector: double buffering where a plane has several tiles along n.
+    let buffering = buffering.unwrap_or(match pn > 1 {
+        true => PartitionBuffering::Double,
+        false => PartitionBuffering::Single,
+    });
     let cube_count = match client.properties().hardware.num_streaming_multiprocessors {
         Some(num_sms) => CubeCountStrategy::Sm {
             num_sms,
