@@ -3,8 +3,10 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::matmul::{
-    cmma_supported, matmul, matmul_into, reference, MatmulVariant, RowChunked,
+    cmma_supported, cubek_tma, matmul, matmul_into, reference, MatmulVariant, RowChunked,
+    TMA_TILING,
 };
+use cubeqwen_kernels::switches::CubekTiling;
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
 use half::f16;
@@ -25,9 +27,45 @@ const SHAPES_05B: [(usize, usize); 5] = [
 fn check<R: Runtime>(
     client: &ComputeClient<R>,
     variant: MatmulVariant,
+    mnk: (usize, usize, usize),
+    bias: bool,
+    seed: u64,
+) -> Result<()> {
+    check_with(
+        client,
+        &format!("{variant:?}"),
+        mnk,
+        bias,
+        seed,
+        |x, w, b, y| {
+            // Weights over 64 MiB go in row chunks: they exercise the chunked path on every
+            // device, and wgpu could not hold the lm_head in one buffer.
+            let (n, k) = (mnk.1, mnk.2);
+            if n * k * 2 > 64 << 20 {
+                let wc = RowChunked::<R, f16>::upload_rows(client, w, n, k, (32 << 20) / k)?;
+                println!("  ({} row chunks)", wc.chunks.len());
+                wc.matmul(client, variant, x, b, y)
+            } else {
+                let wd = DeviceTensor::<R, f16>::from_slice(client, w, &[n, k])?;
+                matmul(client, variant, x, &wd, b, y)
+            }
+        },
+    )
+}
+
+/// `product(x, w (host), bias, y)` at (m, n, k) against the f64 reference on sampled rows.
+fn check_with<R: Runtime>(
+    client: &ComputeClient<R>,
+    label: &str,
     (m, n, k): (usize, usize, usize),
     bias: bool,
     seed: u64,
+    product: impl FnOnce(
+        &DeviceTensor<R, f16>,
+        &[f16],
+        Option<&DeviceTensor<R, f32>>,
+        &DeviceTensor<R, f16>,
+    ) -> Result<()>,
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
     let x = rng.f16_vec(m * k, 0.0, 1.0);
@@ -36,16 +74,7 @@ fn check<R: Runtime>(
     let xd = DeviceTensor::<R, f16>::from_slice(client, &x, &[m, k])?;
     let bd = DeviceTensor::<R, f32>::from_slice(client, &b, &[n])?;
     let yd = DeviceTensor::<R, f16>::from_slice(client, &vec![POISON_F16; m * n], &[m, n])?;
-    // Weights over 64 MiB go in row chunks: they exercise the chunked path on every device,
-    // and wgpu could not hold the lm_head in one buffer.
-    if n * k * 2 > 64 << 20 {
-        let wc = RowChunked::<R, f16>::upload_rows(client, &w, n, k, (32 << 20) / k)?;
-        println!("  ({} row chunks)", wc.chunks.len());
-        wc.matmul(client, variant, &xd, bias.then_some(&bd), &yd)?;
-    } else {
-        let wd = DeviceTensor::<R, f16>::from_slice(client, &w, &[n, k])?;
-        matmul(client, variant, &xd, &wd, bias.then_some(&bd), &yd)?;
-    }
+    product(&xd, &w, bias.then_some(&bd), &yd)?;
     let y = yd.to_vec(client)?;
 
     let rows = sample_rows(m, &mut rng);
@@ -70,13 +99,13 @@ fn check<R: Runtime>(
     // Rows not compared must still have been written (poison).
     let unwritten = y.iter().filter(|v| v.is_nan()).count();
     println!(
-        "matmul {variant:?} m={m:5} n={n:6} k={k:5} bias={bias}: rel_err={err:.3e} (rows checked {}, seed {seed})",
+        "matmul {label} m={m:5} n={n:6} k={k:5} bias={bias}: rel_err={err:.3e} (rows checked {}, seed {seed})",
         rows.len()
     );
     ensure!(unwritten == 0, "{unwritten} outputs left unwritten");
     ensure!(
         err <= TOL,
-        "{variant:?} m={m} n={n} k={k} seed={seed}: rel_err {err:.3e} > {TOL:.0e}"
+        "{label} m={m} n={n} k={k} seed={seed}: rel_err {err:.3e} > {TOL:.0e}"
     );
     Ok(())
 }
@@ -188,6 +217,46 @@ device_test! {
                 err.downcast_ref::<KernelError>() == Some(&want),
                 "refused with `{err}`, expected `{want}`"
             );
+        }
+        Ok(())
+    }
+}
+
+device_test! {
+    /// cubek's TMA kernel at the default tiling and at the others BENCHMARKS.md measured, at the
+    /// 0.5B layer's shapes (a full and a ragged prefill chunk); on a device without the Tensor
+    /// Memory Accelerator it must refuse with an error, not panic (run on the GPU by
+    /// stage/run-gpu.sh; CI checks the refusal).
+    fn cubek_tma_tilings_match_the_reference<R>(client, seed) {
+        let tma = client
+            .properties()
+            .features
+            .tma
+            .contains(cubecl::ir::features::Tma::Base);
+        let named: Vec<CubekTiling> = ["tiles=8,rows=1,pk=4", "pm=4,pn=4,sm=2,sn=4", "cubek"]
+            .iter()
+            .map(|t| t.parse())
+            .collect::<Result<_>>()?;
+        let tilings: Vec<CubekTiling> = std::iter::once(TMA_TILING).chain(named).collect();
+        if !tma {
+            let x = DeviceTensor::<R, f16>::from_slice(client, &[f16::ONE; 16], &[1, 16])?;
+            let w = DeviceTensor::<R, f16>::from_slice(client, &[f16::ONE; 16], &[1, 16])?;
+            let y = DeviceTensor::<R, f16>::empty(client, &[1, 1])?;
+            for t in tilings {
+                let err = cubek_tma(client, &x, &w, &y, t).unwrap_err();
+                println!("no TMA on this device; {t:?} refused with: {err:#}");
+            }
+            return Ok(());
+        }
+        for t in tilings {
+            for m in [2048, 91] {
+                for (n, k) in &SHAPES_05B[..4] {
+                    check_with(client, &format!("tma {t:?}"), (m, *n, *k), false, seed, |x, w, _, y| {
+                        let wd = DeviceTensor::<R, f16>::from_slice(client, w, &[*n, *k])?;
+                        cubek_tma(client, x, &wd, y, t)
+                    })?;
+                }
+            }
         }
         Ok(())
     }
