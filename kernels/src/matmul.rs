@@ -12,10 +12,10 @@
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
 //! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
-//!   [`GEMV_SHORT_MAX_BYTES`] or with `n < k`, else `Cubek` (its TMA kernel at [`TMA_TILING`]
-//!   on Hopper: H200, m = 2048, the gate/up/down projections at a third of cuBLAS's speed,
-//!   BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest there),
-//!   else `Tiled`.
+//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k`), else `Cubek` (its TMA kernel at
+//!   [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third of
+//!   cuBLAS's speed, BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest
+//!   there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -62,7 +62,7 @@ impl std::str::FromStr for MatmulVariant {
 pub const GEMV_MAX_ROWS: usize = 4;
 
 /// Rows up to which `Auto` takes `Gemv` for a weight of at most [`GEMV_SHORT_MAX_BYTES`], or
-/// with fewer outputs than inputs (`n < k`, the down projection): the GEMV reads the weight once
+/// twice that with fewer outputs than inputs (`n < k`, the down projection): the GEMV reads the weight once
 /// per row, from L2 after the first when it fits there, and spreads the outputs over all
 /// multiprocessors, where cubek's 128-column tiles of a short matrix are few cubes with a long
 /// k loop. m = 16 (BENCHMARKS.md, "short prompts"), H100: 0.5B q/o 10.4–10.8 µs against
@@ -71,7 +71,9 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// gate (27.5 MB) 81.4 against 31.9.
 pub const GEMV_SHORT_ROWS: usize = 16;
 
-/// The largest f16 weight (bytes) `Auto` gives to `Gemv` up to [`GEMV_SHORT_ROWS`] rows.
+/// The largest f16 weight (bytes) `Auto` gives to `Gemv` up to [`GEMV_SHORT_ROWS`] rows; twice
+/// that with `n < k` (1.5B's down projection, 27.5 MB, measured; 7B's, 68 MB, is not, and
+/// stays with cubek).
 pub const GEMV_SHORT_MAX_BYTES: usize = 16 << 20;
 
 /// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
@@ -415,9 +417,12 @@ pub fn resolve_variant<R: Runtime>(
         MatmulVariant::Auto if m <= GEMV_MAX_ROWS => MatmulVariant::Gemv,
         // Above it, on tensor-core devices, cubek rather than `Cmma`: `Cmma` was 1% of cuBLAS at
         // 2048 rows and made a 16-token prompt wait 30 ms on the H100 (BENCHMARKS.md, "short
-        // prompts"); but the GEMV for a short prompt's weights that fit L2, or with n < k.
+        // prompts"); but the GEMV for a short prompt's weights that fit L2 ([`GEMV_SHORT_ROWS`]).
         MatmulVariant::Auto if cmma_supported(client) => {
-            if m <= GEMV_SHORT_ROWS && (n * k * 2 <= GEMV_SHORT_MAX_BYTES || n < k) {
+            let bytes = n * k * 2;
+            let fits =
+                bytes <= GEMV_SHORT_MAX_BYTES || (n < k && bytes <= 2 * GEMV_SHORT_MAX_BYTES);
+            if m <= GEMV_SHORT_ROWS && fits {
                 MatmulVariant::Gemv
             } else {
                 MatmulVariant::Cubek
