@@ -8,8 +8,9 @@
 //! golden cases' (tests/data/golden.json: the real tokenizer's output, which CI checks in
 //! golden_device, including the real special ids `<|im_start|>` and `<|im_end|>`). Each case
 //! runs as generation runs it: the prompt prefilled in chunks of [`CHUNK`] (16-row matmuls:
-//! the GEMV on CUDA, as a short prompt takes), then the golden greedy continuation decoded token by token (GEMV); a last
-//! case runs every sequence back to back (611 tokens) in 512-token chunks (two). The
+//! the GEMV on CUDA, as a short prompt takes), then the golden greedy continuation decoded
+//! token by token (GEMV); a last case runs every sequence back to back (611 tokens) in
+//! 512-token chunks (two, through cubek on CUDA). The
 //! logits at every position must match the reference's prefill of the same sequence.
 //!
 //! Sizes: with `CUBEQWEN_FULL_SHAPES=1` (the GPU runner) the real shape and every case; else

@@ -559,15 +559,7 @@ fn cubek_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         Some(t) => (t, true),
         None => (TMA_TILING, false),
     };
-    cubek_launch(
-        client,
-        x,
-        w,
-        y,
-        &strategy,
-        named || tiling_named,
-        Some(tiling),
-    )?;
+    cubek_launch(client, x, w, y, &strategy, named || tiling_named, tiling)?;
     if let Some(b) = bias {
         let (count, dim) = crate::grid::elementwise(client, m * n);
         add_bias_kernel::launch::<O, R>(client, count, dim, y.arg(), b.arg(), n, m * n);
@@ -585,21 +577,35 @@ pub fn cubek_tma<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     y: &DeviceTensor<R, O>,
     tiling: crate::switches::CubekTiling,
 ) -> Result<()> {
+    let (m, _, n) = product_shape(x, w)?;
     ensure!(
-        x.shape.len() == 2 && w.shape.len() == 2,
-        KernelError::shape("matmul", "x, W", "[m, k], [n, k]", &x.shape)
-    );
-    let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
-    ensure!(
-        w.shape == [n, k] && y.shape == [m, n],
-        KernelError::shape("matmul", "x, W, y", "[m, k], [n, k], [m, n]", &y.shape)
+        y.shape == [m, n],
+        KernelError::shape("matmul", "y", format!("[{m}, {n}]"), &y.shape)
     );
     let strategy = cubek::matmul::launch::Strategy::SpecializedTmaMma(Default::default());
-    cubek_launch(client, x, w, y, &strategy, true, Some(tiling))
+    cubek_launch(client, x, w, y, &strategy, true, tiling)
 }
 
-/// cubek's launch of `y = x · wᵀ` with `strategy` (and a tiling for its TMA kernel) on the
-/// client's runtime.
+/// `(m, k, n)` of `y = x · Wᵀ`, where x is `[m, k]` and W `[n, k]`; an error naming the operand
+/// that is not.
+fn product_shape<R: Runtime, F: CubeElement>(
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+) -> Result<(usize, usize, usize)> {
+    ensure!(
+        x.shape.len() == 2,
+        KernelError::shape("matmul", "x", "[m, k]", &x.shape)
+    );
+    let (m, k) = (x.shape[0], x.shape[1]);
+    ensure!(
+        w.shape.len() == 2 && w.shape[1] == k,
+        KernelError::shape("matmul", "W", format!("[n, {k}]"), &w.shape)
+    );
+    Ok((m, k, w.shape[0]))
+}
+
+/// cubek's launch of `y = x · wᵀ` with `strategy` (and, for its TMA kernel, `tiling`; all
+/// `None` is cubek's own blueprint) on the client's runtime.
 fn cubek_launch<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     client: &ComputeClient<R>,
     x: &DeviceTensor<R, F>,
@@ -607,7 +613,7 @@ fn cubek_launch<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     y: &DeviceTensor<R, O>,
     strategy: &cubek::matmul::launch::Strategy,
     named: bool,
-    tiling: Option<crate::switches::CubekTiling>,
+    tiling: crate::switches::CubekTiling,
 ) -> Result<()> {
     let (m, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
     let storage = |t: Option<cubecl::ir::Type>| -> Result<cubecl::ir::StorageType> {
@@ -663,7 +669,7 @@ macro_rules! cubek_launch_on {
             p: &CubekProblem<'_>,
             strategy: &cubek::matmul::launch::Strategy,
             named: bool,
-            tiling: Option<crate::switches::CubekTiling>,
+            tiling: crate::switches::CubekTiling,
         ) -> Result<()> {
             use cubecl::ir::StorageType;
             use cubecl::zspace::{Shape, Strides};
@@ -704,15 +710,11 @@ macro_rules! cubek_launch_on {
             // A tiling of the TMA kernel (a switch's, or `TMA_TILING`), forced as a blueprint
             // (`tma_blueprint`).
             let forced;
-            let strategy = match tiling {
-                Some(t)
-                    if t != crate::switches::CubekTiling::default()
-                        && matches!(
-                            strategy,
-                            cubek::matmul::launch::Strategy::SpecializedTmaMma(_)
-                        ) =>
+            let strategy = match strategy {
+                cubek::matmul::launch::Strategy::SpecializedTmaMma(_)
+                    if tiling != crate::switches::CubekTiling::default() =>
                 {
-                    match tma_blueprint(client, p.mkn, &dtypes, t) {
+                    match tma_blueprint(client, p.mkn, &dtypes, tiling) {
                         Ok(b) => {
                             forced = cubek::matmul::launch::Strategy::SpecializedTmaMma(
                                 cubek::matmul::routines::BlueprintStrategy::Forced(b),
@@ -904,16 +906,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     y: &DeviceTensor<R, O>,
     col_off: usize,
 ) -> Result<()> {
-    ensure!(
-        x.shape.len() == 2,
-        KernelError::shape("matmul", "x", "[m, k]", &x.shape)
-    );
-    let (m, k) = (x.shape[0], x.shape[1]);
-    ensure!(
-        w.shape.len() == 2 && w.shape[1] == k,
-        KernelError::shape("matmul", "W", format!("[n, {k}]"), &w.shape)
-    );
-    let n = w.shape[0];
+    let (m, k, n) = product_shape(x, w)?;
     ensure!(
         y.shape.len() == 2 && y.shape[0] == m && y.shape[1] >= col_off + n,
         KernelError::shape(

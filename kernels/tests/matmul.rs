@@ -210,6 +210,14 @@ device_test! {
                 matmul_into(client, MatmulVariant::Tiled, &x, &w_ok, None, &y, 1),
                 KernelError::shape("matmul", "y", "[2, 4] or wider", &[2, 3]),
             ),
+            (
+                cubek_tma(client, &x, &w, &y, TMA_TILING),
+                KernelError::shape("matmul", "W", "[n, 4]", &[3, 5]),
+            ),
+            (
+                cubek_tma(client, &x, &w_ok, &b, TMA_TILING),
+                KernelError::shape("matmul", "y", "[2, 3]", &[4]),
+            ),
         ];
         for (got, want) in refusals {
             let err = got.unwrap_err();
