@@ -4,7 +4,7 @@
 //! (`cubeqwen_kernels::bandwidth`, 512 MiB buffers, bytes read + written) and, on CUDA, cuBLAS on an 8192³ f16 GEMM.
 //!
 //! - `matmul`: tiled, cmma, gemv, blocked, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
-//!   q, k/v, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 128, 512, 2048;
+//!   q, k/v, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 64, 128, 512, 2048;
 //!   with `CUBEQWEN_BENCH_TILINGS="tiles=8,rows=1,pk=4;pm=4,pn=4,sm=2,sn=2;cubek"` (CUDA) also
 //!   cubek's TMA kernel at each of these tilings (`tma[...]`, from 64 rows);
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
@@ -277,7 +277,7 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             ("lm_head", s.vocab, s.d),
         ];
         let ms: &[usize] = if ctx.full {
-            &[1, 16, 128, 512, 2048]
+            &[1, 16, 64, 128, 512, 2048]
         } else {
             &[1, 16]
         };
@@ -316,7 +316,7 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 let bytes = (w_bytes + m * k * 2 + m * n * 2) as f64;
                 let flops = 2.0 * (m * n * k) as f64;
                 let mut variants = vec!["auto"];
-                if m <= 16 {
+                if m <= 64 {
                     variants.push("gemv");
                 }
                 if m <= 128 && (n * k) < 100_000_000 {

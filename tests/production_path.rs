@@ -133,7 +133,7 @@ impl RuntimeJob for Production {
         );
 
         // On CUDA the long chunks must take the tensor-core path (cubek) and the short ones
-        // the GEMV (the layer's weights fit in L2), as the real model's prompts do.
+        // the GEMV, as the real model's prompts do.
         let long = resolve_variant(
             &client,
             MatmulVariant::Auto,

@@ -5,14 +5,15 @@
 //! Variants behind one interface ([`matmul`] with a [`MatmulVariant`]):
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
 //! - `Cmma`: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate); CUDA only.
-//! - `Gemv`: for few rows (decode): 32 threads share one output, vectorised loads along k.
+//! - `Gemv`: for few rows (decode, short prompts): 32 threads share one output, vectorised
+//!   loads along k, up to 16 rows of x per cube (each weight vector loaded once for all).
 //! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
 //! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
-//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k`), else `Cubek` (its TMA kernel at
+//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Cubek` (its TMA kernel at
 //!   [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third of
 //!   cuBLAS's speed, BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest
 //!   there), else `Tiled`.
@@ -24,7 +25,7 @@ use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use half::f16;
 
-use crate::reduce::{reduce_sum, Reduction};
+use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::{DeviceTensor, KernelError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,19 +62,19 @@ impl std::str::FromStr for MatmulVariant {
 /// Rows up to which `Auto` takes `Gemv` for any weight.
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// Rows up to which `Auto` takes `Gemv` for a weight of at most [`GEMV_SHORT_MAX_BYTES`], or
-/// twice that with fewer outputs than inputs (`n < k`, the down projection): the GEMV reads the weight once
-/// per row, from L2 after the first when it fits there, and spreads the outputs over all
-/// multiprocessors, where cubek's 128-column tiles of a short matrix are few cubes with a long
-/// k loop. m = 16 (BENCHMARKS.md, "short prompts"), H100: 0.5B q/o 10.4–10.8 µs against
-/// cubek's 31.8–32.5, down 26.2 against 81.7, gate 34.2 against 34.0, the lm_head (272 MB)
-/// 1449 against 199; H200: 1.5B q/o 16.8 against 28.2, down (27.5 MB) 72.6 against 137.0,
-/// gate (27.5 MB) 81.4 against 31.9.
-pub const GEMV_SHORT_ROWS: usize = 16;
+/// Rows up to which `Auto` takes `Gemv` on tensor-core devices for a weight of at most
+/// [`GEMV_SHORT_MAX_BYTES`] (or, up to [`GEMV_MAX_ROWS_PER_CUBE`] rows, twice that with fewer
+/// outputs than inputs: the down projection): the GEMV reads W once per
+/// [`GEMV_MAX_ROWS_PER_CUBE`] rows and spreads the outputs over all multiprocessors, where
+/// cubek's 128-column tiles of a short matrix are few cubes with a long k loop. H200, 0.5B:
+/// pp32 5 953 tok/s with the GEMV against 3 816 with cubek; m = 16, kernel bench (µs, with the
+/// launch): 1.5B gate (27.5 MB) 52.7 against cubek's 31.8, so larger weights take cubek
+/// (BENCHMARKS.md, "short prompts").
+pub const GEMV_SHORT_ROWS: usize = 32;
 
-/// The largest f16 weight (bytes) `Auto` gives to `Gemv` up to [`GEMV_SHORT_ROWS`] rows; twice
-/// that with `n < k` (1.5B's down projection, 27.5 MB, measured; 7B's, 68 MB, is not, and
-/// stays with cubek).
+/// The largest f16 weight (bytes) `Auto` gives to `Gemv` for 5 to [`GEMV_SHORT_ROWS`] rows on
+/// tensor-core devices: the 0.5B layer's weights and the 1.5B q/k/v/o (the 1.5B and 7B gate and
+/// up take cubek).
 pub const GEMV_SHORT_MAX_BYTES: usize = 16 << 20;
 
 /// Output tile side of the `Tiled` variant: a cube of TILE×TILE threads per TILE×TILE outputs.
@@ -132,22 +133,36 @@ fn matmul_tiled<F: Float, O: Float>(
     }
 }
 
-/// Threads that share one output in the GEMV kernel, and outputs per cube: a warp per output
-/// on GPUs; on a CPU-emulated device (Mesa's lavapipe, plane size 8) few threads per output,
-/// since every barrier of the reduction is costly there.
-fn gemv_shape<R: Runtime>(client: &ComputeClient<R>) -> Result<(usize, usize)> {
+/// Threads that share one output in the GEMV kernel for `m` rows of `k_vec` vectors, and
+/// outputs per cube. On GPUs a warp per output for one row (decode); for several rows, where each
+/// lane multiplies a weight vector with every row's, a long k spreads over up to 8 warps an
+/// output (the 0.5B down projection: 896 outputs would be 896 warps, too few to keep the
+/// weights streaming), and up to 8 outputs share a cube so that the rows of x are read from L2
+/// once per cube. On a CPU-emulated device (Mesa's lavapipe, plane size 8) few threads per
+/// output, since every barrier of the reduction is costly there. `CUBEQWEN_GEMV_SHAPE` sets it.
+fn gemv_shape<R: Runtime>(
+    client: &ComputeClient<R>,
+    m: usize,
+    k_vec: usize,
+) -> Result<(usize, usize)> {
     if let Some(shape) = crate::switches::switches()?.gemv_shape {
         return Ok(shape);
     }
-    Ok(if client.properties().hardware.plane_size_max >= 32 {
-        (32, 8)
-    } else {
-        (8, 32)
-    })
+    if client.properties().hardware.plane_size_max < 32 {
+        return Ok((8, 32));
+    }
+    if m == 1 {
+        return Ok((32, 8));
+    }
+    let warps = 1usize << (k_vec / 128).clamp(1, 8).ilog2();
+    let threads = 32 * warps;
+    Ok((threads, (1024 / threads).min(8)))
 }
 
-/// One output per group of `dot.group` threads, `dot.units / dot.group` outputs per cube; cube
-/// `c` computes outputs of x row `c / col_groups`.
+/// One output per group of `dot.group` threads, `dot.units / dot.group` outputs per cube, for
+/// `rows` rows of x: cube `c` computes them for x rows `(c / col_groups) * rows ..` (past `m`,
+/// the last row is read again and nothing written). Each weight vector is loaded once and
+/// multiplied with every row's, so a short prompt reads W once per `rows` rows, not once a row.
 #[cube(launch)]
 fn matmul_gemv<F: Float, O: Float, V: Size>(
     x: &Array<Vector<F, V>>,
@@ -162,36 +177,66 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
     col_groups: usize,
     #[comptime] has_bias: bool,
     #[comptime] dot: Reduction,
+    #[comptime] rows: usize,
 ) {
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
-    let row = CUBE_POS / col_groups; // which x row
+    let row0 = (CUBE_POS / col_groups) * rows; // the cube's first x row
     let col = (CUBE_POS % col_groups) * comptime!(dot.units / dot.group) + ty; // which output
-    let live = row < m && col < n;
+    let live = row0 < m && col < n;
 
-    let mut partial = 0.0f32;
+    let mut partial = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        partial[r] = 0.0;
+    }
     if live {
-        let xb = row * k_vec;
         let wb = col * k_vec;
         let mut i = tx;
         while i < k_vec {
-            let xv = Vector::<f32, V>::cast_from(x[xb + i]);
             let wv = Vector::<f32, V>::cast_from(w[wb + i]);
-            let p = xv * wv;
             #[unroll]
-            for l in 0..V::value() {
-                partial += p[l];
+            for r in 0..rows {
+                let xr = min(row0 + r, m - 1);
+                let p = Vector::<f32, V>::cast_from(x[xr * k_vec + i]) * wv;
+                #[unroll]
+                for l in 0..V::value() {
+                    partial[r] += p[l];
+                }
             }
             i += dot.group;
         }
     }
-    let mut acc = reduce_sum::<f32>(partial, dot);
-    if tx == 0 && live {
-        if comptime!(has_bias) {
-            acc += bias[col_off + col];
+    #[unroll]
+    for r in 0..rows {
+        let mut acc = reduce_in_plane::<f32>(partial[r], ReduceOp::Sum, dot);
+        if tx == 0 && live && row0 + r < m {
+            if comptime!(has_bias) {
+                acc += bias[col_off + col];
+            }
+            y[(row0 + r) * ldy + col_off + col] = O::cast_from(acc);
         }
-        y[row * ldy + col_off + col] = O::cast_from(acc);
     }
+}
+
+/// Most x rows one cube of the GEMV computes (its accumulators are registers).
+const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
+
+/// x rows per cube of the GEMV for `m` rows over `col_groups` cubes of outputs: as many as
+/// [`GEMV_MAX_ROWS_PER_CUBE`] (W read once per that many rows), fewer where the grid would
+/// then have less than two cubes per multiprocessor (a narrow weight: the 0.5B q/o projections
+/// at m = 16 measured 14.6 µs with 112 cubes of 16 rows against 9.5 with a row a cube, H200).
+fn gemv_rows<R: Runtime>(client: &ComputeClient<R>, m: usize, col_groups: usize) -> usize {
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(0) as usize;
+    let mut rows = m.next_power_of_two().min(GEMV_MAX_ROWS_PER_CUBE);
+    while rows > 1 && m.div_ceil(rows) * col_groups < 2 * sms {
+        rows /= 2;
+    }
+    rows
 }
 
 /// Outputs per thread of the `Blocked` variant: BLOCK_ROWS rows of x by BLOCK_COLS rows of W,
@@ -417,11 +462,11 @@ pub fn resolve_variant<R: Runtime>(
         MatmulVariant::Auto if m <= GEMV_MAX_ROWS => MatmulVariant::Gemv,
         // Above it, on tensor-core devices, cubek rather than `Cmma`: `Cmma` was 1% of cuBLAS at
         // 2048 rows and made a 16-token prompt wait 30 ms on the H100 (BENCHMARKS.md, "short
-        // prompts"); but the GEMV for a short prompt's weights that fit L2 ([`GEMV_SHORT_ROWS`]).
+        // prompts"); but the GEMV for a short prompt's weights up to a size ([`GEMV_SHORT_ROWS`]).
         MatmulVariant::Auto if cmma_supported(client) => {
             let bytes = n * k * 2;
-            let fits =
-                bytes <= GEMV_SHORT_MAX_BYTES || (n < k && bytes <= 2 * GEMV_SHORT_MAX_BYTES);
+            let fits = bytes <= GEMV_SHORT_MAX_BYTES
+                || (n < k && bytes <= 2 * GEMV_SHORT_MAX_BYTES && m <= GEMV_MAX_ROWS_PER_CUBE);
             if m <= GEMV_SHORT_ROWS && fits {
                 MatmulVariant::Gemv
             } else {
@@ -1021,9 +1066,10 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         }
         MatmulVariant::Gemv => {
             let vec = vector_size(client, size_of::<F>(), k);
-            let (threads, rows_per_cube) = gemv_shape(client)?;
+            let (threads, rows_per_cube) = gemv_shape(client, m, k / vec)?;
             let col_groups = n.div_ceil(rows_per_cube);
-            let cubes = u32::try_from(m * col_groups).map_err(|_| {
+            let rows = gemv_rows(client, m, col_groups);
+            let cubes = u32::try_from(m.div_ceil(rows) * col_groups).map_err(|_| {
                 KernelError::unsupported("matmul", format!("gemv of {m}×{n} is too large"))
             })?;
             matmul_gemv::launch::<F, O, R>(
@@ -1044,6 +1090,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
                 col_groups,
                 has_bias,
                 Reduction::new(client, threads * rows_per_cube, threads),
+                rows,
             );
         }
         MatmulVariant::Blocked => {

@@ -11,7 +11,7 @@
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
-//! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device |
+//! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device, rows and k |
 //! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
 //! | `CUBEQWEN_CUBEK_TILING` | `tiles=T,rows=R,pk=K,buf=single\|double` or `pm=,pn=,sm=,sn=,pk=,buf=` (any of them; [`CubekTiling`]), or `cubek` (cubek's own choice): the tiling of cubek's TMA kernel | [`crate::matmul::TMA_TILING`] |
 //!

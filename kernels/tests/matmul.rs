@@ -152,8 +152,9 @@ device_test! {
 }
 
 device_test! {
+    /// 7 rows: one block of 8 with a row past m; 16: a whole block; 19: a block and 3 rows.
     fn matmul_gemv_qwen_shapes<R>(client, seed) {
-        run_shapes(client, MatmulVariant::Gemv, &[1, 2, 7], seed)
+        run_shapes(client, MatmulVariant::Gemv, &[1, 2, 7, 16, 19], seed)
     }
 }
 
