@@ -21,14 +21,14 @@ use cubeqwen_kernels::graph::GraphRecorder;
 use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 #[cfg(not(feature = "faults"))]
-use cubeqwen_kernels::rope::rope;
+use cubeqwen_kernels::rope::rope_qk;
 use cubeqwen_kernels::rope::RopeTables;
 use cubeqwen_kernels::select::{decode_pairs, TopK};
 use cubeqwen_kernels::DeviceTensor;
 #[cfg(feature = "faults")]
 use cubeqwen_kernels::{
     attention::{attention_with_fault, AttentionFault},
-    rope::rope_with_fault,
+    rope::rope_qk_with_fault,
 };
 #[cfg(feature = "cuda")]
 use cudarc::driver::CudaGraph;
@@ -736,8 +736,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("k"), StepTensor::F16(&k))?;
             see(&name("v"), StepTensor::F16(&v_proj))?;
 
-            self.rope(client, &q, &pos_d, start + t - 1, &m.rope)?;
-            self.rope(client, &k, &pos_d, start + t - 1, &m.rope)?;
+            self.rope(client, &q, &k, &pos_d, start + t - 1, &m.rope)?;
             see(&name("q_rope"), StepTensor::F16(&q))?;
             see(&name("k_rope"), StepTensor::F16(&k))?;
 
@@ -838,26 +837,29 @@ impl<'m, R: Runtime> Session<'m, R> {
         Ok((last, all))
     }
 
-    /// RoPE on `x` (with the `rope_adjacent_pairs` fault where the build has faults).
+    /// RoPE on `q` and `k` in one launch (with the `rope_adjacent_pairs` fault where the build
+    /// has faults).
     fn rope(
         &self,
         client: &ComputeClient<R>,
-        x: &DeviceTensor<R, f16>,
+        q: &DeviceTensor<R, f16>,
+        k: &DeviceTensor<R, f16>,
         positions: &DeviceTensor<R, u32>,
         max_position: usize,
         tables: &RopeTables<R>,
     ) -> Result<()> {
         #[cfg(feature = "faults")]
-        let done = rope_with_fault(
+        let done = rope_qk_with_fault(
             client,
-            x,
+            q,
+            k,
             positions,
             max_position,
             tables,
             self.faults.rope_adjacent_pairs,
         );
         #[cfg(not(feature = "faults"))]
-        let done = rope(client, x, positions, max_position, tables);
+        let done = rope_qk(client, q, k, positions, max_position, tables);
         done
     }
 

@@ -29,10 +29,15 @@ const COMBINE_THREADS: usize = 64;
 /// Largest head_dim: the query row is staged in shared memory.
 const MAX_HEAD_DIM: usize = 256;
 
+/// Writes the new k and v rows (`[tokens, n_kv·hd]`) into the caches at positions
+/// `start..start + tokens` (one launch for both).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn kv_append_kernel<F: Float>(
-    new: &Array<F>,
-    cache: &mut Array<F>,
+    k_new: &Array<F>,
+    v_new: &Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
     n_kv: usize,
     head_dim: usize,
     max_ctx: usize,
@@ -45,7 +50,9 @@ fn kv_append_kernel<F: Float>(
         let d = idx % head_dim;
         let g = (idx / head_dim) % n_kv;
         let t = idx / (head_dim * n_kv);
-        cache[(g * max_ctx + start + t) * head_dim + d] = new[idx];
+        let at = (g * max_ctx + start + t) * head_dim + d;
+        k_cache[at] = k_new[idx];
+        v_cache[at] = v_new[idx];
     }
 }
 
@@ -269,20 +276,20 @@ impl<R: Runtime, F: Float + CubeElement> KvCache<R, F> {
         );
         let total = tokens * width;
         let (cubes, dim) = grid::elementwise(client, total);
-        for (new, cache) in [(k, &self.k), (v, &self.v)] {
-            kv_append_kernel::launch::<F, R>(
-                client,
-                cubes.clone(),
-                dim,
-                new.arg(),
-                cache.arg(),
-                self.n_kv,
-                self.head_dim,
-                self.max_ctx,
-                start,
-                total,
-            );
-        }
+        kv_append_kernel::launch::<F, R>(
+            client,
+            cubes,
+            dim,
+            k.arg(),
+            v.arg(),
+            self.k.arg(),
+            self.v.arg(),
+            self.n_kv,
+            self.head_dim,
+            self.max_ctx,
+            start,
+            total,
+        );
         Ok(())
     }
 }

@@ -10,39 +10,64 @@ use cubecl::prelude::*;
 
 use crate::{grid, DeviceTensor, KernelError};
 
-#[cube(launch)]
-fn rope_kernel<F: Float>(
+/// Rotates pair `idx` of `x` (`heads` heads of `half` pairs a token).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn rotate_pair<F: Float>(
     x: &mut Array<F>,
     positions: &Array<u32>,
     cos: &Array<f32>,
     sin: &Array<f32>,
+    idx: usize,
     heads: usize,
     half: usize,
+    #[comptime] adjacent_pairs: bool,
+) {
+    let per_token = heads * half;
+    let t = idx / per_token;
+    let rem = idx % per_token;
+    let h = rem / half;
+    let i = rem % half;
+    let base = t * per_token * 2 + h * half * 2;
+    let p = positions[t] as usize;
+    let c = cos[p * half + i];
+    let s = sin[p * half + i];
+    // Fault injection for the tracer's tests: GPT-J pairs (2i, 2i+1) instead of NEOX halves.
+    let mut i0 = base + i;
+    let mut i1 = base + i + half;
+    if comptime!(adjacent_pairs) {
+        i0 = base + 2 * i;
+        i1 = base + 2 * i + 1;
+    }
+    let a = f32::cast_from(x[i0]);
+    let b = f32::cast_from(x[i1]);
+    x[i0] = F::cast_from(a * c - b * s);
+    x[i1] = F::cast_from(b * c + a * s);
+}
+
+/// Rotates q (`q_heads` heads) and k (`k_heads`) in one launch: units below `q_pairs` take q's
+/// pairs, the rest k's.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn rope_kernel<F: Float>(
+    q: &mut Array<F>,
+    k: &mut Array<F>,
+    positions: &Array<u32>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    q_heads: usize,
+    k_heads: usize,
+    half: usize,
+    q_pairs: usize,
     total: usize,
     #[comptime] adjacent_pairs: bool,
 ) {
     let idx = ABSOLUTE_POS;
-    if idx < total {
-        let per_token = heads * half;
-        let t = idx / per_token;
-        let rem = idx % per_token;
-        let h = rem / half;
-        let i = rem % half;
-        let base = t * per_token * 2 + h * half * 2;
-        let p = positions[t] as usize;
-        let c = cos[p * half + i];
-        let s = sin[p * half + i];
-        // Fault injection for the tracer's tests: GPT-J pairs (2i, 2i+1) instead of NEOX halves.
-        let mut i0 = base + i;
-        let mut i1 = base + i + half;
-        if comptime!(adjacent_pairs) {
-            i0 = base + 2 * i;
-            i1 = base + 2 * i + 1;
-        }
-        let a = f32::cast_from(x[i0]);
-        let b = f32::cast_from(x[i1]);
-        x[i0] = F::cast_from(a * c - b * s);
-        x[i1] = F::cast_from(b * c + a * s);
+    if idx < q_pairs {
+        rotate_pair::<F>(q, positions, cos, sin, idx, q_heads, half, adjacent_pairs);
+    } else if idx < total {
+        let j = idx - q_pairs;
+        rotate_pair::<F>(k, positions, cos, sin, j, k_heads, half, adjacent_pairs);
     }
 }
 
@@ -107,41 +132,74 @@ pub fn rope<R: Runtime, F: Float + CubeElement>(
     max_position: usize,
     tables: &RopeTables<R>,
 ) -> Result<()> {
-    launch_rope(client, x, positions, max_position, tables, false)
+    launch_rope(client, x, None, positions, max_position, tables, false)
 }
 
-/// [`rope`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity tracer's
+/// [`rope`] of q and k (the same tokens; any head counts) in one launch, as a layer needs.
+pub fn rope_qk<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    k: &DeviceTensor<R, F>,
+    positions: &DeviceTensor<R, u32>,
+    max_position: usize,
+    tables: &RopeTables<R>,
+) -> Result<()> {
+    launch_rope(client, q, Some(k), positions, max_position, tables, false)
+}
+
+/// [`rope_qk`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity tracer's
 /// tests inject on purpose (feature `faults`).
 #[cfg(feature = "faults")]
-pub fn rope_with_fault<R: Runtime, F: Float + CubeElement>(
+pub fn rope_qk_with_fault<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
-    x: &DeviceTensor<R, F>,
+    q: &DeviceTensor<R, F>,
+    k: &DeviceTensor<R, F>,
     positions: &DeviceTensor<R, u32>,
     max_position: usize,
     tables: &RopeTables<R>,
     adjacent_pairs: bool,
 ) -> Result<()> {
-    launch_rope(client, x, positions, max_position, tables, adjacent_pairs)
+    launch_rope(
+        client,
+        q,
+        Some(k),
+        positions,
+        max_position,
+        tables,
+        adjacent_pairs,
+    )
 }
 
+/// Rotates `q` and, when given, `k` (both [tokens, heads·head_dim], their own head counts).
 fn launch_rope<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
-    x: &DeviceTensor<R, F>,
+    q: &DeviceTensor<R, F>,
+    k: Option<&DeviceTensor<R, F>>,
     positions: &DeviceTensor<R, u32>,
     max_position: usize,
     tables: &RopeTables<R>,
     adjacent_pairs: bool,
 ) -> Result<()> {
-    ensure!(
-        x.shape.len() == 2 && x.shape[1].is_multiple_of(tables.head_dim),
-        KernelError::shape(
-            "rope",
-            "x",
-            format!("[tokens, heads·{}]", tables.head_dim),
-            &x.shape
-        )
-    );
-    let (tokens, width) = (x.shape[0], x.shape[1]);
+    let hd = tables.head_dim;
+    let heads_of = |name: &'static str, x: &DeviceTensor<R, F>| -> Result<(usize, usize)> {
+        ensure!(
+            x.shape.len() == 2 && x.shape[1].is_multiple_of(hd),
+            KernelError::shape("rope", name, format!("[tokens, heads·{hd}]"), &x.shape)
+        );
+        Ok((x.shape[0], x.shape[1] / hd))
+    };
+    let (tokens, q_heads) = heads_of("q", q)?;
+    let k_heads = match k {
+        Some(k) => {
+            let (k_tokens, heads) = heads_of("k", k)?;
+            ensure!(
+                k_tokens == tokens,
+                KernelError::shape("rope", "k", format!("[{tokens}, heads·{hd}]"), &k.shape)
+            );
+            heads
+        }
+        None => 0,
+    };
     ensure!(
         positions.shape == [tokens],
         KernelError::shape("rope", "positions", format!("[{tokens}]"), &positions.shape)
@@ -153,20 +211,33 @@ fn launch_rope<R: Runtime, F: Float + CubeElement>(
             table: tables.max_pos
         }
     );
-    let half = tables.head_dim / 2;
-    let heads = width / tables.head_dim;
-    let total = tokens * heads * half;
+    let half = hd / 2;
+    let q_pairs = tokens * q_heads * half;
+    let total = q_pairs + tokens * k_heads * half;
+    // Without k, a one-element stand-in that no unit reaches (units past q's pairs stop at
+    // `total`); a separate buffer, since the same one may not be bound twice for writing.
+    let stand_in;
+    let k = match k {
+        Some(k) => k,
+        None => {
+            stand_in = DeviceTensor::<R, F>::empty(client, &[1])?;
+            &stand_in
+        }
+    };
     let (cubes, dim) = grid::elementwise(client, total);
     rope_kernel::launch::<F, R>(
         client,
         cubes,
         dim,
-        x.arg(),
+        q.arg(),
+        k.arg(),
         positions.arg(),
         tables.cos.arg(),
         tables.sin.arg(),
-        heads,
+        q_heads,
+        k_heads.max(1),
         half,
+        q_pairs,
         total,
         adjacent_pairs,
     );

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen_kernels::rope::{inv_freq, reference, rope, RopeTables};
+use cubeqwen_kernels::rope::{inv_freq, reference, rope, rope_qk, RopeTables};
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
 use half::f16;
@@ -10,11 +10,12 @@ use half::f16;
 /// f16 storage of the rotated values: ≈ 2.8e-4. Adjacent pairs or a wrong angle give ≫ 1e-2.
 const TOL: f64 = 1e-3;
 
-/// Rotates `positions.len()` tokens of `heads` heads on the device and compares with the f64
-/// reference, and with the same data rotated with adjacent pairs (which must not match).
+/// Rotates `positions.len()` tokens of each tensor in `heads` on the device (one: `rope`; two,
+/// as q and k: `rope_qk`, one launch) and compares each with the f64 reference, and with the
+/// same data rotated with adjacent pairs (which must not match).
 fn check<R: Runtime>(
     client: &ComputeClient<R>,
-    heads: usize,
+    heads: &[usize],
     head_dim: usize,
     positions: &[usize],
     seed: u64,
@@ -24,57 +25,73 @@ fn check<R: Runtime>(
     let tables = RopeTables::new(client, theta, head_dim, max_pos)?;
     let mut rng = Rng::new(seed);
     let t = positions.len();
-    let x = rng.f16_vec(t * heads * head_dim, 0.0, 1.0);
-    let xd = DeviceTensor::<R, f16>::from_slice(client, &x, &[t, heads * head_dim])?;
+    let xs: Vec<Vec<f16>> = heads
+        .iter()
+        .map(|h| rng.f16_vec(t * h * head_dim, 0.0, 1.0))
+        .collect();
+    let xds = xs
+        .iter()
+        .zip(heads)
+        .map(|(x, h)| DeviceTensor::<R, f16>::from_slice(client, x, &[t, h * head_dim]))
+        .collect::<Result<Vec<_>>>()?;
     let pos_u32: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
     let pd = DeviceTensor::<R, u32>::from_slice(client, &pos_u32, &[t])?;
-    rope(client, &xd, &pd, max_pos - 1, &tables)?;
-    let got = f16_to_f64(&xd.to_vec(client)?);
-    let want = reference(&f16_to_f64(&x), positions, head_dim, theta);
-    // The same data rotated with adjacent pairs (the GPT-J convention) must not match.
-    let mut adjacent = f16_to_f64(&x);
-    for (ti, &p) in positions.iter().enumerate() {
-        for h in 0..heads {
-            let b = (ti * heads + h) * head_dim;
-            for i in 0..head_dim / 2 {
-                let a = (p as f32 * inv_freq(theta, i, head_dim)) as f64;
-                let (x0, x1) = (adjacent[b + 2 * i], adjacent[b + 2 * i + 1]);
-                adjacent[b + 2 * i] = x0 * a.cos() - x1 * a.sin();
-                adjacent[b + 2 * i + 1] = x1 * a.cos() + x0 * a.sin();
+    match &xds[..] {
+        [x] => rope(client, x, &pd, max_pos - 1, &tables)?,
+        [q, k] => rope_qk(client, q, k, &pd, max_pos - 1, &tables)?,
+        _ => anyhow::bail!("check takes one tensor or q and k"),
+    }
+    for ((x, xd), &heads) in xs.iter().zip(&xds).zip(heads) {
+        let got = f16_to_f64(&xd.to_vec(client)?);
+        let want = reference(&f16_to_f64(x), positions, head_dim, theta);
+        // The same data rotated with adjacent pairs (the GPT-J convention) must not match.
+        let mut adjacent = f16_to_f64(x);
+        for (ti, &p) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let b = (ti * heads + h) * head_dim;
+                for i in 0..head_dim / 2 {
+                    let a = (p as f32 * inv_freq(theta, i, head_dim)) as f64;
+                    let (x0, x1) = (adjacent[b + 2 * i], adjacent[b + 2 * i + 1]);
+                    adjacent[b + 2 * i] = x0 * a.cos() - x1 * a.sin();
+                    adjacent[b + 2 * i + 1] = x1 * a.cos() + x0 * a.sin();
+                }
             }
         }
+        let err = rel_err(&got, &want);
+        let err_adjacent = rel_err(&got, &adjacent);
+        println!(
+            "rope heads={heads} (of {:?}) hd={head_dim} positions {:?}..: rel_err={err:.3e} (vs adjacent pairs {err_adjacent:.2e}) seed {seed}",
+            xds.iter().map(|x| x.shape[1] / head_dim).collect::<Vec<_>>(),
+            &positions[..positions.len().min(4)]
+        );
+        ensure!(
+            err <= TOL,
+            "rope rel_err {err:.3e} > {TOL:.0e} (seed {seed})"
+        );
+        ensure!(
+            err_adjacent > 0.1,
+            "adjacent-pair rotation was not told apart ({err_adjacent:.3e})"
+        );
     }
-    let err = rel_err(&got, &want);
-    let err_adjacent = rel_err(&got, &adjacent);
-    println!(
-        "rope heads={heads} hd={head_dim} positions {:?}..: rel_err={err:.3e} (vs adjacent pairs {err_adjacent:.2e}) seed {seed}",
-        &positions[..positions.len().min(4)]
-    );
-    ensure!(
-        err <= TOL,
-        "rope rel_err {err:.3e} > {TOL:.0e} (seed {seed})"
-    );
-    ensure!(
-        err_adjacent > 0.1,
-        "adjacent-pair rotation was not told apart ({err_adjacent:.3e})"
-    );
     Ok(())
 }
 
 device_test! {
     fn rope_q_and_k_prefill_positions<R>(client, seed) {
-        // 14 query heads and 2 kv heads of head_dim 64; positions 0..37.
+        // 14 query heads and 2 kv heads of head_dim 64, in one launch as a layer does, and
+        // each alone; positions 0..37.
         let positions: Vec<usize> = (0..37).collect();
-        check(client, 14, 64, &positions, seed)?;
-        check(client, 2, 64, &positions, seed)
+        check(client, &[14, 2], 64, &positions, seed)?;
+        check(client, &[14], 64, &positions, seed)?;
+        check(client, &[2], 64, &positions, seed)
     }
 }
 
 device_test! {
     fn rope_positions_past_f16_range<R>(client, seed) {
         // f16 holds integers exactly only up to 2048; these must still be exact.
-        check(client, 14, 64, &[2047, 2048, 2049, 4099, 10001, 30000, 32767], seed)?;
-        check(client, 12, 128, &[5000, 32767, 1], seed)
+        check(client, &[14, 2], 64, &[2047, 2048, 2049, 4099, 10001, 30000, 32767], seed)?;
+        check(client, &[12], 128, &[5000, 32767, 1], seed)
     }
 }
 
@@ -83,6 +100,14 @@ device_test! {
         let tables = RopeTables::new(client, 1e6, 64, 16)?;
         let x = DeviceTensor::<R, f16>::from_slice(client, &[f16::ONE; 64], &[1, 64])?;
         let p = DeviceTensor::<R, u32>::from_slice(client, &[16], &[1])?;
+        // k must have q's tokens.
+        let k = DeviceTensor::<R, f16>::from_slice(client, &[f16::ONE; 128], &[2, 64])?;
+        let p0 = DeviceTensor::<R, u32>::from_slice(client, &[0], &[1])?;
+        let err = rope_qk(client, &x, &k, &p0, 0, &tables).unwrap_err();
+        ensure!(
+            err.downcast_ref::<KernelError>().is_some_and(|e| e.to_string().contains("k")),
+            "wrong refusal of k's tokens: {err}"
+        );
         let err = rope(client, &x, &p, 16, &tables).unwrap_err();
         ensure!(
             err.downcast_ref::<KernelError>()
