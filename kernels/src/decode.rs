@@ -6,7 +6,7 @@
 //! | kernel | does | replaces |
 //! |---|---|---|
 //! | [`embed_token`] | `x = table[token]` (f32 residual stream) | `embedding` |
-//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, 3 `matmul`, 2 `rope`, `KvCache::append` |
+//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, 3 `matmul`, `rope_qk`, `KvCache::append` |
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
 //! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
 //! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, 2 `matmul`, `swiglu` |

@@ -65,7 +65,8 @@ fn table(seed: u64) -> Result<Vec<String>> {
         (3584, 18944),
         (152064, 3584),
     ];
-    for m in [1, 7, 128, 2048] {
+    // 32 rows: `auto`'s GEMV in two blocks of 16 rows (weights of at most 16 MiB).
+    for m in [1, 7, 32, 128, 2048] {
         for (n, k) in shapes {
             if m == 2048 && n * k > 100_000_000 {
                 continue; // the 2048-row lm_head needs > 1 GiB of output alone
