@@ -5,8 +5,9 @@
 //! Variants behind one interface ([`matmul`] with a [`MatmulVariant`]):
 //! - `Tiled`: 16×16 output tile per cube through shared memory; runs everywhere (wgpu too).
 //! - `Cmma`: tensor cores (`cmma` 16×16×16, f16 in, f32 accumulate); CUDA only.
-//! - `Gemv`: for few rows (decode, short prompts): 32 threads share one output, vectorised
-//!   loads along k, up to 16 rows of x per cube (each weight vector loaded once for all).
+//! - `Gemv`: for few rows (decode, short prompts): a warp shares one output (up to 8 for a long
+//!   k), vectorised loads along k, up to 16 rows of x per cube (each weight vector loaded once
+//!   for all of them).
 //! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
