@@ -228,16 +228,48 @@ const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
 /// then have less than two cubes per multiprocessor (a narrow weight: the 0.5B q/o projections
 /// at m = 16 measured 14.6 µs with 112 cubes of 16 rows against 9.5 with a row a cube, H200).
 fn gemv_rows<R: Runtime>(client: &ComputeClient<R>, m: usize, col_groups: usize) -> usize {
-    let sms = client
-        .properties()
-        .hardware
-        .num_streaming_multiprocessors
-        .unwrap_or(0) as usize;
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    gemv_rows_for(m, col_groups, sms.unwrap_or(0) as usize)
+}
+
+/// [`gemv_rows`] on a device of `sms` multiprocessors (0: unknown, no limit).
+fn gemv_rows_for(m: usize, col_groups: usize, sms: usize) -> usize {
     let mut rows = m.next_power_of_two().min(GEMV_MAX_ROWS_PER_CUBE);
     while rows > 1 && m.div_ceil(rows) * col_groups < 2 * sms {
         rows /= 2;
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_rows_keep_two_cubes_a_multiprocessor() {
+        // H200 (132 multiprocessors), 16 rows: the 0.5B gate (4864 outputs, 8 a cube: 608
+        // cubes) takes all 16 rows a cube; the q/o (896: 112 cubes) 4, so 448 cubes; the k/v
+        // (128: 16 cubes) one row a cube, as before row blocks.
+        assert_eq!(gemv_rows_for(16, 608, 132), 16);
+        assert_eq!(gemv_rows_for(16, 112, 132), 4);
+        assert_eq!(gemv_rows_for(16, 16, 132), 1);
+        // 19 rows: blocks of at most 16; 7 rows: one block of 8; one row: 1.
+        assert_eq!(gemv_rows_for(19, 608, 132), 16);
+        assert_eq!(gemv_rows_for(7, 608, 132), 8);
+        assert_eq!(gemv_rows_for(1, 1, 132), 1);
+        // Unknown multiprocessor count (lavapipe): no limit.
+        assert_eq!(gemv_rows_for(32, 1, 0), 16);
+        for m in 1..=64 {
+            for groups in [1, 16, 112, 608, 18992] {
+                let rows = gemv_rows_for(m, groups, 132);
+                assert!(rows.is_power_of_two() && rows <= GEMV_MAX_ROWS_PER_CUBE);
+                assert!(
+                    rows == 1 || m.div_ceil(rows) * groups >= 264,
+                    "m {m} groups {groups}"
+                );
+            }
+        }
+    }
 }
 
 /// Outputs per thread of the `Blocked` variant: BLOCK_ROWS rows of x by BLOCK_COLS rows of W,
