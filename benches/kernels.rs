@@ -39,7 +39,7 @@ use cubeqwen_kernels::elementwise::{embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
 use cubeqwen_kernels::matmul::{cmma_supported, cubek_tma, MatmulVariant, RowChunked};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
-use cubeqwen_kernels::rope::{rope, RopeTables};
+use cubeqwen_kernels::rope::{rope_qk, RopeTables};
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
 use cubeqwen_kernels::select::top_k;
 use cubeqwen_kernels::switches::CubekTiling;
@@ -648,21 +648,23 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         );
         let tables = RopeTables::new(ctx.client, 1e6, s.hd, m.max(2))?;
         let qx = f16s(ctx.client, &mut rng, &[m, qd], 1.0);
+        let kx = f16s(ctx.client, &mut rng, &[m, kvd], 1.0);
         let pos = DeviceTensor::<R, u32>::from_slice(
             ctx.client,
             &(0..m as u32).collect::<Vec<_>>(),
             &[m],
         )?;
-        let secs = ctx.time(c, &format!("small/rope_q/m{m}"), 1, |_| {
-            rope(ctx.client, &qx, &pos, m - 1, &tables).unwrap()
+        // q and k in one launch, as a layer rotates them.
+        let secs = ctx.time(c, &format!("small/rope_qk/m{m}"), 1, |_| {
+            rope_qk(ctx.client, &qx, &kx, &pos, m - 1, &tables).unwrap()
         });
         ctx.record(
             "small",
             "rope",
-            format!("0.5B q m{m}"),
-            (m, qd, 0, 0),
+            format!("0.5B q+k m{m}"),
+            (m, qd + kvd, 0, 0),
             secs,
-            (m * qd * 4 + m * qd * 4) as f64,
+            (m * (qd + kvd) * 4 + m * (qd + kvd) * 4) as f64,
             0.0,
         );
         let g = f16s(ctx.client, &mut rng, &[m, ffn], 1.0);

@@ -14,9 +14,9 @@
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
 //! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
-//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Cubek` (its TMA kernel at
-//!   [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third of
-//!   cuBLAS's speed, BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest
+//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Cubek` (its TMA
+//!   kernel at [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third
+//!   of cuBLAS's speed, BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest
 //!   there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
@@ -221,7 +221,7 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
 }
 
 /// Most x rows one cube of the GEMV computes (its accumulators are registers).
-const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
+pub const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
 
 /// x rows per cube of the GEMV for `m` rows over `col_groups` cubes of outputs: as many as
 /// [`GEMV_MAX_ROWS_PER_CUBE`] (W read once per that many rows), fewer where the grid would
