@@ -18,7 +18,8 @@ use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
 #[cfg(feature = "cuda")]
 use cubeqwen_kernels::graph::GraphRecorder;
-use cubeqwen_kernels::matmul::{matmul, MatmulVariant};
+use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv};
+use cubeqwen_kernels::matmul::{matmul, resolve_variant, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 #[cfg(not(feature = "faults"))]
 use cubeqwen_kernels::rope::rope_qk;
@@ -184,6 +185,10 @@ pub struct Session<'m, R: Runtime> {
     /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, mma, mma-emulated; default
     /// auto: mma for f16 where the device has `mma.m16n8k16`, else portable).
     pub flash_kernel: PrefillKernel,
+    /// A chunk's q/k/v projections in one launch, and gate/up with SwiGLU in one, where `Auto`
+    /// gives each of their weights to the GEMV (short chunks; `fused_gemv` module of the kernels
+    /// crate); off (`CUBEQWEN_NO_FUSED_GEMV=1`), a launch each. Their values are the same bits.
+    pub fused_gemv: bool,
     decode: DecodeBuffers<R>,
     #[cfg(feature = "cuda")]
     graphs: Option<Graphs>,
@@ -246,6 +251,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             use_graphs: !switches.no_graphs,
             flash_prefill: !switches.no_flash,
             flash_kernel: switches.flash_kernel,
+            fused_gemv: !switches.no_fused_gemv,
             decode: DecodeBuffers::new(client, model, max_ctx)?,
             #[cfg(feature = "cuda")]
             graphs: None,
@@ -689,6 +695,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         };
         let v = self.variant;
         let eps = c.rms_eps;
+        let tracing = obs.is_some();
         let mut see = |name: &str, value: StepTensor<'_, R>| -> Result<()> {
             match obs.as_deref_mut() {
                 Some(o) => o.step(client, name, value),
@@ -729,9 +736,17 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("attn_norm"), StepTensor::F16(&h))?;
 
             let bq = (!fault!(self.faults.drop_q_bias)).then_some(&layer.bq);
-            matmul(client, v, &h, &layer.wq, bq, &q)?;
-            matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
-            matmul(client, v, &h, &layer.wv, Some(&layer.bv), &v_proj)?;
+            match bq {
+                Some(bq) if self.gemv_fuses(client, t, &[&layer.wq, &layer.wk, &layer.wv]) => {
+                    let w = [&layer.wq, &layer.wk, &layer.wv];
+                    gemv_qkv(client, &h, w, [bq, &layer.bk, &layer.bv], [&q, &k, &v_proj])?
+                }
+                _ => {
+                    matmul(client, v, &h, &layer.wq, bq, &q)?;
+                    matmul(client, v, &h, &layer.wk, Some(&layer.bk), &k)?;
+                    matmul(client, v, &h, &layer.wv, Some(&layer.bv), &v_proj)?;
+                }
+            }
             see(&name("q"), StepTensor::F16(&q))?;
             see(&name("k"), StepTensor::F16(&k))?;
             see(&name("v"), StepTensor::F16(&v_proj))?;
@@ -765,11 +780,16 @@ impl<'m, R: Runtime> Session<'m, R> {
             } else {
                 (&layer.w_gate, &layer.w_up)
             };
-            matmul(client, v, &h, w_gate, None, &gate)?;
-            matmul(client, v, &h, w_up, None, &up)?;
-            see(&name("gate"), StepTensor::F16(&gate))?;
-            see(&name("up"), StepTensor::F16(&up))?;
-            swiglu(client, &gate, &up, &gate)?;
+            // The tracer sees gate and up: the unfused kernels (the same bits) while it looks.
+            if !tracing && self.gemv_fuses(client, t, &[w_gate, w_up]) {
+                gemv_gate_up_swiglu(client, &h, w_gate, w_up, &gate)?;
+            } else {
+                matmul(client, v, &h, w_gate, None, &gate)?;
+                matmul(client, v, &h, w_up, None, &up)?;
+                see(&name("gate"), StepTensor::F16(&gate))?;
+                see(&name("up"), StepTensor::F16(&up))?;
+                swiglu(client, &gate, &up, &gate)?;
+            }
             see(&name("swiglu"), StepTensor::F16(&gate))?;
 
             matmul(client, v, &gate, &layer.w_down, None, &proj)?;
@@ -835,6 +855,21 @@ impl<'m, R: Runtime> Session<'m, R> {
         }
         check_launches(client)?;
         Ok((last, all))
+    }
+
+    /// Whether the fused GEMVs take the products of `t` rows with `weights`: where they are on
+    /// and the matmul variant gives each weight to the GEMV at `t` rows.
+    fn gemv_fuses(
+        &self,
+        client: &ComputeClient<R>,
+        t: usize,
+        weights: &[&DeviceTensor<R, f16>],
+    ) -> bool {
+        self.fused_gemv
+            && weights.iter().all(|w| {
+                let (n, k) = (w.shape[0], w.shape[1]);
+                resolve_variant(client, self.variant, t, n, k) == MatmulVariant::Gemv
+            })
     }
 
     /// RoPE on `q` and `k` in one launch (with the `rope_adjacent_pairs` fault where the build

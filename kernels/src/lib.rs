@@ -12,6 +12,7 @@
 //! | attention, KV-cache append | [`attention`] | [`attention::attention`], [`attention::KvCache::append`] | [`attention::reference`] | `attention.rs` |
 //! | flash-attention prefill (portable; `mma.m16n8k16` tensor cores on CUDA) | [`flash`] | [`flash::attention_prefill_with`] | [`attention::reference`] | `flash.rs` |
 //! | fused decode step (norm + q/k/v + RoPE + append, attention, GEMV + residual, norm + gate/up + SwiGLU, lm_head + top-2) | [`decode`] | [`decode::attn_in`], [`decode::attention`], [`decode::gemv_residual`], [`decode::ffn_in`], [`decode::lm_head_top2`] | [`decode::reference_attn_in`], [`decode::reference_gemv_residual`], [`decode::reference_ffn_in`], [`attention::reference`] | `decode.rs` |
+//! | fused GEMVs of short blocks (q/k/v in one launch; gate/up + SwiGLU) | [`fused_gemv`] | [`fused_gemv::gemv_qkv`], [`fused_gemv::gemv_gate_up_swiglu`] | [`matmul::reference`], [`fused_gemv::reference_gate_up_swiglu`] | `fused_gemv.rs` |
 //! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
 //! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
 //! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
@@ -33,6 +34,7 @@ pub mod decode;
 pub mod elementwise;
 pub mod error;
 pub mod flash;
+pub mod fused_gemv;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;

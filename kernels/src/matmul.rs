@@ -141,7 +141,7 @@ fn matmul_tiled<F: Float, O: Float>(
 /// weights streaming), and up to 8 outputs share a cube so that the rows of x are read from L2
 /// once per cube. On a CPU-emulated device (Mesa's lavapipe, plane size 8) few threads per
 /// output, since every barrier of the reduction is costly there. `CUBEQWEN_GEMV_SHAPE` sets it.
-fn gemv_shape<R: Runtime>(
+pub(crate) fn gemv_shape<R: Runtime>(
     client: &ComputeClient<R>,
     m: usize,
     k_vec: usize,
@@ -187,27 +187,7 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
     let live = row0 < m && col < n;
 
     let mut partial = Array::<f32>::new(rows);
-    #[unroll]
-    for r in 0..rows {
-        partial[r] = 0.0;
-    }
-    if live {
-        let wb = col * k_vec;
-        let mut i = tx;
-        while i < k_vec {
-            let wv = Vector::<f32, V>::cast_from(w[wb + i]);
-            #[unroll]
-            for r in 0..rows {
-                let xr = min(row0 + r, m - 1);
-                let p = Vector::<f32, V>::cast_from(x[xr * k_vec + i]) * wv;
-                #[unroll]
-                for l in 0..V::value() {
-                    partial[r] += p[l];
-                }
-            }
-            i += dot.group;
-        }
-    }
+    gemv_partials::<F, V>(x, w, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
     #[unroll]
     for r in 0..rows {
         let mut acc = reduce_in_plane::<f32>(partial[r], ReduceOp::Sum, dot);
@@ -220,6 +200,48 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
     }
 }
 
+/// This unit's partial dot products of row `col` of `w` (`[n, k_vec]` vectors) with x rows
+/// `row0..row0 + rows` (`[m, k_vec]`; past `m` the last row is read again), into `partial`
+/// (`rows` of them, zero where not `live`): the unit takes the vectors `UNIT_POS_X, +
+/// group, ...` of the row; each weight vector is loaded once and multiplied with every row's.
+/// The GEMV's loop, shared by [`matmul_gemv`] and the fused GEMVs ([`crate::fused_gemv`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_partials<F: Float, V: Size>(
+    x: &Array<Vector<F, V>>,
+    w: &Array<Vector<F, V>>,
+    col: usize,
+    row0: usize,
+    m: usize,
+    k_vec: usize,
+    live: bool,
+    partial: &mut Array<f32>,
+    #[comptime] group: usize,
+    #[comptime] rows: usize,
+) {
+    #[unroll]
+    for r in 0..rows {
+        partial[r] = 0.0;
+    }
+    if live {
+        let wb = col * k_vec;
+        let mut i = UNIT_POS_X as usize;
+        while i < k_vec {
+            let wv = Vector::<f32, V>::cast_from(w[wb + i]);
+            #[unroll]
+            for r in 0..rows {
+                let xr = min(row0 + r, m - 1);
+                let p = Vector::<f32, V>::cast_from(x[xr * k_vec + i]) * wv;
+                #[unroll]
+                for l in 0..V::value() {
+                    partial[r] += p[l];
+                }
+            }
+            i += group;
+        }
+    }
+}
+
 /// Most x rows one cube of the GEMV computes (its accumulators are registers).
 pub const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
 
@@ -227,7 +249,7 @@ pub const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
 /// [`GEMV_MAX_ROWS_PER_CUBE`] (W read once per that many rows), fewer where the grid would
 /// then have less than two cubes per multiprocessor (a narrow weight: the 0.5B q/o projections
 /// at m = 16 measured 14.6 µs with 112 cubes of 16 rows against 9.5 with a row a cube, H200).
-fn gemv_rows<R: Runtime>(client: &ComputeClient<R>, m: usize, col_groups: usize) -> usize {
+pub(crate) fn gemv_rows<R: Runtime>(client: &ComputeClient<R>, m: usize, col_groups: usize) -> usize {
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     gemv_rows_for(m, col_groups, sms.unwrap_or(0) as usize)
 }
@@ -666,7 +688,7 @@ pub fn cubek_tma<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
 
 /// `(m, k, n)` of `y = x · Wᵀ`, where x is `[m, k]` and W `[n, k]`; an error naming the operand
 /// that is not.
-fn product_shape<R: Runtime, F: CubeElement>(
+pub(crate) fn product_shape<R: Runtime, F: CubeElement>(
     x: &DeviceTensor<R, F>,
     w: &DeviceTensor<R, F>,
 ) -> Result<(usize, usize, usize)> {

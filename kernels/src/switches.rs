@@ -8,6 +8,7 @@
 //! | `CUBEQWEN_NO_PDL` | graph kernels strictly one after another | programmatic dependent launch (sm_90+) |
 //! | `CUBEQWEN_NO_ASYNC_COPY` | the decode GEMVs read their weights after the wait | `cp.async` prefetch (CUDA, sm_80+) |
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
+//! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
@@ -31,6 +32,7 @@ pub struct Switches {
     pub no_pdl: bool,
     pub no_async_copy: bool,
     pub no_flash: bool,
+    pub no_fused_gemv: bool,
     pub flash_kernel: PrefillKernel,
     pub timeline: bool,
     pub graph_checked: bool,
@@ -159,6 +161,7 @@ impl Switches {
             no_pdl: flag("CUBEQWEN_NO_PDL")?,
             no_async_copy: flag("CUBEQWEN_NO_ASYNC_COPY")?,
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
+            no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
             flash_kernel,
             timeline: flag("CUBEQWEN_TIMELINE")?,
             graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
@@ -191,7 +194,7 @@ mod tests {
     fn unset_is_every_default() {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
-        assert!(!s.graph_checked);
+        assert!(!s.graph_checked && !s.no_fused_gemv);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!(s.cubek_tiling, None);
@@ -199,8 +202,13 @@ mod tests {
 
     #[test]
     fn flags_read_both_ways() {
-        let on = parse(&[("CUBEQWEN_NO_GRAPHS", "1"), ("CUBEQWEN_TIMELINE", "yes")]).unwrap();
-        assert!(on.no_graphs && on.timeline && !on.no_pdl);
+        let on = parse(&[
+            ("CUBEQWEN_NO_GRAPHS", "1"),
+            ("CUBEQWEN_TIMELINE", "yes"),
+            ("CUBEQWEN_NO_FUSED_GEMV", "on"),
+        ])
+        .unwrap();
+        assert!(on.no_graphs && on.timeline && on.no_fused_gemv && !on.no_pdl);
         let off = parse(&[("CUBEQWEN_NO_GRAPHS", "0"), ("CUBEQWEN_NO_PDL", "")]).unwrap();
         assert!(!off.no_graphs && !off.no_pdl);
     }
