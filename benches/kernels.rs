@@ -39,7 +39,7 @@ use cubeqwen_kernels::elementwise::{embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
 use cubeqwen_kernels::matmul::{cmma_supported, cubek_tma, MatmulVariant, RowChunked};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
-use cubeqwen_kernels::rope::{rope_qk, RopeTables};
+use cubeqwen_kernels::rope::{rope_qk_append, Append, RopeTables};
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
 use cubeqwen_kernels::select::top_k;
 use cubeqwen_kernels::switches::CubekTiling;
@@ -654,17 +654,24 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             &(0..m as u32).collect::<Vec<_>>(),
             &[m],
         )?;
-        // q and k in one launch, as a layer rotates them.
-        let secs = ctx.time(c, &format!("small/rope_qk/m{m}"), 1, |_| {
-            rope_qk(ctx.client, &qx, &kx, &pos, m - 1, &tables).unwrap()
+        let vx = f16s(ctx.client, &mut rng, &[m, kvd], 1.0);
+        let kv = KvCache::<R, f16>::new(ctx.client, s.n_kv, m, s.hd)?;
+        // q and k rotated and k, v appended in one launch, as a layer does.
+        let secs = ctx.time(c, &format!("small/rope_qk_append/m{m}"), 1, |_| {
+            let append = Append {
+                v: &vx,
+                cache: &kv,
+                start: 0,
+            };
+            rope_qk_append(ctx.client, &qx, &kx, &pos, m - 1, &tables, append).unwrap()
         });
         ctx.record(
             "small",
-            "rope",
-            format!("0.5B q+k m{m}"),
+            "rope+append",
+            format!("0.5B q+k, k/v m{m}"),
             (m, qd + kvd, 0, 0),
             secs,
-            (m * (qd + kvd) * 4 + m * (qd + kvd) * 4) as f64,
+            (m * (qd + kvd) * 4 + m * kvd * 6) as f64,
             0.0,
         );
         let g = f16s(ctx.client, &mut rng, &[m, ffn], 1.0);

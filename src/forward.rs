@@ -16,20 +16,20 @@ use cubeqwen_kernels::buffer::check_launches;
 use cubeqwen_kernels::decode::{self, AttentionScratch, AttnInWeights, DecodeState, Rec};
 use cubeqwen_kernels::elementwise::{copy_rows, embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
+use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv};
 #[cfg(feature = "cuda")]
 use cubeqwen_kernels::graph::GraphRecorder;
-use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv};
 use cubeqwen_kernels::matmul::{matmul, resolve_variant, MatmulVariant};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 #[cfg(not(feature = "faults"))]
-use cubeqwen_kernels::rope::rope_qk;
-use cubeqwen_kernels::rope::RopeTables;
+use cubeqwen_kernels::rope::rope_qk_append;
+use cubeqwen_kernels::rope::{Append, RopeTables};
 use cubeqwen_kernels::select::{decode_pairs, TopK};
 use cubeqwen_kernels::DeviceTensor;
 #[cfg(feature = "faults")]
 use cubeqwen_kernels::{
     attention::{attention_with_fault, AttentionFault},
-    rope::rope_qk_with_fault,
+    rope::rope_qk_append_with_fault,
 };
 #[cfg(feature = "cuda")]
 use cudarc::driver::CudaGraph;
@@ -751,16 +751,19 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("k"), StepTensor::F16(&k))?;
             see(&name("v"), StepTensor::F16(&v_proj))?;
 
-            self.rope(client, &q, &k, &pos_d, start + t - 1, &m.rope)?;
-            see(&name("q_rope"), StepTensor::F16(&q))?;
-            see(&name("k_rope"), StepTensor::F16(&k))?;
-
             let kv_at = if t == 1 && fault!(self.faults.kv_write_off_by_one) {
                 start + 1
             } else {
                 start
             };
-            cache.append(client, &k, &v_proj, kv_at)?;
+            let append = Append {
+                v: &v_proj,
+                cache,
+                start: kv_at,
+            };
+            self.rope_append(client, &q, &k, &pos_d, start + t - 1, &m.rope, append)?;
+            see(&name("q_rope"), StepTensor::F16(&q))?;
+            see(&name("k_rope"), StepTensor::F16(&k))?;
             self.attention(client, &q, cache, start, &att)?;
             see(&name("attn"), StepTensor::F16(&att))?;
 
@@ -872,9 +875,10 @@ impl<'m, R: Runtime> Session<'m, R> {
             })
     }
 
-    /// RoPE on `q` and `k` in one launch (with the `rope_adjacent_pairs` fault where the build
-    /// has faults).
-    fn rope(
+    /// RoPE on `q` and `k` and the cache append of k and v, in one launch (with the
+    /// `rope_adjacent_pairs` fault where the build has faults).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_append(
         &self,
         client: &ComputeClient<R>,
         q: &DeviceTensor<R, f16>,
@@ -882,19 +886,21 @@ impl<'m, R: Runtime> Session<'m, R> {
         positions: &DeviceTensor<R, u32>,
         max_position: usize,
         tables: &RopeTables<R>,
+        append: Append<'_, R, f16>,
     ) -> Result<()> {
         #[cfg(feature = "faults")]
-        let done = rope_qk_with_fault(
+        let done = rope_qk_append_with_fault(
             client,
             q,
             k,
             positions,
             max_position,
             tables,
+            append,
             self.faults.rope_adjacent_pairs,
         );
         #[cfg(not(feature = "faults"))]
-        let done = rope_qk(client, q, k, positions, max_position, tables);
+        let done = rope_qk_append(client, q, k, positions, max_position, tables, append);
         done
     }
 

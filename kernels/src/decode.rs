@@ -6,10 +6,10 @@
 //! | kernel | does | replaces |
 //! |---|---|---|
 //! | [`embed_token`] | `x = table[token]` (f32 residual stream) | `embedding` |
-//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, 3 `matmul`, `rope_qk`, `KvCache::append` |
+//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, `gemv_qkv` (or 3 `matmul`), `rope_qk_append` |
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
 //! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
-//! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, 2 `matmul`, `swiglu` |
+//! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, `gemv_gate_up_swiglu` (or 2 `matmul`, `swiglu`) |
 //! | [`lm_head_top2`] + [`top2_finish`] | output norm → logits, their top 2 → next token; `pos += 1` | `rms_norm`, `matmul`, `top_k` |
 //!
 //! Each kernel rounds its intermediates to the storage type `F` where the unfused path stores

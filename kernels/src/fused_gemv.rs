@@ -67,11 +67,44 @@ fn gemv_qkv_kernel<F: Float, V: Size>(
 
     let mut partial = Array::<f32>::new(rows);
     if sec == 0u32 {
-        gemv_partials::<F, V>(x, wq, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+        gemv_partials::<F, V>(
+            x,
+            wq,
+            col,
+            row0,
+            m,
+            k_vec,
+            live,
+            &mut partial,
+            dot.group,
+            rows,
+        );
     } else if sec == 1u32 {
-        gemv_partials::<F, V>(x, wk, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+        gemv_partials::<F, V>(
+            x,
+            wk,
+            col,
+            row0,
+            m,
+            k_vec,
+            live,
+            &mut partial,
+            dot.group,
+            rows,
+        );
     } else {
-        gemv_partials::<F, V>(x, wv, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+        gemv_partials::<F, V>(
+            x,
+            wv,
+            col,
+            row0,
+            m,
+            k_vec,
+            live,
+            &mut partial,
+            dot.group,
+            rows,
+        );
     }
     #[unroll]
     for r in 0..rows {
@@ -114,9 +147,31 @@ fn gemv_gate_up_swiglu_kernel<F: Float, V: Size>(
 
     let mut partial = Array::<f32>::new(rows);
     if ty % 2 == 0 {
-        gemv_partials::<F, V>(x, w_gate, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+        gemv_partials::<F, V>(
+            x,
+            w_gate,
+            col,
+            row0,
+            m,
+            k_vec,
+            live,
+            &mut partial,
+            dot.group,
+            rows,
+        );
     } else {
-        gemv_partials::<F, V>(x, w_up, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+        gemv_partials::<F, V>(
+            x,
+            w_up,
+            col,
+            row0,
+            m,
+            k_vec,
+            live,
+            &mut partial,
+            dot.group,
+            rows,
+        );
     }
     // [plane row][x row]: the rounded gate and up outputs.
     let mut meet = SharedMemory::<f32>::new(comptime!(2 * cols * rows));

@@ -13,7 +13,7 @@
 //! | flash-attention prefill (portable; `mma.m16n8k16` tensor cores on CUDA) | [`flash`] | [`flash::attention_prefill_with`] | [`attention::reference`] | `flash.rs` |
 //! | fused decode step (norm + q/k/v + RoPE + append, attention, GEMV + residual, norm + gate/up + SwiGLU, lm_head + top-2) | [`decode`] | [`decode::attn_in`], [`decode::attention`], [`decode::gemv_residual`], [`decode::ffn_in`], [`decode::lm_head_top2`] | [`decode::reference_attn_in`], [`decode::reference_gemv_residual`], [`decode::reference_ffn_in`], [`attention::reference`] | `decode.rs` |
 //! | fused GEMVs of short blocks (q/k/v in one launch; gate/up + SwiGLU) | [`fused_gemv`] | [`fused_gemv::gemv_qkv`], [`fused_gemv::gemv_gate_up_swiglu`] | [`matmul::reference`], [`fused_gemv::reference_gate_up_swiglu`] | `fused_gemv.rs` |
-//! | RoPE (NEOX) | [`rope`] | [`rope::rope`] with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
+//! | RoPE (NEOX) | [`rope`] | [`rope::rope`], [`rope::rope_qk_append`] (q and k, and the KV append, in one launch) with [`rope::RopeTables`] | [`rope::reference`] | `rope.rs` |
 //! | SwiGLU | [`elementwise`] | [`elementwise::swiglu`] | [`elementwise::swiglu_reference`] | `elementwise.rs` |
 //! | embedding gather, residual add, row copy | [`elementwise`] | [`elementwise::embedding`], [`elementwise::add_assign`], [`elementwise::copy_rows`] | exact: the table rows, the f64 sum | `elementwise.rs` |
 //! | argmax, top-k (bitonic sorts of 256-element pieces, in levels; in the decode step for sampling) | [`select`] | [`select::argmax`], [`select::top_k`], [`select::TopK::run`] | [`select::top_k_reference`] | `select.rs` |

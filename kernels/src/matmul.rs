@@ -187,7 +187,18 @@ fn matmul_gemv<F: Float, O: Float, V: Size>(
     let live = row0 < m && col < n;
 
     let mut partial = Array::<f32>::new(rows);
-    gemv_partials::<F, V>(x, w, col, row0, m, k_vec, live, &mut partial, dot.group, rows);
+    gemv_partials::<F, V>(
+        x,
+        w,
+        col,
+        row0,
+        m,
+        k_vec,
+        live,
+        &mut partial,
+        dot.group,
+        rows,
+    );
     #[unroll]
     for r in 0..rows {
         let mut acc = reduce_in_plane::<f32>(partial[r], ReduceOp::Sum, dot);
@@ -249,7 +260,11 @@ pub const GEMV_MAX_ROWS_PER_CUBE: usize = 16;
 /// [`GEMV_MAX_ROWS_PER_CUBE`] (W read once per that many rows), fewer where the grid would
 /// then have less than two cubes per multiprocessor (a narrow weight: the 0.5B q/o projections
 /// at m = 16 measured 14.6 µs with 112 cubes of 16 rows against 9.5 with a row a cube, H200).
-pub(crate) fn gemv_rows<R: Runtime>(client: &ComputeClient<R>, m: usize, col_groups: usize) -> usize {
+pub(crate) fn gemv_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    m: usize,
+    col_groups: usize,
+) -> usize {
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     gemv_rows_for(m, col_groups, sms.unwrap_or(0) as usize)
 }

@@ -8,9 +8,19 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
+use crate::attention::KvCache;
 use crate::{grid, DeviceTensor, KernelError};
 
-/// Rotates pair `idx` of `x` (`heads` heads of `half` pairs a token).
+/// Where a rotated pair lies: token `t`, head `h`, and the pair's two offsets in the head.
+#[derive(CubeType, Clone, Copy)]
+struct PairAt {
+    t: usize,
+    h: usize,
+    i0: usize,
+    i1: usize,
+}
+
+/// Rotates pair `idx` of `x` (`heads` heads of `half` pairs a token); returns where it lies.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn rotate_pair<F: Float>(
@@ -22,7 +32,7 @@ fn rotate_pair<F: Float>(
     heads: usize,
     half: usize,
     #[comptime] adjacent_pairs: bool,
-) {
+) -> PairAt {
     let per_token = heads * half;
     let t = idx / per_token;
     let rem = idx % per_token;
@@ -33,41 +43,58 @@ fn rotate_pair<F: Float>(
     let c = cos[p * half + i];
     let s = sin[p * half + i];
     // Fault injection for the tracer's tests: GPT-J pairs (2i, 2i+1) instead of NEOX halves.
-    let mut i0 = base + i;
-    let mut i1 = base + i + half;
+    let mut i0 = i;
+    let mut i1 = i + half;
     if comptime!(adjacent_pairs) {
-        i0 = base + 2 * i;
-        i1 = base + 2 * i + 1;
+        i0 = 2 * i;
+        i1 = 2 * i + 1;
     }
-    let a = f32::cast_from(x[i0]);
-    let b = f32::cast_from(x[i1]);
-    x[i0] = F::cast_from(a * c - b * s);
-    x[i1] = F::cast_from(b * c + a * s);
+    let a = f32::cast_from(x[base + i0]);
+    let b = f32::cast_from(x[base + i1]);
+    x[base + i0] = F::cast_from(a * c - b * s);
+    x[base + i1] = F::cast_from(b * c + a * s);
+    PairAt { t, h, i0, i1 }
 }
 
 /// Rotates q (`q_heads` heads) and k (`k_heads`) in one launch: units below `q_pairs` take q's
-/// pairs, the rest k's.
+/// pairs, the rest k's. With `append`, each unit of k also writes its rotated pair and the same
+/// elements of `v` into the caches at position `start + t` (`[k_heads, max_ctx, hd]`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rope_kernel<F: Float>(
     q: &mut Array<F>,
     k: &mut Array<F>,
+    v: &Array<F>,
     positions: &Array<u32>,
     cos: &Array<f32>,
     sin: &Array<f32>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
     q_heads: usize,
     k_heads: usize,
     half: usize,
     q_pairs: usize,
     total: usize,
+    max_ctx: usize,
+    start: usize,
     #[comptime] adjacent_pairs: bool,
+    #[comptime] append: bool,
 ) {
     let idx = ABSOLUTE_POS;
     if idx < q_pairs {
         rotate_pair::<F>(q, positions, cos, sin, idx, q_heads, half, adjacent_pairs);
     } else if idx < total {
         let j = idx - q_pairs;
-        rotate_pair::<F>(k, positions, cos, sin, j, k_heads, half, adjacent_pairs);
+        let at = rotate_pair::<F>(k, positions, cos, sin, j, k_heads, half, adjacent_pairs);
+        if comptime!(append) {
+            let hd = 2 * half;
+            let src = (at.t * k_heads + at.h) * hd;
+            let dst = (at.h * max_ctx + start + at.t) * hd;
+            k_cache[dst + at.i0] = k[src + at.i0];
+            k_cache[dst + at.i1] = k[src + at.i1];
+            v_cache[dst + at.i0] = v[src + at.i0];
+            v_cache[dst + at.i1] = v[src + at.i1];
+        }
     }
 }
 
@@ -132,10 +159,19 @@ pub fn rope<R: Runtime, F: Float + CubeElement>(
     max_position: usize,
     tables: &RopeTables<R>,
 ) -> Result<()> {
-    launch_rope(client, x, None, positions, max_position, tables, false)
+    launch_rope(
+        client,
+        x,
+        None,
+        positions,
+        max_position,
+        tables,
+        None,
+        false,
+    )
 }
 
-/// [`rope`] of q and k (the same tokens; any head counts) in one launch, as a layer needs.
+/// [`rope`] of q and k (the same tokens; any head counts) in one launch.
 pub fn rope_qk<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     q: &DeviceTensor<R, F>,
@@ -144,20 +180,37 @@ pub fn rope_qk<R: Runtime, F: Float + CubeElement>(
     max_position: usize,
     tables: &RopeTables<R>,
 ) -> Result<()> {
-    launch_rope(client, q, Some(k), positions, max_position, tables, false)
+    launch_rope(
+        client,
+        q,
+        Some(k),
+        positions,
+        max_position,
+        tables,
+        None,
+        false,
+    )
 }
 
-/// [`rope_qk`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity tracer's
-/// tests inject on purpose (feature `faults`).
-#[cfg(feature = "faults")]
-pub fn rope_qk_with_fault<R: Runtime, F: Float + CubeElement>(
+/// What [`rope_qk_append`] writes into a KV cache: v (k's shape) and k rotated, at positions
+/// `start..start + tokens` of `cache`.
+pub struct Append<'a, R: Runtime, F: CubeElement> {
+    pub v: &'a DeviceTensor<R, F>,
+    pub cache: &'a KvCache<R, F>,
+    pub start: usize,
+}
+
+/// [`rope_qk`], and the rotated k and `append.v` written into `append.cache` at positions
+/// `append.start..` in the same launch (what [`KvCache::append`] does), as a layer needs: q and
+/// k stay rotated in place.
+pub fn rope_qk_append<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     q: &DeviceTensor<R, F>,
     k: &DeviceTensor<R, F>,
     positions: &DeviceTensor<R, u32>,
     max_position: usize,
     tables: &RopeTables<R>,
-    adjacent_pairs: bool,
+    append: Append<'_, R, F>,
 ) -> Result<()> {
     launch_rope(
         client,
@@ -166,11 +219,41 @@ pub fn rope_qk_with_fault<R: Runtime, F: Float + CubeElement>(
         positions,
         max_position,
         tables,
+        Some(append),
+        false,
+    )
+}
+
+/// [`rope_qk_append`], or with `adjacent_pairs` the wrong (GPT-J) pairing: a fault the parity
+/// tracer's tests inject on purpose (feature `faults`).
+#[cfg(feature = "faults")]
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qk_append_with_fault<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q: &DeviceTensor<R, F>,
+    k: &DeviceTensor<R, F>,
+    positions: &DeviceTensor<R, u32>,
+    max_position: usize,
+    tables: &RopeTables<R>,
+    append: Append<'_, R, F>,
+    adjacent_pairs: bool,
+) -> Result<()> {
+    let append = Some(append);
+    launch_rope(
+        client,
+        q,
+        Some(k),
+        positions,
+        max_position,
+        tables,
+        append,
         adjacent_pairs,
     )
 }
 
-/// Rotates `q` and, when given, `k` (both [tokens, heads·head_dim], their own head counts).
+/// Rotates `q` and, when given, `k` (both [tokens, heads·head_dim], their own head counts),
+/// and with `append` (k given) writes k and v into the cache.
+#[allow(clippy::too_many_arguments)]
 fn launch_rope<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     q: &DeviceTensor<R, F>,
@@ -178,6 +261,7 @@ fn launch_rope<R: Runtime, F: Float + CubeElement>(
     positions: &DeviceTensor<R, u32>,
     max_position: usize,
     tables: &RopeTables<R>,
+    append: Option<Append<'_, R, F>>,
     adjacent_pairs: bool,
 ) -> Result<()> {
     let hd = tables.head_dim;
@@ -215,7 +299,7 @@ fn launch_rope<R: Runtime, F: Float + CubeElement>(
     let q_pairs = tokens * q_heads * half;
     let total = q_pairs + tokens * k_heads * half;
     // Without k, a one-element stand-in that no unit reaches (units past q's pairs stop at
-    // `total`); a separate buffer, since the same one may not be bound twice for writing.
+    // `total`); separate buffers, since the same one may not be bound twice for writing.
     let stand_in;
     let k = match k {
         Some(k) => k,
@@ -224,6 +308,45 @@ fn launch_rope<R: Runtime, F: Float + CubeElement>(
             &stand_in
         }
     };
+    let (v, k_cache, v_cache, max_ctx, start, stand_ins);
+    match &append {
+        Some(a) => {
+            let c = a.cache;
+            ensure!(
+                k_heads == c.n_kv && c.head_dim == hd,
+                KernelError::shape(
+                    "rope + kv append",
+                    "k",
+                    format!("[tokens, {}]", c.n_kv * c.head_dim),
+                    &k.shape
+                )
+            );
+            crate::error::same_shape("rope + kv append", ("v", &a.v.shape), ("k", &k.shape))?;
+            ensure!(
+                a.start + tokens <= c.max_ctx,
+                KernelError::PastCache {
+                    op: "rope + kv append",
+                    start: a.start,
+                    end: a.start + tokens,
+                    capacity: c.max_ctx
+                }
+            );
+            (v, k_cache, v_cache) = (a.v.arg(), c.k.arg(), c.v.arg());
+            (max_ctx, start) = (c.max_ctx, a.start);
+        }
+        None => {
+            // Never read or written (`append` is false): v as 4 bytes of the (read-only)
+            // tables, the caches as two one-element buffers.
+            stand_ins = [
+                DeviceTensor::<R, F>::empty(client, &[1])?,
+                DeviceTensor::<R, F>::empty(client, &[1])?,
+            ];
+            // SAFETY: one element of the cos table's buffer, which holds at least 4 bytes.
+            v = unsafe { ArrayArg::from_raw_parts(tables.cos.handle.clone(), 1) };
+            (k_cache, v_cache) = (stand_ins[0].arg(), stand_ins[1].arg());
+            (max_ctx, start) = (1, 0);
+        }
+    }
     let (cubes, dim) = grid::elementwise(client, total);
     rope_kernel::launch::<F, R>(
         client,
@@ -231,15 +354,21 @@ fn launch_rope<R: Runtime, F: Float + CubeElement>(
         dim,
         q.arg(),
         k.arg(),
+        v,
         positions.arg(),
         tables.cos.arg(),
         tables.sin.arg(),
+        k_cache,
+        v_cache,
         q_heads,
         k_heads.max(1),
         half,
         q_pairs,
         total,
+        max_ctx,
+        start,
         adjacent_pairs,
+        append.is_some(),
     );
     Ok(())
 }

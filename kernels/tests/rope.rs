@@ -2,7 +2,10 @@
 
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
-use cubeqwen_kernels::rope::{inv_freq, reference, rope, rope_qk, RopeTables};
+use cubeqwen_kernels::attention::KvCache;
+use cubeqwen_kernels::rope::{
+    inv_freq, reference, rope, rope_qk, rope_qk_append, Append, RopeTables,
+};
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
 use half::f16;
@@ -117,6 +120,78 @@ device_test! {
                 }),
             "wrong refusal: {err}"
         );
+        Ok(())
+    }
+}
+
+device_test! {
+    /// RoPE of q and k with the KV-cache append in the same launch: q and k rotated as
+    /// `rope_qk` rotates them (bit for bit), the cache rows `start..start + t` of each kv head
+    /// hold the rotated k and the v given, and every other row keeps what it held.
+    fn rope_qk_append_writes_rotated_k_and_v_into_the_cache<R>(client, seed) {
+        let (hd, nq, nkv, t, start, max_ctx) = (64, 14, 2, 5, 3, 12);
+        let mut rng = Rng::new(seed);
+        let tables = RopeTables::new(client, 1e6, hd, max_ctx)?;
+        let pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        let pd = DeviceTensor::<R, u32>::from_slice(client, &pos, &[t])?;
+        let (q, k, v) = (
+            rng.f16_vec(t * nq * hd, 0.0, 1.0),
+            rng.f16_vec(t * nkv * hd, 0.0, 1.0),
+            rng.f16_vec(t * nkv * hd, 0.0, 1.0),
+        );
+        let tensor = |x: &[f16], w: usize| DeviceTensor::<R, f16>::from_slice(client, x, &[t, w]);
+        let (qd, kd, vd) = (tensor(&q, nq * hd)?, tensor(&k, nkv * hd)?, tensor(&v, nkv * hd)?);
+        let (q_alone, k_alone) = (tensor(&q, nq * hd)?, tensor(&k, nkv * hd)?);
+        let old_k = rng.f16_vec(nkv * max_ctx * hd, 0.0, 1.0);
+        let old_v = rng.f16_vec(nkv * max_ctx * hd, 0.0, 1.0);
+        let cache = KvCache {
+            k: DeviceTensor::<R, f16>::from_slice(client, &old_k, &[nkv, max_ctx, hd])?,
+            v: DeviceTensor::<R, f16>::from_slice(client, &old_v, &[nkv, max_ctx, hd])?,
+            n_kv: nkv,
+            max_ctx,
+            head_dim: hd,
+        };
+        let append = Append { v: &vd, cache: &cache, start };
+        rope_qk_append(client, &qd, &kd, &pd, start + t - 1, &tables, append)?;
+        rope_qk(client, &q_alone, &k_alone, &pd, start + t - 1, &tables)?;
+        let bits = |x: Vec<f16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        ensure!(bits(qd.to_vec(client)?) == bits(q_alone.to_vec(client)?), "q differs from rope_qk's");
+        let k_rot = k_alone.to_vec(client)?;
+        ensure!(bits(kd.to_vec(client)?) == bits(k_rot.clone()), "k differs from rope_qk's");
+        let (got_k, got_v) = (cache.k.to_vec(client)?, cache.v.to_vec(client)?);
+        for g in 0..nkv {
+            for p in 0..max_ctx {
+                for d in 0..hd {
+                    let at = (g * max_ctx + p) * hd + d;
+                    let (want_k, want_v) = if (start..start + t).contains(&p) {
+                        let src = ((p - start) * nkv + g) * hd + d;
+                        (k_rot[src], v[src])
+                    } else {
+                        (old_k[at], old_v[at])
+                    };
+                    ensure!(
+                        got_k[at].to_bits() == want_k.to_bits() && got_v[at].to_bits() == want_v.to_bits(),
+                        "cache head {g} position {p} dim {d}: k {} v {}, expected {want_k} {want_v}",
+                        got_k[at],
+                        got_v[at]
+                    );
+                }
+            }
+        }
+        // Refused: positions past the cache, and a v that is not k's shape.
+        let past = Append { v: &vd, cache: &cache, start: max_ctx - t + 1 };
+        let err = rope_qk_append(client, &qd, &kd, &pd, start + t - 1, &tables, past).unwrap_err();
+        ensure!(
+            matches!(err.downcast_ref::<KernelError>(), Some(KernelError::PastCache { .. })),
+            "an append past the cache was refused with `{err}`"
+        );
+        let short_v = Append { v: &qd, cache: &cache, start };
+        let err = rope_qk_append(client, &qd, &kd, &pd, start + t - 1, &tables, short_v).unwrap_err();
+        ensure!(
+            err.downcast_ref::<KernelError>().is_some_and(|e| e.to_string().contains("v")),
+            "a v of q's shape was refused with `{err}`"
+        );
+        println!("rope + kv append: {t} tokens at {start}..{} of {max_ctx}: exact", start + t);
         Ok(())
     }
 }
