@@ -433,6 +433,7 @@ fn attention_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()
                         let options = PrefillOptions {
                             kernel,
                             pack_group: true,
+                            splits: None,
                         };
                         attention_prefill_with(ctx.client, options, &q, &cache, s.n_heads, 0, &out)
                             .unwrap()

@@ -185,6 +185,8 @@ pub struct Session<'m, R: Runtime> {
     /// The flash kernel (`CUBEQWEN_FLASH_KERNEL`: auto, portable, mma, mma-emulated; default
     /// auto: mma for f16 where the device has `mma.m16n8k16`, else portable).
     pub flash_kernel: PrefillKernel,
+    /// Key splits of the mma flash kernels (`CUBEQWEN_FLASH_SPLITS`; `None`: by grid and device).
+    pub flash_splits: Option<usize>,
     /// A chunk's q/k/v projections in one launch, and gate/up with SwiGLU in one, where `Auto`
     /// gives each of their weights to the GEMV (short chunks; `fused_gemv` module of the kernels
     /// crate); off (`CUBEQWEN_NO_FUSED_GEMV=1`), a launch each. Their values are the same bits.
@@ -251,6 +253,7 @@ impl<'m, R: Runtime> Session<'m, R> {
             use_graphs: !switches.no_graphs,
             flash_prefill: !switches.no_flash,
             flash_kernel: switches.flash_kernel,
+            flash_splits: switches.flash_splits,
             fused_gemv: !switches.no_fused_gemv,
             decode: DecodeBuffers::new(client, model, max_ctx)?,
             #[cfg(feature = "cuda")]
@@ -926,6 +929,7 @@ impl<'m, R: Runtime> Session<'m, R> {
         if self.flash_prefill && q.shape[0] > 1 {
             let options = PrefillOptions {
                 kernel: self.flash_kernel,
+                splits: self.flash_splits,
                 ..Default::default()
             };
             attention_prefill_with(client, options, q, cache, n_heads, start, out)

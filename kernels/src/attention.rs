@@ -424,7 +424,40 @@ fn launch_attention<R: Runtime, F: Float + CubeElement>(
         wrong_gqa,
         no_causal_mask,
     );
-    let token_heads = tokens * n_heads;
+    combine_parts(
+        client,
+        &part_out,
+        &part_max,
+        &part_sum,
+        out,
+        chunks,
+        tokens * n_heads,
+        hd,
+    )
+}
+
+/// Merges the `parts` parts of each (token, head) row with the online-softmax rule
+/// ([`part_weight`]) into `out` (`[tokens, n_heads·hd]`): part `c` of row `th` (`token·n_heads
+/// + head`) at index `th·parts + c` of `part_max` and `part_sum`, and of `part_out` (`hd`
+/// each). The chunked attention's chunks and the flash kernel's key splits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine_parts<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    part_out: &DeviceTensor<R, f32>,
+    part_max: &DeviceTensor<R, f32>,
+    part_sum: &DeviceTensor<R, f32>,
+    out: &DeviceTensor<R, F>,
+    parts: usize,
+    token_heads: usize,
+    hd: usize,
+) -> Result<()> {
+    ensure!(
+        part_max.len() == token_heads * parts
+            && part_sum.len() == token_heads * parts
+            && part_out.len() == token_heads * parts * hd
+            && out.len() == token_heads * hd,
+        KernelError::invalid("attention combine", "part buffers of the wrong size")
+    );
     attention_combine_kernel::launch::<F, R>(
         client,
         CubeCountSelection::new(client, token_heads as u32).cube_count(),
@@ -433,7 +466,7 @@ fn launch_attention<R: Runtime, F: Float + CubeElement>(
         part_max.arg(),
         part_sum.arg(),
         out.arg(),
-        chunks,
+        parts,
         token_heads,
         hd,
         COMBINE_THREADS,

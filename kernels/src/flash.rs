@@ -30,7 +30,7 @@ use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
 
-use crate::attention::KvCache;
+use crate::attention::{combine_parts, KvCache};
 use crate::matmul::f16_f32_mma;
 use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::DeviceTensor;
@@ -81,6 +81,10 @@ pub struct PrefillOptions {
     /// A cube's rows are all query heads of one kv group (K/V tiles loaded once per group)
     /// rather than one head.
     pub pack_group: bool,
+    /// The mma kernels' key tiles split over this many cubes a row tile, their parts merged by
+    /// a second launch (`attention::combine_parts`); `None`: [`flash_splits`]'s choice. The
+    /// portable kernel does not split.
+    pub splits: Option<usize>,
 }
 
 impl Default for PrefillOptions {
@@ -88,6 +92,7 @@ impl Default for PrefillOptions {
         Self {
             kernel: PrefillKernel::Auto,
             pack_group: true,
+            splits: None,
         }
     }
 }
@@ -569,6 +574,9 @@ fn prefill_mma_kernel<V: Size>(
     k_cache: &Array<Vector<f16, V>>,
     v_cache: &Array<Vector<f16, V>>,
     out: &mut Array<f16>,
+    part_out: &mut Array<f32>,
+    part_max: &mut Array<f32>,
+    part_sum: &mut Array<f32>,
     tokens: usize,
     n_heads: usize,
     group: usize,
@@ -576,10 +584,12 @@ fn prefill_mma_kernel<V: Size>(
     max_ctx: usize,
     start: usize,
     scale: f32,
+    tiles_per_split: usize,
     #[comptime] hd: usize,
     #[comptime] vec: usize,
     #[comptime] quad: Reduction,
     #[comptime] emulate: bool,
+    #[comptime] split: bool,
 ) {
     let tid = UNIT_POS as usize;
     let w = tid / 32;
@@ -646,8 +656,14 @@ fn prefill_mma_kernel<V: Size>(
 
     // This unit's share of a K/V tile in registers (see `mma_load_kv`).
     let mut kv = Array::<Vector<f16, V>>::new(comptime!(4 * mma_kv_items(hd, vec)));
+    // The key tiles of this cube's split (all of them without splits).
     let mut tile = 0usize;
-    while tile < cube.n_tiles {
+    let mut end = cube.n_tiles;
+    if comptime!(split) {
+        tile = CUBE_POS_Z as usize * tiles_per_split;
+        end = min(tile + tiles_per_split, cube.n_tiles);
+    }
+    while tile < end {
         let j0 = tile * MMA_BK;
         mma_load_kv::<V>(k_cache, v_cache, &mut kv, cube.kv_base, j0, kv_len, hd, vec);
         mma_store_kv::<V>(&kv, &mut k_s, &mut v_s, hd, vec);
@@ -710,7 +726,9 @@ fn prefill_mma_kernel<V: Size>(
             let mut hi = s[2 * n + 1];
             #[unroll]
             for h in 0..2usize {
-                // Masked scores are NEG: exp underflows to 0.
+                // Masked scores are NEG: exp underflows to 0 once a row has seen a key. (A split
+                // may hold only keys past a row's last: its max stays NEG, and the merge gives
+                // that part the weight exp(NEG − max) = 0, whatever its sum.)
                 lo[h] = f32::exp(lo[h] - new_lo);
                 hi[h] = f32::exp(hi[h] - new_hi);
                 sum_lo += lo[h];
@@ -761,22 +779,59 @@ fn prefill_mma_kernel<V: Size>(
         tile += 1;
     }
 
-    let inv_lo = 1.0 / reduce_in_plane::<f32>(l_lo, ReduceOp::Sum, quad);
-    let inv_hi = 1.0 / reduce_in_plane::<f32>(l_hi, ReduceOp::Sum, quad);
+    let sum_lo = reduce_in_plane::<f32>(l_lo, ReduceOp::Sum, quad);
+    let sum_hi = reduce_in_plane::<f32>(l_hi, ReduceOp::Sum, quad);
     #[unroll]
     for r in 0..2usize {
         let row = row_lo + 8 * r;
         if row < cube.rows {
             let at = row_offset(row, cube.head0, heads_per_cube, n_heads, hd);
-            let inv = if comptime!(r == 0) { inv_lo } else { inv_hi };
-            #[unroll]
-            for d in 0..n_d {
-                let v = o[2 * d + r];
-                out[at + d * 8 + 2 * t] = f16::cast_from(v[0] * inv);
-                out[at + d * 8 + 2 * t + 1] = f16::cast_from(v[1] * inv);
+            let sum = if comptime!(r == 0) { sum_lo } else { sum_hi };
+            if comptime!(split) {
+                // The split's part of row (token, head) `at / hd`: its unnormalised output, max
+                // and sum, for `attention::combine_parts`.
+                let part = (at / hd) * CUBE_COUNT_Z as usize + CUBE_POS_Z as usize;
+                #[unroll]
+                for d in 0..n_d {
+                    let v = o[2 * d + r];
+                    part_out[part * hd + d * 8 + 2 * t] = v[0];
+                    part_out[part * hd + d * 8 + 2 * t + 1] = v[1];
+                }
+                if t == 0 {
+                    part_max[part] = if comptime!(r == 0) { m_lo } else { m_hi };
+                    part_sum[part] = sum;
+                }
+            } else {
+                let inv = 1.0 / sum;
+                #[unroll]
+                for d in 0..n_d {
+                    let v = o[2 * d + r];
+                    out[at + d * 8 + 2 * t] = f16::cast_from(v[0] * inv);
+                    out[at + d * 8 + 2 * t + 1] = f16::cast_from(v[1] * inv);
+                }
             }
         }
     }
+}
+
+/// Most key splits of the mma kernels.
+pub const MAX_SPLITS: usize = 64;
+/// Fewest key tiles ([`MMA_BK`] positions) a split takes.
+const MIN_TILES_PER_SPLIT: usize = 2;
+
+/// Key splits for `cubes` row tiles that see up to `n_tiles` key tiles on a device of `sms`
+/// multiprocessors (0: unknown, no split): none where the row tiles alone fill the GPU; else
+/// enough for about two cubes a multiprocessor, each split at least [`MIN_TILES_PER_SPLIT`]
+/// tiles. A short chunk deep in the cache (16 tokens of the 0.5B model at depth 4096: 4 row
+/// tiles over 65 key tiles) otherwise walks every key in 4 cubes.
+pub fn flash_splits(cubes: usize, n_tiles: usize, sms: usize) -> usize {
+    if sms == 0 || cubes >= sms {
+        return 1;
+    }
+    (2 * sms)
+        .div_ceil(cubes)
+        .min(n_tiles / MIN_TILES_PER_SPLIT)
+        .clamp(1, MAX_SPLITS)
 }
 
 /// Shared memory of the portable kernel for key tiles of `bk`, in bytes.
@@ -930,15 +985,37 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 vec.is_multiple_of(2),
                 "attention prefill: the mma kernel needs vectors of an even number of f16"
             );
+            let n_tiles = kv_len.div_ceil(MMA_BK);
+            let sms = client.properties().hardware.num_streaming_multiprocessors;
+            let wanted = match options.splits {
+                Some(s) => s,
+                None => flash_splits(row_tiles * head_blocks, n_tiles, sms.unwrap_or(0) as usize),
+            };
+            ensure!(
+                (1..=MAX_SPLITS).contains(&wanted),
+                "attention prefill: {wanted} key splits (1 to {MAX_SPLITS})"
+            );
+            // Tiles a split, then as many splits as that needs (none left empty).
+            let tiles_per_split = n_tiles.div_ceil(wanted);
+            let splits = n_tiles.div_ceil(tiles_per_split);
+            let token_heads = tokens * n_heads;
+            let parts = if splits > 1 { token_heads * splits } else { 1 };
+            let part_out =
+                DeviceTensor::<R, f32>::empty(client, &[parts * if splits > 1 { hd } else { 1 }])?;
+            let part_max = DeviceTensor::<R, f32>::empty(client, &[parts])?;
+            let part_sum = DeviceTensor::<R, f32>::empty(client, &[parts])?;
             prefill_mma_kernel::launch::<R>(
                 client,
-                count,
+                CubeCount::Static(row_tiles as u32, head_blocks as u32, splits as u32),
                 CubeDim::new_1d(THREADS as u32),
                 vec,
                 q.arg(),
                 cache.k.arg(),
                 cache.v.arg(),
                 out.arg(),
+                part_out.arg(),
+                part_max.arg(),
+                part_sum.arg(),
                 tokens,
                 n_heads,
                 group,
@@ -946,15 +1023,47 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 cache.max_ctx,
                 start,
                 scale,
+                tiles_per_split,
                 hd,
                 vec,
                 // The 4 lanes that share a row of an mma fragment: shuffles on CUDA, the
                 // shared-memory tree in the emulation.
                 Reduction::with_plane(THREADS, 4, if emulate { 0 } else { 32 }),
                 emulate,
+                splits > 1,
             );
+            if splits > 1 {
+                combine_parts(
+                    client,
+                    &part_out,
+                    &part_max,
+                    &part_sum,
+                    out,
+                    splits,
+                    token_heads,
+                    hd,
+                )?;
+            }
         }
         PrefillKernel::Auto => unreachable!("resolve_kernel never returns Auto"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_splits_fill_an_idle_gpu_only() {
+        // H200 (132 multiprocessors): 16 tokens of the 0.5B model at depth 4096 (4 row tiles,
+        // 65 key tiles): 66 wanted, 32 at 2 tiles each; a 2048-token chunk (448 row tiles):
+        // none; one key tile: none; the count unknown: none.
+        assert_eq!(flash_splits(4, 65, 132), 32);
+        assert_eq!(flash_splits(14, 65, 132), 19);
+        assert_eq!(flash_splits(448, 65, 132), 1);
+        assert_eq!(flash_splits(4, 1, 132), 1);
+        assert_eq!(flash_splits(4, 65, 0), 1);
+        assert_eq!(flash_splits(1, 10_000, 1000), MAX_SPLITS);
+    }
 }

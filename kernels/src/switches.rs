@@ -10,6 +10,7 @@
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
+//! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
 //! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device, rows and k |
@@ -34,6 +35,8 @@ pub struct Switches {
     pub no_flash: bool,
     pub no_fused_gemv: bool,
     pub flash_kernel: PrefillKernel,
+    /// Key splits of the mma flash kernels.
+    pub flash_splits: Option<usize>,
     pub timeline: bool,
     pub graph_checked: bool,
     /// (threads an output, outputs a cube).
@@ -133,6 +136,16 @@ impl Switches {
                 .map_err(|e| anyhow::anyhow!("CUBEQWEN_FLASH_KERNEL: {e:#}"))?,
             None => PrefillKernel::Auto,
         };
+        let flash_splits = match get("CUBEQWEN_FLASH_SPLITS") {
+            Some(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=crate::flash::MAX_SPLITS).contains(&n) => Some(n),
+                _ => bail!(
+                    "CUBEQWEN_FLASH_SPLITS={v}: expected a number from 1 to {}",
+                    crate::flash::MAX_SPLITS
+                ),
+            },
+            _ => None,
+        };
         let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
             Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -163,6 +176,7 @@ impl Switches {
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
             no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
             flash_kernel,
+            flash_splits,
             timeline: flag("CUBEQWEN_TIMELINE")?,
             graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
             gemv_shape,
@@ -197,7 +211,7 @@ mod tests {
         assert!(!s.graph_checked && !s.no_fused_gemv);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
-        assert_eq!(s.cubek_tiling, None);
+        assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
     }
 
     #[test]
@@ -220,6 +234,7 @@ mod tests {
             ("CUBEQWEN_FLASH_KERNEL", "portable"),
             ("CUBEQWEN_CUBEK_STRATEGY", "simple_cyclic_cmma"),
             ("CUBEQWEN_CUBEK_TILING", "tiles=4, pk=4,buf=single"),
+            ("CUBEQWEN_FLASH_SPLITS", "8"),
         ])
         .unwrap();
         assert_eq!(
@@ -232,6 +247,7 @@ mod tests {
             (Some(4), None, Some(4), Some(true))
         );
         assert_eq!(s.gemv_shape, Some((16, 4)));
+        assert_eq!(s.flash_splits, Some(8));
         assert_eq!(s.flash_kernel, PrefillKernel::Portable);
         assert_eq!(s.cubek_strategy.as_deref(), Some("simple_cyclic_cmma"));
     }
@@ -251,6 +267,8 @@ mod tests {
             ("CUBEQWEN_CUBEK_TILING", "buf=triple"),
             ("CUBEQWEN_CUBEK_TILING", "cols=2"),
             ("CUBEQWEN_CUBEK_TILING", "tiles=8,pn=4"),
+            ("CUBEQWEN_FLASH_SPLITS", "0"),
+            ("CUBEQWEN_FLASH_SPLITS", "65"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");

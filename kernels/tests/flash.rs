@@ -28,6 +28,8 @@ struct Case {
     /// Cache positions written before the checked call (chunked prefill: start > 0).
     start: usize,
     tokens: usize,
+    /// Key splits of the mma kernels (`None`: their own choice).
+    splits: Option<usize>,
     seed: u64,
 }
 
@@ -41,6 +43,7 @@ impl Case {
             head_dim,
             start: 0,
             tokens: 1,
+            splits: None,
             seed: fresh_seed(),
         }
     }
@@ -48,6 +51,12 @@ impl Case {
         Self {
             start,
             tokens,
+            ..self.clone()
+        }
+    }
+    fn split(&self, splits: usize) -> Self {
+        Self {
+            splits: Some(splits),
             ..self.clone()
         }
     }
@@ -75,6 +84,7 @@ impl RuntimeJob for Case {
             head_dim,
             start,
             tokens,
+            splits,
             seed,
         } = self;
         let total = start + tokens;
@@ -95,7 +105,11 @@ impl RuntimeJob for Case {
             &vec![POISON_F16; tokens * qw],
             &[tokens, qw],
         )?;
-        let options = PrefillOptions { kernel, pack_group };
+        let options = PrefillOptions {
+            kernel,
+            pack_group,
+            splits,
+        };
         attention_prefill_with(&client, options, &qd, &cache, n_heads, start, &od)?;
         let out = od.to_vec(&client)?;
         ensure_all_written(&out)?;
@@ -117,8 +131,8 @@ impl RuntimeJob for Case {
         }
         let err = rel_err(&got, &want);
         println!(
-            "prefill {kernel:?} pack_group={pack_group} heads {n_heads}/{n_kv} hd {head_dim}: \
-             tokens {start}..{total}: rel_err={err:.3e} (seed {seed})"
+            "prefill {kernel:?} pack_group={pack_group} splits={splits:?} heads {n_heads}/{n_kv} \
+             hd {head_dim}: tokens {start}..{total}: rel_err={err:.3e} (seed {seed})"
         );
         Ok(err)
     }
@@ -198,6 +212,17 @@ fn flash_mma_emulated_prefill() {
 }
 
 #[test]
+fn flash_mma_emulated_split_keys() {
+    // The key tiles split over cubes, their parts merged: 16 tokens at depth 300 (5 tiles in
+    // 3 splits of 2, 2, 1); 60 tokens at 100 in 3 splits of one tile (the first 28 tokens see
+    // none of the last split's keys); more splits asked than 37 positions have tiles (1).
+    let qwen05 = Case::new(PrefillKernel::MmaEmulated, 14, 2, 64);
+    check(qwen05.at(300, 16).split(4));
+    check(qwen05.at(100, 60).split(3));
+    check(qwen05.at(0, 37).split(2));
+}
+
+#[test]
 fn flash_auto_prefill() {
     // Auto: the mma kernel where the device has f16 mma.m16n8k16 (CUDA), else the portable one.
     check_kernel(PrefillKernel::Auto);
@@ -235,6 +260,11 @@ mod cuda {
         check_cuda(qwen05.at(20, 17));
         check_cuda(qwen05.at(511, 66));
         check_cuda(qwen05.at(4096, 512));
+        // Short chunks deep in the cache: the keys split by the kernel's own rule, and by hand.
+        check_cuda(qwen05.at(4096, 16));
+        check_cuda(qwen05.at(4096, 16).split(64));
+        check_cuda(qwen05.at(100, 60).split(3));
+        check_cuda(Case::new(PrefillKernel::Mma, 12, 2, 128).at(4000, 16));
         check_cuda(Case {
             pack_group: false,
             ..qwen05.at(10, 70)
