@@ -37,7 +37,11 @@ use cubeqwen_kernels::baseline::cubek_matmul;
 use cubeqwen_kernels::decode;
 use cubeqwen_kernels::elementwise::{embedding, swiglu};
 use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOptions};
-use cubeqwen_kernels::matmul::{cmma_supported, cubek_tma, MatmulVariant, RowChunked};
+use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv};
+use cubeqwen_kernels::gemv_mma::GemvMma;
+use cubeqwen_kernels::matmul::{
+    cmma_supported, cubek_tma, MatmulVariant, RowChunked, GEMV_SHORT_ROWS,
+};
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 use cubeqwen_kernels::rope::{rope_qk_append, Append, RopeTables};
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
@@ -617,7 +621,7 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
     let mut rng = Rng::new(13);
     let s = &SHAPES[0];
     let (d, ffn, qd, kvd) = (s.d, s.ffn, s.n_heads * s.hd, s.n_kv * s.hd);
-    let rows: &[usize] = if ctx.full { &[1, 2048] } else { &[1, 16] };
+    let rows: &[usize] = if ctx.full { &[1, 16, 2048] } else { &[1, 16] };
     for &m in rows {
         let x = f32s(ctx.client, &mut rng, &[m, d], 0.0, 1.0);
         let r = f16s(ctx.client, &mut rng, &[m, d], 1.0);
@@ -690,6 +694,50 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             (m * ffn * 6) as f64,
             0.0,
         );
+        if m <= GEMV_SHORT_ROWS {
+            // The fused GEMVs of a short chunk (one launch for q/k/v, one for gate/up + SwiGLU).
+            let ws = [qd, kvd, kvd].map(|n| f16s(ctx.client, &mut rng, &[n, d], 0.03));
+            let bs = [qd, kvd, kvd].map(|n| f32s(ctx.client, &mut rng, &[n], 0.0, 0.1));
+            let [qo, ko, vo] =
+                [qd, kvd, kvd].map(|n| DeviceTensor::<R, f16>::empty(ctx.client, &[m, n]));
+            let (qo, ko, vo) = (qo?, ko?, vo?);
+            let secs = ctx.time(c, &format!("small/gemv_qkv/m{m}"), 1, |_| {
+                let (w, b) = ([&ws[0], &ws[1], &ws[2]], [&bs[0], &bs[1], &bs[2]]);
+                gemv_qkv(ctx.client, &h, w, b, [&qo, &ko, &vo]).unwrap()
+            });
+            let n = qd + 2 * kvd;
+            ctx.record(
+                "small",
+                "gemv q/k/v",
+                format!("0.5B m{m}"),
+                (m, n, d, 0),
+                secs,
+                (n * d * 2 + m * (d + n) * 2) as f64,
+                (2 * m * n * d) as f64,
+            );
+            let (wg, wu) = (
+                f16s(ctx.client, &mut rng, &[ffn, d], 0.03),
+                f16s(ctx.client, &mut rng, &[ffn, d], 0.03),
+            );
+            let mut variants = vec![MatmulVariant::Gemv];
+            if m >= 2 && GemvMma::native(ctx.client).is_some() {
+                variants.push(MatmulVariant::GemvMma);
+            }
+            for v in variants {
+                let secs = ctx.time(c, &format!("small/gate_up_swiglu_{v:?}/m{m}"), 1, |_| {
+                    gemv_gate_up_swiglu(ctx.client, v, &h, &wg, &wu, &o).unwrap()
+                });
+                ctx.record(
+                    "small",
+                    &format!("{v:?} gate/up + swiglu"),
+                    format!("0.5B m{m}"),
+                    (m, ffn, d, 0),
+                    secs,
+                    (2 * ffn * d * 2 + m * (d + ffn) * 2) as f64,
+                    (4 * m * ffn * d) as f64,
+                );
+            }
+        }
     }
     // Embedding of 2048 tokens and top-k over one vocabulary row.
     let table = RowChunked::upload(ctx.client, &rng.f16_vec(s.vocab * d, 0.0, 1.0), s.vocab, d)?;

@@ -740,7 +740,11 @@ impl<'m, R: Runtime> Session<'m, R> {
 
             let bq = (!fault!(self.faults.drop_q_bias)).then_some(&layer.bq);
             match bq {
-                Some(bq) if self.gemv_fuses(client, t, &[&layer.wq, &layer.wk, &layer.wv]) => {
+                Some(bq)
+                    if self
+                        .gemv_fuses(client, t, &[&layer.wq, &layer.wk, &layer.wv])
+                        .is_some() =>
+                {
                     let w = [&layer.wq, &layer.wk, &layer.wv];
                     gemv_qkv(client, &h, w, [bq, &layer.bk, &layer.bv], [&q, &k, &v_proj])?
                 }
@@ -787,8 +791,11 @@ impl<'m, R: Runtime> Session<'m, R> {
                 (&layer.w_gate, &layer.w_up)
             };
             // The tracer sees gate and up: the unfused kernels (the same bits) while it looks.
-            if !tracing && self.gemv_fuses(client, t, &[w_gate, w_up]) {
-                gemv_gate_up_swiglu(client, &h, w_gate, w_up, &gate)?;
+            let fused = self
+                .gemv_fuses(client, t, &[w_gate, w_up])
+                .filter(|_| !tracing);
+            if let Some(variant) = fused {
+                gemv_gate_up_swiglu(client, variant, &h, w_gate, w_up, &gate)?;
             } else {
                 matmul(client, v, &h, w_gate, None, &gate)?;
                 matmul(client, v, &h, w_up, None, &up)?;
@@ -863,19 +870,21 @@ impl<'m, R: Runtime> Session<'m, R> {
         Ok((last, all))
     }
 
-    /// Whether the fused GEMVs take the products of `t` rows with `weights`: where they are on
-    /// and the matmul variant gives each weight to the GEMV at `t` rows.
+    /// Whether the fused GEMVs take the products of `t` rows with `weights`, and with which
+    /// GEMV: where they are on and the matmul variant gives each weight to the same GEMV
+    /// (`Gemv` or `GemvMma`) at `t` rows.
     fn gemv_fuses(
         &self,
         client: &ComputeClient<R>,
         t: usize,
         weights: &[&DeviceTensor<R, f16>],
-    ) -> bool {
-        self.fused_gemv
-            && weights.iter().all(|w| {
-                let (n, k) = (w.shape[0], w.shape[1]);
-                resolve_variant(client, self.variant, t, n, k) == MatmulVariant::Gemv
-            })
+    ) -> Option<MatmulVariant> {
+        let of = |w: &DeviceTensor<R, f16>| {
+            resolve_variant(client, self.variant, t, w.shape[0], w.shape[1])
+        };
+        let first = of(weights.first()?);
+        let gemv = matches!(first, MatmulVariant::Gemv | MatmulVariant::GemvMma);
+        (self.fused_gemv && gemv && weights.iter().all(|w| of(w) == first)).then_some(first)
     }
 
     /// RoPE on `q` and `k` and the cache append of k and v, in one launch (with the

@@ -133,7 +133,7 @@ impl RuntimeJob for Production {
         );
 
         // On CUDA the long chunks must take the tensor-core path (cubek) and the short ones
-        // the GEMV, as the real model's prompts do.
+        // the tensor-core GEMV, as the real model's prompts do.
         let long = resolve_variant(
             &client,
             MatmulVariant::Auto,
@@ -144,9 +144,9 @@ impl RuntimeJob for Production {
         let short = resolve_variant(&client, MatmulVariant::Auto, CHUNK, cfg.hidden, cfg.hidden);
         if std::env::var("CUBEQWEN_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
             ensure!(
-                long == MatmulVariant::Cubek && short == MatmulVariant::Gemv,
+                long == MatmulVariant::Cubek && short == MatmulVariant::GemvMma,
                 "on CUDA a {long_chunk}-row prefill chunk resolves to {long:?} (not Cubek) or a \
-                 {CHUNK}-row one to {short:?} (not Gemv)"
+                 {CHUNK}-row one to {short:?} (not GemvMma)"
             );
         }
 

@@ -399,8 +399,8 @@ const MMA_BK: usize = 64;
 /// plane reads for one fragment fall in 32 distinct banks.
 const MMA_PAD: usize = 4;
 
-type Pair16 = Vector<f16, Const<2>>;
-type Pair32 = Vector<f32, Const<2>>;
+pub(crate) type Pair16 = Vector<f16, Const<2>>;
+pub(crate) type Pair32 = Vector<f32, Const<2>>;
 
 /// `c += a · b` for one `mma.m16n8k16` (f16 in, f32 accumulate) of a plane, in the registers
 /// of PTX's layout: lane `l` (`g = l / 4`, `t = l % 4`) holds
@@ -413,7 +413,7 @@ type Pair32 = Vector<f32, Const<2>>;
 /// and each lane computes its four sums in f32: the same layout, on every runtime. Every unit
 /// of the cube must call it (the emulation synchronizes the cube).
 #[cube]
-fn mma_16816(
+pub(crate) fn mma_16816(
     a: &Array<Pair16>,
     b: &Array<Pair16>,
     c: &mut Array<Pair32>,

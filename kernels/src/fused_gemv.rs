@@ -8,16 +8,21 @@
 //!
 //! Both are the `Gemv` matmul variant's dot product ([`crate::matmul::gemv_partials`], the
 //! same threads an output and rows a cube) and round where the unfused kernels store, so they
-//! compute the same values as those, bit for bit (the tests check it, and against f64). The
-//! forward pass takes them where `Auto` gives every weight involved to the GEMV.
+//! compute the same values as those, bit for bit (the tests check it, and against f64); the
+//! gate/up kernel also runs on tensor cores ([`crate::gemv_mma`], the same bits as
+//! `GemvMma` matmuls). The forward pass takes them where `Auto` gives every weight involved
+//! to a GEMV.
 //!
 //! References: [`crate::matmul::reference`] for each projection, [`reference_gate_up_swiglu`].
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 
-use crate::matmul::{gemv_partials, gemv_rows, gemv_shape, product_shape, vector_size};
+use crate::gemv_mma::{gate_up_swiglu_mma, GemvMma};
+use crate::matmul::{
+    gemv_partials, gemv_rows, gemv_shape, product_shape, vector_size, MatmulVariant,
+};
 use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::{DeviceTensor, KernelError};
 
@@ -295,15 +300,26 @@ pub fn gemv_qkv<R: Runtime, F: Float + CubeElement>(
 }
 
 /// `out = silu(x·W_gateᵀ)·(x·W_upᵀ)`, each product rounded to `F` first (as the unfused
-/// matmuls store them): x `[m, k]`, the weights `[n, k]`, out `[m, n]`.
+/// matmuls store them): x `[m, k]`, the weights `[n, k]`, out `[m, n]`; with the products of
+/// `variant`: `Gemv` (this module's kernel) or `GemvMma` (tensor cores,
+/// [`crate::gemv_mma::gate_up_swiglu_mma`]; emulated where the device has no mma).
 pub fn gemv_gate_up_swiglu<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    variant: MatmulVariant,
     x: &DeviceTensor<R, F>,
     w_gate: &DeviceTensor<R, F>,
     w_up: &DeviceTensor<R, F>,
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
     let op = "gemv gate/up + SwiGLU";
+    match variant {
+        MatmulVariant::Gemv => {}
+        MatmulVariant::GemvMma => {
+            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
+            return gate_up_swiglu_mma(client, how, x, w_gate, w_up, out);
+        }
+        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    }
     let (m, k, n) = product_shape(x, w_gate)?;
     ensure!(
         w_up.shape == w_gate.shape,

@@ -35,6 +35,7 @@ pub mod elementwise;
 pub mod error;
 pub mod flash;
 pub mod fused_gemv;
+pub mod gemv_mma;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod grid;

@@ -8,11 +8,13 @@
 //! - `Gemv`: for few rows (decode, short prompts): a warp shares one output (up to 8 for a long
 //!   k), vectorised loads along k, up to 16 rows of x per cube (each weight vector loaded once
 //!   for all of them).
+//! - `GemvMma`: 2 to 32 rows on tensor cores, a plane a 16 × 8 tile ([`crate::gemv_mma`]).
 //! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
 //! - `Cubek`: cubek's matmul (outside CubeCL kernels), bias added after; any runtime.
-//! - `Auto`: `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
+//! - `Auto`: where the device has f16 `mma.m16n8k16`, `GemvMma` for 2 to 16 rows (and up to 32
+//!   for weights of at most [`GEMV_SHORT_MAX_BYTES`]); else `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
 //!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Cubek` (its TMA
 //!   kernel at [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third
@@ -26,6 +28,7 @@ use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use half::f16;
 
+use crate::gemv_mma::TILE_ROWS;
 use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::{DeviceTensor, KernelError};
 
@@ -36,6 +39,9 @@ pub enum MatmulVariant {
     Tiled,
     Cmma,
     Gemv,
+    /// Tensor cores for 2 to 32 rows ([`crate::gemv_mma`]): `mma.m16n8k16` on CUDA (sm_80+),
+    /// each mma through shared memory elsewhere (slow; tests). f16, k a multiple of 32.
+    GemvMma,
     Blocked,
     /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias
     /// added by `add_bias_kernel`; into columns of a wider output through a scratch
@@ -51,10 +57,11 @@ impl std::str::FromStr for MatmulVariant {
             "tiled" => Self::Tiled,
             "cmma" => Self::Cmma,
             "gemv" => Self::Gemv,
+            "gemv-mma" => Self::GemvMma,
             "blocked" => Self::Blocked,
             "cubek" => Self::Cubek,
             _ => bail!(
-                "unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv, blocked or cubek"
+                "unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv, gemv-mma, blocked or cubek"
             ),
         })
     }
@@ -529,6 +536,17 @@ pub fn resolve_variant<R: Runtime>(
     k: usize,
 ) -> MatmulVariant {
     match variant {
+        // Tensor cores for 2 to 16 rows of any weight, and up to 32 rows of the weights the
+        // scalar GEMV takes (above them cubek's tiles, which read W once for all rows).
+        MatmulVariant::Auto
+            if m >= 2
+                && (m <= TILE_ROWS
+                    || (m <= GEMV_SHORT_ROWS && n * k * 2 <= GEMV_SHORT_MAX_BYTES))
+                && k.is_multiple_of(32)
+                && gemv_mma_auto(client) =>
+        {
+            MatmulVariant::GemvMma
+        }
         MatmulVariant::Auto if m <= GEMV_MAX_ROWS => MatmulVariant::Gemv,
         // Above it, on tensor-core devices, cubek rather than `Cmma`: `Cmma` was 1% of cuBLAS at
         // 2048 rows and made a 16-token prompt wait 30 ms on the H100 (BENCHMARKS.md, "short
@@ -551,6 +569,12 @@ pub fn resolve_variant<R: Runtime>(
         MatmulVariant::Auto => MatmulVariant::Tiled,
         v => v,
     }
+}
+
+/// Whether `Auto` may take [`MatmulVariant::GemvMma`]: the device has f16 `mma.m16n8k16` and
+/// `CUBEQWEN_NO_GEMV_MMA` is not set.
+fn gemv_mma_auto<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    crate::flash::mma_supported(client) && !crate::switches::switches().is_ok_and(|s| s.no_gemv_mma)
 }
 
 /// `y[i][j] += bias[j]` over a whole `[m, n]` output (the `Cubek` variant's bias).
@@ -1091,6 +1115,11 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         return Ok(());
     }
     match resolved {
+        MatmulVariant::GemvMma => {
+            let how = crate::gemv_mma::GemvMma::native(client)
+                .unwrap_or(crate::gemv_mma::GemvMma::Emulated);
+            crate::gemv_mma::gemv_mma(client, how, x, w, bias, y, col_off)?;
+        }
         MatmulVariant::Tiled => {
             matmul_tiled::launch::<F, O, R>(
                 client,

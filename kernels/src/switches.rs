@@ -9,6 +9,7 @@
 //! | `CUBEQWEN_NO_ASYNC_COPY` | the decode GEMVs read their weights after the wait | `cp.async` prefetch (CUDA, sm_80+) |
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
+//! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
@@ -34,6 +35,7 @@ pub struct Switches {
     pub no_async_copy: bool,
     pub no_flash: bool,
     pub no_fused_gemv: bool,
+    pub no_gemv_mma: bool,
     pub flash_kernel: PrefillKernel,
     /// Key splits of the mma flash kernels.
     pub flash_splits: Option<usize>,
@@ -175,6 +177,7 @@ impl Switches {
             no_async_copy: flag("CUBEQWEN_NO_ASYNC_COPY")?,
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
             no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
+            no_gemv_mma: flag("CUBEQWEN_NO_GEMV_MMA")?,
             flash_kernel,
             flash_splits,
             timeline: flag("CUBEQWEN_TIMELINE")?,
@@ -208,7 +211,7 @@ mod tests {
     fn unset_is_every_default() {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
-        assert!(!s.graph_checked && !s.no_fused_gemv);
+        assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));

@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::elementwise::swiglu;
 use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv, reference_gate_up_swiglu};
+use cubeqwen_kernels::gemv_mma::GemvMma;
 use cubeqwen_kernels::matmul::{matmul, reference, MatmulVariant};
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
@@ -95,10 +96,20 @@ device_test! {
 
 device_test! {
     /// gate/up + SwiGLU of the 0.5B layer (896 → 4864) and of a small one (224 → 384) against
-    /// f64 and against two `Gemv` matmuls and `swiglu`.
+    /// f64 and against two matmuls and `swiglu`, with the scalar GEMV and with tensor cores
+    /// (emulated off CUDA: the small layer only there).
     fn gemv_gate_up_swiglu_matches_reference_and_the_unfused_kernels<R>(client, seed) {
         let mut rng = Rng::new(seed);
-        for (n, k) in [(4864, 896), (384, 224)] {
+        let native = GemvMma::native(client).is_some();
+        let mut cases = Vec::new();
+        for variant in [MatmulVariant::Gemv, MatmulVariant::GemvMma] {
+            for (n, k) in [(4864, 896), (384, 224)] {
+                if variant == MatmulVariant::Gemv || native || k == 224 {
+                    cases.push((variant, n, k));
+                }
+            }
+        }
+        for (variant, n, k) in cases {
             for m in ROWS {
                 let x = rng.f16_vec(m * k, 0.0, 1.0);
                 let wg = rng.f16_vec(n * k, 0.0, 2.0 / (k as f64).sqrt());
@@ -107,7 +118,7 @@ device_test! {
                 let gd = DeviceTensor::<R, f16>::from_slice(client, &wg, &[n, k])?;
                 let ud = DeviceTensor::<R, f16>::from_slice(client, &wu, &[n, k])?;
                 let out = poisoned(client, m, n)?;
-                gemv_gate_up_swiglu(client, &xd, &gd, &ud, &out)?;
+                gemv_gate_up_swiglu(client, variant, &xd, &gd, &ud, &out)?;
                 let got = out.to_vec(client)?;
                 let want = reference_gate_up_swiglu(
                     &f16_to_f64(&x),
@@ -118,13 +129,13 @@ device_test! {
                     k,
                 );
                 let err = rel_err(&f16_to_f64(&got), &want);
-                println!("gemv gate/up + SwiGLU m={m:2} n={n} k={k}: rel_err={err:.3e}");
-                ensure!(err <= TOL, "m={m} n={n}: rel_err {err:.3e} > {TOL:.0e}");
+                println!("gemv gate/up + SwiGLU {variant:?} m={m:2} n={n} k={k}: rel_err={err:.3e}");
+                ensure!(err <= TOL, "{variant:?} m={m} n={n}: rel_err {err:.3e} > {TOL:.0e}");
                 let (g, u) = (poisoned(client, m, n)?, poisoned(client, m, n)?);
-                matmul(client, MatmulVariant::Gemv, &xd, &gd, None, &g)?;
-                matmul(client, MatmulVariant::Gemv, &xd, &ud, None, &u)?;
+                matmul(client, variant, &xd, &gd, None, &g)?;
+                matmul(client, variant, &xd, &ud, None, &u)?;
                 swiglu(client, &g, &u, &g)?;
-                same_bits(&format!("gate/up m={m} n={n}"), &got, &g.to_vec(client)?)?;
+                same_bits(&format!("gate/up {variant:?} m={m} n={n}"), &got, &g.to_vec(client)?)?;
             }
         }
         Ok(())
@@ -158,14 +169,20 @@ device_test! {
                 KernelError::unsupported("gemv q/k/v", "k has 4 outputs and v 8"),
             ),
             (
-                gemv_gate_up_swiglu(client, &x, &wq, &wk, &q),
+                gemv_gate_up_swiglu(client, MatmulVariant::Gemv, &x, &wq, &wk, &q),
                 KernelError::shape("gemv gate/up + SwiGLU", "W_up", "[8, 8]", &[4, 8]),
             ),
             (
-                gemv_gate_up_swiglu(client, &x, &wq, &wq, &k),
+                gemv_gate_up_swiglu(client, MatmulVariant::Gemv, &x, &wq, &wq, &k),
                 KernelError::shape("gemv gate/up + SwiGLU", "out", "[2, 8]", &[2, 4]),
             ),
         ];
+        let tiled = gemv_gate_up_swiglu(client, MatmulVariant::Tiled, &x, &wq, &wq, &q);
+        ensure!(
+            tiled.as_ref().err().and_then(|e| e.downcast_ref::<KernelError>())
+                == Some(&KernelError::unsupported("gemv gate/up + SwiGLU", "the Tiled matmul")),
+            "the Tiled variant was not refused: {tiled:?}"
+        );
         for (got, want) in refusals {
             let err = got.unwrap_err();
             ensure!(

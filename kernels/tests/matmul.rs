@@ -159,6 +159,25 @@ device_test! {
 }
 
 device_test! {
+    /// The tensor-core GEMV: 2 rows, 7 (a tile with 9 rows past m), 16 (a whole tile), 19 (a
+    /// tile and 3 rows). Off CUDA each mma is emulated through shared memory: there the
+    /// narrow 0.5B shapes only (q/o and k/v), on CUDA all of them.
+    fn matmul_gemv_mma_qwen_shapes<R>(client, seed) {
+        if cubeqwen_kernels::gemv_mma::GemvMma::native(client).is_some() {
+            return run_shapes(client, MatmulVariant::GemvMma, &[2, 7, 16, 19], seed);
+        }
+        for m in [2, 7, 19] {
+            for (n, k) in [(896, 896), (128, 896)] {
+                for bias in [true, false] {
+                    check(client, MatmulVariant::GemvMma, (m, n, k), bias, seed ^ (m * 31 + n) as u64)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+device_test! {
     /// Row counts that are not multiples of the block (1, 7, 33) exercise the edge clamps.
     fn matmul_blocked_qwen_shapes<R>(client, seed) {
         run_shapes(client, MatmulVariant::Blocked, &[1, 7, 33], seed)
