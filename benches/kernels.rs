@@ -703,7 +703,7 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             let (qo, ko, vo) = (qo?, ko?, vo?);
             let secs = ctx.time(c, &format!("small/gemv_qkv/m{m}"), 1, |_| {
                 let (w, b) = ([&ws[0], &ws[1], &ws[2]], [&bs[0], &bs[1], &bs[2]]);
-                gemv_qkv(ctx.client, &h, w, b, [&qo, &ko, &vo]).unwrap()
+                gemv_qkv(ctx.client, MatmulVariant::Gemv, &h, w, b, [&qo, &ko, &vo]).unwrap()
             });
             let n = qd + 2 * kvd;
             ctx.record(

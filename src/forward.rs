@@ -739,14 +739,11 @@ impl<'m, R: Runtime> Session<'m, R> {
             see(&name("attn_norm"), StepTensor::F16(&h))?;
 
             let bq = (!fault!(self.faults.drop_q_bias)).then_some(&layer.bq);
-            match bq {
-                Some(bq)
-                    if self
-                        .gemv_fuses(client, t, &[&layer.wq, &layer.wk, &layer.wv])
-                        .is_some() =>
-                {
-                    let w = [&layer.wq, &layer.wk, &layer.wv];
-                    gemv_qkv(client, &h, w, [bq, &layer.bk, &layer.bv], [&q, &k, &v_proj])?
+            let qkv = [&layer.wq, &layer.wk, &layer.wv];
+            match (bq, self.gemv_fuses(client, t, &qkv)) {
+                (Some(bq), Some(variant)) => {
+                    let b = [bq, &layer.bk, &layer.bv];
+                    gemv_qkv(client, variant, &h, qkv, b, [&q, &k, &v_proj])?
                 }
                 _ => {
                     matmul(client, v, &h, &layer.wq, bq, &q)?;

@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Result};
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 
-use crate::gemv_mma::{gate_up_swiglu_mma, GemvMma};
+use crate::gemv_mma::{gate_up_swiglu_mma, qkv_mma, GemvMma};
 use crate::matmul::{
     gemv_partials, gemv_rows, gemv_shape, product_shape, vector_size, MatmulVariant,
 };
@@ -242,9 +242,11 @@ fn vectors<R: Runtime, F: CubeElement>(t: &DeviceTensor<R, F>, vec: usize) -> Ar
 }
 
 /// `q, k, v = x·Wᵀ + b` for the three projections in one launch: x `[m, k]`, `w[i]` `[n_i, k]`
-/// (k and v of one width), `b[i]` `[n_i]` (f32), `out[i]` `[m, n_i]`.
+/// (k and v of one width), `b[i]` `[n_i]` (f32), `out[i]` `[m, n_i]`; with the products of
+/// `variant`: `Gemv` (this module's kernel) or `GemvMma` (tensor cores, [`crate::gemv_mma`]).
 pub fn gemv_qkv<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    variant: MatmulVariant,
     x: &DeviceTensor<R, F>,
     w: [&DeviceTensor<R, F>; 3],
     b: [&DeviceTensor<R, f32>; 3],
@@ -268,6 +270,14 @@ pub fn gemv_qkv<R: Runtime, F: Float + CubeElement>(
         n[1] == n[2],
         KernelError::unsupported(op, format!("k has {} outputs and v {}", n[1], n[2]))
     );
+    match variant {
+        MatmulVariant::Gemv => {}
+        MatmulVariant::GemvMma => {
+            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
+            return qkv_mma(client, how, x, w, b, out);
+        }
+        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    }
     let vec = vector_size(client, size_of::<F>(), k);
     let (threads, per_cube) = shape(client, m, k / vec, false)?;
     let (groups_q, groups_kv) = (n[0].div_ceil(per_cube), n[1].div_ceil(per_cube));

@@ -240,6 +240,125 @@ fn gemv_mma_kernel<O: Float, V: Size>(
     }
 }
 
+/// Writes plane 0's tile (after [`sum_planes`]) plus `bias` into `y` (`[m, n]`, f16) at rows
+/// `row0..`, columns `col0..`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile(
+    acc: &Array<Pair32>,
+    bias: &Array<f32>,
+    y: &mut Array<f16>,
+    row0: usize,
+    col0: usize,
+    m: usize,
+    n: usize,
+) {
+    let lane = UNIT_POS_X as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    if UNIT_POS_Y == 0 {
+        #[unroll]
+        for r in 0..2usize {
+            let row = row0 + g + 8 * r;
+            let v = acc[r];
+            #[unroll]
+            for h in 0..2usize {
+                let col = col0 + 2 * t + h;
+                if row < m && col < n {
+                    y[row * n + col] = f16::cast_from(v[h] + bias[col]);
+                }
+            }
+        }
+    }
+}
+
+/// q, k, v = `x·Wᵀ + b` of the three projections: cubes `CUBE_POS_X < tiles_q` take q's
+/// 8-output tiles, then `tiles_kv` k's, then v's.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn qkv_mma_kernel<V: Size>(
+    x: &Array<Vector<f16, V>>,
+    wq: &Array<Vector<f16, V>>,
+    wk: &Array<Vector<f16, V>>,
+    wv: &Array<Vector<f16, V>>,
+    bq: &Array<f32>,
+    bk: &Array<f32>,
+    bv: &Array<f32>,
+    q: &mut Array<f16>,
+    k: &mut Array<f16>,
+    v: &mut Array<f16>,
+    m: usize,
+    nq: usize,
+    nkv: usize,
+    tiles_q: usize,
+    tiles_kv: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] planes: usize,
+    #[comptime] steps: usize,
+    #[comptime] emulate: bool,
+) {
+    let tile = CUBE_POS_X as usize;
+    let row0 = CUBE_POS_Y as usize * TILE_ROWS;
+    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
+    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
+    let mut acc = zero_tile();
+    // Each cube takes one branch, all its units alike.
+    if tile < tiles_q {
+        let col0 = tile * TILE_COLS;
+        tile_partial::<V>(
+            x,
+            wq,
+            row0,
+            m,
+            col0,
+            nq,
+            &mut acc,
+            &mut scratch,
+            k_vec,
+            planes,
+            steps,
+            emulate,
+        );
+        sum_planes(&mut acc, &mut red, planes);
+        store_tile(&acc, bq, q, row0, col0, m, nq);
+    } else if tile < tiles_q + tiles_kv {
+        let col0 = (tile - tiles_q) * TILE_COLS;
+        tile_partial::<V>(
+            x,
+            wk,
+            row0,
+            m,
+            col0,
+            nkv,
+            &mut acc,
+            &mut scratch,
+            k_vec,
+            planes,
+            steps,
+            emulate,
+        );
+        sum_planes(&mut acc, &mut red, planes);
+        store_tile(&acc, bk, k, row0, col0, m, nkv);
+    } else {
+        let col0 = (tile - tiles_q - tiles_kv) * TILE_COLS;
+        tile_partial::<V>(
+            x,
+            wv,
+            row0,
+            m,
+            col0,
+            nkv,
+            &mut acc,
+            &mut scratch,
+            k_vec,
+            planes,
+            steps,
+            emulate,
+        );
+        sum_planes(&mut acc, &mut red, planes);
+        store_tile(&acc, bv, v, row0, col0, m, nkv);
+    }
+}
+
 /// `out = F(silu(F(x·W_gateᵀ))·F(x·W_upᵀ))`, both tiles of a cube's 8 columns in its registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -457,6 +576,52 @@ pub fn gate_up_swiglu_mma<R: Runtime, F: Float + CubeElement>(
         out.arg(),
         m,
         n,
+        k / vec,
+        planes,
+        steps,
+        how == GemvMma::Emulated,
+    );
+    Ok(())
+}
+
+/// q, k, v = `x·Wᵀ + b` of three projections in one launch on tensor cores (k and v of one
+/// width): x `[m, k]` f16, `w[i]` `[n_i, k]`, `b[i]` `[n_i]`, `out[i]` `[m, n_i]`; shapes
+/// checked by the caller ([`crate::fused_gemv::gemv_qkv`]).
+pub(crate) fn qkv_mma<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    how: GemvMma,
+    x: &DeviceTensor<R, F>,
+    w: [&DeviceTensor<R, F>; 3],
+    b: [&DeviceTensor<R, f32>; 3],
+    out: [&DeviceTensor<R, F>; 3],
+) -> Result<()> {
+    let op = "gemv q/k/v";
+    f16_only::<F>(op)?;
+    let (m, k, nq) = product_shape(x, w[0])?;
+    let nkv = w[1].shape[0];
+    let (vec, planes, steps) = shape(client, op, k)?;
+    let (tiles_q, tiles_kv) = (nq.div_ceil(TILE_COLS), nkv.div_ceil(TILE_COLS));
+    let count = grid(op, m, (tiles_q + 2 * tiles_kv) * TILE_COLS)?;
+    qkv_mma_kernel::launch::<R>(
+        client,
+        count,
+        CubeDim::new_2d(32, planes as u32),
+        vec,
+        vectors(x, vec),
+        vectors(w[0], vec),
+        vectors(w[1], vec),
+        vectors(w[2], vec),
+        b[0].arg(),
+        b[1].arg(),
+        b[2].arg(),
+        out[0].arg(),
+        out[1].arg(),
+        out[2].arg(),
+        m,
+        nq,
+        nkv,
+        tiles_q,
+        tiles_kv,
         k / vec,
         planes,
         steps,

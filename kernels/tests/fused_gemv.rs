@@ -43,10 +43,20 @@ fn same_bits(what: &str, got: &[f16], want: &[f16]) -> Result<()> {
 
 device_test! {
     /// q/k/v of the 0.5B layer (896 → 896, 128, 128) and of a small GQA-7 layer (224 → 224,
-    /// 32, 32) in one launch: each projection against f64 and against its own `Gemv` matmul.
+    /// 32, 32) in one launch: each projection against f64 and against its own matmul of the
+    /// same variant, the scalar GEMV and tensor cores (emulated off CUDA: the small layer).
     fn gemv_qkv_matches_reference_and_the_matmuls<R>(client, seed) {
         let mut rng = Rng::new(seed);
-        for (nq, nkv, k) in [(896, 128, 896), (224, 32, 224)] {
+        let native = GemvMma::native(client).is_some();
+        let mut cases = Vec::new();
+        for variant in [MatmulVariant::Gemv, MatmulVariant::GemvMma] {
+            for (nq, nkv, k) in [(896, 128, 896), (224, 32, 224)] {
+                if variant == MatmulVariant::Gemv || native || k == 224 {
+                    cases.push((variant, nq, nkv, k));
+                }
+            }
+        }
+        for (variant, nq, nkv, k) in cases {
             for m in ROWS {
                 let x = rng.f16_vec(m * k, 0.0, 1.0);
                 let xd = DeviceTensor::<R, f16>::from_slice(client, &x, &[m, k])?;
@@ -66,6 +76,7 @@ device_test! {
                 let out = (0..3).map(|i| poisoned(client, m, ns[i])).collect::<Result<Vec<_>>>()?;
                 gemv_qkv(
                     client,
+                    variant,
                     &xd,
                     [&wd[0], &wd[1], &wd[2]],
                     [&bd[0], &bd[1], &bd[2]],
@@ -82,11 +93,15 @@ device_test! {
                         k,
                     );
                     let err = rel_err(&f16_to_f64(&got), &want);
-                    println!("gemv q/k/v {name} m={m:2} n={:3} k={k}: rel_err={err:.3e}", ns[i]);
-                    ensure!(err <= TOL, "{name} m={m} k={k}: rel_err {err:.3e} > {TOL:.0e}");
+                    println!(
+                        "gemv q/k/v {variant:?} {name} m={m:2} n={:3} k={k}: rel_err={err:.3e}",
+                        ns[i]
+                    );
+                    ensure!(err <= TOL, "{variant:?} {name} m={m} k={k}: rel_err {err:.3e} > {TOL:.0e}");
                     let alone = poisoned(client, m, ns[i])?;
-                    matmul(client, MatmulVariant::Gemv, &xd, &wd[i], Some(&bd[i]), &alone)?;
-                    same_bits(&format!("{name} m={m} k={k}"), &got, &alone.to_vec(client)?)?;
+                    matmul(client, variant, &xd, &wd[i], Some(&bd[i]), &alone)?;
+                    let what = format!("{variant:?} {name} m={m} k={k}");
+                    same_bits(&what, &got, &alone.to_vec(client)?)?;
                 }
             }
         }
@@ -153,19 +168,19 @@ device_test! {
         let (q, k, v) = (t(&[2, 8])?, t(&[2, 4])?, t(&[2, 4])?);
         let refusals = [
             (
-                gemv_qkv(client, &x, [&wq, &wk, &w_odd], [&bq, &bk, &bk], [&q, &k, &v]),
+                gemv_qkv(client, MatmulVariant::Gemv, &x, [&wq, &wk, &w_odd], [&bq, &bk, &bk], [&q, &k, &v]),
                 KernelError::shape("matmul", "W", "[n, 8]", &[4, 6]),
             ),
             (
-                gemv_qkv(client, &x, [&wq, &wk, &wk], [&bq, &b3, &bk], [&q, &k, &v]),
+                gemv_qkv(client, MatmulVariant::Gemv, &x, [&wq, &wk, &wk], [&bq, &b3, &bk], [&q, &k, &v]),
                 KernelError::shape("gemv q/k/v", "bias", "[4]", &[3]),
             ),
             (
-                gemv_qkv(client, &x, [&wq, &wk, &wk], [&bq, &bk, &bk], [&q, &q, &v]),
+                gemv_qkv(client, MatmulVariant::Gemv, &x, [&wq, &wk, &wk], [&bq, &bk, &bk], [&q, &q, &v]),
                 KernelError::shape("gemv q/k/v", "out", "[2, 4]", &[2, 8]),
             ),
             (
-                gemv_qkv(client, &x, [&wq, &wk, &wq], [&bq, &bk, &bq], [&q, &k, &q]),
+                gemv_qkv(client, MatmulVariant::Gemv, &x, [&wq, &wk, &wq], [&bq, &bk, &bq], [&q, &k, &q]),
                 KernelError::unsupported("gemv q/k/v", "k has 4 outputs and v 8"),
             ),
             (
