@@ -67,10 +67,12 @@ impl std::str::FromStr for MatmulVariant {
     }
 }
 
-/// Rows up to which `Auto` takes `Gemv` for any weight.
+/// Rows up to which `Auto` takes `Gemv` for any weight (from 2 rows `GemvMma` where the
+/// device has the mma).
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// Rows up to which `Auto` takes `Gemv` on tensor-core devices for a weight of at most
+/// Rows up to which `Auto` takes `Gemv` on tensor-core devices without f16 `mma.m16n8k16`
+/// (with it, [`MatmulVariant::GemvMma`] up to [`GEMV_MMA_MAX_ROWS`]) for a weight of at most
 /// [`GEMV_SHORT_MAX_BYTES`] (or, up to [`GEMV_MAX_ROWS_PER_CUBE`] rows, twice that with fewer
 /// outputs than inputs: the down projection): the GEMV reads W once per
 /// [`GEMV_MAX_ROWS_PER_CUBE`] rows and spreads the outputs over all multiprocessors, where
