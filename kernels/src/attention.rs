@@ -437,9 +437,9 @@ fn launch_attention<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Merges the `parts` parts of each (token, head) row with the online-softmax rule
-/// ([`part_weight`]) into `out` (`[tokens, n_heads·hd]`): part `c` of row `th` (`token·n_heads
-/// + head`) at index `th·parts + c` of `part_max` and `part_sum`, and of `part_out` (`hd`
-/// each). The chunked attention's chunks and the flash kernel's key splits.
+/// ([`part_weight`]) into `out` (`[tokens, n_heads·hd]`): part `c` of row `th` (that is
+/// `token·n_heads + head`) at index `th·parts + c` of `part_max` and `part_sum`, and of
+/// `part_out` (`hd` each). The chunked attention's chunks and the flash kernel's key splits.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn combine_parts<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,

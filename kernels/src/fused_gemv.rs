@@ -39,9 +39,9 @@ fn gemv_qkv_kernel<F: Float, V: Size>(
     bq: &Array<f32>,
     bk: &Array<f32>,
     bv: &Array<f32>,
-    q: &mut Array<F>,
-    k: &mut Array<F>,
-    v: &mut Array<F>,
+    q_out: &mut Array<F>,
+    k_out: &mut Array<F>,
+    v_out: &mut Array<F>,
     m: usize,
     nq: usize,
     nkv: usize,
@@ -117,11 +117,11 @@ fn gemv_qkv_kernel<F: Float, V: Size>(
         if UNIT_POS_X == 0 && live && row0 + r < m {
             let at = (row0 + r) * n + col;
             if sec == 0u32 {
-                q[at] = F::cast_from(acc + bq[col]);
+                q_out[at] = F::cast_from(acc + bq[col]);
             } else if sec == 1u32 {
-                k[at] = F::cast_from(acc + bk[col]);
+                k_out[at] = F::cast_from(acc + bk[col]);
             } else {
-                v[at] = F::cast_from(acc + bv[col]);
+                v_out[at] = F::cast_from(acc + bv[col]);
             }
         }
     }
@@ -151,7 +151,7 @@ fn gemv_gate_up_swiglu_kernel<F: Float, V: Size>(
     let live = row0 < m && col < n;
 
     let mut partial = Array::<f32>::new(rows);
-    if ty % 2 == 0 {
+    if ty.is_multiple_of(2) {
         gemv_partials::<F, V>(
             x,
             w_gate,

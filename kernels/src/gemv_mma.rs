@@ -283,9 +283,9 @@ fn qkv_mma_kernel<V: Size>(
     bq: &Array<f32>,
     bk: &Array<f32>,
     bv: &Array<f32>,
-    q: &mut Array<f16>,
-    k: &mut Array<f16>,
-    v: &mut Array<f16>,
+    q_out: &mut Array<f16>,
+    k_out: &mut Array<f16>,
+    v_out: &mut Array<f16>,
     m: usize,
     nq: usize,
     nkv: usize,
@@ -319,7 +319,7 @@ fn qkv_mma_kernel<V: Size>(
             emulate,
         );
         sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bq, q, row0, col0, m, nq);
+        store_tile(&acc, bq, q_out, row0, col0, m, nq);
     } else if tile < tiles_q + tiles_kv {
         let col0 = (tile - tiles_q) * TILE_COLS;
         tile_partial::<V>(
@@ -337,7 +337,7 @@ fn qkv_mma_kernel<V: Size>(
             emulate,
         );
         sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bk, k, row0, col0, m, nkv);
+        store_tile(&acc, bk, k_out, row0, col0, m, nkv);
     } else {
         let col0 = (tile - tiles_q - tiles_kv) * TILE_COLS;
         tile_partial::<V>(
@@ -355,7 +355,7 @@ fn qkv_mma_kernel<V: Size>(
             emulate,
         );
         sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bv, v, row0, col0, m, nkv);
+        store_tile(&acc, bv, v_out, row0, col0, m, nkv);
     }
 }
 
