@@ -322,14 +322,6 @@ pub fn gemv_gate_up_swiglu<R: Runtime, F: Float + CubeElement>(
     out: &DeviceTensor<R, F>,
 ) -> Result<()> {
     let op = "gemv gate/up + SwiGLU";
-    match variant {
-        MatmulVariant::Gemv => {}
-        MatmulVariant::GemvMma => {
-            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
-            return gate_up_swiglu_mma(client, how, x, w_gate, w_up, out);
-        }
-        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
-    }
     let (m, k, n) = product_shape(x, w_gate)?;
     ensure!(
         w_up.shape == w_gate.shape,
@@ -339,6 +331,14 @@ pub fn gemv_gate_up_swiglu<R: Runtime, F: Float + CubeElement>(
         out.shape == [m, n],
         KernelError::shape(op, "out", format!("[{m}, {n}]"), &out.shape)
     );
+    match variant {
+        MatmulVariant::Gemv => {}
+        MatmulVariant::GemvMma => {
+            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
+            return gate_up_swiglu_mma(client, how, x, w_gate, w_up, out);
+        }
+        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    }
     let vec = vector_size(client, size_of::<F>(), k);
     let (threads, per_cube) = shape(client, m, k / vec, true)?;
     let groups = n.div_ceil(per_cube / 2);

@@ -298,65 +298,61 @@ fn qkv_mma_kernel<V: Size>(
 ) {
     let tile = CUBE_POS_X as usize;
     let row0 = CUBE_POS_Y as usize * TILE_ROWS;
-    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
-    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
-    let mut acc = zero_tile();
     // Each cube takes one branch, all its units alike.
     if tile < tiles_q {
         let col0 = tile * TILE_COLS;
-        tile_partial::<V>(
-            x,
-            wq,
-            row0,
-            m,
-            col0,
-            nq,
-            &mut acc,
-            &mut scratch,
-            k_vec,
-            planes,
-            steps,
-            emulate,
+        qkv_tile::<V>(
+            x, wq, bq, q_out, row0, m, col0, nq, k_vec, planes, steps, emulate,
         );
-        sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bq, q_out, row0, col0, m, nq);
     } else if tile < tiles_q + tiles_kv {
         let col0 = (tile - tiles_q) * TILE_COLS;
-        tile_partial::<V>(
-            x,
-            wk,
-            row0,
-            m,
-            col0,
-            nkv,
-            &mut acc,
-            &mut scratch,
-            k_vec,
-            planes,
-            steps,
-            emulate,
+        qkv_tile::<V>(
+            x, wk, bk, k_out, row0, m, col0, nkv, k_vec, planes, steps, emulate,
         );
-        sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bk, k_out, row0, col0, m, nkv);
     } else {
         let col0 = (tile - tiles_q - tiles_kv) * TILE_COLS;
-        tile_partial::<V>(
-            x,
-            wv,
-            row0,
-            m,
-            col0,
-            nkv,
-            &mut acc,
-            &mut scratch,
-            k_vec,
-            planes,
-            steps,
-            emulate,
+        qkv_tile::<V>(
+            x, wv, bv, v_out, row0, m, col0, nkv, k_vec, planes, steps, emulate,
         );
-        sum_planes(&mut acc, &mut red, planes);
-        store_tile(&acc, bv, v_out, row0, col0, m, nkv);
     }
+}
+
+/// One 16 × 8 tile of a projection with its bias, into `y` (`[m, n]`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn qkv_tile<V: Size>(
+    x: &Array<Vector<f16, V>>,
+    w: &Array<Vector<f16, V>>,
+    bias: &Array<f32>,
+    y: &mut Array<f16>,
+    row0: usize,
+    m: usize,
+    col0: usize,
+    n: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] planes: usize,
+    #[comptime] steps: usize,
+    #[comptime] emulate: bool,
+) {
+    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
+    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
+    let mut acc = zero_tile();
+    tile_partial::<V>(
+        x,
+        w,
+        row0,
+        m,
+        col0,
+        n,
+        &mut acc,
+        &mut scratch,
+        k_vec,
+        planes,
+        steps,
+        emulate,
+    );
+    sum_planes(&mut acc, &mut red, planes);
+    store_tile(&acc, bias, y, row0, col0, m, n);
 }
 
 /// `out = F(silu(F(x·W_gateᵀ))·F(x·W_upᵀ))`, both tiles of a cube's 8 columns in its registers.
@@ -544,8 +540,9 @@ pub fn gemv_mma<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
 }
 
 /// `out = silu(x·W_gateᵀ)·(x·W_upᵀ)` on tensor cores, each product rounded to f16 first: x
-/// `[m, k]`, the weights `[n, k]`, out `[m, n]`.
-pub fn gate_up_swiglu_mma<R: Runtime, F: Float + CubeElement>(
+/// `[m, k]`, the weights `[n, k]`, out `[m, n]`; shapes checked by the caller
+/// ([`crate::fused_gemv::gemv_gate_up_swiglu`]).
+pub(crate) fn gate_up_swiglu_mma<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     how: GemvMma,
     x: &DeviceTensor<R, F>,
@@ -556,14 +553,6 @@ pub fn gate_up_swiglu_mma<R: Runtime, F: Float + CubeElement>(
     let op = "gemv gate/up + SwiGLU";
     f16_only::<F>(op)?;
     let (m, k, n) = product_shape(x, w_gate)?;
-    ensure!(
-        w_up.shape == w_gate.shape,
-        KernelError::shape(op, "W_up", format!("{:?}", w_gate.shape), &w_up.shape)
-    );
-    ensure!(
-        out.shape == [m, n],
-        KernelError::shape(op, "out", format!("[{m}, {n}]"), &out.shape)
-    );
     let (vec, planes, steps) = shape(client, op, k)?;
     gate_up_swiglu_mma_kernel::launch::<R>(
         client,
