@@ -200,24 +200,27 @@ fn gemv_mma_kernel<O: Float, V: Size>(
 ) {
     let col0 = CUBE_POS_X as usize * TILE_COLS;
     let row0 = CUBE_POS_Y as usize * TILE_ROWS;
-    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
-    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
-    let mut acc = zero_tile();
-    tile_partial::<V>(
-        x,
-        w,
-        row0,
-        m,
-        col0,
-        n,
-        &mut acc,
-        &mut scratch,
-        k_vec,
-        planes,
-        steps,
-        emulate,
-    );
-    sum_planes(&mut acc, &mut red, planes);
+    let acc = summed_tile::<V>(x, w, row0, m, col0, n, k_vec, planes, steps, emulate);
+    store_tile::<O>(&acc, bias, y, row0, col0, m, n, ldy, col_off, has_bias);
+}
+
+/// Writes plane 0's tile (after [`sum_planes`]), plus `bias` at the same columns where
+/// `has_bias`, into columns `col_off + col0..` of rows `row0..` of `y` (`[m, ldy]`; the tile's
+/// `n` outputs are `col_off..col_off + n`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile<O: Float>(
+    acc: &Array<Pair32>,
+    bias: &Array<f32>,
+    y: &mut Array<O>,
+    row0: usize,
+    col0: usize,
+    m: usize,
+    n: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+) {
     let lane = UNIT_POS_X as usize;
     let (g, t) = (lane / 4, lane % 4);
     if UNIT_POS_Y == 0 {
@@ -240,35 +243,41 @@ fn gemv_mma_kernel<O: Float, V: Size>(
     }
 }
 
-/// Writes plane 0's tile (after [`sum_planes`]) plus `bias` into `y` (`[m, n]`, f16) at rows
-/// `row0..`, columns `col0..`.
+/// The whole 16 × 8 tile `x[row0..] · w[col0..]ᵀ` of a cube: its planes' partial tiles
+/// ([`tile_partial`]) added ([`sum_planes`]); complete in plane 0.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store_tile(
-    acc: &Array<Pair32>,
-    bias: &Array<f32>,
-    y: &mut Array<f16>,
+fn summed_tile<V: Size>(
+    x: &Array<Vector<f16, V>>,
+    w: &Array<Vector<f16, V>>,
     row0: usize,
-    col0: usize,
     m: usize,
+    col0: usize,
     n: usize,
-) {
-    let lane = UNIT_POS_X as usize;
-    let (g, t) = (lane / 4, lane % 4);
-    if UNIT_POS_Y == 0 {
-        #[unroll]
-        for r in 0..2usize {
-            let row = row0 + g + 8 * r;
-            let v = acc[r];
-            #[unroll]
-            for h in 0..2usize {
-                let col = col0 + 2 * t + h;
-                if row < m && col < n {
-                    y[row * n + col] = f16::cast_from(v[h] + bias[col]);
-                }
-            }
-        }
-    }
+    #[comptime] k_vec: usize,
+    #[comptime] planes: usize,
+    #[comptime] steps: usize,
+    #[comptime] emulate: bool,
+) -> Array<Pair32> {
+    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
+    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
+    let mut acc = zero_tile();
+    tile_partial::<V>(
+        x,
+        w,
+        row0,
+        m,
+        col0,
+        n,
+        &mut acc,
+        &mut scratch,
+        k_vec,
+        planes,
+        steps,
+        emulate,
+    );
+    sum_planes(&mut acc, &mut red, planes);
+    acc
 }
 
 /// q, k, v = `x·Wᵀ + b` of the three projections: cubes `CUBE_POS_X < tiles_q` take q's
@@ -334,25 +343,8 @@ fn qkv_tile<V: Size>(
     #[comptime] steps: usize,
     #[comptime] emulate: bool,
 ) {
-    let mut scratch = SharedMemory::<f32>::new(comptime!(if emulate { 384 * planes } else { 1 }));
-    let mut red = SharedMemory::<f32>::new(comptime!(planes * 32 * 4));
-    let mut acc = zero_tile();
-    tile_partial::<V>(
-        x,
-        w,
-        row0,
-        m,
-        col0,
-        n,
-        &mut acc,
-        &mut scratch,
-        k_vec,
-        planes,
-        steps,
-        emulate,
-    );
-    sum_planes(&mut acc, &mut red, planes);
-    store_tile(&acc, bias, y, row0, col0, m, n);
+    let acc = summed_tile::<V>(x, w, row0, m, col0, n, k_vec, planes, steps, emulate);
+    store_tile::<f16>(&acc, bias, y, row0, col0, m, n, n, 0, true);
 }
 
 /// `out = F(silu(F(x·W_gateᵀ))·F(x·W_upᵀ))`, both tiles of a cube's 8 columns in its registers.
