@@ -773,9 +773,26 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             0.0,
         );
     }
-    // The fused decode kernels (one token), cubecl-launched and, on CUDA, as graph replays.
-    let xs = f32s(ctx.client, &mut rng, &[1, d], 0.0, 1.0);
-    let nw = f32s(ctx.client, &mut rng, &[d], 1.0, 0.2);
+    // The fused decode kernels (one token), cubecl-launched and, on CUDA, as graph replays; the
+    // 1.5B and 7B shapes with CUBEQWEN_FULL_SHAPES.
+    let shapes: &[Shape] = if ctx.full { &SHAPES } else { &SHAPES[..1] };
+    for s in shapes {
+        decode_kernels(ctx, c, s, &mut rng)?;
+    }
+    Ok(())
+}
+
+/// The fused decode kernels of one token at shape `s`, cubecl-launched and, on CUDA, as graph
+/// replays (their names: `small/decode/{model} {kernel}`).
+fn decode_kernels<R: Runtime>(
+    ctx: &mut Ctx<R>,
+    c: &mut Criterion,
+    s: &Shape,
+    rng: &mut Rng,
+) -> Result<()> {
+    let (d, ffn, qd, kvd) = (s.d, s.ffn, s.n_heads * s.hd, s.n_kv * s.hd);
+    let xs = f32s(ctx.client, rng, &[1, d], 0.0, 1.0);
+    let nw = f32s(ctx.client, rng, &[d], 1.0, 0.2);
     let sets = sets_for((qd + 2 * kvd + d) * d * 2 + 2 * ffn * d * 2 + d * ffn * 2);
     struct L<R: Runtime> {
         wq: DeviceTensor<R, f16>,
@@ -793,16 +810,16 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         .map(|_| {
             let sd = 1.0 / (d as f64).sqrt();
             L {
-                wq: f16s(ctx.client, &mut rng, &[qd, d], sd),
-                wk: f16s(ctx.client, &mut rng, &[kvd, d], sd),
-                wv: f16s(ctx.client, &mut rng, &[kvd, d], sd),
-                bq: f32s(ctx.client, &mut rng, &[qd], 0.0, 0.5),
-                bk: f32s(ctx.client, &mut rng, &[kvd], 0.0, 0.5),
-                bv: f32s(ctx.client, &mut rng, &[kvd], 0.0, 0.5),
-                wo: f16s(ctx.client, &mut rng, &[d, qd], sd),
-                wg: f16s(ctx.client, &mut rng, &[ffn, d], sd),
-                wu: f16s(ctx.client, &mut rng, &[ffn, d], sd),
-                wd: f16s(ctx.client, &mut rng, &[d, ffn], 1.0 / (ffn as f64).sqrt()),
+                wq: f16s(ctx.client, rng, &[qd, d], sd),
+                wk: f16s(ctx.client, rng, &[kvd, d], sd),
+                wv: f16s(ctx.client, rng, &[kvd, d], sd),
+                bq: f32s(ctx.client, rng, &[qd], 0.0, 0.5),
+                bk: f32s(ctx.client, rng, &[kvd], 0.0, 0.5),
+                bv: f32s(ctx.client, rng, &[kvd], 0.0, 0.5),
+                wo: f16s(ctx.client, rng, &[d, qd], sd),
+                wg: f16s(ctx.client, rng, &[ffn, d], sd),
+                wu: f16s(ctx.client, rng, &[ffn, d], sd),
+                wd: f16s(ctx.client, rng, &[d, ffn], 1.0 / (ffn as f64).sqrt()),
             }
         })
         .collect();
@@ -810,8 +827,8 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
     let cache = KvCache::<R, f16>::new(ctx.client, s.n_kv, 64, s.hd)?;
     let st = decode::DecodeState::new(ctx.client, 17, 0)?;
     let q = DeviceTensor::<R, f16>::empty(ctx.client, &[1, qd])?;
-    let a = f16s(ctx.client, &mut rng, &[1, qd], 1.0);
-    let sv = f16s(ctx.client, &mut rng, &[1, ffn], 1.0);
+    let a = f16s(ctx.client, rng, &[1, qd], 1.0);
+    let sv = f16s(ctx.client, rng, &[1, ffn], 1.0);
     let so = DeviceTensor::<R, f16>::empty(ctx.client, &[1, ffn])?;
     let attn_in = |l: &L<R>, rec: decode::Rec<'_>| {
         let w = decode::AttnInWeights {
@@ -857,13 +874,14 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         ),
     ];
     for (name, bytes, f) in fused.iter() {
+        let name = format!("{} {name}", s.model);
         let secs = ctx.time(c, &format!("small/decode/{name}"), sets, |i| {
             f(&ls[i], None).unwrap()
         });
         ctx.record(
             "decode",
             "cubecl launch",
-            (*name).into(),
+            name.clone(),
             (1, 0, 0, 0),
             secs,
             *bytes as f64,
@@ -879,7 +897,7 @@ fn small_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             ctx.record(
                 "decode",
                 "graph",
-                (*name).into(),
+                name.clone(),
                 (1, 0, 0, 0),
                 secs,
                 *bytes as f64,

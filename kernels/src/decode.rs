@@ -800,6 +800,163 @@ fn ffn_in_kernel<F: Float, V: Size>(
     }
 }
 
+/// Commits this unit's `cp.async` copies since the last commit as one group (`async_copy`: a
+/// graph launch, where the recorder compiles the marker to `cp.async.commit_group`; nothing
+/// else, where the copies were plain stores).
+#[cube]
+fn commit_copy_group(#[comptime] async_copy: bool) {
+    if comptime!(async_copy) {
+        comment!("cubeqwen:cp-async-commit");
+    }
+}
+
+/// Waits until at most `pending` (≤ 3) of this unit's committed copy groups are still in
+/// flight (`cp.async.wait_group`; nothing without `async_copy`). A unit waits for its own
+/// copies only: the kernels that use it read back just the vectors each unit copied itself.
+#[cube]
+fn wait_copy_groups(#[comptime] async_copy: bool, #[comptime] pending: usize) {
+    if comptime!(async_copy) {
+        if comptime!(pending == 0) {
+            comment!("cubeqwen:cp-async-wait-0");
+        } else if comptime!(pending == 1) {
+            comment!("cubeqwen:cp-async-wait-1");
+        } else if comptime!(pending == 2) {
+            comment!("cubeqwen:cp-async-wait-2");
+        } else {
+            comment!("cubeqwen:cp-async-wait-3");
+        }
+    }
+}
+
+/// This lane's vectors (`lane, lane + LANES, ...` below `k_vec`) of row `row` of `w` into
+/// `dst[at..at + k_vec]`, where `valid`: `cp.async` 16-byte copies with `async_copy`, else plain
+/// loads and stores.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_row<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    row: usize,
+    valid: bool,
+    dst: &mut SharedMemory<Vector<F, V>>,
+    at: usize,
+    lane: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] async_copy: bool,
+) {
+    if valid {
+        #[unroll]
+        for j in 0..comptime!(k_vec.div_ceil(LANES)) {
+            let i = lane + j * LANES;
+            if i < k_vec {
+                let src = row * k_vec + i;
+                if comptime!(async_copy) {
+                    let vec = V::value().comptime() as u32;
+                    copy_async(
+                        &w.slice(src, src + 1),
+                        &mut dst.slice_mut(at + i, at + i + 1),
+                        vec,
+                    );
+                } else {
+                    dst[at + i] = w[src];
+                }
+            }
+        }
+    }
+}
+
+/// [`ffn_in_kernel`]'s function, streamed: each plane computes the row pairs `p, p + planes,
+/// p + 2·planes, ...` (`steps` of them; `planes` = every plane of the grid, which is sized to be
+/// resident at once) and keeps `stages` of them in flight in its own shared-memory ring. The
+/// first `stages` are issued before [`grid_dependency`]; after the RMSNorm each step waits for
+/// its oldest pair only (each lane its own copies: a lane reads back just the vectors it
+/// copied), computes it, and refills the slot with the pair `stages` steps ahead. So the dot
+/// products start when the first rows land instead of when a cube's last row does, and the
+/// rows of a grid larger than the GPU stream through instead of coming in waves.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn ffn_in_stream_kernel<F: Float, V: Size>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
+    w_gate: &Array<Vector<F, V>>,
+    w_up: &Array<Vector<F, V>>,
+    s: &mut Array<F>,
+    ffn: usize,
+    eps: f32,
+    #[comptime] d: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stages: usize,
+    #[comptime] steps: usize,
+    #[comptime] planes: usize,
+    #[comptime] row_sum: Reduction,
+    #[comptime] cube: Reduction,
+    #[comptime] async_copy: bool,
+) {
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let plane = CUBE_POS * PLANES + y;
+    let slot = comptime!(2 * k_vec);
+    let mut h = SharedMemory::<f32>::new(d);
+    let mut ring = SharedMemory::<Vector<F, V>>::new(comptime!(PLANES * stages * 2 * k_vec));
+    let mine = y * comptime!(stages * 2 * k_vec);
+    #[unroll]
+    for t in 0..stages {
+        let row = plane + t * planes;
+        let at = mine + t * slot;
+        let valid = row < ffn;
+        stage_row::<F, V>(w_gate, row, valid, &mut ring, at, lane, k_vec, async_copy);
+        stage_row::<F, V>(
+            w_up,
+            row,
+            valid,
+            &mut ring,
+            at + k_vec,
+            lane,
+            k_vec,
+            async_copy,
+        );
+        commit_copy_group(async_copy);
+    }
+    grid_dependency();
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+    let iters = comptime!(k_vec.div_ceil(LANES));
+    // Not unrolled: without plane operations (wgpu) each reduction is a shared array of its own.
+    for t in 0..steps {
+        wait_copy_groups(async_copy, comptime!(stages - 1));
+        let row = plane + t * planes;
+        let at = mine + (t % stages) * slot;
+        let r = dot2_rows::<F, V>(
+            &ring.slice(at, at + k_vec),
+            &ring.slice(at + k_vec, at + slot),
+            &h,
+            lane,
+            k_vec,
+            LANES,
+            iters,
+        );
+        let g = reduce_sum::<f32>(r.a, row_sum);
+        let u = reduce_sum::<f32>(r.b, row_sum);
+        if row < ffn && lane == 0 {
+            let g = f32::cast_from(F::cast_from(g));
+            let u = f32::cast_from(F::cast_from(u));
+            s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
+        }
+        let next = row + stages * planes;
+        let valid = t + stages < steps && next < ffn;
+        stage_row::<F, V>(w_gate, next, valid, &mut ring, at, lane, k_vec, async_copy);
+        stage_row::<F, V>(
+            w_up,
+            next,
+            valid,
+            &mut ring,
+            at + k_vec,
+            lane,
+            k_vec,
+            async_copy,
+        );
+        commit_copy_group(async_copy);
+    }
+}
+
 /// Logits of one token for rows `row0..row0 + n` of the lm_head (a chunk `w` of it): the
 /// output norm of the residual stream `x` (rounded to `F`, recomputed by every cube) times each
 /// row; and each cube's best two (value, id) into `partial` (4 values per cube: v1, id1, v2,
@@ -1033,6 +1190,93 @@ fn async_prefetch<R: Runtime>(
         && vec_bytes == ASYNC_COPY_BYTES
         && smem_bytes + 1024 <= props.hardware.max_shared_memory_size
         && !crate::switches::switches()?.no_async_copy)
+}
+
+/// Row pairs in flight a plane of the streamed `ffn_in` by default (`CUBEQWEN_FFN_STAGES`
+/// overrides; 0 is the one-shot kernel).
+pub const FFN_STAGES: usize = 2;
+/// The most row pairs a plane of the streamed `ffn_in` keeps in flight (`cp.async.wait_group`
+/// counts to 3 pending behind the oldest).
+pub const MAX_FFN_STAGES: usize = 4;
+/// Cubes of the streamed `ffn_in` where the device does not say how many multiprocessors it
+/// has (wgpu): enough planes that the 0.5B shape takes several steps a plane.
+const FFN_STREAM_CUBES_UNKNOWN: usize = 32;
+
+/// The grid of the streamed `ffn_in`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FfnStreamPlan {
+    /// Cubes of [`PLANES`] planes, all resident at once where the device's size is known.
+    pub cubes: usize,
+    /// Row pairs a plane computes.
+    pub steps: usize,
+    /// Row pairs in flight a plane (≤ `steps`).
+    pub stages: usize,
+    /// Shared-memory bytes a cube.
+    pub smem: usize,
+}
+
+/// The streamed `ffn_in`'s grid for `ffn` row pairs of `row_bytes` each (one row of gate or
+/// up) and a norm of `d` f32s, with `stages` row pairs in flight a plane: as many cubes as fit
+/// the device's multiprocessors at once (by shared memory), no more than the rows need.
+/// Fewer stages where `stages` would not fit a cube's shared memory; `None` for `stages` 0 (the
+/// one-shot kernel) or where not even one row pair a plane fits.
+pub fn ffn_stream_plan<R: Runtime>(
+    client: &ComputeClient<R>,
+    ffn: usize,
+    d: usize,
+    row_bytes: usize,
+    stages: usize,
+) -> Option<FfnStreamPlan> {
+    let hw = &client.properties().hardware;
+    // The kernel's three reductions (the norm's, gate's and up's): a shared array of a value a
+    // unit each without plane operations, of a value a plane each with them.
+    let per = if row_sum(client, 1).plane == 0 {
+        1
+    } else {
+        LANES
+    };
+    let scratch = 3 * (LANES * PLANES / per) * size_of::<f32>();
+    ffn_stream_grid(
+        ffn,
+        d * size_of::<f32>() + scratch,
+        row_bytes,
+        stages,
+        hw.max_shared_memory_size,
+        hw.num_streaming_multiprocessors.map(|n| n as usize),
+    )
+}
+
+/// [`ffn_stream_plan`] for a device with `max_smem` bytes of shared memory a cube (a
+/// multiprocessor holds that plus 1 KiB a resident cube) and `sms` multiprocessors; `fixed`:
+/// the cube's shared bytes besides the ring (the normed input, the reductions).
+pub fn ffn_stream_grid(
+    ffn: usize,
+    fixed: usize,
+    row_bytes: usize,
+    stages: usize,
+    max_smem: usize,
+    sms: Option<usize>,
+) -> Option<FfnStreamPlan> {
+    const RESERVED: usize = 1024;
+    if stages == 0 || ffn == 0 {
+        return None;
+    }
+    let smem_for = |stages: usize| PLANES * stages * 2 * row_bytes + fixed;
+    // Fewer stages where the ring would not fit a cube (small shared memories: wgpu).
+    let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
+    let need = ffn.div_ceil(PLANES);
+    let cubes = match sms {
+        Some(sms) => need.min(sms * ((max_smem + RESERVED) / (smem_for(stages) + RESERVED))),
+        None => need.min(FFN_STREAM_CUBES_UNKNOWN),
+    };
+    let steps = ffn.div_ceil(cubes * PLANES);
+    let stages = stages.min(steps);
+    Some(FfnStreamPlan {
+        cubes,
+        steps,
+        stages,
+        smem: smem_for(stages),
+    })
 }
 
 fn cube_count(n: usize) -> Result<CubeCount> {
@@ -1278,7 +1522,8 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         comptime [k_vec, split, row_sum(client, split), prefetch])
 }
 
-/// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`.
+/// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`; streamed with
+/// `CUBEQWEN_FFN_STAGES` (default [`FFN_STAGES`]) row pairs in flight a plane ([`ffn_in_with`]).
 #[allow(clippy::too_many_arguments)]
 pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -1289,6 +1534,28 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     w_up: &DeviceTensor<R, F>,
     eps: f32,
     s: &DeviceTensor<R, F>,
+) -> Result<()> {
+    let stages = crate::switches::switches()?
+        .ffn_stages
+        .unwrap_or(FFN_STAGES);
+    ffn_in_with(client, rec, x, norm, w_gate, w_up, eps, s, stages)
+}
+
+/// [`ffn_in`] with `stages` row pairs in flight a plane ([`ffn_stream_plan`]; fewer where they
+/// do not fit): the streamed kernel; 0 (or not even one stage fits): the one-shot kernel, where
+/// each cube stages all its rows and waits once. Both give the same bits where the one-shot
+/// kernel gives a row one plane (the shapes of Qwen2.5).
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_in_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    rec: Rec<'_>,
+    x: &DeviceTensor<R, f32>,
+    norm: &DeviceTensor<R, f32>,
+    w_gate: &DeviceTensor<R, F>,
+    w_up: &DeviceTensor<R, F>,
+    eps: f32,
+    s: &DeviceTensor<R, F>,
+    stages: usize,
 ) -> Result<()> {
     let d = x.len();
     ensure!(
@@ -1304,8 +1571,19 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     );
     let vec = vector_size(client, size_of::<F>(), d);
     let k_vec = d / vec;
-    let split = split_for(k_vec, ffn);
     let vec_bytes = vec * size_of::<F>();
+    if let Some(plan) = ffn_stream_plan(client, ffn, d, k_vec * vec_bytes, stages) {
+        // cp.async only where the graph recorder compiles the kernel (it turns the group
+        // markers into instructions); cubecl's own launches stage with plain loads.
+        let async_copy = rec.is_some() && async_prefetch(client, vec_bytes, plan.smem)?;
+        return launch!(rec, client, ffn_in_stream_kernel::FfnInStreamKernel<F>,
+            cube_count(plan.cubes)?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+            sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
+            scalars [usize ffn, f32 eps];
+            comptime [d, k_vec, plan.stages, plan.steps, plan.cubes * PLANES,
+                row_sum(client, 1), gemv_cube(client), async_copy]);
+    }
+    let split = split_for(k_vec, ffn);
     let smem = 2 * (PLANES / split) * k_vec * vec_bytes + d * size_of::<f32>();
     let prefetch = async_prefetch(client, vec_bytes, smem)?;
     launch!(rec, client, ffn_in_kernel::FfnInKernel<F>,
@@ -1433,4 +1711,36 @@ pub fn reference_ffn_in(
 pub fn reference_gemv_residual(w: &[f64], a: &[f64], x: &[f64]) -> Vec<f64> {
     let y = crate::matmul::reference(a, w, None, 1, x.len(), a.len());
     x.iter().zip(y).map(|(x, y)| x + y).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H100's or H200's shared memory: 227 KiB a cube, 228 a multiprocessor; 132 of them.
+    const SMEM: usize = 232_448;
+
+    #[test]
+    fn ffn_stream_grid_fills_the_gpu_once() {
+        // 0.5B: 1792-byte rows, 2 stages: 60 928 bytes a cube, 3 a multiprocessor, 396 cubes
+        // (3 168 planes), 2 steps.
+        let p = ffn_stream_grid(4864, 3584, 1792, 2, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages, p.smem), (396, 2, 2, 60_928));
+        // 1.5B: 3072-byte rows: 2 a multiprocessor, 264 cubes, 5 steps.
+        let p = ffn_stream_grid(8960, 6144, 3072, 2, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (264, 5, 2));
+        // More stages than steps: as many as there are steps.
+        let p = ffn_stream_grid(4864, 3584, 1792, 4, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (132, 5, 4));
+        let p = ffn_stream_grid(1000, 1024, 512, 4, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (125, 1, 1));
+        // A small shared memory: fewer stages; none fits: the one-shot kernel.
+        let p = ffn_stream_grid(4864, 3584, 1792, 4, 32_768, None).unwrap();
+        assert_eq!(
+            (p.cubes, p.steps, p.stages),
+            (FFN_STREAM_CUBES_UNKNOWN, 19, 1)
+        );
+        assert_eq!(ffn_stream_grid(8960, 6144, 3072, 2, 32_768, None), None);
+        assert_eq!(ffn_stream_grid(4864, 3584, 1792, 0, SMEM, Some(132)), None);
+    }
 }

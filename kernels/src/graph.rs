@@ -53,6 +53,37 @@ const FENCE: &str = "// cubeqwen:fence";
 /// Orders this unit's memory accesses before and after it for the whole device.
 const FENCE_CODE: &str = "__threadfence();";
 
+/// The comment `decode`'s streamed kernels place after a group of `cp.async` copies (cubecl
+/// 0.10 has no copy groups, only barriers): compiled to [`COMMIT_CODE`].
+const COMMIT: &str = "// cubeqwen:cp-async-commit";
+const COMMIT_CODE: &str = "asm volatile(\"cp.async.commit_group;\" ::: \"memory\");";
+/// The comment (followed by N, 0 to 3) where a unit waits until at most N of its copy groups
+/// are in flight: `cp.async.wait_group N`.
+const WAIT_GROUP: &str = "// cubeqwen:cp-async-wait-";
+
+/// `source` with the copy-group markers ([`COMMIT`], [`WAIT_GROUP`]) compiled.
+fn copy_groups(source: &str) -> Result<String> {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source.replace(COMMIT, COMMIT_CODE);
+    while let Some(at) = rest.find(WAIT_GROUP) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + WAIT_GROUP.len()..];
+        let n = after.chars().next().filter(|c| ('0'..='3').contains(c));
+        let n = n.with_context(|| {
+            format!(
+                "a copy-group wait without a count 0..3: {WAIT_GROUP}{}",
+                &after[..after.len().min(8)]
+            )
+        })?;
+        out.push_str(&format!(
+            "asm volatile(\"cp.async.wait_group {n};\" ::: \"memory\");"
+        ));
+        rest = after[1..].to_string();
+    }
+    out.push_str(&rest);
+    Ok(out)
+}
+
 /// The arguments of one launch, in the kernel's parameter order: arrays (with the vector size
 /// the kernel reads them in) and runtime scalars, laid out as cubecl's `KernelLauncher` does.
 #[derive(Default)]
@@ -216,10 +247,10 @@ impl GraphRecorder {
             // PTX is kept in the kernel cache (as cubecl keeps its own), so a second run
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
             let dir = crate::runtime::kernel_cache_dir().join("graph");
-            // "-g1": the grid-dependency rewrite (GRID_WAIT) is part of the PTX; "-u": compiled
-            // without bounds checks.
+            // "-g2": the grid-dependency and copy-group rewrites (GRID_WAIT, copy_groups) are
+            // part of the PTX; "-u": compiled without bounds checks.
             let name = format!(
-                "{}-{}-g1{}",
+                "{}-{}-g2{}",
                 fnv64(&format!("{:?}", id.stable_hash())),
                 self.arch,
                 if self.mode == ExecutionMode::Unchecked {
@@ -325,7 +356,7 @@ impl GraphRecorder {
             Some(t) => instrument(&source, t.buf, index)?,
             None => source,
         };
-        let source = source.replace(FENCE, FENCE_CODE);
+        let source = copy_groups(&source.replace(FENCE, FENCE_CODE))?;
         let include = cubecl::cuda::install::include_path();
         let mut includes = vec![include.to_string_lossy().into_owned()];
         let cccl = include.join("cccl");
@@ -821,5 +852,21 @@ mod tests {
             "{body}"
         );
         assert!(instrument("__global__ void f() {}", 0x7000, 0).is_err());
+    }
+
+    #[test]
+    fn copy_group_markers_compile_to_instructions() {
+        let src = "a;\n// cubeqwen:cp-async-commit\nb;\n// cubeqwen:cp-async-wait-2\nc;\n\
+                   // cubeqwen:cp-async-wait-0\n";
+        let out = copy_groups(src).unwrap();
+        assert_eq!(
+            out,
+            "a;\nasm volatile(\"cp.async.commit_group;\" ::: \"memory\");\nb;\n\
+             asm volatile(\"cp.async.wait_group 2;\" ::: \"memory\");\nc;\n\
+             asm volatile(\"cp.async.wait_group 0;\" ::: \"memory\");\n"
+        );
+        assert_eq!(copy_groups(KERNEL).unwrap(), KERNEL);
+        assert!(copy_groups("// cubeqwen:cp-async-wait-7\n").is_err());
+        assert!(copy_groups("// cubeqwen:cp-async-wait-").is_err());
     }
 }
