@@ -60,10 +60,18 @@ const COMMIT_CODE: &str = "asm volatile(\"cp.async.commit_group;\" ::: \"memory\
 /// The comment (followed by N, 0 to 3) where a unit waits until at most N of its copy groups
 /// are in flight: `cp.async.wait_group N`.
 const WAIT_GROUP: &str = "// cubeqwen:cp-async-wait-";
+/// What cubecl's `cp.async` helpers need (`cuda::barrier`).
+const BARRIER_HEADER: &str = "#include <cuda/barrier>";
 
-/// `source` with the copy-group markers ([`COMMIT`], [`WAIT_GROUP`]) compiled.
+/// `source` with the copy-group markers ([`COMMIT`], [`WAIT_GROUP`]) compiled. A kernel with
+/// `cp.async` copies but no cubecl barrier lacks the header that cubecl's copy helpers need
+/// (cubecl includes it with barriers only): it is added.
 fn copy_groups(source: &str) -> Result<String> {
-    let mut out = String::with_capacity(source.len());
+    let mut out = String::with_capacity(source.len() + 32);
+    if source.contains("__cp_async_shared_global") && !source.contains(BARRIER_HEADER) {
+        out.push_str(BARRIER_HEADER);
+        out.push('\n');
+    }
     let mut rest = source.replace(COMMIT, COMMIT_CODE);
     while let Some(at) = rest.find(WAIT_GROUP) {
         out.push_str(&rest[..at]);
@@ -866,6 +874,13 @@ mod tests {
              asm volatile(\"cp.async.wait_group 0;\" ::: \"memory\");\n"
         );
         assert_eq!(copy_groups(KERNEL).unwrap(), KERNEL);
+        let copies = "x;\n__cp_async_shared_global<16>(a, b);\n";
+        assert_eq!(
+            copy_groups(copies).unwrap(),
+            format!("{BARRIER_HEADER}\n{copies}")
+        );
+        let with = format!("{BARRIER_HEADER}\n{copies}");
+        assert_eq!(copy_groups(&with).unwrap(), with);
         assert!(copy_groups("// cubeqwen:cp-async-wait-7\n").is_err());
         assert!(copy_groups("// cubeqwen:cp-async-wait-").is_err());
     }
