@@ -9,7 +9,7 @@
 //! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, `gemv_qkv` (or 3 `matmul`), `rope_qk_append` |
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
 //! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
-//! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU | `rms_norm`, `gemv_gate_up_swiglu` (or 2 `matmul`, `swiglu`) |
+//! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU (streamed: [`ffn_in_with`]) | `rms_norm`, `gemv_gate_up_swiglu` (or 2 `matmul`, `swiglu`) |
 //! | [`lm_head_top2`] + [`top2_finish`] | output norm → logits, their top 2 → next token; `pos += 1` | `rms_norm`, `matmul`, `top_k` |
 //!
 //! Each kernel rounds its intermediates to the storage type `F` where the unfused path stores
@@ -1193,8 +1193,10 @@ fn async_prefetch<R: Runtime>(
 }
 
 /// Row pairs in flight a plane of the streamed `ffn_in` by default (`CUBEQWEN_FFN_STAGES`
-/// overrides; 0 is the one-shot kernel).
-pub const FFN_STAGES: usize = 2;
+/// overrides; 0 is the one-shot kernel). Measured on an H200 (2026-11-28, tg128 alternated
+/// twice, tok/s): one-shot 0.5B 1411 / 1392, 1.5B 692 / 691; 1 stage 1442 / 1453, 740 / 743;
+/// 2 stages 1451 / 1443, 734 / 740; 3 stages 1436 / 1453, 729 / 731 (BENCHMARKS.md).
+pub const FFN_STAGES: usize = 1;
 /// The most row pairs a plane of the streamed `ffn_in` keeps in flight (`cp.async.wait_group`
 /// counts to 3 pending behind the oldest).
 pub const MAX_FFN_STAGES: usize = 4;
