@@ -27,6 +27,7 @@ use cubecl::prelude::barrier::{copy_async, Barrier, BarrierToken};
 use cubecl::prelude::*;
 
 use crate::attention::{part_weight, parts_max, KvCache};
+use crate::elementwise::silu_mul;
 use crate::launch::launch;
 pub use crate::launch::{GraphRecorder, Rec};
 use crate::matmul::{vector_size, RowChunked};
@@ -794,9 +795,7 @@ fn ffn_in_kernel<F: Float, V: Size>(
     let g = reduce_sum::<f32>(acc_g, row_sum);
     let u = reduce_sum::<f32>(acc_u, row_sum);
     if valid && lane == 0 && y.is_multiple_of(split) {
-        let g = f32::cast_from(F::cast_from(g));
-        let u = f32::cast_from(F::cast_from(u));
-        s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
+        s[row] = swiglu_value::<F>(g, u);
     }
 }
 
@@ -864,6 +863,35 @@ fn stage_row<F: Float, V: Size>(
     }
 }
 
+/// Row `row` of the gate and of the up projection into one ring slot (`dst[at..at + 2·k_vec]`,
+/// gate first) as [`stage_row`] stages them, committed as one copy group.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_pair<F: Float, V: Size>(
+    w_gate: &Array<Vector<F, V>>,
+    w_up: &Array<Vector<F, V>>,
+    row: usize,
+    valid: bool,
+    dst: &mut SharedMemory<Vector<F, V>>,
+    at: usize,
+    lane: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] async_copy: bool,
+) {
+    stage_row::<F, V>(w_gate, row, valid, dst, at, lane, k_vec, async_copy);
+    stage_row::<F, V>(w_up, row, valid, dst, at + k_vec, lane, k_vec, async_copy);
+    commit_copy_group(async_copy);
+}
+
+/// SwiGLU of one output, as the unfused path stores it: gate and up rounded to `F`, then
+/// `F(silu(gate)·up)`.
+#[cube]
+fn swiglu_value<F: Float>(g: f32, u: f32) -> F {
+    let g = f32::cast_from(F::cast_from(g));
+    let u = f32::cast_from(F::cast_from(u));
+    F::cast_from(silu_mul(g, u))
+}
+
 /// [`ffn_in_kernel`]'s function, streamed: each plane computes the row pairs `p, p + planes,
 /// p + 2·planes, ...` (`steps` of them; `planes` = every plane of the grid, which is sized to be
 /// resident at once) and keeps `stages` of them in flight in its own shared-memory ring. The
@@ -902,19 +930,17 @@ fn ffn_in_stream_kernel<F: Float, V: Size>(
     for t in 0..stages {
         let row = plane + t * planes;
         let at = mine + t * slot;
-        let valid = row < ffn;
-        stage_row::<F, V>(w_gate, row, valid, &mut ring, at, lane, k_vec, async_copy);
-        stage_row::<F, V>(
+        stage_pair::<F, V>(
+            w_gate,
             w_up,
             row,
-            valid,
+            row < ffn,
             &mut ring,
-            at + k_vec,
+            at,
             lane,
             k_vec,
             async_copy,
         );
-        commit_copy_group(async_copy);
     }
     grid_dependency();
     norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
@@ -936,24 +962,13 @@ fn ffn_in_stream_kernel<F: Float, V: Size>(
         let g = reduce_sum::<f32>(r.a, row_sum);
         let u = reduce_sum::<f32>(r.b, row_sum);
         if row < ffn && lane == 0 {
-            let g = f32::cast_from(F::cast_from(g));
-            let u = f32::cast_from(F::cast_from(u));
-            s[row] = F::cast_from(g / (1.0 + f32::exp(-g)) * u);
+            s[row] = swiglu_value::<F>(g, u);
         }
         let next = row + stages * planes;
         let valid = t + stages < steps && next < ffn;
-        stage_row::<F, V>(w_gate, next, valid, &mut ring, at, lane, k_vec, async_copy);
-        stage_row::<F, V>(
-            w_up,
-            next,
-            valid,
-            &mut ring,
-            at + k_vec,
-            lane,
-            k_vec,
-            async_copy,
+        stage_pair::<F, V>(
+            w_gate, w_up, next, valid, &mut ring, at, lane, k_vec, async_copy,
         );
-        commit_copy_group(async_copy);
     }
 }
 

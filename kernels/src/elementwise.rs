@@ -82,14 +82,20 @@ pub fn embedding<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     Ok(())
 }
 
+/// `silu(g) · u` in f32: SwiGLU of one value, as every kernel that fuses it computes it (the
+/// same expression, so the same bits as [`swiglu`]).
+#[cube]
+pub fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + f32::exp(-g)) * u
+}
+
 #[cube(launch)]
 fn swiglu_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>, total: usize) {
     let idx = ABSOLUTE_POS;
     if idx < total {
         let g = f32::cast_from(gate[idx]);
         let u = f32::cast_from(up[idx]);
-        let silu = g / (1.0 + f32::exp(-g));
-        out[idx] = F::cast_from(silu * u);
+        out[idx] = F::cast_from(silu_mul(g, u));
     }
 }
 

@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Result};
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 
+use crate::elementwise::silu_mul;
 use crate::gemv_mma::{gate_up_swiglu_mma, qkv_mma, GemvMma};
 use crate::matmul::{
     gemv_partials, gemv_rows, gemv_shape, product_shape, vector_size, MatmulVariant,
@@ -195,8 +196,7 @@ fn gemv_gate_up_swiglu_kernel<F: Float, V: Size>(
         if row0 + r < m && col < n {
             let g = meet[2 * c * rows + r];
             let u = meet[(2 * c + 1) * rows + r];
-            let silu = g / (1.0 + f32::exp(-g));
-            out[(row0 + r) * n + col] = F::cast_from(silu * u);
+            out[(row0 + r) * n + col] = F::cast_from(silu_mul(g, u));
         }
         i += comptime!(dot.units);
     }

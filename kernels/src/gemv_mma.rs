@@ -23,6 +23,7 @@ use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use half::f16;
 
+use crate::elementwise::silu_mul;
 use crate::flash::{mma_16816, mma_supported, Pair16, Pair32};
 use crate::matmul::{product_shape, vector_size};
 use crate::{DeviceTensor, KernelError};
@@ -413,8 +414,7 @@ fn gate_up_swiglu_mma_kernel<V: Size>(
                     // Rounded as the unfused matmuls store gate and up.
                     let gs = f32::cast_from(f16::cast_from(gv[h]));
                     let us = f32::cast_from(f16::cast_from(uv[h]));
-                    let silu = gs / (1.0 + f32::exp(-gs));
-                    out[row * n + col] = f16::cast_from(silu * us);
+                    out[row * n + col] = f16::cast_from(silu_mul(gs, us));
                 }
             }
         }
