@@ -9,8 +9,8 @@
 //!   cubek's TMA kernel at each of these tilings (`tma[...]`, from 64 rows);
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
-//! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels,
-//!   against the bandwidth floor;
+//! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels
+//!   (at 1.5B and 7B too with `CUBEQWEN_FULL_SHAPES`), against the bandwidth floor;
 //! - `sync` (CUDA): a grid barrier inside one kernel against a kernel boundary, µs per phase.
 //!
 //! Every timed call reads inputs from one of several sets rotated so that a pass touches more
