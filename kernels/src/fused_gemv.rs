@@ -241,6 +241,21 @@ fn vectors<R: Runtime, F: CubeElement>(t: &DeviceTensor<R, F>, vec: usize) -> Ar
     unsafe { ArrayArg::from_raw_parts(t.handle.clone(), t.len() / vec) }
 }
 
+/// Which kernel a fused GEMV of `variant` runs: `None` for `Gemv` (this module's), the
+/// tensor-core kernel's mode for `GemvMma` ([`crate::gemv_mma`]); any other variant is an error
+/// of `op`.
+fn tensor_cores<R: Runtime>(
+    client: &ComputeClient<R>,
+    variant: MatmulVariant,
+    op: &'static str,
+) -> Result<Option<GemvMma>> {
+    match variant {
+        MatmulVariant::Gemv => Ok(None),
+        MatmulVariant::GemvMma => Ok(Some(GemvMma::for_device(client))),
+        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    }
+}
+
 /// `q, k, v = x·Wᵀ + b` for the three projections in one launch: x `[m, k]`, `w[i]` `[n_i, k]`
 /// (k and v of one width), `b[i]` `[n_i]` (f32), `out[i]` `[m, n_i]`; with the products of
 /// `variant`: `Gemv` (this module's kernel) or `GemvMma` (tensor cores, [`crate::gemv_mma`]).
@@ -270,13 +285,8 @@ pub fn gemv_qkv<R: Runtime, F: Float + CubeElement>(
         n[1] == n[2],
         KernelError::unsupported(op, format!("k has {} outputs and v {}", n[1], n[2]))
     );
-    match variant {
-        MatmulVariant::Gemv => {}
-        MatmulVariant::GemvMma => {
-            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
-            return qkv_mma(client, how, x, w, b, out);
-        }
-        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    if let Some(how) = tensor_cores(client, variant, op)? {
+        return qkv_mma(client, how, x, w, b, out);
     }
     let vec = vector_size(client, size_of::<F>(), k);
     let (threads, per_cube) = shape(client, m, k / vec, false)?;
@@ -331,13 +341,8 @@ pub fn gemv_gate_up_swiglu<R: Runtime, F: Float + CubeElement>(
         out.shape == [m, n],
         KernelError::shape(op, "out", format!("[{m}, {n}]"), &out.shape)
     );
-    match variant {
-        MatmulVariant::Gemv => {}
-        MatmulVariant::GemvMma => {
-            let how = GemvMma::native(client).unwrap_or(GemvMma::Emulated);
-            return gate_up_swiglu_mma(client, how, x, w_gate, w_up, out);
-        }
-        v => bail!(KernelError::unsupported(op, format!("the {v:?} matmul"))),
+    if let Some(how) = tensor_cores(client, variant, op)? {
+        return gate_up_swiglu_mma(client, how, x, w_gate, w_up, out);
     }
     let vec = vector_size(client, size_of::<F>(), k);
     let (threads, per_cube) = shape(client, m, k / vec, true)?;

@@ -53,6 +53,12 @@ impl GemvMma {
     pub fn native<R: Runtime>(client: &ComputeClient<R>) -> Option<Self> {
         mma_supported(client).then_some(Self::Native)
     }
+
+    /// How `client`'s device runs the tensor-core GEMV: `Native` where it has the
+    /// instruction, else `Emulated`.
+    pub fn for_device<R: Runtime>(client: &ComputeClient<R>) -> Self {
+        Self::native(client).unwrap_or(Self::Emulated)
+    }
 }
 
 /// The 8 f16 values `e0..e0 + 8` of row `row` of `a` (`[rows, k_vec]` vectors of `V`), zeros

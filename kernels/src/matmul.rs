@@ -1124,8 +1124,7 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     }
     match resolved {
         MatmulVariant::GemvMma => {
-            let how = crate::gemv_mma::GemvMma::native(client)
-                .unwrap_or(crate::gemv_mma::GemvMma::Emulated);
+            let how = crate::gemv_mma::GemvMma::for_device(client);
             crate::gemv_mma::gemv_mma(client, how, x, w, bias, y, col_off)?;
         }
         MatmulVariant::Tiled => {

@@ -184,6 +184,10 @@ device_test! {
                 KernelError::unsupported("gemv q/k/v", "k has 4 outputs and v 8"),
             ),
             (
+                gemv_qkv(client, MatmulVariant::Tiled, &x, [&wq, &wk, &wk], [&bq, &bk, &bk], [&q, &k, &v]),
+                KernelError::unsupported("gemv q/k/v", "the Tiled matmul"),
+            ),
+            (
                 gemv_gate_up_swiglu(client, MatmulVariant::Gemv, &x, &wq, &wk, &q),
                 KernelError::shape("gemv gate/up + SwiGLU", "W_up", "[8, 8]", &[4, 8]),
             ),
