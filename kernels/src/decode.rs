@@ -1586,6 +1586,10 @@ pub fn ffn_in_with<R: Runtime, F: Float + CubeElement>(
         s.len() == ffn && norm.shape == [d],
         "ffn_in: s must hold {ffn} values"
     );
+    ensure!(
+        stages <= MAX_FFN_STAGES,
+        "ffn_in: {stages} row pairs in flight a plane; at most {MAX_FFN_STAGES}"
+    );
     let vec = vector_size(client, size_of::<F>(), d);
     let k_vec = d / vec;
     let vec_bytes = vec * size_of::<F>();

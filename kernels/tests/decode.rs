@@ -431,6 +431,25 @@ impl RuntimeJob for Streamed {
                 ffn,
                 1e-6,
             );
+            let s = DeviceTensor::<R, f16>::from_slice(&client, &vec![POISON_F16; ffn], &[1, ffn])?;
+            let too_many = ffn_in_with(
+                &client,
+                None,
+                &xd,
+                &nd,
+                &wgd,
+                &wud,
+                1e-6,
+                &s,
+                MAX_FFN_STAGES + 1,
+            );
+            ensure!(
+                too_many
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("at most")),
+                "ffn_in: {} stages were not refused: {too_many:?}",
+                MAX_FFN_STAGES + 1
+            );
             let mut one_shot: Option<Vec<f16>> = None;
             for stages in 0..=MAX_FFN_STAGES {
                 let s =
