@@ -8,7 +8,7 @@
 //! | [`embed_token`] | `x = table[token]` (f32 residual stream) | `embedding` |
 //! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, `gemv_qkv` (or 3 `matmul`), `rope_qk_append` |
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
-//! | [`gemv_residual`] | `x += W·a` (o-proj, down) | `matmul` + `residual_add` |
+//! | [`gemv_residual`] | `x += W·a` (o-proj, down; streamed where one wave would not hold it: [`gemv_residual_with`]) | `matmul` + `residual_add` |
 //! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU (streamed: [`ffn_in_with`]) | `rms_norm`, `gemv_gate_up_swiglu` (or 2 `matmul`, `swiglu`) |
 //! | [`lm_head_top2`] + [`top2_finish`] | output norm → logits, their top 2 → next token; `pos += 1` | `rms_norm`, `matmul`, `top_k` |
 //!
@@ -156,6 +156,55 @@ fn dot_row<F: Float, V: Size>(
         let i = first + j * stride;
         if i < k_vec {
             let p = Vector::<f32, V>::cast_from(w[i]) * Vector::<f32, V>::cast_from(a[i]);
+            #[unroll]
+            for l in 0..V::value() {
+                acc += p[l];
+            }
+        }
+    }
+    acc
+}
+
+/// This unit's vectors of `a` (`first, first + stride, ...` below `k_vec`; zero past it), held
+/// in registers for [`dot_held`]: a streamed GEMV reads them for every row it computes.
+#[cube]
+fn load_vectors<F: Float, V: Size>(
+    a: &Array<Vector<F, V>>,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+) -> Sequence<Vector<F, V>> {
+    let mut out = Sequence::new();
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        let mut v = Vector::<F, V>::new(F::new(0.0));
+        if i < k_vec {
+            v = a[i];
+        }
+        out.push(v);
+    }
+    out
+}
+
+/// [`dot_row`] with this unit's vectors of `a` held in registers ([`load_vectors`]): the same
+/// products summed in the same order.
+#[cube]
+fn dot_held<F: Float, V: Size>(
+    w: &Slice<Vector<F, V>>,
+    a: &Sequence<Vector<F, V>>,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] iters: usize,
+) -> f32 {
+    let mut acc = 0.0f32;
+    #[unroll]
+    for j in 0..iters {
+        let i = first + j * stride;
+        if i < k_vec {
+            let p = Vector::<f32, V>::cast_from(w[i]) * Vector::<f32, V>::cast_from(*a.index(j));
             #[unroll]
             for l in 0..V::value() {
                 acc += p[l];
@@ -827,9 +876,9 @@ fn wait_copy_groups(#[comptime] async_copy: bool, #[comptime] pending: usize) {
     }
 }
 
-/// This lane's vectors (`lane, lane + LANES, ...` below `k_vec`) of row `row` of `w` into
-/// `dst[at..at + k_vec]`, where `valid`: `cp.async` 16-byte copies with `async_copy`, else plain
-/// loads and stores.
+/// This unit's vectors (`first, first + stride, ...` below `k_vec`) of row `row` of `w` into
+/// the same places of `dst[at..at + k_vec]`, where `valid`: `cp.async` 16-byte copies with
+/// `async_copy`, else plain loads and stores.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_row<F: Float, V: Size>(
@@ -838,14 +887,15 @@ fn stage_row<F: Float, V: Size>(
     valid: bool,
     dst: &mut SharedMemory<Vector<F, V>>,
     at: usize,
-    lane: usize,
+    first: usize,
     #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
     #[comptime] async_copy: bool,
 ) {
     if valid {
         #[unroll]
-        for j in 0..comptime!(k_vec.div_ceil(LANES)) {
-            let i = lane + j * LANES;
+        for j in 0..comptime!(k_vec.div_ceil(stride)) {
+            let i = first + j * stride;
             if i < k_vec {
                 let src = row * k_vec + i;
                 if comptime!(async_copy) {
@@ -878,8 +928,18 @@ fn stage_pair<F: Float, V: Size>(
     #[comptime] k_vec: usize,
     #[comptime] async_copy: bool,
 ) {
-    stage_row::<F, V>(w_gate, row, valid, dst, at, lane, k_vec, async_copy);
-    stage_row::<F, V>(w_up, row, valid, dst, at + k_vec, lane, k_vec, async_copy);
+    stage_row::<F, V>(w_gate, row, valid, dst, at, lane, k_vec, LANES, async_copy);
+    stage_row::<F, V>(
+        w_up,
+        row,
+        valid,
+        dst,
+        at + k_vec,
+        lane,
+        k_vec,
+        LANES,
+        async_copy,
+    );
     commit_copy_group(async_copy);
 }
 
@@ -969,6 +1029,88 @@ fn ffn_in_stream_kernel<F: Float, V: Size>(
         stage_pair::<F, V>(
             w_gate, w_up, next, valid, &mut ring, at, lane, k_vec, async_copy,
         );
+    }
+}
+
+/// [`gemv_residual_kernel`]'s function, streamed as [`ffn_in_stream_kernel`] is: the grid is
+/// one wave (as many cubes as the device holds at once); each group of `split` planes computes
+/// the rows `g, g + groups, g + 2·groups, ...` (`steps` of them; `groups` = every group of the
+/// grid) and keeps `stages` of them in flight in its own shared-memory ring. The first `stages`
+/// rows are issued before [`grid_dependency`]; then each step waits for its oldest row only (each
+/// unit for its own copies), computes it, and refills the slot with the row `stages` steps
+/// ahead. This unit's vectors of `a` stay in registers across the rows. For the GEMVs whose
+/// one-shot grid takes several waves (the 7B down projection: 4 rows of 38 KB a cube, one cube a
+/// multiprocessor, 6.8 waves on an H100).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_residual_stream_kernel<F: Float, V: Size>(
+    w: &Array<Vector<F, V>>,
+    a: &Array<Vector<F, V>>,
+    x: &mut Array<f32>,
+    n: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] split: usize,
+    #[comptime] stages: usize,
+    #[comptime] steps: usize,
+    #[comptime] groups: usize,
+    #[comptime] row_sum: Reduction,
+    #[comptime] async_copy: bool,
+) {
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let rows = comptime!(PLANES / split);
+    let group = CUBE_POS * rows + y / split;
+    let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
+    let first = (y % split) * LANES + lane;
+    let writer = lane == 0 && y.is_multiple_of(split);
+    let mut ring = SharedMemory::<Vector<F, V>>::new(comptime!(rows * stages * k_vec));
+    let mine = (y / split) * comptime!(stages * k_vec);
+    #[unroll]
+    for t in 0..stages {
+        let row = group + t * groups;
+        stage_row::<F, V>(
+            w,
+            row,
+            row < n,
+            &mut ring,
+            mine + t * k_vec,
+            first,
+            k_vec,
+            stride,
+            async_copy,
+        );
+        commit_copy_group(async_copy);
+    }
+    grid_dependency();
+    let held = load_vectors::<F, V>(a, first, k_vec, stride, iters);
+    // Not unrolled: without plane operations (wgpu) each reduction is a shared array of its own.
+    for t in 0..steps {
+        let row = group + t * groups;
+        // The residual, loaded while the row's copies land and its sum is formed.
+        let mut xr = 0.0f32;
+        if writer && row < n {
+            xr = x[row];
+        }
+        wait_copy_groups(async_copy, comptime!(stages - 1));
+        let at = mine + (t % stages) * k_vec;
+        let acc = dot_held::<F, V>(
+            &ring.slice(at, at + k_vec),
+            &held,
+            first,
+            k_vec,
+            stride,
+            iters,
+        );
+        let sum = reduce_sum::<f32>(acc, row_sum);
+        if writer && row < n {
+            x[row] = xr + sum;
+        }
+        let next = row + stages * groups;
+        let valid = t + stages < steps && next < n;
+        stage_row::<F, V>(
+            w, next, valid, &mut ring, at, first, k_vec, stride, async_copy,
+        );
+        commit_copy_group(async_copy);
     }
 }
 
@@ -1215,9 +1357,9 @@ pub const FFN_STAGES: usize = 1;
 /// The most row pairs a plane of the streamed `ffn_in` keeps in flight (`cp.async.wait_group`
 /// counts to 3 pending behind the oldest).
 pub const MAX_FFN_STAGES: usize = 4;
-/// Cubes of the streamed `ffn_in` where the device does not say how many multiprocessors it
-/// has (wgpu): enough planes that the 0.5B shape takes several steps a plane.
-const FFN_STREAM_CUBES_UNKNOWN: usize = 32;
+/// Cubes of the streamed kernels where the device does not say how many multiprocessors it
+/// has (wgpu): enough planes that the 0.5B shapes take several steps a plane.
+const STREAM_CUBES_UNKNOWN: usize = 32;
 
 /// The grid of the streamed `ffn_in`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1274,7 +1416,6 @@ pub fn ffn_stream_grid(
     max_smem: usize,
     sms: Option<usize>,
 ) -> Option<FfnStreamPlan> {
-    const RESERVED: usize = 1024;
     if stages == 0 || ffn == 0 {
         return None;
     }
@@ -1283,13 +1424,105 @@ pub fn ffn_stream_grid(
     let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
     let need = ffn.div_ceil(PLANES);
     let cubes = match sms {
-        Some(sms) => need.min(sms * ((max_smem + RESERVED) / (smem_for(stages) + RESERVED))),
-        None => need.min(FFN_STREAM_CUBES_UNKNOWN),
+        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
+        None => need.min(STREAM_CUBES_UNKNOWN),
     };
     let steps = ffn.div_ceil(cubes * PLANES);
     let stages = stages.min(steps);
     Some(FfnStreamPlan {
         cubes,
+        steps,
+        stages,
+        smem: smem_for(stages),
+    })
+}
+
+/// Rows in flight a plane group of the streamed GEMV + residual by default
+/// (`CUBEQWEN_GEMV_STAGES` overrides; 0: the one-shot kernel always).
+pub const GEMV_STAGES: usize = 2;
+/// The most rows a plane group of the streamed GEMV keeps in flight (`cp.async.wait_group`
+/// counts to 3 pending behind the oldest).
+pub const MAX_GEMV_STAGES: usize = 4;
+/// Units a multiprocessor holds (NVIDIA since Volta: 2048; fewer on some, where the extra
+/// cubes of a "resident" grid then wait: slower, not wrong).
+const UNITS_PER_SM: usize = 2048;
+/// Shared memory a multiprocessor keeps per resident cube besides the cube's own.
+const SMEM_RESERVED: usize = 1024;
+
+/// Cubes of [`PLANES`] planes a multiprocessor holds at once with `smem` bytes of shared
+/// memory each, in a device with `max_smem` a cube.
+fn resident_cubes(max_smem: usize, smem: usize) -> usize {
+    let by_units = UNITS_PER_SM / (LANES * PLANES);
+    let by_smem = (max_smem + SMEM_RESERVED) / (smem + SMEM_RESERVED);
+    by_units.min(by_smem).max(1)
+}
+
+/// The grid of the streamed GEMV + residual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvStreamPlan {
+    /// Cubes of [`PLANES`] planes, all resident at once where the device's size is known.
+    pub cubes: usize,
+    /// Planes that share a row (a cube holds `PLANES / split` plane groups).
+    pub split: usize,
+    /// Rows a plane group computes.
+    pub steps: usize,
+    /// Rows in flight a plane group (≤ `steps`).
+    pub stages: usize,
+    /// Shared-memory bytes a cube.
+    pub smem: usize,
+}
+
+/// The streamed GEMV's grid for `n` rows of `k_vec` vectors of `vec_bytes`, with `stages` rows
+/// in flight a plane group ([`gemv_stream_grid`]).
+pub fn gemv_stream_plan<R: Runtime>(
+    client: &ComputeClient<R>,
+    n: usize,
+    k_vec: usize,
+    vec_bytes: usize,
+    stages: usize,
+) -> Option<GemvStreamPlan> {
+    let hw = &client.properties().hardware;
+    gemv_stream_grid(
+        n,
+        k_vec,
+        vec_bytes,
+        stages,
+        hw.max_shared_memory_size,
+        hw.num_streaming_multiprocessors.map(|n| n as usize),
+    )
+}
+
+/// [`gemv_stream_plan`] for a device with `max_smem` bytes of shared memory a cube and `sms`
+/// multiprocessors: as many planes share a row as give each of their units a vector of it
+/// (at most [`PLANES`]: long rows are read by whole cubes, so that a cube's ring is few rows
+/// deep); as many cubes as fit the device at once, no more than the rows need. Fewer stages
+/// where `stages` would not fit a cube; `None` for `stages` 0 or where not one row fits.
+pub fn gemv_stream_grid(
+    n: usize,
+    k_vec: usize,
+    vec_bytes: usize,
+    stages: usize,
+    max_smem: usize,
+    sms: Option<usize>,
+) -> Option<GemvStreamPlan> {
+    if stages == 0 || n == 0 || k_vec == 0 {
+        return None;
+    }
+    let split = (1usize << (k_vec / LANES).max(1).ilog2()).min(PLANES);
+    let rows = PLANES / split;
+    // A reduction's partials (a value a unit at most) besides the ring.
+    let smem_for = |s: usize| rows * s * k_vec * vec_bytes + LANES * PLANES * size_of::<f32>();
+    let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
+    let need = n.div_ceil(rows);
+    let cubes = match sms {
+        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
+        None => need.min(STREAM_CUBES_UNKNOWN),
+    };
+    let steps = n.div_ceil(cubes * rows);
+    let stages = stages.min(steps);
+    Some(GemvStreamPlan {
+        cubes,
+        split,
         steps,
         stages,
         smem: smem_for(stages),
@@ -1511,13 +1744,37 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     Ok(())
 }
 
-/// `x += W·a`: W `[n, k]`, a `[k]` (f16 storage), x `[n]` f32.
+/// `x += W·a`: W `[n, k]`, a `[k]` (f16 storage), x `[n]` f32. Streamed
+/// ([`gemv_residual_with`], `CUBEQWEN_GEMV_STAGES`, default [`GEMV_STAGES`] rows in flight a
+/// plane group) where the one-shot kernel's grid would not be resident at once
+/// ([`gemv_one_shot_waves`] > 1: the 7B down projection); else the one-shot kernel.
 pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     rec: Rec<'_>,
     w: &DeviceTensor<R, F>,
     a: &DeviceTensor<R, F>,
     x: &DeviceTensor<R, f32>,
+) -> Result<()> {
+    let stages = crate::switches::switches()?
+        .gemv_stages
+        .unwrap_or(GEMV_STAGES);
+    let stages = match w.shape.as_slice() {
+        [n, k] if gemv_one_shot_waves(client, *n, *k, size_of::<F>())? > 1.0 => stages,
+        _ => 0,
+    };
+    gemv_residual_with(client, rec, w, a, x, stages)
+}
+
+/// [`gemv_residual`] with `stages` rows in flight a plane group: the streamed kernel
+/// ([`gemv_stream_plan`]; fewer stages where they do not fit); 0 (or not one row fits): the
+/// one-shot kernel, where each cube stages its rows and waits once.
+pub fn gemv_residual_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    rec: Rec<'_>,
+    w: &DeviceTensor<R, F>,
+    a: &DeviceTensor<R, F>,
+    x: &DeviceTensor<R, f32>,
+    stages: usize,
 ) -> Result<()> {
     ensure!(w.shape.len() == 2, "gemv_residual: W must be 2-D");
     let (n, k) = (w.shape[0], w.shape[1]);
@@ -1528,15 +1785,51 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         a.shape,
         x.shape
     );
+    ensure!(
+        stages <= MAX_GEMV_STAGES,
+        "gemv_residual: {stages} rows in flight a plane group; at most {MAX_GEMV_STAGES}"
+    );
     let vec = vector_size(client, size_of::<F>(), k);
     let k_vec = k / vec;
-    let split = split_for(k_vec, n);
     let vec_bytes = vec * size_of::<F>();
+    if let Some(plan) = gemv_stream_plan(client, n, k_vec, vec_bytes, stages) {
+        // cp.async only where the graph recorder compiles the group markers (as ffn_in).
+        let async_copy = rec.is_some() && async_prefetch(client, vec_bytes, plan.smem)?;
+        let groups = plan.cubes * (PLANES / plan.split);
+        return launch!(rec, client, gemv_residual_stream_kernel::GemvResidualStreamKernel<F>,
+            cube_count(plan.cubes)?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+            sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
+            comptime [k_vec, plan.split, plan.stages, plan.steps, groups,
+                row_sum(client, plan.split), async_copy]);
+    }
+    let split = split_for(k_vec, n);
     let prefetch = async_prefetch(client, vec_bytes, PLANES / split * k_vec * vec_bytes)?;
     launch!(rec, client, gemv_residual_kernel::GemvResidualKernel<F>,
         cube_count(n.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec]; arrays [w => vec, a => vec, x => 1]; scalars [usize n];
         comptime [k_vec, split, row_sum(client, split), prefetch])
+}
+
+/// Waves of the one-shot GEMV + residual for W `[n, k]` of `elem` bytes: its cubes over those
+/// the device holds at once (by shared memory and [`UNITS_PER_SM`]); 0 where the device does not
+/// say how many multiprocessors it has (wgpu).
+pub fn gemv_one_shot_waves<R: Runtime>(
+    client: &ComputeClient<R>,
+    n: usize,
+    k: usize,
+    elem: usize,
+) -> Result<f64> {
+    let hw = &client.properties().hardware;
+    let Some(sms) = hw.num_streaming_multiprocessors else {
+        return Ok(0.0);
+    };
+    let vec = vector_size(client, elem, k);
+    let (k_vec, vec_bytes) = (k / vec, vec * elem);
+    let rows = PLANES / split_for(k_vec, n);
+    let smem = rows * k_vec * vec_bytes;
+    let staged = async_prefetch(client, vec_bytes, smem)?;
+    let per_sm = resident_cubes(hw.max_shared_memory_size, if staged { smem } else { 0 });
+    Ok(n.div_ceil(rows) as f64 / (sms as usize * per_sm) as f64)
 }
 
 /// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`; streamed with
@@ -1757,11 +2050,38 @@ mod tests {
         assert_eq!((p.cubes, p.steps, p.stages), (125, 1, 1));
         // A small shared memory: fewer stages; none fits: the one-shot kernel.
         let p = ffn_stream_grid(4864, 3584, 1792, 4, 32_768, None).unwrap();
-        assert_eq!(
-            (p.cubes, p.steps, p.stages),
-            (FFN_STREAM_CUBES_UNKNOWN, 19, 1)
-        );
+        assert_eq!((p.cubes, p.steps, p.stages), (STREAM_CUBES_UNKNOWN, 19, 1));
         assert_eq!(ffn_stream_grid(8960, 6144, 3072, 2, 32_768, None), None);
         assert_eq!(ffn_stream_grid(4864, 3584, 1792, 0, SMEM, Some(132)), None);
+    }
+
+    #[test]
+    fn gemv_stream_grid_fills_the_gpu_once() {
+        // 7B down: 2368 vectors a row (37 888 bytes), a cube a row; 2 stages: 76 800 bytes a
+        // cube, 3 a multiprocessor, 396 cubes, 10 steps.
+        let p = gemv_stream_grid(3584, 2368, 16, 2, SMEM, Some(132)).unwrap();
+        assert_eq!(
+            (p.cubes, p.split, p.steps, p.stages, p.smem),
+            (396, 8, 10, 2, 76_800)
+        );
+        // 1 stage: 5 a multiprocessor; 3 stages: 2; 4 stages: 1.
+        let p = gemv_stream_grid(3584, 2368, 16, 1, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (660, 6, 1));
+        let p = gemv_stream_grid(3584, 2368, 16, 3, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (264, 14, 3));
+        let p = gemv_stream_grid(3584, 2368, 16, 4, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (132, 28, 4));
+        // Short rows: planes share fewer of them (0.5B o: 112 vectors, 2 planes a row, 4 rows
+        // a cube); at most 8 cubes a multiprocessor by units; one step: one stage.
+        let p = gemv_stream_grid(896, 112, 16, 2, SMEM, Some(132)).unwrap();
+        assert_eq!((p.cubes, p.split, p.steps, p.stages), (224, 2, 1, 1));
+        let p = gemv_stream_grid(896, 20, 16, 2, SMEM, Some(2)).unwrap();
+        assert_eq!((p.cubes, p.split, p.steps, p.stages), (16, 1, 7, 2));
+        // Unknown device: a fixed grid; small shared memory: fewer stages, or none.
+        // (0.5B down: 9 728-byte rows, 3 of them and the partials fit 32 KiB).
+        let p = gemv_stream_grid(896, 608, 16, 4, 32_768, None).unwrap();
+        assert_eq!((p.cubes, p.steps, p.stages), (STREAM_CUBES_UNKNOWN, 28, 3));
+        assert_eq!(gemv_stream_grid(3584, 4096, 16, 1, 32_768, None), None);
+        assert_eq!(gemv_stream_grid(3584, 2368, 16, 0, SMEM, Some(132)), None);
     }
 }

@@ -11,6 +11,7 @@
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
+//! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
@@ -42,6 +43,8 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
+    /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
+    pub gemv_stages: Option<usize>,
     pub timeline: bool,
     pub graph_checked: bool,
     /// (threads an output, outputs a cube).
@@ -151,16 +154,17 @@ impl Switches {
             },
             _ => None,
         };
-        let ffn_stages = match get("CUBEQWEN_FFN_STAGES") {
-            Some(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
-                Ok(n) if n <= crate::decode::MAX_FFN_STAGES => Some(n),
-                _ => bail!(
-                    "CUBEQWEN_FFN_STAGES={v}: expected a number from 0 to {}",
-                    crate::decode::MAX_FFN_STAGES
-                ),
-            },
-            _ => None,
+        let stages = |name: &str, max: usize| -> Result<Option<usize>> {
+            match get(name) {
+                Some(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+                    Ok(n) if n <= max => Ok(Some(n)),
+                    _ => bail!("{name}={v}: expected a number from 0 to {max}"),
+                },
+                _ => Ok(None),
+            }
         };
+        let ffn_stages = stages("CUBEQWEN_FFN_STAGES", crate::decode::MAX_FFN_STAGES)?;
+        let gemv_stages = stages("CUBEQWEN_GEMV_STAGES", crate::decode::MAX_GEMV_STAGES)?;
         let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
             Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -194,6 +198,7 @@ impl Switches {
             flash_kernel,
             flash_splits,
             ffn_stages,
+            gemv_stages,
             timeline: flag("CUBEQWEN_TIMELINE")?,
             graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
             gemv_shape,
@@ -229,7 +234,7 @@ mod tests {
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
-        assert_eq!(s.ffn_stages, None);
+        assert_eq!((s.ffn_stages, s.gemv_stages), (None, None));
     }
 
     #[test]
@@ -254,6 +259,7 @@ mod tests {
             ("CUBEQWEN_CUBEK_TILING", "tiles=4, pk=4,buf=single"),
             ("CUBEQWEN_FLASH_SPLITS", "8"),
             ("CUBEQWEN_FFN_STAGES", "0"),
+            ("CUBEQWEN_GEMV_STAGES", "3"),
         ])
         .unwrap();
         assert_eq!(
@@ -267,7 +273,7 @@ mod tests {
         );
         assert_eq!(s.gemv_shape, Some((16, 4)));
         assert_eq!(s.flash_splits, Some(8));
-        assert_eq!(s.ffn_stages, Some(0));
+        assert_eq!((s.ffn_stages, s.gemv_stages), (Some(0), Some(3)));
         assert_eq!(s.flash_kernel, PrefillKernel::Portable);
         assert_eq!(s.cubek_strategy.as_deref(), Some("simple_cyclic_cmma"));
     }
@@ -291,6 +297,8 @@ mod tests {
             ("CUBEQWEN_FLASH_SPLITS", "65"),
             ("CUBEQWEN_FFN_STAGES", "5"),
             ("CUBEQWEN_FFN_STAGES", "two"),
+            ("CUBEQWEN_GEMV_STAGES", "5"),
+            ("CUBEQWEN_GEMV_STAGES", "-1"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");

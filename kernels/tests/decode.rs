@@ -536,3 +536,127 @@ fn ffn_in_streamed_in_a_graph() -> Result<()> {
     }
     Ok(())
 }
+
+/// The streamed GEMV + residual (rows in flight a plane group, 1 to 4 stages, rings shrunk to
+/// what the device's shared memory holds) against the f64 reference and against the one-shot
+/// kernel (stages 0; planes share a row differently, so f32 sums in another order: within
+/// [`TOL_F32`] of each other), at the 0.5B o and down shapes, a shape whose rows are shorter
+/// than a plane's pass and outnumber the grid (several steps, rows past `n` in the last), and
+/// the 7B down shape with `CUBEQWEN_FULL_SHAPES=1`.
+struct StreamedGemv {
+    seed: u64,
+}
+
+impl RuntimeJob for StreamedGemv {
+    type Output = ();
+    fn run<R: Runtime>(self, client: ComputeClient<R>, device: &str) -> Result<()> {
+        let seed = self.seed;
+        let mut rng = Rng::new(seed);
+        let mut shapes = vec![(896usize, 896usize), (896, 4864), (1000, 160)];
+        if full_shapes() {
+            shapes.push((3584, 18944));
+        }
+        for (n, k) in shapes {
+            let w = rng.f16_vec(n * k, 0.0, 1.0 / (k as f64).sqrt());
+            let a = rng.f16_vec(k, 0.0, 1.0);
+            let x0 = rng.f32_vec(n, 0.0, 1.0);
+            let wd = DeviceTensor::<R, f16>::from_slice(&client, &w, &[n, k])?;
+            let ad = DeviceTensor::<R, f16>::from_slice(&client, &a, &[1, k])?;
+            let want = reference_gemv_residual(&widen(&w), &widen(&a), &f32_to_f64(&x0));
+            let xd = DeviceTensor::<R, f32>::from_slice(&client, &x0, &[1, n])?;
+            let too_many = gemv_residual_with(&client, None, &wd, &ad, &xd, MAX_GEMV_STAGES + 1);
+            ensure!(
+                too_many
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("at most")),
+                "gemv_residual: {} stages were not refused: {too_many:?}",
+                MAX_GEMV_STAGES + 1
+            );
+            let mut one_shot: Option<Vec<f64>> = None;
+            for stages in 0..=MAX_GEMV_STAGES {
+                let xd = DeviceTensor::<R, f32>::from_slice(&client, &x0, &[1, n])?;
+                let plan = gemv_stream_plan(&client, n, k / 8, 16, stages);
+                gemv_residual_with(&client, None, &wd, &ad, &xd, stages)?;
+                let got = f32_to_f64(&xd.to_vec(&client)?);
+                check(
+                    &format!("gemv_residual n={n} k={k} stages {stages} on {device}: {plan:?}"),
+                    rel_err(&got, &want),
+                    TOL_F32,
+                    seed,
+                )?;
+                match &one_shot {
+                    None => one_shot = Some(got),
+                    Some(o) => check(
+                        &format!("  against the one-shot kernel ({stages} stages)"),
+                        rel_err(&got, o),
+                        TOL_F32,
+                        seed,
+                    )?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn gemv_residual_streamed_matches_one_shot() {
+    run_test(StreamedGemv { seed: fresh_seed() });
+}
+
+/// On CUDA: the streamed GEMV + residual inside a CUDA graph (`cp.async` groups) gives the bits
+/// of the same kernel launched by cubecl (plain loads), for every stage count, at the 0.5B down,
+/// 7B down and a many-step shape; and `gemv_residual` streams exactly where the one-shot grid
+/// takes more than one wave (the 7B down projection, not the 0.5B or 1.5B ones). CUDA only:
+/// `#[ignore]`d here, run by `scripts/run-gpu.sh` (with --include-ignored).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs CUDA: run on the GPU machine by scripts/run-gpu.sh"]
+fn gemv_residual_streamed_in_a_graph() -> Result<()> {
+    let (client, device) = cubeqwen_kernels::runtime::cuda_client()?;
+    println!("test device: {device}");
+    for (n, k, streams) in [
+        (896usize, 4864usize, false),
+        (1536, 8960, false),
+        (3584, 3584, false),
+        (3584, 18944, true),
+    ] {
+        let waves = gemv_one_shot_waves(&client, n, k, 2)?;
+        println!("gemv_residual n={n} k={k}: one-shot grid {waves:.2} waves");
+        ensure!(
+            (waves > 1.0) == streams,
+            "gemv_residual n={n} k={k}: {waves:.2} waves of the one-shot kernel"
+        );
+    }
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut rec = GraphRecorder::new(&client)?;
+    for (n, k) in [(896usize, 4864usize), (3584, 18944), (1000, 160)] {
+        type T<E> = DeviceTensor<cubecl::cuda::CudaRuntime, E>;
+        let wd = T::<f16>::from_slice(&client, &rng.f16_vec(n * k, 0.0, 0.02), &[n, k])?;
+        let ad = T::<f16>::from_slice(&client, &rng.f16_vec(k, 0.0, 1.0), &[1, k])?;
+        let x0 = rng.f32_vec(n, 0.0, 1.0);
+        for stages in 1..=MAX_GEMV_STAGES {
+            let want = T::<f32>::from_slice(&client, &x0, &[1, n])?;
+            gemv_residual_with(&client, None, &wd, &ad, &want, stages)?;
+            let want = want.to_vec(&client)?;
+            let xd = T::<f32>::from_slice(&client, &x0, &[1, n])?;
+            rec.wait_for_cubecl()?;
+            let graph =
+                rec.capture(|rec| gemv_residual_with(&client, Some(rec), &wd, &ad, &xd, stages))?;
+            graph.launch()?;
+            rec.synchronize()?;
+            let got = xd.to_vec(&client)?;
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            println!("gemv_residual n={n} k={k} stages {stages} in a graph: same bits {same}");
+            ensure!(
+                same,
+                "gemv_residual n={n} k={k}: {stages} stages in a graph differ (seed {seed})"
+            );
+        }
+    }
+    Ok(())
+}
