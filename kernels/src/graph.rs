@@ -46,6 +46,14 @@ const GRID_DEPENDENCY: &str = "// cubeqwen:grid-dependency";
 /// scheduled.
 const GRID_WAIT: &str = "asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n\
                          asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");";
+/// [`GRID_WAIT`] with the next kernel let in first (`CUBEQWEN_EARLY_TRIGGER`): it is scheduled
+/// once every cube of this one has started, not once every cube has got past the wait, so a
+/// chain of short kernels keeps the ones after it resident (and prefetching their weights) while
+/// it runs. Still safe: `griddepcontrol.wait` waits for the kernel before to complete, whenever
+/// it let the next one in.
+const GRID_WAIT_EARLY: &str =
+    "asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");\n\
+                               asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");";
 
 /// The comment [`crate::gridsync::grid_barrier`] places where it needs a memory fence (cubecl
 /// 0.10's IR has none); compiled to [`FENCE_CODE`] on every architecture.
@@ -164,6 +172,8 @@ pub struct GraphRecorder {
     /// Programmatic dependent launch for the kernels that mark their grid dependency: sm_90+,
     /// unless `CUBEQWEN_NO_PDL` is set.
     pdl: bool,
+    /// `CUBEQWEN_EARLY_TRIGGER`: kernels let the next one in before they wait ([`GRID_WAIT_EARLY`]).
+    early_trigger: bool,
     /// Launches made with programmatic stream serialization so far.
     programmatic_launches: usize,
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
@@ -227,6 +237,7 @@ impl GraphRecorder {
             options,
             compiled: HashMap::new(),
             pdl: version >= 90 && !switches.no_pdl,
+            early_trigger: switches.early_trigger,
             mode: if switches.graph_checked {
                 ExecutionMode::Checked
             } else {
@@ -256,11 +267,12 @@ impl GraphRecorder {
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
             let dir = crate::runtime::kernel_cache_dir().join("graph");
             // "-g2": the grid-dependency and copy-group rewrites (GRID_WAIT, copy_groups) are
-            // part of the PTX; "-u": compiled without bounds checks.
+            // part of the PTX ("-e": GRID_WAIT_EARLY); "-u": compiled without bounds checks.
             let name = format!(
-                "{}-{}-g2{}",
+                "{}-{}-g2{}{}",
                 fnv64(&format!("{:?}", id.stable_hash())),
                 self.arch,
+                if self.early_trigger { "-e" } else { "" },
                 if self.mode == ExecutionMode::Unchecked {
                     "-u"
                 } else {
@@ -353,11 +365,16 @@ impl GraphRecorder {
         let repr = out.repr.context("the CUDA compiler returned no kernel")?;
         // The grid-dependency marker: the wait on Hopper, nothing before it.
         let waits = self.version >= 90 && out.source.contains(GRID_DEPENDENCY);
+        let wait = if self.early_trigger {
+            GRID_WAIT_EARLY
+        } else {
+            GRID_WAIT
+        };
         let source = match (waits, &self.timeline) {
             (true, Some(_)) => out
                 .source
-                .replace(GRID_DEPENDENCY, &format!("{GRID_WAIT}\n{TIMELINE_WAIT}")),
-            (true, None) => out.source.replace(GRID_DEPENDENCY, GRID_WAIT),
+                .replace(GRID_DEPENDENCY, &format!("{wait}\n{TIMELINE_WAIT}")),
+            (true, None) => out.source.replace(GRID_DEPENDENCY, wait),
             (false, _) => out.source.clone(),
         };
         let source = match &self.timeline {

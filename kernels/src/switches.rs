@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `CUBEQWEN_NO_GRAPHS` | decode through cubecl launches, no CUDA graph | graphs on CUDA |
 //! | `CUBEQWEN_NO_PDL` | graph kernels strictly one after another | programmatic dependent launch (sm_90+) |
+//! | `CUBEQWEN_EARLY_TRIGGER` | a graph kernel lets the next one be scheduled as soon as all its cubes have started, before its own wait ([`crate::graph`]) | after its wait |
 //! | `CUBEQWEN_NO_ASYNC_COPY` | the decode GEMVs read their weights after the wait | `cp.async` prefetch (CUDA, sm_80+) |
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
@@ -34,6 +35,7 @@ use crate::flash::PrefillKernel;
 pub struct Switches {
     pub no_graphs: bool,
     pub no_pdl: bool,
+    pub early_trigger: bool,
     pub no_async_copy: bool,
     pub no_flash: bool,
     pub no_fused_gemv: bool,
@@ -191,6 +193,7 @@ impl Switches {
         Ok(Self {
             no_graphs: flag("CUBEQWEN_NO_GRAPHS")?,
             no_pdl: flag("CUBEQWEN_NO_PDL")?,
+            early_trigger: flag("CUBEQWEN_EARLY_TRIGGER")?,
             no_async_copy: flag("CUBEQWEN_NO_ASYNC_COPY")?,
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
             no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
@@ -230,7 +233,7 @@ mod tests {
     fn unset_is_every_default() {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
-        assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma);
+        assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma && !s.early_trigger);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
