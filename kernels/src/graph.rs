@@ -172,8 +172,10 @@ pub struct GraphRecorder {
     /// Programmatic dependent launch for the kernels that mark their grid dependency: sm_90+,
     /// unless `CUBEQWEN_NO_PDL` is set.
     pdl: bool,
-    /// `CUBEQWEN_EARLY_TRIGGER`: kernels let the next one in before they wait ([`GRID_WAIT_EARLY`]).
-    early_trigger: bool,
+    /// `CUBEQWEN_EARLY_TRIGGER`: the kernels that let the next one in before they wait
+    /// ([`GRID_WAIT_EARLY`]): none, all (an empty list), or those whose type name contains one
+    /// of the names.
+    early_trigger: Option<Vec<String>>,
     /// Launches made with programmatic stream serialization so far.
     programmatic_launches: usize,
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
@@ -237,7 +239,7 @@ impl GraphRecorder {
             options,
             compiled: HashMap::new(),
             pdl: version >= 90 && !switches.no_pdl,
-            early_trigger: switches.early_trigger,
+            early_trigger: switches.early_trigger.clone(),
             mode: if switches.graph_checked {
                 ExecutionMode::Checked
             } else {
@@ -260,9 +262,19 @@ impl GraphRecorder {
         &self.client
     }
 
+    /// Whether kernel `K` lets the next one in before its wait (`CUBEQWEN_EARLY_TRIGGER`).
+    fn early_trigger<K>(&self) -> bool {
+        let name = std::any::type_name::<K>();
+        match &self.early_trigger {
+            None => false,
+            Some(names) => names.is_empty() || names.iter().any(|n| name.contains(n.as_str())),
+        }
+    }
+
     fn compile<K: CubeKernel>(&mut self, kernel: K) -> Result<&Compiled> {
         let id = kernel.id();
         if !self.compiled.contains_key(&id) {
+            let early = self.early_trigger::<K>();
             // PTX is kept in the kernel cache (as cubecl keeps its own), so a second run
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
             let dir = crate::runtime::kernel_cache_dir().join("graph");
@@ -272,7 +284,7 @@ impl GraphRecorder {
                 "{}-{}-g2{}{}",
                 fnv64(&format!("{:?}", id.stable_hash())),
                 self.arch,
-                if self.early_trigger { "-e" } else { "" },
+                if early { "-e" } else { "" },
                 if self.mode == ExecutionMode::Unchecked {
                     "-u"
                 } else {
@@ -306,7 +318,7 @@ impl GraphRecorder {
             let (ptx, entry, shared_bytes, block, waits) = match cached {
                 Some(c) => c,
                 None => {
-                    let c = self.compile_source(kernel, index)?;
+                    let c = self.compile_source(kernel, index, early)?;
                     if cache {
                         // A cache that cannot be written only costs time on the next run. The
                         // CUDA source is kept beside the PTX for reading (profiling), not used.
@@ -352,7 +364,12 @@ impl GraphRecorder {
 
     /// cubecl's CUDA C++ for `kernel`, compiled by NVRTC as cubecl-cuda compiles it: (PTX,
     /// entry point, shared-memory bytes, block dimensions).
-    fn compile_source<K: CubeKernel>(&self, kernel: K, index: usize) -> Result<CompiledSource> {
+    fn compile_source<K: CubeKernel>(
+        &self,
+        kernel: K,
+        index: usize,
+        early: bool,
+    ) -> Result<CompiledSource> {
         let task = cubecl::prelude::KernelTask::<CudaCompiler, K>::new(kernel);
         let out = task
             .compile(
@@ -365,11 +382,7 @@ impl GraphRecorder {
         let repr = out.repr.context("the CUDA compiler returned no kernel")?;
         // The grid-dependency marker: the wait on Hopper, nothing before it.
         let waits = self.version >= 90 && out.source.contains(GRID_DEPENDENCY);
-        let wait = if self.early_trigger {
-            GRID_WAIT_EARLY
-        } else {
-            GRID_WAIT
-        };
+        let wait = if early { GRID_WAIT_EARLY } else { GRID_WAIT };
         let source = match (waits, &self.timeline) {
             (true, Some(_)) => out
                 .source
