@@ -46,14 +46,6 @@ const GRID_DEPENDENCY: &str = "// cubeqwen:grid-dependency";
 /// scheduled.
 const GRID_WAIT: &str = "asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n\
                          asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");";
-/// [`GRID_WAIT`] with the next kernel let in first (`CUBEQWEN_EARLY_TRIGGER`): it is scheduled
-/// once every cube of this one has started, not once every cube has got past the wait, so a
-/// chain of short kernels keeps the ones after it resident (and prefetching their weights) while
-/// it runs. Still safe: `griddepcontrol.wait` waits for the kernel before to complete, whenever
-/// it let the next one in.
-const GRID_WAIT_EARLY: &str =
-    "asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");\n\
-                               asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");";
 
 /// The comment [`crate::gridsync::grid_barrier`] places where it needs a memory fence (cubecl
 /// 0.10's IR has none); compiled to [`FENCE_CODE`] on every architecture.
@@ -172,10 +164,6 @@ pub struct GraphRecorder {
     /// Programmatic dependent launch for the kernels that mark their grid dependency: sm_90+,
     /// unless `CUBEQWEN_NO_PDL` is set.
     pdl: bool,
-    /// `CUBEQWEN_EARLY_TRIGGER`: the kernels that let the next one in before they wait
-    /// ([`GRID_WAIT_EARLY`]): none, all (an empty list), or those whose type name contains one
-    /// of the names.
-    early_trigger: Option<Vec<String>>,
     /// Launches made with programmatic stream serialization so far.
     programmatic_launches: usize,
     /// The `get_resource` guards of the cubecl buffers our launches use, by device address.
@@ -239,7 +227,6 @@ impl GraphRecorder {
             options,
             compiled: HashMap::new(),
             pdl: version >= 90 && !switches.no_pdl,
-            early_trigger: switches.early_trigger.clone(),
             mode: if switches.graph_checked {
                 ExecutionMode::Checked
             } else {
@@ -262,29 +249,18 @@ impl GraphRecorder {
         &self.client
     }
 
-    /// Whether kernel `K` lets the next one in before its wait (`CUBEQWEN_EARLY_TRIGGER`).
-    fn early_trigger<K>(&self) -> bool {
-        let name = std::any::type_name::<K>();
-        match &self.early_trigger {
-            None => false,
-            Some(names) => names.is_empty() || names.iter().any(|n| name.contains(n.as_str())),
-        }
-    }
-
     fn compile<K: CubeKernel>(&mut self, kernel: K) -> Result<&Compiled> {
         let id = kernel.id();
         if !self.compiled.contains_key(&id) {
-            let early = self.early_trigger::<K>();
             // PTX is kept in the kernel cache (as cubecl keeps its own), so a second run
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
             let dir = crate::runtime::kernel_cache_dir().join("graph");
             // "-g2": the grid-dependency and copy-group rewrites (GRID_WAIT, copy_groups) are
-            // part of the PTX ("-e": GRID_WAIT_EARLY); "-u": compiled without bounds checks.
+            // part of the PTX; "-u": compiled without bounds checks.
             let name = format!(
-                "{}-{}-g2{}{}",
+                "{}-{}-g2{}",
                 fnv64(&format!("{:?}", id.stable_hash())),
                 self.arch,
-                if early { "-e" } else { "" },
                 if self.mode == ExecutionMode::Unchecked {
                     "-u"
                 } else {
@@ -318,7 +294,7 @@ impl GraphRecorder {
             let (ptx, entry, shared_bytes, block, waits) = match cached {
                 Some(c) => c,
                 None => {
-                    let c = self.compile_source(kernel, index, early)?;
+                    let c = self.compile_source(kernel, index)?;
                     if cache {
                         // A cache that cannot be written only costs time on the next run. The
                         // CUDA source is kept beside the PTX for reading (profiling), not used.
@@ -364,12 +340,7 @@ impl GraphRecorder {
 
     /// cubecl's CUDA C++ for `kernel`, compiled by NVRTC as cubecl-cuda compiles it: (PTX,
     /// entry point, shared-memory bytes, block dimensions).
-    fn compile_source<K: CubeKernel>(
-        &self,
-        kernel: K,
-        index: usize,
-        early: bool,
-    ) -> Result<CompiledSource> {
+    fn compile_source<K: CubeKernel>(&self, kernel: K, index: usize) -> Result<CompiledSource> {
         let task = cubecl::prelude::KernelTask::<CudaCompiler, K>::new(kernel);
         let out = task
             .compile(
@@ -382,12 +353,11 @@ impl GraphRecorder {
         let repr = out.repr.context("the CUDA compiler returned no kernel")?;
         // The grid-dependency marker: the wait on Hopper, nothing before it.
         let waits = self.version >= 90 && out.source.contains(GRID_DEPENDENCY);
-        let wait = if early { GRID_WAIT_EARLY } else { GRID_WAIT };
         let source = match (waits, &self.timeline) {
             (true, Some(_)) => out
                 .source
-                .replace(GRID_DEPENDENCY, &format!("{wait}\n{TIMELINE_WAIT}")),
-            (true, None) => out.source.replace(GRID_DEPENDENCY, wait),
+                .replace(GRID_DEPENDENCY, &format!("{GRID_WAIT}\n{TIMELINE_WAIT}")),
+            (true, None) => out.source.replace(GRID_DEPENDENCY, GRID_WAIT),
             (false, _) => out.source.clone(),
         };
         let source = match &self.timeline {

@@ -6,7 +6,6 @@
 //! |---|---|---|
 //! | `CUBEQWEN_NO_GRAPHS` | decode through cubecl launches, no CUDA graph | graphs on CUDA |
 //! | `CUBEQWEN_NO_PDL` | graph kernels strictly one after another | programmatic dependent launch (sm_90+) |
-//! | `CUBEQWEN_EARLY_TRIGGER` | `1`/`all`, or kernels by name (`attention_kernel,gemv_residual`: parts of their Rust type names): those graph kernels let the next one be scheduled as soon as all their cubes have started, before their own wait ([`crate::graph`]) | after the wait |
 //! | `CUBEQWEN_NO_ASYNC_COPY` | the decode GEMVs read their weights after the wait | `cp.async` prefetch (CUDA, sm_80+) |
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
@@ -35,9 +34,6 @@ use crate::flash::PrefillKernel;
 pub struct Switches {
     pub no_graphs: bool,
     pub no_pdl: bool,
-    /// Graph kernels that let the next one in before their wait: `None` none, an empty list
-    /// all, else those whose type name contains one of the names.
-    pub early_trigger: Option<Vec<String>>,
     pub no_async_copy: bool,
     pub no_flash: bool,
     pub no_fused_gemv: bool,
@@ -195,10 +191,6 @@ impl Switches {
         Ok(Self {
             no_graphs: flag("CUBEQWEN_NO_GRAPHS")?,
             no_pdl: flag("CUBEQWEN_NO_PDL")?,
-            early_trigger: parse_kernel_names(
-                "CUBEQWEN_EARLY_TRIGGER",
-                get("CUBEQWEN_EARLY_TRIGGER"),
-            )?,
             no_async_copy: flag("CUBEQWEN_NO_ASYNC_COPY")?,
             no_flash: flag("CUBEQWEN_NO_FLASH")?,
             no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
@@ -214,25 +206,6 @@ impl Switches {
             cubek_tiling,
         })
     }
-}
-
-/// A switch that names kernels: unset or off: `None`; on or `all`: every kernel (an empty
-/// list); else a comma-separated list of names (letters, digits, `_`).
-fn parse_kernel_names(name: &str, v: Option<String>) -> Result<Option<Vec<String>>> {
-    Ok(match v.as_deref().map(str::trim) {
-        None | Some("" | "0" | "false" | "no" | "off") => None,
-        Some("1" | "true" | "yes" | "on" | "all") => Some(Vec::new()),
-        Some(list) => {
-            let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
-            if names
-                .iter()
-                .any(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            {
-                bail!("{name}={list}: expected 1/all, 0/off, or kernel names separated by commas");
-            }
-            Some(names)
-        }
-    })
 }
 
 fn parse_gemv_shape(v: &str) -> Option<(usize, usize)> {
@@ -258,7 +231,6 @@ mod tests {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
         assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma);
-        assert_eq!(s.early_trigger, None);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
@@ -276,18 +248,6 @@ mod tests {
         assert!(on.no_graphs && on.timeline && on.no_fused_gemv && !on.no_pdl);
         let off = parse(&[("CUBEQWEN_NO_GRAPHS", "0"), ("CUBEQWEN_NO_PDL", "")]).unwrap();
         assert!(!off.no_graphs && !off.no_pdl);
-        for (v, want) in [
-            ("1", Some(vec![])),
-            ("all", Some(vec![])),
-            ("off", None),
-            (
-                "attention_kernel, gemv_residual",
-                Some(vec!["attention_kernel".into(), "gemv_residual".into()]),
-            ),
-        ] {
-            let s = parse(&[("CUBEQWEN_EARLY_TRIGGER", v)]).unwrap();
-            assert_eq!(s.early_trigger, want, "{v}");
-        }
     }
 
     #[test]
@@ -339,8 +299,6 @@ mod tests {
             ("CUBEQWEN_FFN_STAGES", "two"),
             ("CUBEQWEN_GEMV_STAGES", "5"),
             ("CUBEQWEN_GEMV_STAGES", "-1"),
-            ("CUBEQWEN_EARLY_TRIGGER", "attention,"),
-            ("CUBEQWEN_EARLY_TRIGGER", "ffn-in"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");
