@@ -6,7 +6,7 @@
 //! | kernel | does | replaces |
 //! |---|---|---|
 //! | [`embed_token`] | `x = table[token]` (f32 residual stream) | `embedding` |
-//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` | `rms_norm`, `gemv_qkv` (or 3 `matmul`), `rope_qk_append` |
+//! | [`attn_in`] | RMSNorm(x) → q/k/v (+bias) → RoPE → k, v appended to the cache at `pos` (streamed where one wave would not hold it: [`attn_in_with`]) | `rms_norm`, `gemv_qkv` (or 3 `matmul`), `rope_qk_append` |
 //! | [`attention`] | GQA attention of the token over cache positions `0..=pos` | `attention` |
 //! | [`gemv_residual`] | `x += W·a` (o-proj, down; streamed where one wave would not hold it: [`gemv_residual_with`]) | `matmul` + `residual_add` |
 //! | [`ffn_in`] | RMSNorm(x) → gate, up → SwiGLU (streamed: [`ffn_in_with`]) | `rms_norm`, `gemv_gate_up_swiglu` (or 2 `matmul`, `swiglu`) |
@@ -401,11 +401,118 @@ fn embed_token_kernel<F: Float>(
     }
 }
 
+/// One pair-row of [`attn_in_kernel`]: rows `r0` and `r1 = r0 + hd/2` of the q (`sec` 0), k (1)
+/// or v (2) projection, pair index `i` of head `head`; `valid` false past the last pair.
+#[derive(CubeType, Clone, Copy)]
+struct QkvPair {
+    sec: u32,
+    head: usize,
+    i: usize,
+    r0: usize,
+    r1: usize,
+    valid: bool,
+}
+
+/// The pair-row `p` of the q pairs, then the k pairs, then the v pairs.
+#[cube]
+#[allow(unused_assignments)]
+fn qkv_pair(
+    p: usize,
+    #[comptime] n_heads: usize,
+    #[comptime] n_kv: usize,
+    #[comptime] head_dim: usize,
+) -> QkvPair {
+    let half = comptime!(head_dim / 2);
+    let q_pairs = comptime!(n_heads * head_dim / 2);
+    let kv_pairs = comptime!(n_kv * head_dim / 2);
+    let mut sec: u32 = 2u32;
+    let mut local: usize = 0usize;
+    if p < q_pairs {
+        sec = 0u32;
+        local = p;
+    } else if p < q_pairs + kv_pairs {
+        sec = 1u32;
+        local = p - q_pairs;
+    } else if p < q_pairs + 2 * kv_pairs {
+        local = p - q_pairs - kv_pairs;
+    }
+    let head = local / half;
+    let i = local % half;
+    let r0 = head * head_dim + i;
+    QkvPair {
+        sec,
+        head,
+        i,
+        r0,
+        r1: r0 + half,
+        valid: p < q_pairs + 2 * kv_pairs,
+    }
+}
+
+/// The biases of a pair-row (0 past the last pair).
+#[cube]
+#[allow(unused_assignments)]
+fn qkv_bias(bq: &Array<f32>, bk: &Array<f32>, bv: &Array<f32>, pair: &QkvPair) -> Pair {
+    let mut a = 0.0f32;
+    let mut b = 0.0f32;
+    if pair.valid {
+        if pair.sec == 0u32 {
+            a = bq[pair.r0];
+            b = bq[pair.r1];
+        } else if pair.sec == 1u32 {
+            a = bk[pair.r0];
+            b = bk[pair.r1];
+        } else {
+            a = bv[pair.r0];
+            b = bv[pair.r1];
+        }
+    }
+    Pair { a, b }
+}
+
+/// A pair-row's two sums `a`, `b` plus biases out: v into the cache at `pos`; q and k rounded to
+/// `F`, rotated by (`c`, `s`), q to `q`, k into the cache.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_qkv_pair<F: Float>(
+    pair: &QkvPair,
+    a: f32,
+    b: f32,
+    bias: &Pair,
+    c: f32,
+    s: f32,
+    pos: usize,
+    max_ctx: usize,
+    q: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    #[comptime] head_dim: usize,
+) {
+    let half = comptime!(head_dim / 2);
+    let at = (pair.head * max_ctx + pos) * head_dim;
+    if pair.sec == 2u32 {
+        v_cache[at + pair.i] = F::cast_from(a + bias.a);
+        v_cache[at + pair.i + half] = F::cast_from(b + bias.b);
+    } else {
+        let x0 = f32::cast_from(F::cast_from(a + bias.a));
+        let x1 = f32::cast_from(F::cast_from(b + bias.b));
+        let o0 = F::cast_from(x0 * c - x1 * s);
+        let o1 = F::cast_from(x1 * c + x0 * s);
+        if pair.sec == 0u32 {
+            q[pair.r0] = o0;
+            q[pair.r1] = o1;
+        } else {
+            k_cache[at + pair.i] = o0;
+            k_cache[at + pair.i + half] = o1;
+        }
+    }
+}
+
 /// Attention input of one token: `h = F(RMSNorm(x))`; q, k, v = `F(h·Wᵀ + b)`; q and k rotated
 /// (NEOX pairs i, i + hd/2) at position `state[0]`; q written out, k and v written into the
 /// cache at that position. One plane pair-row per (head, i < hd/2): the pair (i, i + hd/2).
 #[cube(launch)]
-#[allow(clippy::too_many_arguments, unused_assignments)]
+#[allow(clippy::too_many_arguments)]
 fn attn_in_kernel<F: Float, V: Size>(
     x: &Array<f32>,
     norm_w: &Array<f32>,
@@ -434,80 +541,172 @@ fn attn_in_kernel<F: Float, V: Size>(
 ) {
     let stride = comptime!(LANES * split);
     let iters = comptime!(k_vec.div_ceil(LANES * split));
-    let half = head_dim / 2;
-    let q_pairs = n_heads * half;
-    let kv_pairs = n_kv * half;
-    let total = q_pairs + 2 * kv_pairs;
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
     let p = CUBE_POS * (PLANES / split) + y / split;
     let first = (y % split) * LANES + lane;
-
-    // Which projection, head and pair index i this plane row computes.
-    let mut sec: u32 = 2u32;
-    let mut local: usize = 0usize;
-    if p < q_pairs {
-        sec = 0u32;
-        local = p;
-    } else if p < q_pairs + kv_pairs {
-        sec = 1u32;
-        local = p - q_pairs;
-    } else if p < total {
-        local = p - q_pairs - kv_pairs;
-    }
-    let head = local / half;
-    let i = local % half;
-    let r0 = head * head_dim + i;
-    let r1 = r0 + half;
-
-    let valid = p < total;
+    let pair = qkv_pair(p, n_heads, n_kv, head_dim);
+    let (sec, r0, r1, valid) = (pair.sec, pair.r0, pair.r1, pair.valid);
     let wa = load_qkv_row::<F, V>(wq, wk, wv, sec, r0, valid, first, k_vec, stride, iters);
     let wb = load_qkv_row::<F, V>(wq, wk, wv, sec, r1, valid, first, k_vec, stride, iters);
     // The pair's biases are weights too.
-    let mut bias_a = 0.0f32;
-    let mut bias_b = 0.0f32;
-    if valid {
-        if sec == 0u32 {
-            bias_a = bq[r0];
-            bias_b = bq[r1];
-        } else if sec == 1u32 {
-            bias_a = bk[r0];
-            bias_b = bk[r1];
-        } else {
-            bias_a = bv[r0];
-            bias_b = bv[r1];
-        }
-    }
+    let bias = qkv_bias(bq, bk, bv, &pair);
     grid_dependency();
     // The position and its rotation, loaded while the norm and the dot product run.
     let pos = state[0] as usize;
-    let c = cos[pos * half + i];
-    let s = sin[pos * half + i];
+    let half = comptime!(head_dim / 2);
+    let c = cos[pos * half + pair.i];
+    let s = sin[pos * half + pair.i];
     let mut h = SharedMemory::<f32>::new(d);
     norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
     let acc = dot2_loaded::<F, V>(&wa, &wb, &h, first, k_vec, stride, iters);
     let a = reduce_sum::<f32>(acc.a, row_sum);
     let b = reduce_sum::<f32>(acc.b, row_sum);
-
     if valid && lane == 0 && y.is_multiple_of(split) {
-        if sec == 2u32 {
-            let at = (head * max_ctx + pos) * head_dim;
-            v_cache[at + i] = F::cast_from(a + bias_a);
-            v_cache[at + i + half] = F::cast_from(b + bias_b);
-        } else {
-            let x0 = f32::cast_from(F::cast_from(a + bias_a));
-            let x1 = f32::cast_from(F::cast_from(b + bias_b));
-            let o0 = F::cast_from(x0 * c - x1 * s);
-            let o1 = F::cast_from(x1 * c + x0 * s);
-            if sec == 0u32 {
-                q[r0] = o0;
-                q[r1] = o1;
-            } else {
-                let at = (head * max_ctx + pos) * head_dim;
-                k_cache[at + i] = o0;
-                k_cache[at + i + half] = o1;
-            }
+        write_qkv_pair::<F>(
+            &pair, a, b, &bias, c, s, pos, max_ctx, q, k_cache, v_cache, head_dim,
+        );
+    }
+}
+
+/// Rows `r0` and `r1` of the pair-row's projection into one ring slot (`dst[at..at + 2·k_vec]`)
+/// as [`stage_row`] stages them, committed as one copy group.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_qkv_pair<F: Float, V: Size>(
+    wq: &Array<Vector<F, V>>,
+    wk: &Array<Vector<F, V>>,
+    wv: &Array<Vector<F, V>>,
+    pair: &QkvPair,
+    valid: bool,
+    dst: &mut SharedMemory<Vector<F, V>>,
+    at: usize,
+    first: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] stride: usize,
+    #[comptime] async_copy: bool,
+) {
+    let (r0, r1, b) = (pair.r0, pair.r1, at + k_vec);
+    if pair.sec == 0u32 {
+        stage_row::<F, V>(wq, r0, valid, dst, at, first, k_vec, stride, async_copy);
+        stage_row::<F, V>(wq, r1, valid, dst, b, first, k_vec, stride, async_copy);
+    } else if pair.sec == 1u32 {
+        stage_row::<F, V>(wk, r0, valid, dst, at, first, k_vec, stride, async_copy);
+        stage_row::<F, V>(wk, r1, valid, dst, b, first, k_vec, stride, async_copy);
+    } else {
+        stage_row::<F, V>(wv, r0, valid, dst, at, first, k_vec, stride, async_copy);
+        stage_row::<F, V>(wv, r1, valid, dst, b, first, k_vec, stride, async_copy);
+    }
+    commit_copy_group(async_copy);
+}
+
+/// [`attn_in_kernel`]'s function, streamed as [`gemv_residual_stream_kernel`] is (for grids the
+/// one-shot kernel cannot hold at once: the 7B shape's rows, held in registers, allow 2 cubes a
+/// multiprocessor, 2.2 waves): each group of `split` planes computes the pair-rows `g, g +
+/// groups, ...` (`steps` of them) with `stages` of them in flight in its shared-memory ring; the
+/// norm is computed once a cube.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn attn_in_stream_kernel<F: Float, V: Size>(
+    x: &Array<f32>,
+    norm_w: &Array<f32>,
+    wq: &Array<Vector<F, V>>,
+    wk: &Array<Vector<F, V>>,
+    wv: &Array<Vector<F, V>>,
+    bq: &Array<f32>,
+    bk: &Array<f32>,
+    bv: &Array<f32>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    state: &Array<u32>,
+    q: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    max_ctx: usize,
+    eps: f32,
+    #[comptime] d: usize,
+    #[comptime] n_heads: usize,
+    #[comptime] n_kv: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] k_vec: usize,
+    #[comptime] split: usize,
+    #[comptime] stages: usize,
+    #[comptime] steps: usize,
+    #[comptime] groups: usize,
+    #[comptime] row_sum: Reduction,
+    #[comptime] cube: Reduction,
+    #[comptime] async_copy: bool,
+) {
+    let lane = UNIT_POS_X as usize;
+    let y = UNIT_POS_Y as usize;
+    let rows = comptime!(PLANES / split);
+    let group = CUBE_POS * rows + y / split;
+    let (stride, iters) = comptime!((LANES * split, k_vec.div_ceil(LANES * split)));
+    let first = (y % split) * LANES + lane;
+    let slot = comptime!(2 * k_vec);
+    let mut ring = SharedMemory::<Vector<F, V>>::new(comptime!(rows * stages * 2 * k_vec));
+    let mine = (y / split) * comptime!(stages * 2 * k_vec);
+    #[unroll]
+    for t in 0..stages {
+        let pair = qkv_pair(group + t * groups, n_heads, n_kv, head_dim);
+        stage_qkv_pair::<F, V>(
+            wq,
+            wk,
+            wv,
+            &pair,
+            pair.valid,
+            &mut ring,
+            mine + t * slot,
+            first,
+            k_vec,
+            stride,
+            async_copy,
+        );
+    }
+    grid_dependency();
+    let pos = state[0] as usize;
+    let half = comptime!(head_dim / 2);
+    let mut h = SharedMemory::<f32>::new(d);
+    norm_to_shared::<F>(x, norm_w, &mut h, eps, d, cube);
+    // Not unrolled: without plane operations (wgpu) each reduction is a shared array of its own.
+    for t in 0..steps {
+        let pair = qkv_pair(group + t * groups, n_heads, n_kv, head_dim);
+        // Biases and rotation, loaded while the pair's copies land.
+        let bias = qkv_bias(bq, bk, bv, &pair);
+        let c = cos[pos * half + pair.i];
+        let s = sin[pos * half + pair.i];
+        wait_copy_groups(async_copy, comptime!(stages - 1));
+        let at = mine + (t % stages) * slot;
+        let r = dot2_rows::<F, V>(
+            &ring.slice(at, at + k_vec),
+            &ring.slice(at + k_vec, at + slot),
+            &h,
+            first,
+            k_vec,
+            stride,
+            iters,
+        );
+        let a = reduce_sum::<f32>(r.a, row_sum);
+        let b = reduce_sum::<f32>(r.b, row_sum);
+        if pair.valid && lane == 0 && y.is_multiple_of(split) {
+            write_qkv_pair::<F>(
+                &pair, a, b, &bias, c, s, pos, max_ctx, q, k_cache, v_cache, head_dim,
+            );
         }
+        let next = qkv_pair(group + (t + stages) * groups, n_heads, n_kv, head_dim);
+        stage_qkv_pair::<F, V>(
+            wq,
+            wk,
+            wv,
+            &next,
+            t + stages < steps && next.valid,
+            &mut ring,
+            at,
+            first,
+            k_vec,
+            stride,
+            async_copy,
+        );
     }
 }
 
@@ -1437,8 +1636,8 @@ pub fn ffn_stream_grid(
     })
 }
 
-/// Rows in flight a plane group of the streamed GEMV + residual by default
-/// (`CUBEQWEN_GEMV_STAGES` overrides; 0: the one-shot kernel always).
+/// Rows (pair-rows in `attn_in`) in flight a plane group of the streamed GEMVs by default
+/// (`CUBEQWEN_GEMV_STAGES` overrides; 0: the one-shot kernels always).
 pub const GEMV_STAGES: usize = 2;
 /// The most rows a plane group of the streamed GEMV keeps in flight (`cp.async.wait_group`
 /// counts to 3 pending behind the oldest).
@@ -1472,8 +1671,8 @@ pub struct GemvStreamPlan {
     pub smem: usize,
 }
 
-/// The streamed GEMV's grid for `n` rows of `k_vec` vectors of `vec_bytes`, with `stages` rows
-/// in flight a plane group ([`gemv_stream_grid`]).
+/// The streamed GEMV + residual's grid for `n` rows of `k_vec` vectors of `vec_bytes`, with
+/// `stages` rows in flight a plane group ([`gemv_stream_grid`]).
 pub fn gemv_stream_plan<R: Runtime>(
     client: &ComputeClient<R>,
     n: usize,
@@ -1481,22 +1680,11 @@ pub fn gemv_stream_plan<R: Runtime>(
     vec_bytes: usize,
     stages: usize,
 ) -> Option<GemvStreamPlan> {
-    let hw = &client.properties().hardware;
-    gemv_stream_grid(
-        n,
-        k_vec,
-        vec_bytes,
-        stages,
-        hw.max_shared_memory_size,
-        hw.num_streaming_multiprocessors.map(|n| n as usize),
-    )
+    gemv_stream_grid(n, k_vec, vec_bytes, stages, hw_smem(client), sms(client))
 }
 
 /// [`gemv_stream_plan`] for a device with `max_smem` bytes of shared memory a cube and `sms`
-/// multiprocessors: as many planes share a row as give each of their units a vector of it
-/// (at most [`PLANES`]: long rows are read by whole cubes, so that a cube's ring is few rows
-/// deep); as many cubes as fit the device at once, no more than the rows need. Fewer stages
-/// where `stages` would not fit a cube; `None` for `stages` 0 or where not one row fits.
+/// multiprocessors ([`stream_grid`] with items of one row).
 pub fn gemv_stream_grid(
     n: usize,
     k_vec: usize,
@@ -1505,20 +1693,41 @@ pub fn gemv_stream_grid(
     max_smem: usize,
     sms: Option<usize>,
 ) -> Option<GemvStreamPlan> {
+    stream_grid(n, 1, k_vec, vec_bytes, 0, stages, max_smem, sms)
+}
+
+/// The grid of a streamed GEMV ([`gemv_residual_stream_kernel`], [`attn_in_stream_kernel`]) for
+/// `n` items of `item_rows` rows of `k_vec` vectors of `vec_bytes` each, with `stages` items in
+/// flight a plane group and `fixed` shared bytes a cube besides the ring and a reduction's
+/// partials: as many planes share a row as give each of their units a vector of it (at most
+/// [`PLANES`]: long rows are read by whole cubes, so that a cube's ring is few rows deep); as
+/// many cubes as fit the device at once, no more than the items need. Fewer stages where
+/// `stages` would not fit a cube; `None` for `stages` 0 or where not one item fits.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_grid(
+    n: usize,
+    item_rows: usize,
+    k_vec: usize,
+    vec_bytes: usize,
+    fixed: usize,
+    stages: usize,
+    max_smem: usize,
+    sms: Option<usize>,
+) -> Option<GemvStreamPlan> {
     if stages == 0 || n == 0 || k_vec == 0 {
         return None;
     }
     let split = (1usize << (k_vec / LANES).max(1).ilog2()).min(PLANES);
-    let rows = PLANES / split;
-    // A reduction's partials (a value a unit at most) besides the ring.
-    let smem_for = |s: usize| rows * s * k_vec * vec_bytes + LANES * PLANES * size_of::<f32>();
+    let groups = PLANES / split;
+    let fixed = fixed + LANES * PLANES * size_of::<f32>();
+    let smem_for = |s: usize| groups * s * item_rows * k_vec * vec_bytes + fixed;
     let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
-    let need = n.div_ceil(rows);
+    let need = n.div_ceil(groups);
     let cubes = match sms {
         Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
         None => need.min(STREAM_CUBES_UNKNOWN),
     };
-    let steps = n.div_ceil(cubes * rows);
+    let steps = n.div_ceil(cubes * groups);
     let stages = stages.min(steps);
     Some(GemvStreamPlan {
         cubes,
@@ -1606,6 +1815,9 @@ pub struct AttnInWeights<'a, R: Runtime, F: CubeElement> {
 }
 
 /// RMSNorm → q/k/v + bias → RoPE → cache append for the token at `state[0]`; writes q [1, qd].
+/// Streamed ([`attn_in_with`], `CUBEQWEN_GEMV_STAGES` pair-rows in flight a plane group) where
+/// the one-shot kernel's grid would not be resident at once ([`attn_in_one_shot_waves`] > 1: the
+/// 7B shape); else the one-shot kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -1619,6 +1831,39 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     q: &DeviceTensor<R, F>,
     cache: &KvCache<R, F>,
 ) -> Result<()> {
+    let stages = crate::switches::switches()?
+        .gemv_stages
+        .unwrap_or(GEMV_STAGES);
+    // Shapes are checked in attn_in_with; here only the grid is estimated.
+    let pairs = (w.wq.len() + w.wk.len() + w.wv.len())
+        .checked_div(2 * x.len())
+        .unwrap_or(0);
+    let waves = attn_in_one_shot_waves(client, pairs, x.len(), size_of::<F>());
+    let stages = if waves > 1.0 { stages } else { 0 };
+    attn_in_with(client, rec, x, w, rope, st, eps, n_heads, q, cache, stages)
+}
+
+/// [`attn_in`] with `stages` pair-rows in flight a plane group: the streamed kernel
+/// ([`stream_grid`]; fewer stages where they do not fit); 0 (or not one pair fits): the one-shot
+/// kernel, each unit's part of its rows in registers.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_in_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    rec: Rec<'_>,
+    x: &DeviceTensor<R, f32>,
+    w: &AttnInWeights<'_, R, F>,
+    rope: &RopeTables<R>,
+    st: &DecodeState<R>,
+    eps: f32,
+    n_heads: usize,
+    q: &DeviceTensor<R, F>,
+    cache: &KvCache<R, F>,
+    stages: usize,
+) -> Result<()> {
+    ensure!(
+        stages <= MAX_GEMV_STAGES,
+        "attn_in: {stages} pair-rows in flight a plane group; at most {MAX_GEMV_STAGES}"
+    );
     let d = x.len();
     let hd = cache.head_dim;
     let (qd, kvd) = (n_heads * hd, cache.n_kv * hd);
@@ -1642,8 +1887,36 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), d);
     let pairs = (qd + 2 * kvd) / 2;
     let k_vec = d / vec;
-    let split = split_for(k_vec, pairs);
+    let vec_bytes = vec * size_of::<F>();
     let (n_kv, max_ctx) = (cache.n_kv, cache.max_ctx);
+    let h_bytes = d * size_of::<f32>();
+    let plan = match stages {
+        0 => None,
+        s => stream_grid(
+            pairs,
+            2,
+            k_vec,
+            vec_bytes,
+            h_bytes,
+            s,
+            hw_smem(client),
+            sms(client),
+        ),
+    };
+    if let Some(plan) = plan {
+        let async_copy = rec.is_some() && async_prefetch(client, vec_bytes, plan.smem)?;
+        let groups = plan.cubes * (PLANES / plan.split);
+        return launch!(rec, client, attn_in_stream_kernel::AttnInStreamKernel<F>,
+            cube_count(plan.cubes)?, CubeDim::new_2d(LANES as u32, PLANES as u32);
+            sizes [vec];
+            arrays [x => 1, w.norm => 1, w.wq => vec, w.wk => vec, w.wv => vec, w.bq => 1,
+                w.bk => 1, w.bv => 1, rope.cos => 1, rope.sin => 1, st.state => 1, q => 1,
+                cache.k => 1, cache.v => 1];
+            scalars [usize max_ctx, f32 eps];
+            comptime [d, n_heads, n_kv, hd, k_vec, plan.split, plan.stages, plan.steps, groups,
+                row_sum(client, plan.split), gemv_cube(client), async_copy]);
+    }
+    let split = split_for(k_vec, pairs);
     launch!(rec, client, attn_in_kernel::AttnInKernel<F>,
         cube_count(pairs.div_ceil(PLANES / split))?, CubeDim::new_2d(LANES as u32, PLANES as u32);
         sizes [vec];
@@ -1651,6 +1924,43 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
             w.bv => 1, rope.cos => 1, rope.sin => 1, st.state => 1, q => 1, cache.k => 1, cache.v => 1];
         scalars [usize max_ctx, f32 eps];
         comptime [d, n_heads, n_kv, hd, k_vec, split, row_sum(client, split), gemv_cube(client)])
+}
+
+/// Waves of the one-shot `attn_in` for `pairs` pair-rows of `k` values of `elem` bytes: its
+/// cubes over those the device holds at once, by an estimate of its registers (each unit holds
+/// its vectors of both rows: `2·iters` vectors, plus ~32 registers; 48 measured at the 0.5B
+/// shape, 2026-11-28) against 64 K registers a multiprocessor; 0 where the device does not say
+/// how many multiprocessors it has (wgpu).
+pub fn attn_in_one_shot_waves<R: Runtime>(
+    client: &ComputeClient<R>,
+    pairs: usize,
+    k: usize,
+    elem: usize,
+) -> f64 {
+    const REGISTERS_PER_SM: usize = 65_536;
+    let Some(sms) = sms(client) else {
+        return 0.0;
+    };
+    let vec = vector_size(client, elem, k);
+    let k_vec = k / vec;
+    let split = split_for(k_vec, pairs);
+    let iters = k_vec.div_ceil(LANES * split);
+    let registers = 32 + 2 * iters * (vec * elem).div_ceil(4);
+    let per_sm =
+        (REGISTERS_PER_SM / (registers * LANES * PLANES)).clamp(1, UNITS_PER_SM / (LANES * PLANES));
+    pairs.div_ceil(PLANES / split) as f64 / (sms * per_sm) as f64
+}
+
+fn hw_smem<R: Runtime>(client: &ComputeClient<R>) -> usize {
+    client.properties().hardware.max_shared_memory_size
+}
+
+fn sms<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
+    client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .map(|n| n as usize)
 }
 
 /// Scratch for [`attention`] over up to `max_ctx` positions.
@@ -1819,8 +2129,7 @@ pub fn gemv_one_shot_waves<R: Runtime>(
     k: usize,
     elem: usize,
 ) -> Result<f64> {
-    let hw = &client.properties().hardware;
-    let Some(sms) = hw.num_streaming_multiprocessors else {
+    let Some(sms) = sms(client) else {
         return Ok(0.0);
     };
     let vec = vector_size(client, elem, k);
@@ -1828,8 +2137,8 @@ pub fn gemv_one_shot_waves<R: Runtime>(
     let rows = PLANES / split_for(k_vec, n);
     let smem = rows * k_vec * vec_bytes;
     let staged = async_prefetch(client, vec_bytes, smem)?;
-    let per_sm = resident_cubes(hw.max_shared_memory_size, if staged { smem } else { 0 });
-    Ok(n.div_ceil(rows) as f64 / (sms as usize * per_sm) as f64)
+    let per_sm = resident_cubes(hw_smem(client), if staged { smem } else { 0 });
+    Ok(n.div_ceil(rows) as f64 / (sms * per_sm) as f64)
 }
 
 /// RMSNorm → gate, up → SwiGLU: s `[ffn]` from x `[d]`; streamed with
@@ -2083,5 +2392,16 @@ mod tests {
         assert_eq!((p.cubes, p.steps, p.stages), (STREAM_CUBES_UNKNOWN, 28, 3));
         assert_eq!(gemv_stream_grid(3584, 4096, 16, 1, 32_768, None), None);
         assert_eq!(gemv_stream_grid(3584, 2368, 16, 0, SMEM, Some(132)), None);
+    }
+
+    #[test]
+    fn attn_in_stream_grid_fills_the_gpu_once() {
+        // 7B: 2304 pair-rows of 2 × 7168 bytes, the normed input (14 336 bytes) a cube; 2
+        // stages: 44 032 bytes a cube, 5 a multiprocessor, 660 cubes, 4 steps.
+        let p = stream_grid(2304, 2, 448, 16, 14_336, 2, SMEM, Some(132)).unwrap();
+        assert_eq!(
+            (p.cubes, p.split, p.steps, p.stages, p.smem),
+            (660, 8, 4, 2, 44_032)
+        );
     }
 }

@@ -129,7 +129,11 @@ impl RuntimeJob for Fused {
             bk: &bkd,
             bv: &bvd,
         };
-        for pos in [0usize, 37, 1023] {
+        // stages 0: the one-shot kernel; else streamed (attn_in_with), on every device.
+        for (pos, stages) in [0usize, 37, 1023]
+            .into_iter()
+            .flat_map(|p| [0, 1, 2, MAX_GEMV_STAGES].map(|s| (p, s)))
+        {
             let cache = KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?;
             let poison = vec![POISON_F16; n_kv * max_ctx * hd];
             let cache = KvCache {
@@ -139,8 +143,8 @@ impl RuntimeJob for Fused {
             };
             let st = DecodeState::new(&client, pos as u32, 0)?;
             let q = up(&vec![POISON_F16; qd], &[1, qd])?;
-            attn_in(
-                &client, None, &xd, &weights, &rope, &st, eps, n_heads, &q, &cache,
+            attn_in_with(
+                &client, None, &xd, &weights, &rope, &st, eps, n_heads, &q, &cache, stages,
             )?;
             let (rq, rk, rv) = reference_attn_in(
                 &f32_to_f64(&x),
@@ -162,19 +166,19 @@ impl RuntimeJob for Fused {
                     .collect()
             };
             check(
-                &format!("attn_in q   pos {pos}"),
+                &format!("attn_in q   pos {pos} stages {stages}"),
                 rel_err(&widen(&q.to_vec(&client)?), &rq),
                 TOL_F16,
                 seed,
             )?;
             check(
-                &format!("attn_in k   pos {pos}"),
+                &format!("attn_in k   pos {pos} stages {stages}"),
                 rel_err(&row(&kc, pos), &rk),
                 TOL_F16,
                 seed,
             )?;
             check(
-                &format!("attn_in v   pos {pos}"),
+                &format!("attn_in v   pos {pos} stages {stages}"),
                 rel_err(&row(&vc, pos), &rv),
                 TOL_F16,
                 seed,
@@ -183,10 +187,39 @@ impl RuntimeJob for Fused {
                 if p < max_ctx {
                     ensure!(
                         row(&kc, p).iter().chain(&row(&vc, p)).all(|v| v.is_nan()),
-                        "attn_in wrote cache row {p} (only {pos} is this token's); seed {seed}"
+                        "attn_in ({stages} stages) wrote cache row {p} (only {pos} is this \
+                         token's); seed {seed}"
                     );
                 }
             }
+        }
+
+        {
+            let (cache, st) = (
+                KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?,
+                DecodeState::new(&client, 0, 0)?,
+            );
+            let q = up(&vec![POISON_F16; qd], &[1, qd])?;
+            let too_many = attn_in_with(
+                &client,
+                None,
+                &xd,
+                &weights,
+                &rope,
+                &st,
+                eps,
+                n_heads,
+                &q,
+                &cache,
+                MAX_GEMV_STAGES + 1,
+            );
+            ensure!(
+                too_many
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("at most")),
+                "attn_in: {} stages were not refused",
+                MAX_GEMV_STAGES + 1
+            );
         }
 
         // --- attention of one token over positions 0..=pos (one chunk, several chunks).
@@ -655,6 +688,118 @@ fn gemv_residual_streamed_in_a_graph() -> Result<()> {
             ensure!(
                 same,
                 "gemv_residual n={n} k={k}: {stages} stages in a graph differ (seed {seed})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// On CUDA: the streamed `attn_in` inside a CUDA graph (`cp.async` groups) writes the bits of the
+/// same kernel launched by cubecl (plain loads) into q and the cache, for every stage count, at
+/// the 0.5B and 7B shapes; and `attn_in` streams exactly where the one-shot grid takes more than
+/// one wave by its register estimate (the 7B shape). CUDA only: `#[ignore]`d here, run by
+/// `scripts/run-gpu.sh` (with --include-ignored).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs CUDA: run on the GPU machine by scripts/run-gpu.sh"]
+fn attn_in_streamed_in_a_graph() -> Result<()> {
+    let (client, device) = cubeqwen_kernels::runtime::cuda_client()?;
+    println!("test device: {device}");
+    // (d, heads, kv heads, head_dim, streams by default)
+    let shapes = [
+        (896usize, 14usize, 2usize, 64usize, false),
+        (1536, 12, 2, 128, false),
+        (3584, 28, 4, 128, true),
+    ];
+    for (d, nh, nkv, hd, streams) in shapes {
+        let waves = attn_in_one_shot_waves(&client, (nh + 2 * nkv) * hd / 2, d, 2);
+        println!("attn_in d={d}: one-shot grid {waves:.2} waves");
+        ensure!(
+            (waves > 1.0) == streams,
+            "attn_in d={d}: {waves:.2} waves of the one-shot kernel"
+        );
+    }
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut rec = GraphRecorder::new(&client)?;
+    type T<E> = DeviceTensor<cubecl::cuda::CudaRuntime, E>;
+    let (max_ctx, pos) = (64usize, 17u32);
+    for (d, nh, nkv, hd, _) in [shapes[0], shapes[2]] {
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let w_std = 1.0 / (d as f64).sqrt();
+        let xd = T::<f32>::from_slice(&client, &rng.f32_vec(d, 0.3, 2.0), &[1, d])?;
+        let nd = T::<f32>::from_slice(&client, &rng.f32_vec(d, 1.0, 0.25), &[d])?;
+        let wq = T::<f16>::from_slice(&client, &rng.f16_vec(qd * d, 0.0, w_std), &[qd, d])?;
+        let wk = T::<f16>::from_slice(&client, &rng.f16_vec(kvd * d, 0.0, w_std), &[kvd, d])?;
+        let wv = T::<f16>::from_slice(&client, &rng.f16_vec(kvd * d, 0.0, w_std), &[kvd, d])?;
+        let bq = T::<f32>::from_slice(&client, &rng.f32_vec(qd, 0.0, 0.5), &[qd])?;
+        let bk = T::<f32>::from_slice(&client, &rng.f32_vec(kvd, 0.0, 0.5), &[kvd])?;
+        let bv = T::<f32>::from_slice(&client, &rng.f32_vec(kvd, 0.0, 0.5), &[kvd])?;
+        let weights = AttnInWeights {
+            norm: &nd,
+            wq: &wq,
+            wk: &wk,
+            wv: &wv,
+            bq: &bq,
+            bk: &bk,
+            bv: &bv,
+        };
+        let rope = RopeTables::new(&client, 1_000_000.0, hd, max_ctx)?;
+        let st = DecodeState::new(&client, pos, 0)?;
+        let fresh = || -> Result<(T<f16>, KvCache<cubecl::cuda::CudaRuntime, f16>)> {
+            let poison = vec![POISON_F16; nkv * max_ctx * hd];
+            let cache = KvCache::<cubecl::cuda::CudaRuntime, f16>::new(&client, nkv, max_ctx, hd)?;
+            let cache = KvCache {
+                k: T::<f16>::from_slice(&client, &poison, &[nkv, max_ctx, hd])?,
+                v: T::<f16>::from_slice(&client, &poison, &[nkv, max_ctx, hd])?,
+                ..cache
+            };
+            Ok((
+                T::<f16>::from_slice(&client, &vec![POISON_F16; qd], &[1, qd])?,
+                cache,
+            ))
+        };
+        let bits = |q: &T<f16>, c: &KvCache<cubecl::cuda::CudaRuntime, f16>| -> Result<Vec<u16>> {
+            Ok([
+                q.to_vec(&client)?,
+                c.k.to_vec(&client)?,
+                c.v.to_vec(&client)?,
+            ]
+            .concat()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+        };
+        for stages in 1..=MAX_GEMV_STAGES {
+            let (q, cache) = fresh()?;
+            attn_in_with(
+                &client, None, &xd, &weights, &rope, &st, 1e-6, nh, &q, &cache, stages,
+            )?;
+            let want = bits(&q, &cache)?;
+            let (q, cache) = fresh()?;
+            rec.wait_for_cubecl()?;
+            let graph = rec.capture(|rec| {
+                attn_in_with(
+                    &client,
+                    Some(rec),
+                    &xd,
+                    &weights,
+                    &rope,
+                    &st,
+                    1e-6,
+                    nh,
+                    &q,
+                    &cache,
+                    stages,
+                )
+            })?;
+            graph.launch()?;
+            rec.synchronize()?;
+            let same = bits(&q, &cache)? == want;
+            println!("attn_in d={d} stages {stages} in a graph: same bits {same}");
+            ensure!(
+                same,
+                "attn_in d={d}: {stages} stages in a graph differ (seed {seed})"
             );
         }
     }
