@@ -11,7 +11,7 @@
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
-//! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
+//! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) and `attn_in` where their one-shot grids would take more than one wave ([`crate::decode::gemv_residual`], [`crate::decode::attn_in`]); 0: the one-shot kernels always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
@@ -43,7 +43,7 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
-    /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
+    /// Rows in flight a plane group in the decode step's streamed GEMVs (GEMV + residual, attn_in).
     pub gemv_stages: Option<usize>,
     pub timeline: bool,
     pub graph_checked: bool,
