@@ -1239,7 +1239,7 @@ fn ffn_in_stream_kernel<F: Float, V: Size>(
 /// unit for its own copies), computes it, and refills the slot with the row `stages` steps
 /// ahead. This unit's vectors of `a` stay in registers across the rows. For the GEMVs whose
 /// one-shot grid takes several waves (the 7B down projection: 4 rows of 38 KB a cube, one cube a
-/// multiprocessor, 6.8 waves on an H100).
+/// multiprocessor, 6.8 waves on an H100 or H200).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_residual_stream_kernel<F: Float, V: Size>(
@@ -1656,16 +1656,16 @@ fn resident_cubes(max_smem: usize, smem: usize) -> usize {
     by_units.min(by_smem).max(1)
 }
 
-/// The grid of the streamed GEMV + residual.
+/// The grid of a streamed GEMV (GEMV + residual; `attn_in`, whose items are pair-rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvStreamPlan {
     /// Cubes of [`PLANES`] planes, all resident at once where the device's size is known.
     pub cubes: usize,
     /// Planes that share a row (a cube holds `PLANES / split` plane groups).
     pub split: usize,
-    /// Rows a plane group computes.
+    /// Items (rows, pair-rows) a plane group computes.
     pub steps: usize,
-    /// Rows in flight a plane group (≤ `steps`).
+    /// Items in flight a plane group (≤ `steps`).
     pub stages: usize,
     /// Shared-memory bytes a cube.
     pub smem: usize,
