@@ -1585,7 +1585,6 @@ pub fn ffn_stream_plan<R: Runtime>(
     row_bytes: usize,
     stages: usize,
 ) -> Option<FfnStreamPlan> {
-    let hw = &client.properties().hardware;
     // The kernel's three reductions (the norm's, gate's and up's): a shared array of a value a
     // unit each without plane operations, of a value a plane each with them.
     let per = if row_sum(client, 1).plane == 0 {
@@ -1599,8 +1598,8 @@ pub fn ffn_stream_plan<R: Runtime>(
         d * size_of::<f32>() + scratch,
         row_bytes,
         stages,
-        hw.max_shared_memory_size,
-        hw.num_streaming_multiprocessors.map(|n| n as usize),
+        hw_smem(client),
+        sms(client),
     )
 }
 
@@ -1615,25 +1614,42 @@ pub fn ffn_stream_grid(
     max_smem: usize,
     sms: Option<usize>,
 ) -> Option<FfnStreamPlan> {
-    if stages == 0 || ffn == 0 {
-        return None;
-    }
     let smem_for = |stages: usize| PLANES * stages * 2 * row_bytes + fixed;
-    // Fewer stages where the ring would not fit a cube (small shared memories: wgpu).
-    let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
-    let need = ffn.div_ceil(PLANES);
-    let cubes = match sms {
-        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
-        None => need.min(STREAM_CUBES_UNKNOWN),
-    };
-    let steps = ffn.div_ceil(cubes * PLANES);
-    let stages = stages.min(steps);
+    let (cubes, steps, stages, smem) = fit_stream(ffn, PLANES, stages, smem_for, max_smem, sms)?;
     Some(FfnStreamPlan {
         cubes,
         steps,
         stages,
-        smem: smem_for(stages),
+        smem,
     })
+}
+
+/// What the streamed kernels' plans share: `n` items over cubes of `groups` plane groups (an
+/// item a group a step), `smem_for(s)` a cube's shared bytes with `s` items in flight a group.
+/// The most stages up to `stages` that fit a cube (fewer where the ring would not: small shared
+/// memories, wgpu), as many cubes as fit the device at once and no more than the items need,
+/// the steps, and no more stages than steps: `(cubes, steps, stages, smem)`; `None` for
+/// `stages` 0, no items, or not one stage that fits.
+fn fit_stream(
+    n: usize,
+    groups: usize,
+    stages: usize,
+    smem_for: impl Fn(usize) -> usize,
+    max_smem: usize,
+    sms: Option<usize>,
+) -> Option<(usize, usize, usize, usize)> {
+    if stages == 0 || n == 0 {
+        return None;
+    }
+    let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
+    let need = n.div_ceil(groups);
+    let cubes = match sms {
+        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
+        None => need.min(STREAM_CUBES_UNKNOWN),
+    };
+    let steps = n.div_ceil(cubes * groups);
+    let stages = stages.min(steps);
+    Some((cubes, steps, stages, smem_for(stages)))
 }
 
 /// Rows (pair-rows in `attn_in`) in flight a plane group of the streamed GEMVs by default
@@ -1714,27 +1730,20 @@ pub fn stream_grid(
     max_smem: usize,
     sms: Option<usize>,
 ) -> Option<GemvStreamPlan> {
-    if stages == 0 || n == 0 || k_vec == 0 {
+    if k_vec == 0 {
         return None;
     }
     let split = (1usize << (k_vec / LANES).max(1).ilog2()).min(PLANES);
     let groups = PLANES / split;
     let fixed = fixed + LANES * PLANES * size_of::<f32>();
     let smem_for = |s: usize| groups * s * item_rows * k_vec * vec_bytes + fixed;
-    let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
-    let need = n.div_ceil(groups);
-    let cubes = match sms {
-        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
-        None => need.min(STREAM_CUBES_UNKNOWN),
-    };
-    let steps = n.div_ceil(cubes * groups);
-    let stages = stages.min(steps);
+    let (cubes, steps, stages, smem) = fit_stream(n, groups, stages, smem_for, max_smem, sms)?;
     Some(GemvStreamPlan {
         cubes,
         split,
         steps,
         stages,
-        smem: smem_for(stages),
+        smem,
     })
 }
 
@@ -1831,15 +1840,16 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     q: &DeviceTensor<R, F>,
     cache: &KvCache<R, F>,
 ) -> Result<()> {
-    let stages = crate::switches::switches()?
-        .gemv_stages
-        .unwrap_or(GEMV_STAGES);
     // Shapes are checked in attn_in_with; here only the grid is estimated.
     let pairs = (w.wq.len() + w.wk.len() + w.wv.len())
         .checked_div(2 * x.len())
         .unwrap_or(0);
-    let waves = attn_in_one_shot_waves(client, pairs, x.len(), size_of::<F>());
-    let stages = if waves > 1.0 { stages } else { 0 };
+    let stages = stages_for(attn_in_one_shot_waves(
+        client,
+        pairs,
+        x.len(),
+        size_of::<F>(),
+    ))?;
     attn_in_with(client, rec, x, w, rope, st, eps, n_heads, q, cache, stages)
 }
 
@@ -1890,19 +1900,16 @@ pub fn attn_in_with<R: Runtime, F: Float + CubeElement>(
     let vec_bytes = vec * size_of::<F>();
     let (n_kv, max_ctx) = (cache.n_kv, cache.max_ctx);
     let h_bytes = d * size_of::<f32>();
-    let plan = match stages {
-        0 => None,
-        s => stream_grid(
-            pairs,
-            2,
-            k_vec,
-            vec_bytes,
-            h_bytes,
-            s,
-            hw_smem(client),
-            sms(client),
-        ),
-    };
+    let plan = stream_grid(
+        pairs,
+        2,
+        k_vec,
+        vec_bytes,
+        h_bytes,
+        stages,
+        hw_smem(client),
+        sms(client),
+    );
     if let Some(plan) = plan {
         let async_copy = rec.is_some() && async_prefetch(client, vec_bytes, plan.smem)?;
         let groups = plan.cubes * (PLANES / plan.split);
@@ -2065,14 +2072,21 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
     a: &DeviceTensor<R, F>,
     x: &DeviceTensor<R, f32>,
 ) -> Result<()> {
+    let waves = match w.shape.as_slice() {
+        [n, k] => gemv_one_shot_waves(client, *n, *k, size_of::<F>())?,
+        _ => 0.0, // refused by gemv_residual_with
+    };
+    gemv_residual_with(client, rec, w, a, x, stages_for(waves)?)
+}
+
+/// Rows in flight for a streamed GEMV whose one-shot grid takes `waves` waves: the switch's
+/// (`CUBEQWEN_GEMV_STAGES`, default [`GEMV_STAGES`]) where that is more than one, else 0 (the
+/// one-shot kernel).
+fn stages_for(waves: f64) -> Result<usize> {
     let stages = crate::switches::switches()?
         .gemv_stages
         .unwrap_or(GEMV_STAGES);
-    let stages = match w.shape.as_slice() {
-        [n, k] if gemv_one_shot_waves(client, *n, *k, size_of::<F>())? > 1.0 => stages,
-        _ => 0,
-    };
-    gemv_residual_with(client, rec, w, a, x, stages)
+    Ok(if waves > 1.0 { stages } else { 0 })
 }
 
 /// [`gemv_residual`] with `stages` rows in flight a plane group: the streamed kernel
