@@ -424,6 +424,19 @@ fn ulp_diff(a: &[f16], b: &[f16]) -> (usize, u32) {
     (d.len(), d.into_iter().max().unwrap_or(0))
 }
 
+/// Runs the launches `body` makes once as a CUDA graph (after cubecl's own work, and waits for
+/// it): the graph tests' path through the recorder, where the streamed kernels' `cp.async`
+/// groups are compiled.
+#[cfg(feature = "cuda")]
+fn once_in_a_graph(
+    rec: &mut GraphRecorder,
+    body: impl FnOnce(&mut GraphRecorder) -> Result<()>,
+) -> Result<()> {
+    rec.wait_for_cubecl()?;
+    rec.capture(body)?.launch()?;
+    rec.synchronize()
+}
+
 /// The streamed `ffn_in` (row pairs in flight a plane, 1 to 4 stages, rings shrunk to what the
 /// device's shared memory holds) against the f64 reference and against the one-shot kernel
 /// (stages 0): the same sums in the same order, so the same bits but where a compiler contracts
@@ -549,12 +562,9 @@ fn ffn_in_streamed_in_a_graph() -> Result<()> {
                 "ffn_in d={d}: a value not written"
             );
             let s = T::<f16>::from_slice(&client, &vec![POISON_F16; ffn], &[1, ffn])?;
-            rec.wait_for_cubecl()?;
-            let graph = rec.capture(|rec| {
+            once_in_a_graph(&mut rec, |rec| {
                 ffn_in_with(&client, Some(rec), &xd, &nd, &wg, &wu, 1e-6, &s, stages)
             })?;
-            graph.launch()?;
-            rec.synchronize()?;
             let got = s.to_vec(&client)?;
             let same = want
                 .iter()
@@ -674,11 +684,9 @@ fn gemv_residual_streamed_in_a_graph() -> Result<()> {
             gemv_residual_with(&client, None, &wd, &ad, &want, stages)?;
             let want = want.to_vec(&client)?;
             let xd = T::<f32>::from_slice(&client, &x0, &[1, n])?;
-            rec.wait_for_cubecl()?;
-            let graph =
-                rec.capture(|rec| gemv_residual_with(&client, Some(rec), &wd, &ad, &xd, stages))?;
-            graph.launch()?;
-            rec.synchronize()?;
+            once_in_a_graph(&mut rec, |rec| {
+                gemv_residual_with(&client, Some(rec), &wd, &ad, &xd, stages)
+            })?;
             let got = xd.to_vec(&client)?;
             let same = want
                 .iter()
@@ -777,8 +785,7 @@ fn attn_in_streamed_in_a_graph() -> Result<()> {
             )?;
             let want = bits(&q, &cache)?;
             let (q, cache) = fresh()?;
-            rec.wait_for_cubecl()?;
-            let graph = rec.capture(|rec| {
+            once_in_a_graph(&mut rec, |rec| {
                 attn_in_with(
                     &client,
                     Some(rec),
@@ -793,8 +800,6 @@ fn attn_in_streamed_in_a_graph() -> Result<()> {
                     stages,
                 )
             })?;
-            graph.launch()?;
-            rec.synchronize()?;
             let same = bits(&q, &cache)? == want;
             println!("attn_in d={d} stages {stages} in a graph: same bits {same}");
             ensure!(
