@@ -144,27 +144,19 @@ impl Switches {
                 .map_err(|e| anyhow::anyhow!("CUBEQWEN_FLASH_KERNEL: {e:#}"))?,
             None => PrefillKernel::Auto,
         };
-        let flash_splits = match get("CUBEQWEN_FLASH_SPLITS") {
-            Some(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
-                Ok(n) if (1..=crate::flash::MAX_SPLITS).contains(&n) => Some(n),
-                _ => bail!(
-                    "CUBEQWEN_FLASH_SPLITS={v}: expected a number from 1 to {}",
-                    crate::flash::MAX_SPLITS
-                ),
-            },
-            _ => None,
-        };
-        let stages = |name: &str, max: usize| -> Result<Option<usize>> {
+        // A count in `min..=max`; unset or empty: the default.
+        let number = |name: &str, min: usize, max: usize| -> Result<Option<usize>> {
             match get(name) {
                 Some(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
-                    Ok(n) if n <= max => Ok(Some(n)),
-                    _ => bail!("{name}={v}: expected a number from 0 to {max}"),
+                    Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                    _ => bail!("{name}={v}: expected a number from {min} to {max}"),
                 },
                 _ => Ok(None),
             }
         };
-        let ffn_stages = stages("CUBEQWEN_FFN_STAGES", crate::decode::MAX_FFN_STAGES)?;
-        let gemv_stages = stages("CUBEQWEN_GEMV_STAGES", crate::decode::MAX_GEMV_STAGES)?;
+        let flash_splits = number("CUBEQWEN_FLASH_SPLITS", 1, crate::flash::MAX_SPLITS)?;
+        let ffn_stages = number("CUBEQWEN_FFN_STAGES", 0, crate::decode::MAX_FFN_STAGES)?;
+        let gemv_stages = number("CUBEQWEN_GEMV_STAGES", 0, crate::decode::MAX_GEMV_STAGES)?;
         let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
             Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
                 anyhow::anyhow!(
