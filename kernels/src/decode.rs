@@ -1652,9 +1652,12 @@ fn fit_stream(
     Some((cubes, steps, stages, smem_for(stages)))
 }
 
-/// Rows (pair-rows in `attn_in`) in flight a plane group of the streamed GEMVs by default
-/// (`CUBEQWEN_GEMV_STAGES` overrides; 0: the one-shot kernels always).
+/// Rows in flight a plane group of the streamed GEMV + residual by default
+/// (`CUBEQWEN_GEMV_STAGES` overrides; 0: the one-shot kernel always).
 pub const GEMV_STAGES: usize = 2;
+/// Pair-rows in flight a plane group of the streamed `attn_in` by default
+/// (`CUBEQWEN_ATTN_IN_STAGES` overrides; 0: the one-shot kernel always).
+pub const ATTN_IN_STAGES: usize = 2;
 /// The most rows a plane group of the streamed GEMV keeps in flight (`cp.async.wait_group`
 /// counts to 3 pending behind the oldest).
 pub const MAX_GEMV_STAGES: usize = 4;
@@ -1824,7 +1827,8 @@ pub struct AttnInWeights<'a, R: Runtime, F: CubeElement> {
 }
 
 /// RMSNorm → q/k/v + bias → RoPE → cache append for the token at `state[0]`; writes q [1, qd].
-/// Streamed ([`attn_in_with`], `CUBEQWEN_GEMV_STAGES` pair-rows in flight a plane group) where
+/// Streamed ([`attn_in_with`], `CUBEQWEN_ATTN_IN_STAGES`, default [`ATTN_IN_STAGES`] pair-rows
+/// in flight a plane group) where
 /// the one-shot kernel's grid would not be resident at once ([`attn_in_one_shot_waves`] > 1: the
 /// 7B shape); else the one-shot kernel.
 #[allow(clippy::too_many_arguments)]
@@ -1844,12 +1848,9 @@ pub fn attn_in<R: Runtime, F: Float + CubeElement>(
     let pairs = (w.wq.len() + w.wk.len() + w.wv.len())
         .checked_div(2 * x.len())
         .unwrap_or(0);
-    let stages = stages_for(attn_in_one_shot_waves(
-        client,
-        pairs,
-        x.len(),
-        size_of::<F>(),
-    ))?;
+    let waves = attn_in_one_shot_waves(client, pairs, x.len(), size_of::<F>());
+    let chosen = crate::switches::switches()?.attn_in_stages;
+    let stages = stages_for(waves, chosen.unwrap_or(ATTN_IN_STAGES));
     attn_in_with(client, rec, x, w, rope, st, eps, n_heads, q, cache, stages)
 }
 
@@ -2076,17 +2077,25 @@ pub fn gemv_residual<R: Runtime, F: Float + CubeElement>(
         [n, k] => gemv_one_shot_waves(client, *n, *k, size_of::<F>())?,
         _ => 0.0, // refused by gemv_residual_with
     };
-    gemv_residual_with(client, rec, w, a, x, stages_for(waves)?)
+    let chosen = crate::switches::switches()?.gemv_stages;
+    gemv_residual_with(
+        client,
+        rec,
+        w,
+        a,
+        x,
+        stages_for(waves, chosen.unwrap_or(GEMV_STAGES)),
+    )
 }
 
-/// Rows in flight for a streamed GEMV whose one-shot grid takes `waves` waves: the switch's
-/// (`CUBEQWEN_GEMV_STAGES`, default [`GEMV_STAGES`]) where that is more than one, else 0 (the
-/// one-shot kernel).
-fn stages_for(waves: f64) -> Result<usize> {
-    let stages = crate::switches::switches()?
-        .gemv_stages
-        .unwrap_or(GEMV_STAGES);
-    Ok(if waves > 1.0 { stages } else { 0 })
+/// Items in flight for a streamed kernel whose one-shot grid takes `waves` waves: `stages`
+/// where that is more than one, else 0 (the one-shot kernel).
+fn stages_for(waves: f64, stages: usize) -> usize {
+    if waves > 1.0 {
+        stages
+    } else {
+        0
+    }
 }
 
 /// [`gemv_residual`] with `stages` rows in flight a plane group: the streamed kernel

@@ -11,7 +11,8 @@
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
-//! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) and `attn_in` where their one-shot grids would take more than one wave ([`crate::decode::gemv_residual`], [`crate::decode::attn_in`]); 0: the one-shot kernels always | [`crate::decode::GEMV_STAGES`] |
+//! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
+//! | `CUBEQWEN_ATTN_IN_STAGES` | `N` (0 to 4): pair-rows in flight a plane group in the decode step's `attn_in` where its one-shot grid would take more than one wave ([`crate::decode::attn_in`]); 0: the one-shot kernel always | [`crate::decode::ATTN_IN_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
 //! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
@@ -43,8 +44,10 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
-    /// Rows in flight a plane group in the decode step's streamed GEMVs (GEMV + residual, attn_in).
+    /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
     pub gemv_stages: Option<usize>,
+    /// Pair-rows in flight a plane group in the decode step's streamed `attn_in`.
+    pub attn_in_stages: Option<usize>,
     pub timeline: bool,
     pub graph_checked: bool,
     /// (threads an output, outputs a cube).
@@ -157,6 +160,7 @@ impl Switches {
         let flash_splits = number("CUBEQWEN_FLASH_SPLITS", 1, crate::flash::MAX_SPLITS)?;
         let ffn_stages = number("CUBEQWEN_FFN_STAGES", 0, crate::decode::MAX_FFN_STAGES)?;
         let gemv_stages = number("CUBEQWEN_GEMV_STAGES", 0, crate::decode::MAX_GEMV_STAGES)?;
+        let attn_in_stages = number("CUBEQWEN_ATTN_IN_STAGES", 0, crate::decode::MAX_GEMV_STAGES)?;
         let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
             Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -191,6 +195,7 @@ impl Switches {
             flash_splits,
             ffn_stages,
             gemv_stages,
+            attn_in_stages,
             timeline: flag("CUBEQWEN_TIMELINE")?,
             graph_checked: flag("CUBEQWEN_GRAPH_CHECKED")?,
             gemv_shape,
@@ -226,7 +231,10 @@ mod tests {
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
-        assert_eq!((s.ffn_stages, s.gemv_stages), (None, None));
+        assert_eq!(
+            (s.ffn_stages, s.gemv_stages, s.attn_in_stages),
+            (None, None, None)
+        );
     }
 
     #[test]
@@ -252,6 +260,7 @@ mod tests {
             ("CUBEQWEN_FLASH_SPLITS", "8"),
             ("CUBEQWEN_FFN_STAGES", "0"),
             ("CUBEQWEN_GEMV_STAGES", "3"),
+            ("CUBEQWEN_ATTN_IN_STAGES", "1"),
         ])
         .unwrap();
         assert_eq!(
@@ -265,7 +274,10 @@ mod tests {
         );
         assert_eq!(s.gemv_shape, Some((16, 4)));
         assert_eq!(s.flash_splits, Some(8));
-        assert_eq!((s.ffn_stages, s.gemv_stages), (Some(0), Some(3)));
+        assert_eq!(
+            (s.ffn_stages, s.gemv_stages, s.attn_in_stages),
+            (Some(0), Some(3), Some(1))
+        );
         assert_eq!(s.flash_kernel, PrefillKernel::Portable);
         assert_eq!(s.cubek_strategy.as_deref(), Some("simple_cyclic_cmma"));
     }
@@ -291,6 +303,7 @@ mod tests {
             ("CUBEQWEN_FFN_STAGES", "two"),
             ("CUBEQWEN_GEMV_STAGES", "5"),
             ("CUBEQWEN_GEMV_STAGES", "-1"),
+            ("CUBEQWEN_ATTN_IN_STAGES", "5"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");
