@@ -395,9 +395,9 @@ fn prefill_portable_kernel<F: Float>(
 const MMA_ROWS: usize = 16;
 /// Key positions per tile of the `mma` kernel.
 const MMA_BK: usize = 64;
-/// Padding of the `mma` kernel's shared rows, in f16 pairs: with it the 8 rows × 4 pairs a
-/// plane reads for one fragment fall in 32 distinct banks.
-const MMA_PAD: usize = 4;
+/// Padding of the `mma` kernel's shared K and V rows, in f16: 16 bytes, so that the 8 rows
+/// of one 8 × 8 matrix that `ldmatrix` reads (or 8 units store) fall in 32 distinct banks.
+const MMA_PAD: usize = 8;
 
 pub(crate) type Pair16 = Vector<f16, Const<2>>;
 pub(crate) type Pair32 = Vector<f32, Const<2>>;
@@ -461,15 +461,15 @@ pub(crate) fn mma_16816(
     }
 }
 
-/// K/V staging items (a pair of keys × `vec` dims) per unit for a tile of [`MMA_BK`] keys.
+/// K/V staging items (one `vec`-wide vector of one key) per unit for a tile of [`MMA_BK`] keys.
 fn mma_kv_items(hd: usize, vec: usize) -> usize {
-    (MMA_BK / 2 * (hd / vec)).div_ceil(THREADS)
+    (MMA_BK * (hd / vec)).div_ceil(THREADS)
 }
 
 /// Loads this unit's share of the K/V tile at cache positions `j0..j0 + MMA_BK` into `kv`:
-/// item `it` is keys `2p, 2p + 1` and dims `c·vec..` of K and V (`kv[4·it..4·it + 4]`: K of
-/// the first key, K of the second, V of the first, V of the second). Positions at or past
-/// `kv_len` (never written, maybe NaN) load as zeros.
+/// item `it` is dims `c·vec..` of key `i / chunks` (`i = UNIT_POS + it·THREADS`, `c = i %
+/// chunks`), K at `kv[2·it]` and V at `kv[2·it + 1]`: consecutive units read consecutive
+/// vectors of a row. Positions at or past `kv_len` (never written, maybe NaN) load as zeros.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_load_kv<V: Size>(
@@ -491,70 +491,112 @@ fn mma_load_kv<V: Size>(
     #[unroll]
     for it in 0..comptime!(mma_kv_items(hd, vec)) {
         let i = UNIT_POS as usize + it * THREADS;
-        let p = i % (MMA_BK / 2);
-        let c = i / (MMA_BK / 2);
-        let ja = j0 + 2 * p;
-        let src = ((kv_base + ja) * hd) / vec + c;
-        let mut ka = zero;
-        let mut kb = zero;
-        let mut va = zero;
-        let mut vb = zero;
-        if c < chunks && ja < kv_len {
-            ka = k_cache[src];
-            va = v_cache[src];
+        let key = i / chunks;
+        let j = j0 + key;
+        let mut k = zero;
+        let mut v = zero;
+        if key < MMA_BK && j < kv_len {
+            let src = (kv_base + j) * chunks + i % chunks;
+            k = k_cache[src];
+            v = v_cache[src];
         }
-        if c < chunks && ja + 1 < kv_len {
-            kb = k_cache[src + chunks];
-            vb = v_cache[src + chunks];
-        }
-        kv[4 * it] = ka;
-        kv[4 * it + 1] = kb;
-        kv[4 * it + 2] = va;
-        kv[4 * it + 3] = vb;
+        kv[2 * it] = k;
+        kv[2 * it + 1] = v;
     }
 }
 
-/// Stores what [`mma_load_kv`] loaded: K rows as f16 pairs (row stride `hd / 2 + MMA_PAD`), V
-/// transposed as pairs of consecutive keys per dim (row stride `MMA_BK / 2 + MMA_PAD`).
+/// Stores what [`mma_load_kv`] loaded, K and V both row-major (a key a row of `hd + MMA_PAD`
+/// f16), one vector store each.
 #[cube]
 fn mma_store_kv<V: Size>(
     kv: &Array<Vector<f16, V>>,
-    k_s: &mut SharedMemory<Pair16>,
-    v_s: &mut SharedMemory<Pair16>,
+    k_s: &mut SharedMemory<Vector<f16, V>>,
+    v_s: &mut SharedMemory<Vector<f16, V>>,
     #[comptime] hd: usize,
     #[comptime] vec: usize,
 ) {
-    let k_stride = comptime!(hd / 2 + MMA_PAD);
-    let v_stride = comptime!(MMA_BK / 2 + MMA_PAD);
+    let chunks = comptime!(hd / vec);
+    let stride = comptime!((hd + MMA_PAD) / vec);
     #[unroll]
     for it in 0..comptime!(mma_kv_items(hd, vec)) {
         let i = UNIT_POS as usize + it * THREADS;
-        let p = i % (MMA_BK / 2);
-        let c = i / (MMA_BK / 2);
-        if c < comptime!(hd / vec) {
-            let ka = kv[4 * it];
-            let kb = kv[4 * it + 1];
-            let va = kv[4 * it + 2];
-            let vb = kv[4 * it + 3];
-            #[unroll]
-            for e in 0..comptime!(vec / 2) {
-                let mut x = Pair16::empty();
-                x[0] = ka[2 * e];
-                x[1] = ka[2 * e + 1];
-                k_s[2 * p * k_stride + c * vec / 2 + e] = x;
-                let mut y = Pair16::empty();
-                y[0] = kb[2 * e];
-                y[1] = kb[2 * e + 1];
-                k_s[(2 * p + 1) * k_stride + c * vec / 2 + e] = y;
-            }
-            #[unroll]
-            for e in 0..vec {
-                let mut x = Pair16::empty();
-                x[0] = va[e];
-                x[1] = vb[e];
-                v_s[(c * vec + e) * v_stride + p] = x;
-            }
+        let key = i / chunks;
+        if key < MMA_BK {
+            let at = key * stride + i % chunks;
+            k_s[at] = kv[2 * it];
+            v_s[at] = kv[2 * it + 1];
         }
+    }
+}
+
+/// Row and 8-dim block, relative to the fragment's origin, whose 16-byte row lane `l` names in
+/// [`mma_frags`]: matrix `l / 8`, row `l % 8` of it. B of `Q·Kᵀ` (K rows, `trans` false):
+/// matrices at dims +0, +8, +16, +24 (two k-steps). B of `P·V` (V rows, `trans` true):
+/// keys +0 and +8 of one 8-dim block, then of the next (two output blocks).
+#[cube]
+fn frag_row(l: usize, #[comptime] trans: bool) -> (usize, usize) {
+    if comptime!(trans) {
+        (l % 8 + 8 * ((l / 8) % 2), l / 16)
+    } else {
+        (l % 8, l / 8)
+    }
+}
+
+/// f16 `dim` of row `row` of a staged tile (rows of `stride` vectors).
+#[cube]
+fn staged<V: Size>(
+    s: &SharedMemory<Vector<f16, V>>,
+    row: usize,
+    dim: usize,
+    #[comptime] stride: usize,
+) -> f16 {
+    let v = s[row * stride + dim / V::value()];
+    v[dim % V::value()]
+}
+
+/// Four B fragments (f16 pairs, as `mma.m16n8k16` reads them) from a staged K or V tile whose
+/// fragment origin is row `row0`, dim `dim0` ([`frag_row`] says which 8 × 8 matrix each is):
+/// one `ldmatrix.x4` (`.trans` for V) on CUDA; with `emulate` each lane reads its elements
+/// (lane (g, t): of matrix j rows g, dims 2t, 2t + 1; transposed: rows 2t, 2t + 1, dim g).
+#[cube]
+fn mma_frags<V: Size>(
+    s: &SharedMemory<Vector<f16, V>>,
+    row0: usize,
+    dim0: usize,
+    #[comptime] stride: usize,
+    #[comptime] trans: bool,
+    #[comptime] emulate: bool,
+) -> Array<Pair16> {
+    let lane = UNIT_POS as usize % 32;
+    if comptime!(emulate) {
+        let (g, t) = (lane / 4, lane % 4);
+        let mut out = Array::<Pair16>::new(4usize);
+        #[unroll]
+        for j in 0..4usize {
+            let mut p = Pair16::empty();
+            if comptime!(trans) {
+                let (ra, ca) = frag_row(j * 8 + 2 * t, trans);
+                let (rb, cb) = frag_row(j * 8 + 2 * t + 1, trans);
+                p[0] = staged::<V>(s, row0 + ra, dim0 + 8 * ca + g, stride);
+                p[1] = staged::<V>(s, row0 + rb, dim0 + 8 * cb + g, stride);
+            } else {
+                let (r, c) = frag_row(j * 8 + g, trans);
+                p[0] = staged::<V>(s, row0 + r, dim0 + 8 * c + 2 * t, stride);
+                p[1] = staged::<V>(s, row0 + r, dim0 + 8 * c + 2 * t + 1, stride);
+            }
+            out[j] = p;
+        }
+        out
+    } else {
+        let (r, c) = frag_row(lane, trans);
+        let at = (row0 + r) * stride + (dim0 + 8 * c) / V::value();
+        let def = cmma::MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
+        def.load_matrix::<Vector<f16, V>, Const<2>>(
+            &s.slice(at, at + 1),
+            cmma::MatrixIdent::B,
+            4usize,
+            trans,
+        )
     }
 }
 
@@ -564,9 +606,9 @@ fn mma_store_kv<V: Size>(
 /// tile of [`MMA_BK`] keys the scores `S = Q·Kᵀ` are mma accumulators, the online softmax runs
 /// on them in registers (row max and sum over the 4 lanes that share a row, `quad`), and the
 /// probabilities, rounded to f16, are the A fragments of `P·V` without leaving the registers:
-/// an accumulator's pairs (rows g / g + 8, columns 2t..) are exactly A's pairs. K is staged
-/// row-major and V transposed (pairs of consecutive keys per dim), so every B fragment is one
-/// 32-bit shared load.
+/// an accumulator's pairs (rows g / g + 8, columns 2t..) are exactly A's pairs. K and V are
+/// staged row-major as the cache holds them (coalesced 16-byte loads, 16-byte shared stores);
+/// `ldmatrix` (`.trans` for V) reads four B fragments at a time ([`mma_frags`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn prefill_mma_kernel<V: Size>(
@@ -598,13 +640,12 @@ fn prefill_mma_kernel<V: Size>(
     let n_k = comptime!(hd / 16); // k-steps of Q·Kᵀ
     let n_d = comptime!(hd / 8); // 8-dim column blocks of the output
     let n_s = comptime!(MMA_BK / 8); // 8-key column blocks of the scores
-    let k_stride = comptime!(hd / 2 + MMA_PAD); // K rows, in pairs
-    let v_stride = comptime!(MMA_BK / 2 + MMA_PAD); // Vᵀ rows (one per dim), in pairs
+    let stride = comptime!((hd + MMA_PAD) / vec); // K and V rows, in vectors
     let kv_len = start + tokens;
     let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, MMA_BK);
 
-    let mut k_s = SharedMemory::<Pair16>::new(MMA_BK * k_stride);
-    let mut v_s = SharedMemory::<Pair16>::new(hd * v_stride);
+    let mut k_s = SharedMemory::<Vector<f16, V>>::new_aligned(MMA_BK * stride, 16usize);
+    let mut v_s = SharedMemory::<Vector<f16, V>>::new_aligned(MMA_BK * stride, 16usize);
     let scratch_len = comptime!(if emulate { 4 * 384usize } else { 1usize });
     let mut scratch = SharedMemory::<f32>::new(scratch_len);
 
@@ -655,7 +696,7 @@ fn prefill_mma_kernel<V: Size>(
     let mut acc = Array::<Pair32>::new(2usize);
 
     // This unit's share of a K/V tile in registers (see `mma_load_kv`).
-    let mut kv = Array::<Vector<f16, V>>::new(comptime!(4 * mma_kv_items(hd, vec)));
+    let mut kv = Array::<Vector<f16, V>>::new(comptime!(2 * mma_kv_items(hd, vec)));
     // The key tiles of this cube's split (all of them without splits).
     let mut tile = 0usize;
     let mut end = cube.n_tiles;
@@ -677,16 +718,21 @@ fn prefill_mma_kernel<V: Size>(
             z[1] = 0.0;
             acc[0] = z;
             acc[1] = z;
+            // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
             #[unroll(!emulate)]
-            for kk in 0..n_k {
+            for kk2 in 0..comptime!(n_k / 2) {
+                let kf = mma_frags::<V>(&k_s, n * 8, kk2 * 32, stride, false, emulate);
                 #[unroll]
-                for r in 0..4usize {
-                    af[r] = qf[kk * 4 + r];
+                for h in 0..2usize {
+                    let kk = 2 * kk2 + h;
+                    #[unroll]
+                    for r in 0..4usize {
+                        af[r] = qf[kk * 4 + r];
+                    }
+                    bf[0] = kf[2 * h];
+                    bf[1] = kf[2 * h + 1];
+                    mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
                 }
-                let key = n * 8 + g;
-                bf[0] = k_s[key * k_stride + kk * 8 + t];
-                bf[1] = k_s[key * k_stride + kk * 8 + 4 + t];
-                mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
             }
             s[2 * n] = acc[0];
             s[2 * n + 1] = acc[1];
@@ -763,16 +809,21 @@ fn prefill_mma_kernel<V: Size>(
                 x[1] = f16::cast_from(sv[1]);
                 af[r] = x;
             }
+            // Two 8-dim output blocks a fragment load: keys 16kk.., dims 16d2...
             #[unroll(!emulate)]
-            for d in 0..n_d {
-                let dim = d * 8 + g;
-                bf[0] = v_s[dim * v_stride + kk * 8 + t];
-                bf[1] = v_s[dim * v_stride + kk * 8 + 4 + t];
-                acc[0] = o[2 * d];
-                acc[1] = o[2 * d + 1];
-                mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
-                o[2 * d] = acc[0];
-                o[2 * d + 1] = acc[1];
+            for d2 in 0..comptime!(n_d / 2) {
+                let vf = mma_frags::<V>(&v_s, kk * 16, d2 * 16, stride, true, emulate);
+                #[unroll]
+                for h in 0..2usize {
+                    let d = 2 * d2 + h;
+                    bf[0] = vf[2 * h];
+                    bf[1] = vf[2 * h + 1];
+                    acc[0] = o[2 * d];
+                    acc[1] = o[2 * d + 1];
+                    mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
+                    o[2 * d] = acc[0];
+                    o[2 * d + 1] = acc[1];
+                }
             }
         }
         sync_cube();
@@ -839,10 +890,10 @@ fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
     elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
 }
 
-/// Shared memory of the mma kernel, in bytes: K rows and Vᵀ rows as padded f16 pairs; with
-/// the emulation its fragments and the shared-memory trees of its six quad reductions.
+/// Shared memory of the mma kernel, in bytes: K and V rows of padded f16; with the emulation
+/// its fragments and the shared-memory trees of its six quad reductions.
 fn mma_smem(hd: usize, emulate: bool) -> usize {
-    4 * (MMA_BK * (hd / 2 + MMA_PAD) + hd * (MMA_BK / 2 + MMA_PAD))
+    2 * 2 * MMA_BK * (hd + MMA_PAD)
         + if emulate {
             4 * (4 * 384 + 6 * THREADS)
         } else {
@@ -979,11 +1030,16 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 "attention prefill: head_dim {hd} needs {} bytes of shared memory for the mma kernel, the device has {max_smem}",
                 mma_smem(hd, emulate)
             );
-            // K/V loads of `vec` f16 (16 bytes on CUDA); the staging splits them into pairs.
+            // K/V loads and shared rows of `vec` f16: 16 bytes on CUDA, the row `ldmatrix`
+            // reads; the emulation takes any vector that divides the 8-dim blocks.
             let vec = crate::matmul::vector_size(client, 2, hd);
             ensure!(
-                vec.is_multiple_of(2),
-                "attention prefill: the mma kernel needs vectors of an even number of f16"
+                if emulate {
+                    MMA_PAD.is_multiple_of(vec)
+                } else {
+                    vec == 8
+                },
+                "attention prefill: the mma kernel needs 16-byte vectors of f16 (here {vec} f16)"
             );
             let n_tiles = kv_len.div_ceil(MMA_BK);
             let sms = client.properties().hardware.num_streaming_multiprocessors;
