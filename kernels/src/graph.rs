@@ -254,7 +254,7 @@ impl GraphRecorder {
         if !self.compiled.contains_key(&id) {
             // PTX is kept in the kernel cache (as cubecl keeps its own), so a second run
             // compiles nothing: file name from cubecl's stable hash of the kernel and the arch.
-            let dir = crate::runtime::kernel_cache_dir().join("graph");
+            let dir = crate::runtime::kernel_cache_build_dir().join("graph");
             // "-g2": the grid-dependency and copy-group rewrites (GRID_WAIT, copy_groups) are
             // part of the PTX; "-u": compiled without bounds checks.
             let name = format!(

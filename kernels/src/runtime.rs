@@ -85,12 +85,20 @@ pub fn kernel_cache_dir() -> PathBuf {
     base.join("cubeqwen").join("kernels")
 }
 
+/// This build's part of the kernel cache: `build-<hash of the kernels' sources and the lock
+/// file>` under [`kernel_cache_dir`]. cubecl keys a cached kernel by its name and comptime
+/// arguments, not by its code, so builds must not share one (`kernels/build.rs`).
+pub fn kernel_cache_build_dir() -> PathBuf {
+    kernel_cache_dir().join(concat!("build-", env!("CUBEQWEN_KERNELS_BUILD")))
+}
+
 /// Whether the kernel cache is switched off (`CUBEQWEN_NO_KERNEL_CACHE`).
 pub fn kernel_cache_disabled() -> bool {
     std::env::var_os("CUBEQWEN_NO_KERNEL_CACHE").is_some()
 }
 
-/// Points cubecl's persistent compilation cache at [`kernel_cache_dir`] (once, before any client).
+/// Points cubecl's persistent compilation cache at [`kernel_cache_build_dir`] (once, before any
+/// client).
 /// CUDA caches compiled PTX there, so a second run does not JIT again.
 fn configure_cubecl() {
     use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
@@ -99,7 +107,7 @@ fn configure_cubecl() {
         // What cubecl itself would load (cubecl.toml, CUBECL_* variables), plus our cache.
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
         if config.compilation.cache.is_none() && !kernel_cache_disabled() {
-            config.compilation.cache = Some(CacheConfig::File(kernel_cache_dir()));
+            config.compilation.cache = Some(CacheConfig::File(kernel_cache_build_dir()));
         }
         // Another part of the process may have configured cubecl first; keep theirs then.
         let _ = catch_quietly(|| CubeClRuntimeConfig::set(config));
@@ -209,7 +217,7 @@ fn wgpu_adapter_name() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::catch_quietly;
+    use super::{catch_quietly, kernel_cache_build_dir, kernel_cache_dir};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// The quiet hook hides only the panic it catches: another thread's panic at the same time
@@ -239,5 +247,19 @@ mod tests {
             assert!(std::panic::catch_unwind(|| panic!("later")).is_err());
             assert_eq!(SEEN.load(Ordering::SeqCst), before + 2, "round {round}");
         }
+    }
+
+    /// Each build caches its kernels in a folder of its own under the cache root, named by
+    /// the hash `kernels/build.rs` computes (16 hex digits).
+    #[test]
+    fn the_kernel_cache_is_kept_apart_per_build() {
+        let dir = kernel_cache_build_dir();
+        assert_eq!(dir.parent(), Some(kernel_cache_dir().as_path()));
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let hash = name.strip_prefix("build-").expect("build-<hash>");
+        assert!(
+            hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{name}"
+        );
     }
 }
