@@ -296,6 +296,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tma_stages_past_a_box_side_are_refused() {
+        // The default (pm=4, pn=4, sm=2, sn=2, pk=4 on 16×8×16 instructions): 128 × 64 × 64.
+        assert!(tma_box_fits(128, 64, 64).is_ok());
+        assert!(tma_box_fits(256, 256, 256).is_ok());
+        // pm=8, sm=4 (H200, 2026-11-29: cubecl refused it at launch and the device was lost).
+        let e = tma_box_fits(512, 64, 64).unwrap_err();
+        assert!(e.contains("512 rows") && e.contains("256"), "{e}");
+        assert!(tma_box_fits(128, 264, 64).is_err());
+        assert!(tma_box_fits(128, 64, 512).is_err());
+        assert!(tma_box_fits(0, 64, 64).is_err());
+    }
+
+    #[test]
     fn gemv_rows_keep_two_cubes_a_multiprocessor() {
         // H200 (132 multiprocessors), 16 rows: the 0.5B gate (4864 outputs, 8 a cube: 608
         // cubes) takes all 16 rows a cube; the q/o (896: 112 cubes) 4, so 448 cubes; the k/v
@@ -887,6 +900,25 @@ macro_rules! cubek_launch_on {
         }
     };
 }
+/// The most elements a side of a TMA box may have (cubecl checks it only when the kernel
+/// launches, and a refused launch leaves the device unusable).
+const TMA_BOX_MAX: usize = 256;
+
+/// Whether an explicit stage of `rows` × `cols` outputs, `depth` deep, fits the TMA boxes its
+/// loads use (x: `rows` × `depth`, w: `cols` × `depth`); else why not.
+fn tma_box_fits(rows: usize, cols: usize, depth: usize) -> std::result::Result<(), String> {
+    if [rows, cols, depth]
+        .iter()
+        .all(|&s| (1..=TMA_BOX_MAX).contains(&s))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "a stage of {rows} rows × {cols} columns × {depth} deep: a TMA box side is 1 to {TMA_BOX_MAX} elements"
+        ))
+    }
+}
+
 /// cubek's blueprint for its warp-specialized TMA kernel on `[m, k, n]` (x row-major, w
 /// `[n, k]`), from cubek's own selector (`infer_blueprint_plane`, as cubek calls it for this
 /// kernel) with the fields of `t` in place of its choices: a stage is `16·tiles` rows by
@@ -984,9 +1016,16 @@ fn tma_blueprint<R: Runtime>(
         |c, l, r, a| kind.supported_sizes(c, l, r, a),
     )
     .map_err(|e| err(e.into()))?;
+    let pk = t.pk.unwrap_or(4);
+    tma_box_fits(
+        sm as usize * pm as usize * tile.m() as usize,
+        sn as usize * pn as usize * tile.n() as usize,
+        pk as usize * tile.k() as usize,
+    )
+    .map_err(|why| KernelError::unsupported("matmul", format!("cubek tiling {t:?}: {why}")))?;
     let scheme = TilingScheme::builder()
         .with_tile_size(tile)
-        .with_partition_size(PartitionSize::new(pm, pn, t.pk.unwrap_or(4)))
+        .with_partition_size(PartitionSize::new(pm, pn, pk))
         .with_stage_size(StageSize::new(sm, sn, 1))
         .build()
         .map_err(|e| KernelError::unsupported("matmul", format!("cubek tiling {t:?}: {e}")))?;
