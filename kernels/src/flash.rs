@@ -574,15 +574,16 @@ fn mma_frags<V: Size>(
         #[unroll]
         for j in 0..4usize {
             let mut p = Pair16::empty();
-            if comptime!(trans) {
-                let (ra, ca) = frag_row(j * 8 + 2 * t, trans);
-                let (rb, cb) = frag_row(j * 8 + 2 * t + 1, trans);
-                p[0] = staged::<V>(s, row0 + ra, dim0 + 8 * ca + g, stride);
-                p[1] = staged::<V>(s, row0 + rb, dim0 + 8 * cb + g, stride);
-            } else {
-                let (r, c) = frag_row(j * 8 + g, trans);
-                p[0] = staged::<V>(s, row0 + r, dim0 + 8 * c + 2 * t, stride);
-                p[1] = staged::<V>(s, row0 + r, dim0 + 8 * c + 2 * t + 1, stride);
+            #[unroll]
+            for e in 0..2usize {
+                // Element (i, col) of matrix j: its row i is the one lane j·8 + i names.
+                let (i, col) = if comptime!(trans) {
+                    (2 * t + e, g)
+                } else {
+                    (g, 2 * t + e)
+                };
+                let (r, block) = frag_row(j * 8 + i, trans);
+                p[e] = staged::<V>(s, row0 + r, dim0 + 8 * block + col, stride);
             }
             out[j] = p;
         }
