@@ -220,7 +220,7 @@ fn dot_held<F: Float, V: Size>(
 /// [`arrive_copies`]; after the wait and its own pre-work, [`wait_copies`]; its dot products
 /// read [`weight_row`] (the staged copy, or the row in global memory without a barrier).
 #[cube]
-fn copy_barrier(#[comptime] prefetch: bool) -> ComptimeOption<Shared<Barrier>> {
+pub(crate) fn copy_barrier(#[comptime] prefetch: bool) -> ComptimeOption<Shared<Barrier>> {
     if comptime!(prefetch) {
         ComptimeOption::new_Some(Barrier::shared(CUBE_DIM, UNIT_POS == 0))
     } else {

@@ -26,11 +26,14 @@
 //!   reduction done through shared memory.
 
 use anyhow::{bail, ensure, Result};
+use cubecl::ir::features::EnumSet;
 use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use half::f16;
 
 use crate::attention::{combine_parts, KvCache};
+use crate::decode::copy_barrier;
 use crate::matmul::f16_f32_mma;
 use crate::reduce::{reduce_in_plane, ReduceOp, Reduction};
 use crate::DeviceTensor;
@@ -395,6 +398,16 @@ fn prefill_portable_kernel<F: Float>(
 const MMA_ROWS: usize = 16;
 /// Key positions per tile of the `mma` kernel.
 const MMA_BK: usize = 64;
+
+/// Key positions per tile of the mma kernel: [`MMA_BK`]; half that in the emulation, whose
+/// two K/V buffers and shared-memory fragments must fit lavapipe's 32 KB.
+fn mma_bk(emulate: bool) -> usize {
+    if emulate {
+        MMA_BK / 2
+    } else {
+        MMA_BK
+    }
+}
 /// Padding of the `mma` kernel's shared K and V rows, in f16: 16 bytes, so that the 8 rows
 /// of one 8 × 8 matrix that `ldmatrix` reads (or 8 units store) fall in 32 distinct banks.
 const MMA_PAD: usize = 8;
@@ -461,71 +474,78 @@ pub(crate) fn mma_16816(
     }
 }
 
-/// K/V staging items (one `vec`-wide vector of one key) per unit for a tile of [`MMA_BK`] keys.
-fn mma_kv_items(hd: usize, vec: usize) -> usize {
-    (MMA_BK * (hd / vec)).div_ceil(THREADS)
+/// K/V staging items (one `vec`-wide vector of one key) per unit for a tile of `bk` keys.
+fn mma_kv_items(bk: usize, hd: usize, vec: usize) -> usize {
+    (bk * (hd / vec)).div_ceil(THREADS)
 }
 
-/// Loads this unit's share of the K/V tile at cache positions `j0..j0 + MMA_BK` into `kv`:
-/// item `it` is dims `c·vec..` of key `i / chunks` (`i = UNIT_POS + it·THREADS`, `c = i %
-/// chunks`), K at `kv[2·it]` and V at `kv[2·it + 1]`: consecutive units read consecutive
-/// vectors of a row. Positions at or past `kv_len` (never written, maybe NaN) load as zeros.
+/// Stages the K/V tile at cache positions `j0..j0 + bk` into buffer `buf` of `k_s` and
+/// `v_s` (a key a row of `hd + MMA_PAD` f16, as the cache holds it): item `it` of this unit is
+/// dims `c·vec..` of key `i / chunks` (`i = UNIT_POS + it·THREADS`, `c = i % chunks`), so
+/// consecutive units move consecutive 16-byte vectors of a row. Positions at or past `kv_len`
+/// (never written, maybe NaN) read the last written position instead: their scores are
+/// masked, and their values are finite, so they weigh nothing. With a barrier the copies are
+/// `cp.async` (nothing held in registers while they fly), committed to it; else plain loads
+/// and stores. Either way they are visible to the cube after [`mma_wait_tile`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn mma_load_kv<V: Size>(
+fn mma_stage_kv<V: Size>(
     k_cache: &Array<Vector<f16, V>>,
     v_cache: &Array<Vector<f16, V>>,
-    kv: &mut Array<Vector<f16, V>>,
+    k_s: &mut SharedMemory<Vector<f16, V>>,
+    v_s: &mut SharedMemory<Vector<f16, V>>,
+    bar: &ComptimeOption<Shared<Barrier>>,
+    buf: usize,
     kv_base: usize,
     j0: usize,
     kv_len: usize,
-    #[comptime] hd: usize,
-    #[comptime] vec: usize,
-) {
-    let chunks = comptime!(hd / vec);
-    let mut zero = Vector::<f16, V>::empty();
-    #[unroll]
-    for e in 0..vec {
-        zero[e] = f16::new(0.0);
-    }
-    #[unroll]
-    for it in 0..comptime!(mma_kv_items(hd, vec)) {
-        let i = UNIT_POS as usize + it * THREADS;
-        let key = i / chunks;
-        let j = j0 + key;
-        let mut k = zero;
-        let mut v = zero;
-        if key < MMA_BK && j < kv_len {
-            let src = (kv_base + j) * chunks + i % chunks;
-            k = k_cache[src];
-            v = v_cache[src];
-        }
-        kv[2 * it] = k;
-        kv[2 * it + 1] = v;
-    }
-}
-
-/// Stores what [`mma_load_kv`] loaded, K and V both row-major (a key a row of `hd + MMA_PAD`
-/// f16), one vector store each.
-#[cube]
-fn mma_store_kv<V: Size>(
-    kv: &Array<Vector<f16, V>>,
-    k_s: &mut SharedMemory<Vector<f16, V>>,
-    v_s: &mut SharedMemory<Vector<f16, V>>,
+    #[comptime] bk: usize,
     #[comptime] hd: usize,
     #[comptime] vec: usize,
 ) {
     let chunks = comptime!(hd / vec);
     let stride = comptime!((hd + MMA_PAD) / vec);
     #[unroll]
-    for it in 0..comptime!(mma_kv_items(hd, vec)) {
+    for it in 0..comptime!(mma_kv_items(bk, hd, vec)) {
         let i = UNIT_POS as usize + it * THREADS;
         let key = i / chunks;
-        if key < MMA_BK {
-            let at = key * stride + i % chunks;
-            k_s[at] = kv[2 * it];
-            v_s[at] = kv[2 * it + 1];
+        if key < bk {
+            let src = (kv_base + min(j0 + key, kv_len - 1)) * chunks + i % chunks;
+            let at = (buf * bk + key) * stride + i % chunks;
+            if comptime!(bar.is_some()) {
+                let size = comptime!(vec as u32);
+                copy_async(
+                    &k_cache.slice(src, src + 1),
+                    &mut k_s.slice_mut(at, at + 1),
+                    size,
+                );
+                copy_async(
+                    &v_cache.slice(src, src + 1),
+                    &mut v_s.slice_mut(at, at + 1),
+                    size,
+                );
+            } else {
+                k_s[at] = k_cache[src];
+                v_s[at] = v_cache[src];
+            }
         }
+    }
+    #[comptime]
+    match bar {
+        ComptimeOption::Some(b) => b.commit_copy_async(),
+        ComptimeOption::None => {}
+    }
+}
+
+/// Waits until every unit has finished the tile before (so its buffer may be overwritten) and
+/// the tile staged last is in shared memory: the barrier's arrive-and-wait, which completes
+/// only once each unit's committed copies have landed; without one, a cube sync.
+#[cube]
+fn mma_wait_tile(bar: &ComptimeOption<Shared<Barrier>>) {
+    #[comptime]
+    match bar {
+        ComptimeOption::Some(b) => b.arrive_and_wait(),
+        ComptimeOption::None => sync_cube(),
     }
 }
 
@@ -604,14 +624,19 @@ fn mma_frags<V: Size>(
 /// The tensor-core kernel with manually managed `mma.m16n8k16` fragments (FlashAttention-2's
 /// register layout): cube (x: row tile, y: head block) of 4 planes; plane `w` owns rows
 /// `16w..16w+16` of the tile. Q's fragments stay in registers for the whole key loop; per
-/// tile of [`MMA_BK`] keys the scores `S = Q·Kᵀ` are mma accumulators, the online softmax runs
-/// on them in registers (row max and sum over the 4 lanes that share a row, `quad`), and the
+/// tile of `bk` keys ([`mma_bk`]) the scores `S = Q·Kᵀ` are mma accumulators, the online
+/// softmax runs on them in registers (row max and sum over the 4 lanes that share a row,
+/// `quad`; the causal mask only on the tiles that cross a row's last key), and the
 /// probabilities, rounded to f16, are the A fragments of `P·V` without leaving the registers:
 /// an accumulator's pairs (rows g / g + 8, columns 2t..) are exactly A's pairs. K and V are
-/// staged row-major as the cache holds them (coalesced 16-byte loads, 16-byte shared stores);
-/// `ldmatrix` (`.trans` for V) reads four B fragments at a time ([`mma_frags`]).
-#[cube(launch)]
+/// staged row-major as the cache holds them, in two buffers: the next tile's 16-byte
+/// `cp.async` copies fly while the cube computes on the current one ([`mma_stage_kv`], one
+/// barrier wait a tile); `ldmatrix` (`.trans` for V) reads four B fragments at a time
+/// ([`mma_frags`]).
+#[cube(launch, fast_math = exp_mode(exact_exp))]
 #[allow(clippy::too_many_arguments)]
+// `exact_exp` is read by the `fast_math` attribute only.
+#[allow(unused_variables)]
 fn prefill_mma_kernel<V: Size>(
     q: &Array<f16>,
     k_cache: &Array<Vector<f16, V>>,
@@ -631,8 +656,10 @@ fn prefill_mma_kernel<V: Size>(
     #[comptime] hd: usize,
     #[comptime] vec: usize,
     #[comptime] quad: Reduction,
+    #[comptime] bk: usize,
     #[comptime] emulate: bool,
     #[comptime] split: bool,
+    #[comptime] exact_exp: bool,
 ) {
     let tid = UNIT_POS as usize;
     let w = tid / 32;
@@ -640,13 +667,16 @@ fn prefill_mma_kernel<V: Size>(
     let (g, t) = (lane / 4, lane % 4);
     let n_k = comptime!(hd / 16); // k-steps of Q·Kᵀ
     let n_d = comptime!(hd / 8); // 8-dim column blocks of the output
-    let n_s = comptime!(MMA_BK / 8); // 8-key column blocks of the scores
+    let n_s = comptime!(bk / 8); // 8-key column blocks of the scores
     let stride = comptime!((hd + MMA_PAD) / vec); // K and V rows, in vectors
     let kv_len = start + tokens;
-    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, MMA_BK);
+    let cube = rows_of_cube(tokens, heads_per_cube, group, max_ctx, start, bk);
 
-    let mut k_s = SharedMemory::<Vector<f16, V>>::new_aligned(MMA_BK * stride, 16usize);
-    let mut v_s = SharedMemory::<Vector<f16, V>>::new_aligned(MMA_BK * stride, 16usize);
+    // Two buffers of K and V rows: the next tile lands in one while the cube reads the other.
+    let mut k_s = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bk * stride, 16usize);
+    let mut v_s = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bk * stride, 16usize);
+    // CUDA: the K/V tiles arrive by `cp.async` and this barrier says when (see `mma_stage_kv`).
+    let bar = copy_barrier(!emulate);
     let scratch_len = comptime!(if emulate { 4 * 384usize } else { 1usize });
     let mut scratch = SharedMemory::<f32>::new(scratch_len);
 
@@ -696,8 +726,6 @@ fn prefill_mma_kernel<V: Size>(
     let mut bf = Array::<Pair16>::new(2usize);
     let mut acc = Array::<Pair32>::new(2usize);
 
-    // This unit's share of a K/V tile in registers (see `mma_load_kv`).
-    let mut kv = Array::<Vector<f16, V>>::new(comptime!(2 * mma_kv_items(hd, vec)));
     // The key tiles of this cube's split (all of them without splits).
     let mut tile = 0usize;
     let mut end = cube.n_tiles;
@@ -705,11 +733,46 @@ fn prefill_mma_kernel<V: Size>(
         tile = CUBE_POS_Z as usize * tiles_per_split;
         end = min(tile + tiles_per_split, cube.n_tiles);
     }
+    let first = tile;
+    if tile < end {
+        let j0 = tile * bk;
+        mma_stage_kv::<V>(
+            k_cache,
+            v_cache,
+            &mut k_s,
+            &mut v_s,
+            &bar,
+            0,
+            cube.kv_base,
+            j0,
+            kv_len,
+            bk,
+            hd,
+            vec,
+        );
+    }
     while tile < end {
-        let j0 = tile * MMA_BK;
-        mma_load_kv::<V>(k_cache, v_cache, &mut kv, cube.kv_base, j0, kv_len, hd, vec);
-        mma_store_kv::<V>(&kv, &mut k_s, &mut v_s, hd, vec);
-        sync_cube();
+        let j0 = tile * bk;
+        // This tile's buffer; the next tile streams into the other one during this one.
+        let buf = (tile - first) % 2;
+        let row_k = buf * bk;
+        mma_wait_tile(&bar);
+        if tile + 1 < end {
+            mma_stage_kv::<V>(
+                k_cache,
+                v_cache,
+                &mut k_s,
+                &mut v_s,
+                &bar,
+                1 - buf,
+                cube.kv_base,
+                j0 + bk,
+                kv_len,
+                bk,
+                hd,
+                vec,
+            );
+        }
 
         // S = Q·Kᵀ: 8-key block n, accumulator pairs at 2n, 2n + 1.
         #[unroll(!emulate)]
@@ -722,7 +785,7 @@ fn prefill_mma_kernel<V: Size>(
             // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
             #[unroll(!emulate)]
             for kk2 in 0..comptime!(n_k / 2) {
-                let kf = mma_frags::<V>(&k_s, n * 8, kk2 * 32, stride, false, emulate);
+                let kf = mma_frags::<V>(&k_s, row_k + n * 8, kk2 * 32, stride, false, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let kk = 2 * kk2 + h;
@@ -739,30 +802,37 @@ fn prefill_mma_kernel<V: Size>(
             s[2 * n + 1] = acc[1];
         }
 
-        // Online softmax on the registers: scale, causal mask, the row's new max over the quad.
+        // Online softmax on the registers, on unscaled scores (the scale is positive, so the
+        // max is the same key's): the causal mask where the tile passes one of this lane's rows'
+        // last key (the tiles on the diagonal), then the row's new max over the quad.
+        if j0 + bk > min(last_lo, last_hi) + 1 {
+            #[unroll]
+            for n in 0..n_s {
+                let mut lo = s[2 * n];
+                let mut hi = s[2 * n + 1];
+                #[unroll]
+                for h in 0..2usize {
+                    let key = j0 + n * 8 + 2 * t + h;
+                    lo[h] = select(key <= last_lo, lo[h], f32::new(NEG));
+                    hi[h] = select(key <= last_hi, hi[h], f32::new(NEG));
+                }
+                s[2 * n] = lo;
+                s[2 * n + 1] = hi;
+            }
+        }
         let mut mx_lo = f32::new(NEG);
         let mut mx_hi = f32::new(NEG);
         #[unroll]
         for n in 0..n_s {
-            #[unroll]
-            for h in 0..2usize {
-                let key = j0 + n * 8 + 2 * t + h;
-                let mut lo = s[2 * n];
-                let mut hi = s[2 * n + 1];
-                let a = select(key <= last_lo, lo[h] * scale, f32::new(NEG));
-                let b = select(key <= last_hi, hi[h] * scale, f32::new(NEG));
-                lo[h] = a;
-                hi[h] = b;
-                s[2 * n] = lo;
-                s[2 * n + 1] = hi;
-                mx_lo = f32::max(mx_lo, a);
-                mx_hi = f32::max(mx_hi, b);
-            }
+            let lo = s[2 * n];
+            let hi = s[2 * n + 1];
+            mx_lo = f32::max(mx_lo, f32::max(lo[0], lo[1]));
+            mx_hi = f32::max(mx_hi, f32::max(hi[0], hi[1]));
         }
         let new_lo = f32::max(m_lo, reduce_in_plane::<f32>(mx_lo, ReduceOp::Max, quad));
         let new_hi = f32::max(m_hi, reduce_in_plane::<f32>(mx_hi, ReduceOp::Max, quad));
-        let alpha_lo = f32::exp(m_lo - new_lo);
-        let alpha_hi = f32::exp(m_hi - new_hi);
+        let alpha_lo = f32::exp((m_lo - new_lo) * scale);
+        let alpha_hi = f32::exp((m_hi - new_hi) * scale);
         m_lo = new_lo;
         m_hi = new_hi;
         let mut sum_lo = 0.0f32;
@@ -775,9 +845,11 @@ fn prefill_mma_kernel<V: Size>(
             for h in 0..2usize {
                 // Masked scores are NEG: exp underflows to 0 once a row has seen a key. (A split
                 // may hold only keys past a row's last: its max stays NEG, and the merge gives
-                // that part the weight exp(NEG − max) = 0, whatever its sum.)
-                lo[h] = f32::exp(lo[h] - new_lo);
-                hi[h] = f32::exp(hi[h] - new_hi);
+                // that part the weight exp(NEG − max) = 0, whatever its sum. So `(s − m)·scale`,
+                // never `s·scale − m·scale`, which an FMA would leave at NEG·scale's rounding
+                // error, far from 0, where both are NEG.)
+                lo[h] = f32::exp((lo[h] - new_lo) * scale);
+                hi[h] = f32::exp((hi[h] - new_hi) * scale);
                 sum_lo += lo[h];
                 sum_hi += hi[h];
             }
@@ -800,7 +872,7 @@ fn prefill_mma_kernel<V: Size>(
 
         // O += P·V: k-step kk covers keys 16kk..16kk + 16, i.e. score blocks 2kk and 2kk + 1.
         #[unroll(!emulate)]
-        for kk in 0..comptime!(MMA_BK / 16) {
+        for kk in 0..comptime!(bk / 16) {
             #[unroll]
             for r in 0..4usize {
                 // A pair r: rows g / g + 8 (r % 2) of score block 2kk + r / 2.
@@ -813,7 +885,7 @@ fn prefill_mma_kernel<V: Size>(
             // Two 8-dim output blocks a fragment load: keys 16kk.., dims 16d2...
             #[unroll(!emulate)]
             for d2 in 0..comptime!(n_d / 2) {
-                let vf = mma_frags::<V>(&v_s, kk * 16, d2 * 16, stride, true, emulate);
+                let vf = mma_frags::<V>(&v_s, row_k + kk * 16, d2 * 16, stride, true, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let d = 2 * d2 + h;
@@ -827,7 +899,6 @@ fn prefill_mma_kernel<V: Size>(
                 }
             }
         }
-        sync_cube();
         tile += 1;
     }
 
@@ -850,7 +921,9 @@ fn prefill_mma_kernel<V: Size>(
                     part_out[part * hd + d * 8 + 2 * t + 1] = v[1];
                 }
                 if t == 0 {
-                    part_max[part] = if comptime!(r == 0) { m_lo } else { m_hi };
+                    // The max in scaled units, as the merge weighs parts.
+                    let m = if comptime!(r == 0) { m_lo } else { m_hi };
+                    part_max[part] = m * scale;
                     part_sum[part] = sum;
                 }
             } else {
@@ -863,6 +936,18 @@ fn prefill_mma_kernel<V: Size>(
                 }
             }
         }
+    }
+}
+
+/// The float modes of the mma kernel: where not `exact`, its exponentials are `__expf`
+/// (`ex2.approx` of `x·log₂e`: 2 instructions, about 2 ulp) instead of `expf`'s range
+/// reduction. They take finite arguments (masked scores are `NEG`, not −∞) and are
+/// accumulated in f32. `CUBEQWEN_FLASH_EXACT_EXP` sets `exact`.
+fn exp_mode(exact: bool) -> EnumSet<FastMath> {
+    if exact {
+        EnumSet::empty()
+    } else {
+        FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
     }
 }
 
@@ -894,7 +979,7 @@ fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
 /// Shared memory of the mma kernel, in bytes: K and V rows of padded f16; with the emulation
 /// its fragments and the shared-memory trees of its six quad reductions.
 fn mma_smem(hd: usize, emulate: bool) -> usize {
-    2 * 2 * MMA_BK * (hd + MMA_PAD)
+    2 * 2 * 2 * mma_bk(emulate) * (hd + MMA_PAD)
         + if emulate {
             4 * (4 * 384 + 6 * THREADS)
         } else {
@@ -1042,7 +1127,8 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 },
                 "attention prefill: the mma kernel needs 16-byte vectors of f16 (here {vec} f16)"
             );
-            let n_tiles = kv_len.div_ceil(MMA_BK);
+            let bk = mma_bk(emulate);
+            let n_tiles = kv_len.div_ceil(bk);
             let sms = client.properties().hardware.num_streaming_multiprocessors;
             let wanted = match options.splits {
                 Some(s) => s,
@@ -1086,8 +1172,10 @@ pub fn attention_prefill_with<R: Runtime, F: Float + CubeElement>(
                 // The 4 lanes that share a row of an mma fragment: shuffles on CUDA, the
                 // shared-memory tree in the emulation.
                 Reduction::with_plane(THREADS, 4, if emulate { 0 } else { 32 }),
+                bk,
                 emulate,
                 splits > 1,
+                crate::switches::switches()?.flash_exact_exp,
             );
             if splits > 1 {
                 combine_parts(

@@ -14,6 +14,7 @@
 //! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_ATTN_IN_STAGES` | `N` (0 to 4): pair-rows in flight a plane group in the decode step's `attn_in` where its one-shot grid would take more than one wave ([`crate::decode::attn_in`]); 0: the one-shot kernel always | [`crate::decode::ATTN_IN_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
+//! | `CUBEQWEN_FLASH_EXACT_EXP` | the mma flash kernels' exponentials through `expf` | `__expf` (`ex2.approx`; [`crate::flash`]) |
 //! | `CUBEQWEN_FLASH_SPLITS` | `N` (1 to 64): the mma flash kernels split the keys over N cubes a row tile (1: no split) | by grid and device ([`crate::flash::flash_splits`]) |
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
@@ -40,6 +41,8 @@ pub struct Switches {
     pub no_fused_gemv: bool,
     pub no_gemv_mma: bool,
     pub flash_kernel: PrefillKernel,
+    /// The mma flash kernels' exponentials exact (`expf`) rather than fast (`__expf`).
+    pub flash_exact_exp: bool,
     /// Key splits of the mma flash kernels.
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
@@ -192,6 +195,7 @@ impl Switches {
             no_fused_gemv: flag("CUBEQWEN_NO_FUSED_GEMV")?,
             no_gemv_mma: flag("CUBEQWEN_NO_GEMV_MMA")?,
             flash_kernel,
+            flash_exact_exp: flag("CUBEQWEN_FLASH_EXACT_EXP")?,
             flash_splits,
             ffn_stages,
             gemv_stages,
@@ -227,7 +231,7 @@ mod tests {
     fn unset_is_every_default() {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
-        assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma);
+        assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma && !s.flash_exact_exp);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
