@@ -835,6 +835,12 @@ fn prefill_mma_kernel<V: Size>(
         let alpha_hi = f32::exp((m_hi - new_hi) * scale);
         m_lo = new_lo;
         m_hi = new_hi;
+        // exp(s·scale − m·scale), one FMA an element. A row that has seen no key yet (its max
+        // is NEG: a split may hold only keys past a row's last) subtracts 0 instead, so its
+        // probabilities are exp(NEG·scale) = 0 and its sum 0, which the merge weighs 0 (not
+        // NEG·scale's rounding error, which the FMA would leave where both are NEG).
+        let ms_lo = select(new_lo == f32::new(NEG), 0.0f32, new_lo * scale);
+        let ms_hi = select(new_hi == f32::new(NEG), 0.0f32, new_hi * scale);
         let mut sum_lo = 0.0f32;
         let mut sum_hi = 0.0f32;
         #[unroll]
@@ -843,13 +849,9 @@ fn prefill_mma_kernel<V: Size>(
             let mut hi = s[2 * n + 1];
             #[unroll]
             for h in 0..2usize {
-                // Masked scores are NEG: exp underflows to 0 once a row has seen a key. (A split
-                // may hold only keys past a row's last: its max stays NEG, and the merge gives
-                // that part the weight exp(NEG − max) = 0, whatever its sum. So `(s − m)·scale`,
-                // never `s·scale − m·scale`, which an FMA would leave at NEG·scale's rounding
-                // error, far from 0, where both are NEG.)
-                lo[h] = f32::exp((lo[h] - new_lo) * scale);
-                hi[h] = f32::exp((hi[h] - new_hi) * scale);
+                // Masked scores are NEG: exp underflows to 0.
+                lo[h] = f32::exp(lo[h] * scale - ms_lo);
+                hi[h] = f32::exp(hi[h] * scale - ms_hi);
                 sum_lo += lo[h];
                 sum_hi += hi[h];
             }
@@ -858,16 +860,20 @@ fn prefill_mma_kernel<V: Size>(
         }
         l_lo = l_lo * alpha_lo + sum_lo;
         l_hi = l_hi * alpha_hi + sum_hi;
-        #[unroll]
-        for d in 0..n_d {
-            let mut lo = o[2 * d];
-            let mut hi = o[2 * d + 1];
-            lo[0] *= alpha_lo;
-            lo[1] *= alpha_lo;
-            hi[0] *= alpha_hi;
-            hi[1] *= alpha_hi;
-            o[2 * d] = lo;
-            o[2 * d + 1] = hi;
+        // The output rescaled only where a row's max moved (once the max settles, most tiles
+        // of a long row skip it; a plane skips it when none of its rows moved).
+        if alpha_lo != 1.0 || alpha_hi != 1.0 {
+            #[unroll]
+            for d in 0..n_d {
+                let mut lo = o[2 * d];
+                let mut hi = o[2 * d + 1];
+                lo[0] *= alpha_lo;
+                lo[1] *= alpha_lo;
+                hi[0] *= alpha_hi;
+                hi[1] *= alpha_hi;
+                o[2 * d] = lo;
+                o[2 * d + 1] = hi;
+            }
         }
 
         // O += P·V: k-step kk covers keys 16kk..16kk + 16, i.e. score blocks 2kk and 2kk + 1.

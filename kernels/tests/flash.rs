@@ -213,9 +213,10 @@ fn flash_mma_emulated_prefill() {
 
 #[test]
 fn flash_mma_emulated_split_keys() {
-    // The key tiles split over cubes, their parts merged: 16 tokens at depth 300 (5 tiles in
-    // 3 splits of 2, 2, 1); 60 tokens at 100 in 3 splits of one tile (the first 28 tokens see
-    // none of the last split's keys); more splits asked than 37 positions have tiles (1).
+    // The key tiles split over cubes, their parts merged (the emulation's tiles are 32 keys):
+    // 16 tokens at depth 300 (10 tiles in 4 splits of 3, 3, 3, 1); 60 tokens at 100 in 3
+    // splits of 2, 2, 1 tiles (the first 28 tokens see none of the last split's keys: parts
+    // without a key); more splits asked than 37 positions have tiles (2).
     let qwen05 = Case::new(PrefillKernel::MmaEmulated, 14, 2, 64);
     check(qwen05.at(300, 16).split(4));
     check(qwen05.at(100, 60).split(3));
