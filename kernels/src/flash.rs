@@ -774,23 +774,18 @@ fn prefill_mma_kernel<V: Size>(
             );
         }
 
-        // S = Q·Kᵀ: 8-key block n, accumulator pairs at 2n, 2n + 1. The k-steps outside, the
-        // key blocks inside, so that consecutive mmas accumulate into different blocks.
-        #[unroll]
-        for i in 0..n_s * 2 {
+        // S = Q·Kᵀ: 8-key block n, accumulator pairs at 2n, 2n + 1.
+        #[unroll(!emulate)]
+        for n in 0..n_s {
             let mut z = Pair32::empty();
             z[0] = 0.0;
             z[1] = 0.0;
-            s[i] = z;
-        }
-        #[unroll(!emulate)]
-        for kk2 in 0..comptime!(n_k / 2) {
+            acc[0] = z;
+            acc[1] = z;
+            // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
             #[unroll(!emulate)]
-            for n in 0..n_s {
-                // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
+            for kk2 in 0..comptime!(n_k / 2) {
                 let kf = mma_frags::<V>(&k_s, row_k + n * 8, kk2 * 32, stride, false, emulate);
-                acc[0] = s[2 * n];
-                acc[1] = s[2 * n + 1];
                 #[unroll]
                 for h in 0..2usize {
                     let kk = 2 * kk2 + h;
@@ -802,9 +797,9 @@ fn prefill_mma_kernel<V: Size>(
                     bf[1] = kf[2 * h + 1];
                     mma_16816(&af, &bf, &mut acc, &mut scratch, emulate);
                 }
-                s[2 * n] = acc[0];
-                s[2 * n + 1] = acc[1];
             }
+            s[2 * n] = acc[0];
+            s[2 * n + 1] = acc[1];
         }
 
         // Online softmax on the registers, on unscaled scores (the scale is positive, so the
