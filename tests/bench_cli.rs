@@ -4,32 +4,14 @@
 
 mod common;
 
+use common::cli::{cubeqwen, fails_with};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn cubeqwen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cubeqwen"))
-        .args(args)
-        .output()
-        .expect("running cubeqwen")
-}
 
 fn ok(args: &[&str]) -> String {
     let out = cubeqwen(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed:\n{stderr}");
     String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let out = cubeqwen(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: stderr lacks {needle:?}:\n{stderr}"
-    );
 }
 
 fn device() -> String {

@@ -3,25 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-fn cubeqwen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cubeqwen"))
-        .args(args)
-        .output()
-        .expect("running cubeqwen")
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let out = cubeqwen(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: stderr lacks {needle:?}:\n{stderr}"
-    );
-}
+use common::cli::fails_with;
 
 #[test]
 fn missing_model_file() {
