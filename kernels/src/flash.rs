@@ -982,14 +982,15 @@ fn portable_smem(elem: usize, hd: usize, bk: usize) -> usize {
     elem * (BM * (hd + 2) + bk * (hd + 2) + bk * hd) + 4 * (BM * (bk + 1) + BM)
 }
 
-/// Shared memory of the mma kernel, in bytes: K and V rows of padded f16; with the emulation
-/// its fragments and the shared-memory trees of its six quad reductions.
+/// Shared memory of the mma kernel, in bytes: two buffers of K and V rows of padded f16; with
+/// the emulation its fragments and the shared-memory trees of its six quad reductions, else
+/// the copies' barrier (8 bytes) and a one-float stand-in for the fragments.
 fn mma_smem(hd: usize, emulate: bool) -> usize {
     2 * 2 * 2 * mma_bk(emulate) * (hd + MMA_PAD)
         + if emulate {
             4 * (4 * 384 + 6 * THREADS)
         } else {
-            4
+            8 + 4
         }
 }
 
