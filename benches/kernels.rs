@@ -257,6 +257,7 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         None
     };
     let cmma = cmma_supported(ctx.client);
+    let mma = cubeqwen_kernels::flash::mma_supported(ctx.client);
     // cubek's TMA kernel at these tilings, side by side (CUDA, from 64 rows):
     // CUBEQWEN_BENCH_TILINGS="tiles=8,rows=2,pk=4;tiles=8,rows=1,pk=2".
     let tilings: Vec<(String, CubekTiling)> = match std::env::var("CUBEQWEN_BENCH_TILINGS") {
@@ -290,7 +291,7 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 continue;
             }
             let names = [
-                "auto", "gemv", "tiled", "blocked", "cmma", "cubek", "cublas",
+                "auto", "gemv", "tiled", "blocked", "cmma", "cubek", "mma", "cublas",
             ];
             let names = names
                 .iter()
@@ -332,6 +333,10 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 }
                 if ws[0].chunks.len() == 1 {
                     variants.push("cubek");
+                }
+                // The project's tensor-core matmul (CUBEQWEN_MMA_TILE sets its tile).
+                if mma && m >= 64 {
+                    variants.push("mma");
                 }
                 for (v, t) in tilings.iter().filter(|_| m >= 64) {
                     let id = format!("matmul/{shape}/m{m}/{v}");

@@ -410,7 +410,7 @@ fn mma_bk(emulate: bool) -> usize {
 }
 /// Padding of the `mma` kernel's shared K and V rows, in f16: 16 bytes, so that the 8 rows
 /// of one 8 × 8 matrix that `ldmatrix` reads (or 8 units store) fall in 32 distinct banks.
-const MMA_PAD: usize = 8;
+pub(crate) const MMA_PAD: usize = 8;
 
 pub(crate) type Pair16 = Vector<f16, Const<2>>;
 pub(crate) type Pair32 = Vector<f32, Const<2>>;
@@ -541,7 +541,7 @@ fn mma_stage_kv<V: Size>(
 /// the tile staged last is in shared memory: the barrier's arrive-and-wait, which completes
 /// only once each unit's committed copies have landed; without one, a cube sync.
 #[cube]
-fn mma_wait_tile(bar: &ComptimeOption<Shared<Barrier>>) {
+pub(crate) fn mma_wait_tile(bar: &ComptimeOption<Shared<Barrier>>) {
     #[comptime]
     match bar {
         ComptimeOption::Some(b) => b.arrive_and_wait(),
@@ -550,12 +550,13 @@ fn mma_wait_tile(bar: &ComptimeOption<Shared<Barrier>>) {
 }
 
 /// Row and 8-dim block, relative to the fragment's origin, whose 16-byte row lane `l` names in
-/// [`mma_frags`]: matrix `l / 8`, row `l % 8` of it. B of `Q·Kᵀ` (K rows, `trans` false):
-/// matrices at dims +0, +8, +16, +24 (two k-steps). B of `P·V` (V rows, `trans` true):
-/// keys +0 and +8 of one 8-dim block, then of the next (two output blocks).
+/// [`mma_frags`]: matrix `l / 8`, row `l % 8` of it. Without `rows16` the four matrices are 8
+/// rows at dims +0, +8, +16, +24: B of `Q·Kᵀ` (K rows; two k-steps), B of a matmul (W rows).
+/// With `rows16`, rows +0 and +8 of one 8-dim block, then of the next: B of `P·V` (V rows,
+/// transposed: two output blocks), A of a matmul (x rows: one 16 × 16 fragment).
 #[cube]
-fn frag_row(l: usize, #[comptime] trans: bool) -> (usize, usize) {
-    if comptime!(trans) {
+fn frag_row(l: usize, #[comptime] rows16: bool) -> (usize, usize) {
+    if comptime!(rows16) {
         (l % 8 + 8 * ((l / 8) % 2), l / 16)
     } else {
         (l % 8, l / 8)
@@ -574,16 +575,19 @@ fn staged<V: Size>(
     v[dim % V::value()]
 }
 
-/// Four B fragments (f16 pairs, as `mma.m16n8k16` reads them) from a staged K or V tile whose
-/// fragment origin is row `row0`, dim `dim0` ([`frag_row`] says which 8 × 8 matrix each is):
-/// one `ldmatrix.x4` (`.trans` for V) on CUDA; with `emulate` each lane reads its elements
-/// (lane (g, t): of matrix j rows g, dims 2t, 2t + 1; transposed: rows 2t, 2t + 1, dim g).
+/// Four fragment registers (f16 pairs, as `mma.m16n8k16` reads them) from a staged tile
+/// (rows of `stride` vectors) whose fragment origin is row `row0`, dim `dim0` ([`frag_row`]
+/// with `rows16` says which 8 × 8 matrix each is): one `ldmatrix.x4` (`.trans` with `trans`)
+/// on CUDA; with `emulate` each lane reads its elements (lane (g, t): of matrix j row g, dims
+/// 2t, 2t + 1; transposed: rows 2t, 2t + 1, dim g). K of `Q·Kᵀ` and W of a matmul: neither
+/// flag (B of two k-steps); V of `P·V`: both; x of a matmul: `rows16` (A of one k-step).
 #[cube]
-fn mma_frags<V: Size>(
+pub(crate) fn mma_frags<V: Size>(
     s: &SharedMemory<Vector<f16, V>>,
     row0: usize,
     dim0: usize,
     #[comptime] stride: usize,
+    #[comptime] rows16: bool,
     #[comptime] trans: bool,
     #[comptime] emulate: bool,
 ) -> Array<Pair16> {
@@ -602,14 +606,14 @@ fn mma_frags<V: Size>(
                 } else {
                     (g, 2 * t + e)
                 };
-                let (r, block) = frag_row(j * 8 + i, trans);
+                let (r, block) = frag_row(j * 8 + i, rows16);
                 p[e] = staged::<V>(s, row0 + r, dim0 + 8 * block + col, stride);
             }
             out[j] = p;
         }
         out
     } else {
-        let (r, c) = frag_row(lane, trans);
+        let (r, c) = frag_row(lane, rows16);
         let at = (row0 + r) * stride + (dim0 + 8 * c) / V::value();
         let def = cmma::MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
         def.load_matrix::<Vector<f16, V>, Const<2>>(
@@ -785,7 +789,8 @@ fn prefill_mma_kernel<V: Size>(
             // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
             #[unroll(!emulate)]
             for kk2 in 0..comptime!(n_k / 2) {
-                let kf = mma_frags::<V>(&k_s, row_k + n * 8, kk2 * 32, stride, false, emulate);
+                let kf =
+                    mma_frags::<V>(&k_s, row_k + n * 8, kk2 * 32, stride, false, false, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let kk = 2 * kk2 + h;
@@ -891,7 +896,8 @@ fn prefill_mma_kernel<V: Size>(
             // Two 8-dim output blocks a fragment load: keys 16kk.., dims 16d2...
             #[unroll(!emulate)]
             for d2 in 0..comptime!(n_d / 2) {
-                let vf = mma_frags::<V>(&v_s, row_k + kk * 16, d2 * 16, stride, true, emulate);
+                let vf =
+                    mma_frags::<V>(&v_s, row_k + kk * 16, d2 * 16, stride, true, true, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let d = 2 * d2 + h;

@@ -43,6 +43,10 @@ pub enum MatmulVariant {
     /// each mma through shared memory elsewhere (slow; tests). f16, k a multiple of 32.
     GemvMma,
     Blocked,
+    /// Many rows on tensor cores, the project's own kernel ([`crate::matmul_mma`]):
+    /// `mma.m16n8k16` on CUDA (sm_80+), emulated elsewhere (slow; tests). f16, k a multiple
+    /// of 32 (64 on CUDA).
+    Mma,
     /// cubek's matmul (tracel's CubeCL kernels; the algorithm: `cubek_strategy`), then the bias
     /// added by `add_bias_kernel`; into columns of a wider output through a scratch
     /// (`place_columns_kernel`).
@@ -60,8 +64,9 @@ impl std::str::FromStr for MatmulVariant {
             "gemv-mma" => Self::GemvMma,
             "blocked" => Self::Blocked,
             "cubek" => Self::Cubek,
+            "mma" => Self::Mma,
             _ => bail!(
-                "unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv, gemv-mma, blocked or cubek"
+                "unknown matmul variant `{s}`: expected auto, tiled, cmma, gemv, gemv-mma, mma, blocked or cubek"
             ),
         })
     }
@@ -1162,6 +1167,20 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
         return Ok(());
     }
     match resolved {
+        MatmulVariant::Mma => {
+            let tile = crate::switches::switches()?.mma_tile;
+            crate::matmul_mma::matmul_mma(
+                client,
+                tile,
+                x,
+                w,
+                bias_arg,
+                has_bias,
+                y,
+                (m, n, k),
+                col_off,
+            )?;
+        }
         MatmulVariant::GemvMma => {
             let how = crate::gemv_mma::GemvMma::for_device(client);
             crate::gemv_mma::gemv_mma(client, how, x, w, bias, y, col_off)?;

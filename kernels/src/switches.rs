@@ -19,6 +19,7 @@
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
 //! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device, rows and k |
+//! | `CUBEQWEN_MMA_TILE` | `BMxBNxBK`: the tile of the mma matmul ([`crate::matmul_mma::MmaTile`]; BM a multiple of 64, BN of 32, BK of 32) | by shape and device ([`crate::matmul_mma::tile_for`]) |
 //! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
 //! | `CUBEQWEN_CUBEK_TILING` | `tiles=T,rows=R,pk=K,buf=single\|double` or `pm=,pn=,sm=,sn=,pk=,buf=` (any of them; [`CubekTiling`]), or `cubek` (cubek's own choice): the tiling of cubek's TMA kernel | [`crate::matmul::TMA_TILING`] |
 //!
@@ -30,6 +31,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Result};
 
 use crate::flash::PrefillKernel;
+use crate::matmul_mma::MmaTile;
 
 /// The switches as this process reads them (see the module's table).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +61,8 @@ pub struct Switches {
     pub cubek_strategy: Option<String>,
     /// Overrides of the TMA kernel's tiling.
     pub cubek_tiling: Option<CubekTiling>,
+    /// The mma matmul's tile (checked at launch).
+    pub mma_tile: Option<MmaTile>,
 }
 
 /// The tiling of cubek's warp-specialized TMA matmul, as cubek's selector takes it; `None`
@@ -187,6 +191,27 @@ impl Switches {
             ),
             _ => None,
         };
+        let mma_tile = match get("CUBEQWEN_MMA_TILE") {
+            Some(v) if !v.trim().is_empty() => {
+                let n: Vec<usize> = v
+                    .trim()
+                    .split('x')
+                    .map(|p| p.parse::<usize>().ok().filter(|n| (16..=256).contains(n)))
+                    .collect::<Option<_>>()
+                    .filter(|n: &Vec<usize>| n.len() == 3)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "CUBEQWEN_MMA_TILE={v}: expected BMxBNxBK, each from 16 to 256"
+                        )
+                    })?;
+                Some(MmaTile {
+                    bm: n[0],
+                    bn: n[1],
+                    bk: n[2],
+                })
+            }
+            _ => None,
+        };
         Ok(Self {
             no_graphs: flag("CUBEQWEN_NO_GRAPHS")?,
             no_pdl: flag("CUBEQWEN_NO_PDL")?,
@@ -205,6 +230,7 @@ impl Switches {
             gemv_shape,
             cubek_strategy,
             cubek_tiling,
+            mma_tile,
         })
     }
 }
@@ -235,6 +261,7 @@ mod tests {
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
+        assert_eq!(s.mma_tile, None);
         assert_eq!(
             (s.ffn_stages, s.gemv_stages, s.attn_in_stages),
             (None, None, None)
@@ -265,8 +292,11 @@ mod tests {
             ("CUBEQWEN_FFN_STAGES", "0"),
             ("CUBEQWEN_GEMV_STAGES", "3"),
             ("CUBEQWEN_ATTN_IN_STAGES", "1"),
+            ("CUBEQWEN_MMA_TILE", "128x64x32"),
         ])
         .unwrap();
+        let tile = s.mma_tile.unwrap();
+        assert_eq!((tile.bm, tile.bn, tile.bk), (128, 64, 32));
         assert_eq!(
             "cubek".parse::<CubekTiling>().unwrap(),
             CubekTiling::default()
@@ -308,6 +338,9 @@ mod tests {
             ("CUBEQWEN_GEMV_STAGES", "5"),
             ("CUBEQWEN_GEMV_STAGES", "-1"),
             ("CUBEQWEN_ATTN_IN_STAGES", "5"),
+            ("CUBEQWEN_MMA_TILE", "128x64"),
+            ("CUBEQWEN_MMA_TILE", "128x64x8"),
+            ("CUBEQWEN_MMA_TILE", "128xx64"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");

@@ -10,6 +10,7 @@
 use anyhow::Result;
 use cubecl::cuda::CudaRuntime;
 use cubeqwen_kernels::baseline::Cublas;
+use cubeqwen_kernels::flash::mma_supported;
 use cubeqwen_kernels::matmul::{reference, resolve_variant, MatmulVariant, RowChunked};
 use cubeqwen_kernels::runtime::cuda_client;
 use cubeqwen_kernels::testing::*;
@@ -35,7 +36,7 @@ fn table(seed: u64) -> Result<Vec<String>> {
         "seed {seed}; relative error of each against f64 on sampled rows (gemv, blocked: m <= 128)"
     );
     println!(
-        "{:>5} {:>6} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>9} | {:>11}",
+        "{:>5} {:>6} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>9} | {:>11}",
         "m",
         "n",
         "k",
@@ -44,6 +45,7 @@ fn table(seed: u64) -> Result<Vec<String>> {
         "gemv",
         "blocked",
         "cubek",
+        "mma",
         "auto",
         "=",
         "cuBLAS",
@@ -96,10 +98,12 @@ fn table(seed: u64) -> Result<Vec<String>> {
                 MatmulVariant::Gemv,
                 MatmulVariant::Blocked,
                 MatmulVariant::Cubek,
+                MatmulVariant::Mma,
                 MatmulVariant::Auto,
             ] {
                 if ((v == MatmulVariant::Gemv || v == MatmulVariant::Blocked) && m > 128)
                     || (v == MatmulVariant::Cubek && wc.chunks.len() > 1)
+                    || (v == MatmulVariant::Mma && !mma_supported(&client))
                 {
                     cells.push("-".to_string());
                     continue;
@@ -139,8 +143,8 @@ fn table(seed: u64) -> Result<Vec<String>> {
                 resolve_variant(&client, MatmulVariant::Auto, m, n, k)
             );
             println!(
-                "{m:>5} {n:>6} {k:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {auto:>7} | {cub:>9.3e} | {diff:>11.3e}",
-                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
+                "{m:>5} {n:>6} {k:>6} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {auto:>7} | {cub:>9.3e} | {diff:>11.3e}",
+                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6]
             );
         }
     }

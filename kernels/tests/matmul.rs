@@ -178,6 +178,57 @@ device_test! {
 }
 
 device_test! {
+    /// The many-row tensor-core matmul. On CUDA every 0.5B shape from 1 row (a tile with 63
+    /// rows past m) to 100 (a whole tile and a ragged one), and 128 and 2048 rows with
+    /// `CUBEQWEN_FULL_SHAPES` (the 128-row tiles); elsewhere each mma and fragment load is
+    /// emulated: a ragged row tile and column tiles of 32 at a few shapes. Both write into the
+    /// columns of a wider output (q/k/v into one buffer), leaving the others alone.
+    fn matmul_mma_qwen_shapes<R>(client, seed) {
+        let native = cubeqwen_kernels::flash::mma_supported(client);
+        if native {
+            run_shapes(client, MatmulVariant::Mma, &[1, 7, 33, 100], seed)?;
+        } else {
+            for (m, n, k) in [(70, 96, 256), (7, 128, 896), (33, 896, 128)] {
+                for bias in [true, false] {
+                    check(client, MatmulVariant::Mma, (m, n, k), bias, seed ^ (m * 31 + n) as u64)?;
+                }
+            }
+        }
+        let (m, n, k, wide, col_off) = if native { (300, 896, 896, 1152, 128) } else { (70, 64, 128, 160, 32) };
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        let x = rng.f16_vec(m * k, 0.0, 1.0);
+        let w = rng.f16_vec(n * k, 0.0, 1.0 / (k as f64).sqrt());
+        let b = rng.f32_vec(wide, 0.1, 0.5);
+        let xd = DeviceTensor::<R, f16>::from_slice(client, &x, &[m, k])?;
+        let wd = DeviceTensor::<R, f16>::from_slice(client, &w, &[n, k])?;
+        let bd = DeviceTensor::<R, f32>::from_slice(client, &b, &[wide])?;
+        let yd = DeviceTensor::<R, f16>::from_slice(client, &vec![POISON_F16; m * wide], &[m, wide])?;
+        matmul_into(client, MatmulVariant::Mma, &xd, &wd, Some(&bd), &yd, col_off)?;
+        let y = yd.to_vec(client)?;
+        let want = reference(
+            &f16_to_f64(&x),
+            &f16_to_f64(&w),
+            Some(&f32_to_f64(&b)[col_off..col_off + n]),
+            m,
+            n,
+            k,
+        );
+        let got: Vec<f64> = (0..m)
+            .flat_map(|r| f16_to_f64(&y[r * wide + col_off..r * wide + col_off + n]))
+            .collect();
+        let err = rel_err(&got, &want);
+        let outside = (0..m * wide)
+            .filter(|i| !(col_off..col_off + n).contains(&(i % wide)))
+            .filter(|&i| !y[i].is_nan())
+            .count();
+        println!("matmul Mma into columns {col_off}..{} of {wide}, m={m} k={k}: rel_err={err:.3e}", col_off + n);
+        ensure!(err <= TOL, "mma into columns: rel_err {err:.3e} > {TOL:.0e}");
+        ensure!(outside == 0, "mma into columns wrote {outside} outputs outside its columns");
+        Ok(())
+    }
+}
+
+device_test! {
     /// Row counts that are not multiples of the block (1, 7, 33) exercise the edge clamps.
     fn matmul_blocked_qwen_shapes<R>(client, seed) {
         run_shapes(client, MatmulVariant::Blocked, &[1, 7, 33], seed)

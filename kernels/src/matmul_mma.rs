@@ -1,0 +1,420 @@
+//! Many-row matmul on tensor cores (a prompt's chunk): `y = x·Wᵀ (+ bias)`, x `[m, k]`, W
+//! `[n, k]` (both with k innermost), f16 in, f32 accumulate, output `O` (f16, or f32 for
+//! logits), written into columns `col_off..` of a `y` that may be wider (`ldy`). The
+//! [`crate::matmul::MatmulVariant::Mma`] variant; reference: [`crate::matmul::reference`].
+//!
+//! A cube computes a `bm × bn` tile of y ([`MmaTile`]) with planes of 64 × 32 outputs each
+//! (4 × 4 `mma.m16n8k16` accumulators, 64 f32 a lane). Per step of `bk` along k the cube stages
+//! the x rows and W rows of its tile in shared memory, as global memory holds them (rows
+//! padded by 16 bytes, so that the 8 rows one `ldmatrix` phase reads fall in distinct banks),
+//! in two buffers: the next step's 16-byte `cp.async` copies fly while the planes compute on
+//! the current one (one barrier wait a step, as the flash kernel's K/V tiles). Fragments come
+//! from `ldmatrix.x4`: A of one k-step (16 × 16 of x) or B of two k-steps (8 W rows × 32)
+//! a load ([`crate::flash::mma_frags`]). Rows past `m` or `n` read the last row and are not
+//! written. The cubes run down a column of tiles first (the cube index along m is the
+//! fastest), so the cubes resident at once share their W tiles and x's rows in L2.
+//!
+//! On CUDA (sm_80+, [`crate::flash::mma_supported`]) the mma and `ldmatrix` are the
+//! instructions; elsewhere the emulation runs the same code with each mma and fragment load
+//! through shared memory, on small tiles (the tests on wgpu).
+
+use anyhow::{ensure, Result};
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::barrier::{copy_async, Barrier};
+use cubecl::prelude::*;
+use half::f16;
+
+use crate::decode::copy_barrier;
+use crate::flash::{mma_16816, mma_frags, mma_supported, mma_wait_tile, Pair16, Pair32, MMA_PAD};
+use crate::{DeviceTensor, KernelError};
+
+/// Rows of y a plane computes: 4 m-tiles of 16.
+const PLANE_M: usize = 64;
+/// Columns of y a plane computes: 4 n-tiles of 8.
+const PLANE_N: usize = 32;
+
+/// The tile of y a cube computes (`bm × bn`) and the depth of one staged step (`bk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaTile {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+}
+
+impl MmaTile {
+    /// Planes a cube: one a 64 × 32 block of the tile.
+    pub fn planes(&self) -> usize {
+        (self.bm / PLANE_M) * (self.bn / PLANE_N)
+    }
+
+    /// Shared memory a cube (bytes): two buffers of x and W rows, the copies' barrier, and
+    /// the emulation's mma scratch.
+    pub fn smem(&self, emulate: bool) -> usize {
+        2 * 2 * (self.bm + self.bn) * (self.bk + MMA_PAD)
+            + if emulate { 4 * 384 * self.planes() } else { 8 }
+    }
+
+    /// Whether the kernel can run this tile: whole planes, whole 32-deep steps, and every
+    /// unit staging the same number of 16-byte vectors.
+    fn check(&self, vec: usize) -> Result<()> {
+        let threads = 32 * self.planes();
+        ensure!(
+            self.bm > 0
+                && self.bn > 0
+                && self.bm.is_multiple_of(PLANE_M)
+                && self.bn.is_multiple_of(PLANE_N)
+                && self.bk > 0
+                && self.bk.is_multiple_of(32)
+                && (self.bm * self.bk / vec).is_multiple_of(threads)
+                && (self.bn * self.bk / vec).is_multiple_of(threads),
+            KernelError::unsupported("matmul (mma)", format!("tile {self:?}"))
+        );
+        Ok(())
+    }
+}
+
+/// The tile for `m × n` on a device of `sms` multiprocessors: 128 × 128 where that gives every
+/// multiprocessor two cubes, else 64 × 128; 64 deep. The emulation: 64 × 32 × 32 (one plane,
+/// within lavapipe's 32 KB of shared memory).
+pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
+    if emulate {
+        return MmaTile {
+            bm: 64,
+            bn: 32,
+            bk: 32,
+        };
+    }
+    let big = m.div_ceil(128) * n.div_ceil(128);
+    MmaTile {
+        bm: if sms > 0 && big < 2 * sms { 64 } else { 128 },
+        bn: 128,
+        bk: 64,
+    }
+}
+
+/// Stages `rows` rows of `src` (`[valid, k_vec]` vectors), from row `row0`, vectors
+/// `kv0..kv0 + bk / vec` of each, into buffer `buf` of `dst` (rows of `stride` vectors):
+/// consecutive units move consecutive 16-byte vectors of a row. Rows at or past `valid` read
+/// row `valid - 1` (finite; never written back). With a barrier the copies are `cp.async`,
+/// committed to it; else plain loads and stores.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows<V: Size>(
+    src: &Array<Vector<f16, V>>,
+    dst: &mut SharedMemory<Vector<f16, V>>,
+    bar: &ComptimeOption<Shared<Barrier>>,
+    buf: usize,
+    row0: usize,
+    valid: usize,
+    k_vec: usize,
+    kv0: usize,
+    #[comptime] rows: usize,
+    #[comptime] bk: usize,
+    #[comptime] threads: usize,
+) {
+    let vec = V::value().comptime();
+    let chunks = comptime!(bk / vec);
+    let stride = comptime!((bk + MMA_PAD) / vec);
+    #[unroll]
+    for it in 0..comptime!(rows * chunks / threads) {
+        let i = UNIT_POS as usize + it * threads;
+        let (r, c) = (i / chunks, i % chunks);
+        let from = min(row0 + r, valid - 1) * k_vec + kv0 + c;
+        let at = (buf * rows + r) * stride + c;
+        if comptime!(bar.is_some()) {
+            copy_async(
+                &src.slice(from, from + 1),
+                &mut dst.slice_mut(at, at + 1),
+                comptime!(vec as u32),
+            );
+        } else {
+            dst[at] = src[from];
+        }
+    }
+}
+
+/// One cube: the `bm × bn` tile of y at cube (x: row tile, y: column tile).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn matmul_mma_kernel<O: Float, V: Size>(
+    x: &Array<Vector<f16, V>>,
+    w: &Array<Vector<f16, V>>,
+    bias: &Array<f32>,
+    y: &mut Array<O>,
+    m: usize,
+    n: usize,
+    k_vec: usize,
+    ldy: usize,
+    col_off: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] bm: usize,
+    #[comptime] bn: usize,
+    #[comptime] bk: usize,
+    #[comptime] emulate: bool,
+) {
+    let vec = V::value().comptime();
+    let planes_n = comptime!(bn / PLANE_N);
+    let threads = comptime!((bm / PLANE_M) * planes_n * 32);
+    let stride = comptime!((bk + MMA_PAD) / vec);
+    let p = UNIT_POS as usize / 32;
+    let lane = UNIT_POS as usize % 32;
+    let (g, t) = (lane / 4, lane % 4);
+    let m0 = CUBE_POS_X as usize * bm;
+    let n0 = CUBE_POS_Y as usize * bn;
+    // This plane's 64 × 32 block of the tile.
+    let pm = (p / planes_n) * PLANE_M;
+    let pn = (p % planes_n) * PLANE_N;
+
+    let mut xs = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bm * stride, 16usize);
+    let mut ws = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bn * stride, 16usize);
+    let bar = copy_barrier(!emulate);
+    let scratch_len = comptime!(if emulate { 384 * threads / 32 } else { 1usize });
+    let mut scratch = SharedMemory::<f32>::new(scratch_len);
+
+    // Accumulator of m-tile i, n-tile j: pairs 2(4i + j) (row g) and 2(4i + j) + 1 (row g + 8).
+    let mut acc = Array::<Pair32>::new(32usize);
+    #[unroll]
+    for i in 0..32usize {
+        let mut z = Pair32::empty();
+        z[0] = 0.0;
+        z[1] = 0.0;
+        acc[i] = z;
+    }
+    let mut c = Array::<Pair32>::new(2usize);
+    let mut bf = Array::<Pair16>::new(2usize);
+    // W's fragments of one 32-deep slice: n-tile j at 4j.. (two k-steps).
+    let mut wf = Array::<Pair16>::new(16usize);
+
+    let steps = k_vec / comptime!(bk / vec);
+    stage_rows::<V>(x, &mut xs, &bar, 0, m0, m, k_vec, 0, bm, bk, threads);
+    stage_rows::<V>(w, &mut ws, &bar, 0, n0, n, k_vec, 0, bn, bk, threads);
+    #[comptime]
+    match &bar {
+        ComptimeOption::Some(b) => b.commit_copy_async(),
+        ComptimeOption::None => {}
+    }
+    for s in 0..steps {
+        let buf = s % 2;
+        mma_wait_tile(&bar);
+        if s + 1 < steps {
+            let kv0 = (s + 1) * comptime!(bk / vec);
+            stage_rows::<V>(
+                x,
+                &mut xs,
+                &bar,
+                1 - buf,
+                m0,
+                m,
+                k_vec,
+                kv0,
+                bm,
+                bk,
+                threads,
+            );
+            stage_rows::<V>(
+                w,
+                &mut ws,
+                &bar,
+                1 - buf,
+                n0,
+                n,
+                k_vec,
+                kv0,
+                bn,
+                bk,
+                threads,
+            );
+            #[comptime]
+            match &bar {
+                ComptimeOption::Some(b) => b.commit_copy_async(),
+                ComptimeOption::None => {}
+            }
+        }
+        let xr = buf * bm + pm;
+        let wr = buf * bn + pn;
+        // Unrolled on CUDA (the accumulators stay in registers); loops in the emulation, whose
+        // unrolled mmas would take lavapipe minutes to compile.
+        #[unroll(!emulate)]
+        for k2 in 0..comptime!(bk / 32) {
+            #[unroll(!emulate)]
+            for j in 0..4usize {
+                let f = mma_frags::<V>(&ws, wr + 8 * j, 32 * k2, stride, false, false, emulate);
+                #[unroll]
+                for r in 0..4usize {
+                    wf[4 * j + r] = f[r];
+                }
+            }
+            #[unroll(!emulate)]
+            for h in 0..2usize {
+                #[unroll(!emulate)]
+                for i in 0..4usize {
+                    let af = mma_frags::<V>(
+                        &xs,
+                        xr + 16 * i,
+                        32 * k2 + 16 * h,
+                        stride,
+                        true,
+                        false,
+                        emulate,
+                    );
+                    #[unroll(!emulate)]
+                    for j in 0..4usize {
+                        bf[0] = wf[4 * j + 2 * h];
+                        bf[1] = wf[4 * j + 2 * h + 1];
+                        c[0] = acc[2 * (4 * i + j)];
+                        c[1] = acc[2 * (4 * i + j) + 1];
+                        mma_16816(&af, &bf, &mut c, &mut scratch, emulate);
+                        acc[2 * (4 * i + j)] = c[0];
+                        acc[2 * (4 * i + j) + 1] = c[1];
+                    }
+                }
+            }
+        }
+    }
+
+    // Lane (g, t) holds rows g and g + 8 of each m-tile, columns 2t and 2t + 1 of each n-tile.
+    #[unroll]
+    for i in 0..4usize {
+        #[unroll]
+        for r in 0..2usize {
+            let row = m0 + pm + 16 * i + g + 8 * r;
+            if row < m {
+                #[unroll]
+                for j in 0..4usize {
+                    let v = acc[2 * (4 * i + j) + r];
+                    #[unroll]
+                    for e in 0..2usize {
+                        let col = n0 + pn + 8 * j + 2 * t + e;
+                        if col < n {
+                            let mut s = v[e];
+                            if comptime!(has_bias) {
+                                s += bias[col_off + col];
+                            }
+                            y[row * ldy + col_off + col] = O::cast_from(s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How the mma matmul runs on `client`'s device: the instructions (`false`) where it has them,
+/// else emulated (`true`).
+pub fn emulated<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    !mma_supported(client)
+}
+
+/// `y[:, col_off..col_off + n] = x·Wᵀ (+ bias[col_off..])` with the mma kernel at `tile`
+/// (`None`: [`tile_for`]); `bias` is the bias argument (any 4 bytes where `has_bias` is false).
+/// Shapes are the caller's ([`crate::matmul::matmul_into`] checks them); here: f16 only, k a
+/// multiple of the tile's depth.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_mma<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    tile: Option<MmaTile>,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    bias: ArrayArg<R>,
+    has_bias: bool,
+    y: &DeviceTensor<R, O>,
+    (m, n, k): (usize, usize, usize),
+    col_off: usize,
+) -> Result<()> {
+    ensure!(
+        F::as_type_native_unchecked().elem_type() == ElemType::Float(FloatKind::F16),
+        KernelError::unsupported("matmul (mma)", "f16 tensors only")
+    );
+    // Native: `mma_supported` implies 32-wide planes. The emulation uses no plane operations
+    // (a "lane" is a unit's position modulo 32), so any plane width serves.
+    let emulate = emulated(client);
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(0) as usize;
+    let tile = tile.unwrap_or_else(|| tile_for(m, n, sms, emulate));
+    let vec = crate::matmul::vector_size(client, size_of::<F>(), k).min(8);
+    tile.check(vec)?;
+    ensure!(
+        k.is_multiple_of(tile.bk),
+        KernelError::unsupported(
+            "matmul (mma)",
+            format!("k = {k} is not a multiple of {}", tile.bk)
+        )
+    );
+    let smem = tile.smem(emulate);
+    let max_smem = client.properties().hardware.max_shared_memory_size;
+    ensure!(
+        smem <= max_smem,
+        KernelError::unsupported(
+            "matmul (mma)",
+            format!("tile {tile:?} needs {smem} bytes of shared memory, the device has {max_smem}")
+        )
+    );
+    let (max_x, max_y, _) = client.properties().hardware.max_cube_count;
+    let (tm, tn) = (m.div_ceil(tile.bm), n.div_ceil(tile.bn));
+    ensure!(
+        tm <= max_x as usize && tn <= max_y as usize,
+        KernelError::unsupported("matmul (mma)", format!("{m}×{n} needs too many tiles"))
+    );
+    let ldy = y.shape[1];
+    matmul_mma_kernel::launch::<O, R>(
+        client,
+        CubeCount::new_2d(tm as u32, tn as u32),
+        CubeDim::new_1d((32 * tile.planes()) as u32),
+        vec,
+        // SAFETY: same buffers, viewed as vectors of `vec` elements; k % vec == 0.
+        unsafe { ArrayArg::from_raw_parts(x.handle.clone(), x.len() / vec) },
+        unsafe { ArrayArg::from_raw_parts(w.handle.clone(), w.len() / vec) },
+        bias,
+        y.arg(),
+        m,
+        n,
+        k / vec,
+        ldy,
+        col_off,
+        has_bias,
+        tile.bm,
+        tile.bn,
+        tile.bk,
+        emulate,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fill_the_device_and_fit_the_kernel() {
+        // H200 (132 multiprocessors): the 0.5B o projection at 2048 rows (16 × 7 = 112 tiles of
+        // 128) takes 64-row tiles; the gate (16 × 38 = 608) 128-row tiles.
+        assert_eq!(tile_for(2048, 896, 132, false).bm, 64);
+        assert_eq!(tile_for(2048, 4864, 132, false).bm, 128);
+        for m in [1, 64, 512, 2048] {
+            for n in [128, 896, 4864, 151936] {
+                for emulate in [false, true] {
+                    let t = tile_for(m, n, 132, emulate);
+                    t.check(8).unwrap();
+                    assert!(t.smem(emulate) <= if emulate { 32 << 10 } else { 100 << 10 });
+                }
+            }
+        }
+        assert!(MmaTile {
+            bm: 64,
+            bn: 32,
+            bk: 48
+        }
+        .check(8)
+        .is_err());
+        assert!(MmaTile {
+            bm: 96,
+            bn: 32,
+            bk: 32
+        }
+        .check(8)
+        .is_err());
+    }
+}
