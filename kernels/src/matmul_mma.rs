@@ -33,12 +33,14 @@ const PLANE_M: usize = 64;
 /// Columns of y a plane computes: 4 n-tiles of 8.
 const PLANE_N: usize = 32;
 
-/// The tile of y a cube computes (`bm × bn`) and the depth of one staged step (`bk`).
+/// The tile of y a cube computes (`bm × bn`), the depth of one staged step (`bk`), and the
+/// steps staged at once (`stages`: 2 or 3 buffers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTile {
     pub bm: usize,
     pub bn: usize,
     pub bk: usize,
+    pub stages: usize,
 }
 
 impl MmaTile {
@@ -65,6 +67,7 @@ impl MmaTile {
                 && self.bn.is_multiple_of(PLANE_N)
                 && self.bk > 0
                 && self.bk.is_multiple_of(32)
+                && (2..=3).contains(&self.stages)
                 && (self.bm * self.bk / vec).is_multiple_of(threads)
                 && (self.bn * self.bk / vec).is_multiple_of(threads),
             KernelError::unsupported("matmul (mma)", format!("tile {self:?}"))
@@ -74,14 +77,15 @@ impl MmaTile {
 }
 
 /// The tile for `m × n` on a device of `sms` multiprocessors: 128 × 128 where that gives every
-/// multiprocessor two cubes, else 64 × 128; 64 deep. The emulation: 64 × 32 × 32 (one plane,
-/// within lavapipe's 32 KB of shared memory).
+/// multiprocessor two cubes, else 64 × 128; 64 deep, 2 stages. The emulation: 64 × 32 × 32, 3
+/// stages (one plane, within lavapipe's 32 KB of shared memory; the 3-buffer rotation tested).
 pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
     if emulate {
         return MmaTile {
             bm: 64,
             bn: 32,
             bk: 32,
+            stages: 3,
         };
     }
     let big = m.div_ceil(128) * n.div_ceil(128);
@@ -89,6 +93,7 @@ pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
         bm: if sms > 0 && big < 2 * sms { 64 } else { 128 },
         bn: 128,
         bk: 64,
+        stages: 2,
     }
 }
 
@@ -133,7 +138,92 @@ fn stage_rows<V: Size>(
     }
 }
 
-/// One cube: the `bm × bn` tile of y at cube (x: row tile, y: column tile).
+/// Commits this unit's copies issued since the last commit to `bar` (CUDA); nothing without.
+#[cube]
+fn commit(bar: &ComptimeOption<Shared<Barrier>>) {
+    #[comptime]
+    match bar {
+        ComptimeOption::Some(b) => b.commit_copy_async(),
+        ComptimeOption::None => {}
+    }
+}
+
+/// Step `s` of the k loop: waits for its staged rows (`wait`, the barrier they were committed
+/// to; every unit is then past step `s - 1`, so that step's buffer is free), stages step
+/// `s + stages - 1` into that buffer (committed to `next`), and adds this plane's products of
+/// the step into `acc`. Per 16-deep k-step: two `ldmatrix.x4` of W (B of 4 n-tiles), and per
+/// m-tile one of x (A) and 4 mmas.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_step<V: Size>(
+    x: &Array<Vector<f16, V>>,
+    w: &Array<Vector<f16, V>>,
+    xs: &mut SharedMemory<Vector<f16, V>>,
+    ws: &mut SharedMemory<Vector<f16, V>>,
+    wait: &ComptimeOption<Shared<Barrier>>,
+    next: &ComptimeOption<Shared<Barrier>>,
+    acc: &mut Array<Pair32>,
+    scratch: &mut SharedMemory<f32>,
+    s: usize,
+    steps: usize,
+    m0: usize,
+    n0: usize,
+    m: usize,
+    n: usize,
+    k_vec: usize,
+    pm: usize,
+    pn: usize,
+    #[comptime] bm: usize,
+    #[comptime] bn: usize,
+    #[comptime] bk: usize,
+    #[comptime] stages: usize,
+    #[comptime] emulate: bool,
+) {
+    let vec = V::value().comptime();
+    let threads = comptime!((bm / PLANE_M) * (bn / PLANE_N) * 32);
+    let stride = comptime!((bk + MMA_PAD) / vec);
+    mma_wait_tile(wait);
+    let ahead = s + stages - 1;
+    if ahead < steps {
+        let kv0 = ahead * comptime!(bk / vec);
+        let buf = ahead % stages;
+        stage_rows::<V>(x, xs, next, buf, m0, m, k_vec, kv0, bm, bk, threads);
+        stage_rows::<V>(w, ws, next, buf, n0, n, k_vec, kv0, bn, bk, threads);
+        commit(next);
+    }
+    let buf = s % stages;
+    let xr = buf * bm + pm;
+    let wr = buf * bn + pn;
+    let mut c = Array::<Pair32>::new(2usize);
+    let mut bf = Array::<Pair16>::new(2usize);
+    // Unrolled on CUDA (the accumulators stay in registers); loops in the emulation, whose
+    // unrolled mmas would take lavapipe minutes to compile.
+    #[unroll(!emulate)]
+    for kk in 0..comptime!(bk / 16) {
+        // W rows pn + 16jp.. : matrices (rows +0, k +0), (+8, +0), (+0, +8), (+8, +8), so
+        // n-tile 2jp takes matrices 0 and 2, n-tile 2jp + 1 matrices 1 and 3.
+        let w0 = mma_frags::<V>(ws, wr, 16 * kk, stride, true, false, emulate);
+        let w1 = mma_frags::<V>(ws, wr + 16, 16 * kk, stride, true, false, emulate);
+        #[unroll(!emulate)]
+        for i in 0..4usize {
+            let af = mma_frags::<V>(xs, xr + 16 * i, 16 * kk, stride, true, false, emulate);
+            #[unroll(!emulate)]
+            for j in 0..4usize {
+                let lo = j % 2;
+                bf[0] = if j < 2 { w0[lo] } else { w1[lo] };
+                bf[1] = if j < 2 { w0[lo + 2] } else { w1[lo + 2] };
+                c[0] = acc[2 * (4 * i + j)];
+                c[1] = acc[2 * (4 * i + j) + 1];
+                mma_16816(&af, &bf, &mut c, scratch, emulate);
+                acc[2 * (4 * i + j)] = c[0];
+                acc[2 * (4 * i + j) + 1] = c[1];
+            }
+        }
+    }
+}
+
+/// One cube: the `bm × bn` tile of y at cube (x: row tile, y: column tile), k in steps of `bk`
+/// with `stages` (2 or 3) buffers, each step's copies committed to its own barrier.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn matmul_mma_kernel<O: Float, V: Size>(
@@ -150,6 +240,7 @@ fn matmul_mma_kernel<O: Float, V: Size>(
     #[comptime] bm: usize,
     #[comptime] bn: usize,
     #[comptime] bk: usize,
+    #[comptime] stages: usize,
     #[comptime] emulate: bool,
 ) {
     let vec = V::value().comptime();
@@ -165,9 +256,11 @@ fn matmul_mma_kernel<O: Float, V: Size>(
     let pm = (p / planes_n) * PLANE_M;
     let pn = (p % planes_n) * PLANE_N;
 
-    let mut xs = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bm * stride, 16usize);
-    let mut ws = SharedMemory::<Vector<f16, V>>::new_aligned(2 * bn * stride, 16usize);
-    let bar = copy_barrier(!emulate);
+    let mut xs = SharedMemory::<Vector<f16, V>>::new_aligned(stages * bm * stride, 16usize);
+    let mut ws = SharedMemory::<Vector<f16, V>>::new_aligned(stages * bn * stride, 16usize);
+    let b0 = copy_barrier(!emulate);
+    let b1 = copy_barrier(!emulate);
+    let b2 = copy_barrier(!emulate && stages > 2);
     let scratch_len = comptime!(if emulate { 384 * threads / 32 } else { 1usize });
     let mut scratch = SharedMemory::<f32>::new(scratch_len);
 
@@ -180,96 +273,156 @@ fn matmul_mma_kernel<O: Float, V: Size>(
         z[1] = 0.0;
         acc[i] = z;
     }
-    let mut c = Array::<Pair32>::new(2usize);
-    let mut bf = Array::<Pair16>::new(2usize);
-    // W's fragments of one 32-deep slice: n-tile j at 4j.. (two k-steps).
-    let mut wf = Array::<Pair16>::new(16usize);
 
     let steps = k_vec / comptime!(bk / vec);
-    stage_rows::<V>(x, &mut xs, &bar, 0, m0, m, k_vec, 0, bm, bk, threads);
-    stage_rows::<V>(w, &mut ws, &bar, 0, n0, n, k_vec, 0, bn, bk, threads);
-    #[comptime]
-    match &bar {
-        ComptimeOption::Some(b) => b.commit_copy_async(),
-        ComptimeOption::None => {}
+    // Steps 0..stages - 1 staged ahead, step j committed to barrier j.
+    #[unroll]
+    for j in 0..comptime!(stages - 1) {
+        if j < steps {
+            let kv0 = j * comptime!(bk / vec);
+            stage_rows::<V>(x, &mut xs, &b0, j, m0, m, k_vec, kv0, bm, bk, threads);
+            stage_rows::<V>(w, &mut ws, &b0, j, n0, n, k_vec, kv0, bn, bk, threads);
+            if comptime!(j == 0) {
+                commit(&b0);
+            } else {
+                commit(&b1);
+            }
+        }
     }
-    for s in 0..steps {
-        let buf = s % 2;
-        mma_wait_tile(&bar);
-        if s + 1 < steps {
-            let kv0 = (s + 1) * comptime!(bk / vec);
-            stage_rows::<V>(
+    // Step s waits on barrier s % stages and stages step s + stages - 1 on the barrier of the
+    // step before it ((s - 1) % stages), whose wait every unit has passed.
+    let mut s = 0usize;
+    while s < steps {
+        if comptime!(stages == 2) {
+            mma_step::<V>(
                 x,
-                &mut xs,
-                &bar,
-                1 - buf,
-                m0,
-                m,
-                k_vec,
-                kv0,
-                bm,
-                bk,
-                threads,
-            );
-            stage_rows::<V>(
                 w,
+                &mut xs,
                 &mut ws,
-                &bar,
-                1 - buf,
+                &b0,
+                &b1,
+                &mut acc,
+                &mut scratch,
+                s,
+                steps,
+                m0,
                 n0,
+                m,
                 n,
                 k_vec,
-                kv0,
+                pm,
+                pn,
+                bm,
                 bn,
                 bk,
-                threads,
+                stages,
+                emulate,
             );
-            #[comptime]
-            match &bar {
-                ComptimeOption::Some(b) => b.commit_copy_async(),
-                ComptimeOption::None => {}
+            if s + 1 < steps {
+                mma_step::<V>(
+                    x,
+                    w,
+                    &mut xs,
+                    &mut ws,
+                    &b1,
+                    &b0,
+                    &mut acc,
+                    &mut scratch,
+                    s + 1,
+                    steps,
+                    m0,
+                    n0,
+                    m,
+                    n,
+                    k_vec,
+                    pm,
+                    pn,
+                    bm,
+                    bn,
+                    bk,
+                    stages,
+                    emulate,
+                );
+            }
+        } else {
+            mma_step::<V>(
+                x,
+                w,
+                &mut xs,
+                &mut ws,
+                &b0,
+                &b2,
+                &mut acc,
+                &mut scratch,
+                s,
+                steps,
+                m0,
+                n0,
+                m,
+                n,
+                k_vec,
+                pm,
+                pn,
+                bm,
+                bn,
+                bk,
+                stages,
+                emulate,
+            );
+            if s + 1 < steps {
+                mma_step::<V>(
+                    x,
+                    w,
+                    &mut xs,
+                    &mut ws,
+                    &b1,
+                    &b0,
+                    &mut acc,
+                    &mut scratch,
+                    s + 1,
+                    steps,
+                    m0,
+                    n0,
+                    m,
+                    n,
+                    k_vec,
+                    pm,
+                    pn,
+                    bm,
+                    bn,
+                    bk,
+                    stages,
+                    emulate,
+                );
+            }
+            if s + 2 < steps {
+                mma_step::<V>(
+                    x,
+                    w,
+                    &mut xs,
+                    &mut ws,
+                    &b2,
+                    &b1,
+                    &mut acc,
+                    &mut scratch,
+                    s + 2,
+                    steps,
+                    m0,
+                    n0,
+                    m,
+                    n,
+                    k_vec,
+                    pm,
+                    pn,
+                    bm,
+                    bn,
+                    bk,
+                    stages,
+                    emulate,
+                );
             }
         }
-        let xr = buf * bm + pm;
-        let wr = buf * bn + pn;
-        // Unrolled on CUDA (the accumulators stay in registers); loops in the emulation, whose
-        // unrolled mmas would take lavapipe minutes to compile.
-        #[unroll(!emulate)]
-        for k2 in 0..comptime!(bk / 32) {
-            #[unroll(!emulate)]
-            for j in 0..4usize {
-                let f = mma_frags::<V>(&ws, wr + 8 * j, 32 * k2, stride, false, false, emulate);
-                #[unroll]
-                for r in 0..4usize {
-                    wf[4 * j + r] = f[r];
-                }
-            }
-            #[unroll(!emulate)]
-            for h in 0..2usize {
-                #[unroll(!emulate)]
-                for i in 0..4usize {
-                    let af = mma_frags::<V>(
-                        &xs,
-                        xr + 16 * i,
-                        32 * k2 + 16 * h,
-                        stride,
-                        true,
-                        false,
-                        emulate,
-                    );
-                    #[unroll(!emulate)]
-                    for j in 0..4usize {
-                        bf[0] = wf[4 * j + 2 * h];
-                        bf[1] = wf[4 * j + 2 * h + 1];
-                        c[0] = acc[2 * (4 * i + j)];
-                        c[1] = acc[2 * (4 * i + j) + 1];
-                        mma_16816(&af, &bf, &mut c, &mut scratch, emulate);
-                        acc[2 * (4 * i + j)] = c[0];
-                        acc[2 * (4 * i + j) + 1] = c[1];
-                    }
-                }
-            }
-        }
+        s += stages;
     }
 
     // Lane (g, t) holds rows g and g + 8 of each m-tile, columns 2t and 2t + 1 of each n-tile.
@@ -378,6 +531,7 @@ pub(crate) fn matmul_mma<R: Runtime, F: Float + CubeElement, O: Float + CubeElem
         tile.bm,
         tile.bn,
         tile.bk,
+        tile.stages,
         emulate,
     );
     Ok(())
@@ -402,19 +556,10 @@ mod tests {
                 }
             }
         }
-        assert!(MmaTile {
-            bm: 64,
-            bn: 32,
-            bk: 48
-        }
-        .check(8)
-        .is_err());
-        assert!(MmaTile {
-            bm: 96,
-            bn: 32,
-            bk: 32
-        }
-        .check(8)
-        .is_err());
+        let tile = |bm, bn, bk, stages| MmaTile { bm, bn, bk, stages };
+        assert!(tile(64, 32, 48, 2).check(8).is_err());
+        assert!(tile(96, 32, 32, 2).check(8).is_err());
+        assert!(tile(64, 32, 32, 4).check(8).is_err());
+        assert!(tile(128, 128, 32, 3).check(8).is_ok());
     }
 }
