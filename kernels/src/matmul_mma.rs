@@ -25,7 +25,7 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::decode::copy_barrier;
-use crate::flash::{mma_16816, mma_frags, mma_supported, mma_wait_tile, Pair16, Pair32, MMA_PAD};
+use crate::flash::{mma_16816, mma_frags, mma_supported, mma_wait_tile, Pair32, MMA_PAD};
 use crate::{DeviceTensor, KernelError};
 
 /// Rows of y a plane computes: 4 m-tiles of 16.
@@ -151,8 +151,8 @@ fn commit(bar: &ComptimeOption<Shared<Barrier>>) {
 /// Step `s` of the k loop: waits for its staged rows (`wait`, the barrier they were committed
 /// to; every unit is then past step `s - 1`, so that step's buffer is free), stages step
 /// `s + stages - 1` into that buffer (committed to `next`), and adds this plane's products of
-/// the step into `acc`. Per 16-deep k-step: two `ldmatrix.x4` of W (B of 4 n-tiles), and per
-/// m-tile one of x (A) and 4 mmas.
+/// the step into `acc`. Per 16-deep k-step and m-tile: one `ldmatrix.x4` of x (A), and per
+/// n-tile one `ldmatrix.x2` of W (B) and an mma.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_step<V: Size>(
@@ -195,23 +195,36 @@ fn mma_step<V: Size>(
     let xr = buf * bm + pm;
     let wr = buf * bn + pn;
     let mut c = Array::<Pair32>::new(2usize);
-    let mut bf = Array::<Pair16>::new(2usize);
     // Unrolled on CUDA (the accumulators stay in registers); loops in the emulation, whose
     // unrolled mmas would take lavapipe minutes to compile.
     #[unroll(!emulate)]
     for kk in 0..comptime!(bk / 16) {
-        // W rows pn + 16jp.. : matrices (rows +0, k +0), (+8, +0), (+0, +8), (+8, +8), so
-        // n-tile 2jp takes matrices 0 and 2, n-tile 2jp + 1 matrices 1 and 3.
-        let w0 = mma_frags::<V>(ws, wr, 16 * kk, stride, true, false, emulate);
-        let w1 = mma_frags::<V>(ws, wr + 16, 16 * kk, stride, true, false, emulate);
         #[unroll(!emulate)]
         for i in 0..4usize {
-            let af = mma_frags::<V>(xs, xr + 16 * i, 16 * kk, stride, true, false, emulate);
+            let af = mma_frags::<V>(
+                xs,
+                xr + 16 * i,
+                16 * kk,
+                stride,
+                true,
+                false,
+                4usize,
+                emulate,
+            );
             #[unroll(!emulate)]
             for j in 0..4usize {
-                let lo = j % 2;
-                bf[0] = if j < 2 { w0[lo] } else { w1[lo] };
-                bf[1] = if j < 2 { w0[lo + 2] } else { w1[lo + 2] };
+                // B of n-tile j: W rows pn + 8j.., k +0 and +8, straight into the mma's two
+                // registers (a 4-matrix load would need moves to pair them).
+                let bf = mma_frags::<V>(
+                    ws,
+                    wr + 8 * j,
+                    16 * kk,
+                    stride,
+                    false,
+                    false,
+                    2usize,
+                    emulate,
+                );
                 c[0] = acc[2 * (4 * i + j)];
                 c[1] = acc[2 * (4 * i + j) + 1];
                 mma_16816(&af, &bf, &mut c, scratch, emulate);
