@@ -9,6 +9,9 @@
 //!   k), vectorised loads along k, up to 16 rows of x per cube (each weight vector loaded once
 //!   for all of them).
 //! - `GemvMma`: short blocks on tensor cores, a plane a 16 × 8 tile ([`crate::gemv_mma`]).
+//! - `Mma`: many rows on tensor cores, the project's own kernel (`mma.m16n8k16` from `ldmatrix`
+//!   fragments, `cp.async` stages; [`crate::matmul_mma`]); slower than cubek's on Hopper, so
+//!   only by name.
 //! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
