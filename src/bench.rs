@@ -54,7 +54,7 @@ pub struct BenchArgs {
     /// auto (CUDA if a GPU and driver are present, else wgpu), cuda or wgpu.
     #[arg(long, default_value = "auto")]
     pub device: DeviceKind,
-    /// Matmul kernel: auto, tiled, cmma, gemv, blocked or cubek.
+    /// Matmul kernel: auto, tiled, cmma, gemv, gemv-mma, mma, blocked or cubek.
     #[arg(long, default_value = "auto")]
     pub matmul: MatmulVariant,
     /// Tokens per prefill block (llama-bench's ubatch; default `forward::PREFILL_CHUNK`, 2048).

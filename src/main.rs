@@ -115,7 +115,7 @@ struct GenerateArgs {
     ctx: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: DeviceKind,
-    /// Matmul kernel: auto, tiled, cmma, gemv, blocked or cubek.
+    /// Matmul kernel: auto, tiled, cmma, gemv, gemv-mma, mma, blocked or cubek.
     #[arg(long, default_value = "auto")]
     matmul: MatmulVariant,
     /// text: stream the reply to stdout, timings to stderr; json: one object at the end.
