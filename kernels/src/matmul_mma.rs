@@ -56,11 +56,15 @@ impl MmaTile {
         (self.bm / PLANE_M) * (self.bn / PLANE_N)
     }
 
-    /// Shared memory a cube (bytes): two buffers of x and W rows, the copies' barrier, and
-    /// the emulation's mma scratch.
+    /// Shared memory a cube (bytes): `stages` buffers of x and W rows, a barrier a buffer,
+    /// and the emulation's mma scratch.
     pub fn smem(&self, emulate: bool) -> usize {
-        2 * 2 * (self.bm + self.bn) * (self.bk + MMA_PAD)
-            + if emulate { 4 * 384 * self.planes() } else { 8 }
+        2 * self.stages * (self.bm + self.bn) * (self.bk + MMA_PAD)
+            + if emulate {
+                4 * 384 * self.planes()
+            } else {
+                8 * self.stages
+            }
     }
 
     /// Whether the kernel can run this tile: whole planes, whole 32-deep steps, and every
@@ -86,7 +90,7 @@ impl MmaTile {
 /// The tile for `m × n` on a device of `sms` multiprocessors: 128 × 128 × 64 with 3 stages
 /// where that gives every multiprocessor two cubes, else 64 × 128 × 64 with 2 (H200, kernel
 /// bench, BENCHMARKS.md "the project's own tensor-core matmul": the fastest of the tiles
-/// measured at the 7B shapes, and at the 0.5B q/k/v/o ones). The emulation: 64 × 32 × 32, 3
+/// measured at the 7B shapes, and at the 0.5B q/o). The emulation: 64 × 32 × 32, 3
 /// stages (one plane, within lavapipe's 32 KB of shared memory; the 3-buffer rotation tested).
 pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
     if emulate {
@@ -584,6 +588,7 @@ mod tests {
                     let t = tile_for(m, n, 132, emulate);
                     t.check(8).unwrap();
                     assert!(t.smem(emulate) <= if emulate { 32 << 10 } else { 120 << 10 });
+                    assert_eq!(t.smem(emulate) > 100 << 10, !emulate && t.stages == 3);
                 }
             }
         }
