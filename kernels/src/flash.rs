@@ -530,6 +530,13 @@ fn mma_stage_kv<V: Size>(
             }
         }
     }
+    mma_commit(bar);
+}
+
+/// Commits this unit's `cp.async` copies issued since its last commit to `bar`, so that
+/// [`mma_wait_tile`] on it completes only once they have landed; nothing without a barrier.
+#[cube]
+pub(crate) fn mma_commit(bar: &ComptimeOption<Shared<Barrier>>) {
     #[comptime]
     match bar {
         ComptimeOption::Some(b) => b.commit_copy_async(),

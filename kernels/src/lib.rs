@@ -9,7 +9,7 @@
 //! |---|---|---|---|---|
 //! | RMSNorm, residual add + RMSNorm | [`rmsnorm`] | [`rmsnorm::rms_norm`], [`rmsnorm::residual_add_rms_norm`] | [`rmsnorm::reference`] | `rmsnorm.rs`, `elementwise.rs` |
 //! | matmul (tiled, cmma, GEMV, blocked, cubek) | [`matmul`] | [`matmul::matmul`], [`matmul::matmul_into`], [`matmul::RowChunked::matmul`] | [`matmul::reference`] | `matmul.rs`, `cublas.rs` (CUDA) |
-//! | many-row matmul on tensor cores (`mma.m16n8k16`, `ldmatrix`, `cp.async` double buffers) | [`matmul_mma`] | [`matmul::matmul`] with [`matmul::MatmulVariant::Mma`] | [`matmul::reference`] | `matmul.rs`, `cublas.rs` (CUDA) |
+//! | many-row matmul on tensor cores (`mma.m16n8k16`, `ldmatrix`, `cp.async` stages) | [`matmul_mma`] | [`matmul::matmul`] with [`matmul::MatmulVariant::Mma`] | [`matmul::reference`] | `matmul.rs`, `cublas.rs` (CUDA) |
 //! | attention, KV-cache append | [`attention`] | [`attention::attention`], [`attention::KvCache::append`] | [`attention::reference`] | `attention.rs` |
 //! | flash-attention prefill (portable; `mma.m16n8k16` tensor cores on CUDA) | [`flash`] | [`flash::attention_prefill_with`] | [`attention::reference`] | `flash.rs` |
 //! | fused decode step (norm + q/k/v + RoPE + append, attention, GEMV + residual, norm + gate/up + SwiGLU, lm_head + top-2) | [`decode`] | [`decode::attn_in`], [`decode::attention`], [`decode::gemv_residual`], [`decode::ffn_in`], [`decode::lm_head_top2`] | [`decode::reference_attn_in`], [`decode::reference_gemv_residual`], [`decode::reference_ffn_in`], [`attention::reference`] | `decode.rs` |

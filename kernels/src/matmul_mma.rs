@@ -32,7 +32,9 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::decode::copy_barrier;
-use crate::flash::{mma_16816, mma_frags, mma_supported, mma_wait_tile, Pair32, MMA_PAD};
+use crate::flash::{
+    mma_16816, mma_commit, mma_frags, mma_supported, mma_wait_tile, Pair32, MMA_PAD,
+};
 use crate::{DeviceTensor, KernelError};
 
 /// Rows of y a plane computes: 4 m-tiles of 16.
@@ -160,20 +162,45 @@ fn stage_rows<V: Size>(
     }
 }
 
-/// Commits this unit's copies issued since the last commit to `bar` (CUDA); nothing without.
+/// Waits on barrier `i` of the kernel's three ([`mma_wait_tile`]).
 #[cube]
-fn commit(bar: &ComptimeOption<Shared<Barrier>>) {
-    #[comptime]
-    match bar {
-        ComptimeOption::Some(b) => b.commit_copy_async(),
-        ComptimeOption::None => {}
+fn wait_on(
+    b0: &ComptimeOption<Shared<Barrier>>,
+    b1: &ComptimeOption<Shared<Barrier>>,
+    b2: &ComptimeOption<Shared<Barrier>>,
+    #[comptime] i: usize,
+) {
+    if comptime!(i == 0) {
+        mma_wait_tile(b0);
+    } else if comptime!(i == 1) {
+        mma_wait_tile(b1);
+    } else {
+        mma_wait_tile(b2);
     }
 }
 
-/// Step `s` of the k loop: waits for its staged rows (`wait`, the barrier they were committed
-/// to; every unit is then past step `s - 1`, so that step's buffer is free), stages step
-/// `s + stages - 1` into that buffer (committed to `next`), and adds this plane's products of
-/// the step into `acc`. Per 16-deep k-step and m-tile: one `ldmatrix.x4` of x (A), and per
+/// Commits this unit's copies to barrier `i` of the kernel's three ([`mma_commit`]).
+#[cube]
+fn commit_on(
+    b0: &ComptimeOption<Shared<Barrier>>,
+    b1: &ComptimeOption<Shared<Barrier>>,
+    b2: &ComptimeOption<Shared<Barrier>>,
+    #[comptime] i: usize,
+) {
+    if comptime!(i == 0) {
+        mma_commit(b0);
+    } else if comptime!(i == 1) {
+        mma_commit(b1);
+    } else {
+        mma_commit(b2);
+    }
+}
+
+/// Step `s` of the k loop, the `j`-th of a round of `stages`: waits for its staged rows
+/// (barrier `j`, which they were committed to; every unit is then past step `s - 1`, so that
+/// step's buffer is free), stages step `s + stages - 1` into that buffer (committed to that
+/// step's barrier, `(j + stages - 1) % stages`), and adds this plane's products of the step
+/// into `acc`. Per 16-deep k-step and m-tile: one `ldmatrix.x4` of x (A), and per
 /// n-tile one `ldmatrix.x2` of W (B) and an mma.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -182,8 +209,9 @@ fn mma_step<V: Size>(
     w: &Array<Vector<f16, V>>,
     xs: &mut SharedMemory<Vector<f16, V>>,
     ws: &mut SharedMemory<Vector<f16, V>>,
-    wait: &ComptimeOption<Shared<Barrier>>,
-    next: &ComptimeOption<Shared<Barrier>>,
+    b0: &ComptimeOption<Shared<Barrier>>,
+    b1: &ComptimeOption<Shared<Barrier>>,
+    b2: &ComptimeOption<Shared<Barrier>>,
     acc: &mut Array<Pair32>,
     scratch: &mut SharedMemory<f32>,
     s: usize,
@@ -199,19 +227,20 @@ fn mma_step<V: Size>(
     #[comptime] bn: usize,
     #[comptime] bk: usize,
     #[comptime] stages: usize,
+    #[comptime] j: usize,
     #[comptime] emulate: bool,
 ) {
     let vec = V::value().comptime();
     let threads = comptime!((bm / PLANE_M) * (bn / PLANE_N) * 32);
     let stride = comptime!((bk + MMA_PAD) / vec);
-    mma_wait_tile(wait);
+    wait_on(b0, b1, b2, j);
     let ahead = s + stages - 1;
     if ahead < steps {
         let kv0 = ahead * comptime!(bk / vec);
         let buf = ahead % stages;
-        stage_rows::<V>(x, xs, next, buf, m0, m, k_vec, kv0, bm, bk, threads);
-        stage_rows::<V>(w, ws, next, buf, n0, n, k_vec, kv0, bn, bk, threads);
-        commit(next);
+        stage_rows::<V>(x, xs, b0, buf, m0, m, k_vec, kv0, bm, bk, threads);
+        stage_rows::<V>(w, ws, b0, buf, n0, n, k_vec, kv0, bn, bk, threads);
+        commit_on(b0, b1, b2, comptime!((j + stages - 1) % stages));
     }
     let buf = s % stages;
     let xr = buf * bm + pm;
@@ -317,130 +346,27 @@ fn matmul_mma_kernel<O: Float, V: Size>(
             let kv0 = j * comptime!(bk / vec);
             stage_rows::<V>(x, &mut xs, &b0, j, m0, m, k_vec, kv0, bm, bk, threads);
             stage_rows::<V>(w, &mut ws, &b0, j, n0, n, k_vec, kv0, bn, bk, threads);
-            if comptime!(j == 0) {
-                commit(&b0);
-            } else {
-                commit(&b1);
-            }
+            commit_on(&b0, &b1, &b2, j);
         }
     }
     // Step s waits on barrier s % stages and stages step s + stages - 1 on the barrier of the
     // step before it ((s - 1) % stages), whose wait every unit has passed.
     let mut s = 0usize;
     while s < steps {
-        if comptime!(stages == 2) {
-            mma_step::<V>(
-                x,
-                w,
-                &mut xs,
-                &mut ws,
-                &b0,
-                &b1,
-                &mut acc,
-                &mut scratch,
-                s,
-                steps,
-                m0,
-                n0,
-                m,
-                n,
-                k_vec,
-                pm,
-                pn,
-                bm,
-                bn,
-                bk,
-                stages,
-                emulate,
-            );
-            if s + 1 < steps {
+        #[unroll]
+        for j in 0..stages {
+            if s + j < steps {
                 mma_step::<V>(
                     x,
                     w,
                     &mut xs,
                     &mut ws,
-                    &b1,
                     &b0,
-                    &mut acc,
-                    &mut scratch,
-                    s + 1,
-                    steps,
-                    m0,
-                    n0,
-                    m,
-                    n,
-                    k_vec,
-                    pm,
-                    pn,
-                    bm,
-                    bn,
-                    bk,
-                    stages,
-                    emulate,
-                );
-            }
-        } else {
-            mma_step::<V>(
-                x,
-                w,
-                &mut xs,
-                &mut ws,
-                &b0,
-                &b2,
-                &mut acc,
-                &mut scratch,
-                s,
-                steps,
-                m0,
-                n0,
-                m,
-                n,
-                k_vec,
-                pm,
-                pn,
-                bm,
-                bn,
-                bk,
-                stages,
-                emulate,
-            );
-            if s + 1 < steps {
-                mma_step::<V>(
-                    x,
-                    w,
-                    &mut xs,
-                    &mut ws,
                     &b1,
-                    &b0,
-                    &mut acc,
-                    &mut scratch,
-                    s + 1,
-                    steps,
-                    m0,
-                    n0,
-                    m,
-                    n,
-                    k_vec,
-                    pm,
-                    pn,
-                    bm,
-                    bn,
-                    bk,
-                    stages,
-                    emulate,
-                );
-            }
-            if s + 2 < steps {
-                mma_step::<V>(
-                    x,
-                    w,
-                    &mut xs,
-                    &mut ws,
                     &b2,
-                    &b1,
                     &mut acc,
                     &mut scratch,
-                    s + 2,
+                    s + j,
                     steps,
                     m0,
                     n0,
@@ -453,6 +379,7 @@ fn matmul_mma_kernel<O: Float, V: Size>(
                     bn,
                     bk,
                     stages,
+                    j,
                     emulate,
                 );
             }
