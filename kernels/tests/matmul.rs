@@ -282,6 +282,17 @@ device_test! {
                 KernelError::shape("matmul", "y", "[2, 4] or wider", &[2, 3]),
             ),
             (
+                // k = 4: the mma kernel steps k by 32 (64 on CUDA).
+                matmul(client, MatmulVariant::Mma, &x, &w_ok, None, &y),
+                KernelError::unsupported(
+                    "matmul (mma)",
+                    format!(
+                        "k = 4 is not a multiple of {}",
+                        if cubeqwen_kernels::flash::mma_supported(client) { 64 } else { 32 }
+                    ),
+                ),
+            ),
+            (
                 cubek_tma(client, &x, &w, &y, TMA_TILING),
                 KernelError::shape("matmul", "W", "[n, 4]", &[3, 5]),
             ),
