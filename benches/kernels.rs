@@ -6,7 +6,9 @@
 //! - `matmul`: tiled, cmma, gemv, blocked, auto, cubek (tracel's cubecl matmul), cuBLAS (CUDA), at the
 //!   q, k/v, o, gate/up, down and lm_head shapes of 0.5B, 1.5B and 7B, m = 1, 16, 64, 128, 512, 2048;
 //!   with `CUBEQWEN_BENCH_TILINGS="tiles=8,rows=1,pk=4;pm=4,pn=4,sm=2,sn=2;cubek"` (CUDA) also
-//!   cubek's TMA kernel at each of these tilings (`tma[...]`, from 64 rows);
+//!   cubek's TMA kernel at each of these tilings (`tma[...]`, from 64 rows); with
+//!   `CUBEQWEN_BENCH_MMA_TILES="128x128x64x3;128x128x64x3x64"` the mma kernel at each of these
+//!   tiles (`mma[...]`, from 64 rows);
 //! - `attention`: prefill of 512/2048/8192 tokens (chunked kernel, flash portable, flash mma), decode at cache 128/4096/32768 (general and
 //!   fused decode kernel), against the bytes-moved and FLOP floors;
 //! - `small`: RMSNorm (+residual), RoPE, SwiGLU, embedding, top-k, and the fused decode kernels
@@ -40,8 +42,9 @@ use cubeqwen_kernels::flash::{attention_prefill_with, PrefillKernel, PrefillOpti
 use cubeqwen_kernels::fused_gemv::{gemv_gate_up_swiglu, gemv_qkv};
 use cubeqwen_kernels::gemv_mma::GemvMma;
 use cubeqwen_kernels::matmul::{
-    cmma_supported, cubek_tma, MatmulVariant, RowChunked, GEMV_SHORT_ROWS,
+    cmma_supported, cubek_tma, matmul_into_with, MatmulVariant, RowChunked, GEMV_SHORT_ROWS,
 };
+use cubeqwen_kernels::matmul_mma::MmaTile;
 use cubeqwen_kernels::rmsnorm::{residual_add_rms_norm, rms_norm};
 use cubeqwen_kernels::rope::{rope_qk_append, Append, RopeTables};
 use cubeqwen_kernels::runtime::{dispatch, RuntimeJob};
@@ -269,6 +272,17 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
+    // The mma matmul at these tiles, side by side (from 64 rows):
+    // CUBEQWEN_BENCH_MMA_TILES="128x128x64x3;128x128x64x3x64".
+    let mma_tiles: Vec<(String, MmaTile)> = match std::env::var("CUBEQWEN_BENCH_MMA_TILES") {
+        Ok(v) if mma => v
+            .split(';')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Ok((format!("mma[{t}]"), t.parse()?)))
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
     let mut rng = Rng::new(5);
     let shapes: &[Shape] = if ctx.full { &SHAPES } else { &SHAPES[..1] };
     for s in shapes {
@@ -296,7 +310,8 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
             let names = names
                 .iter()
                 .copied()
-                .chain(tilings.iter().map(|t| t.0.as_str()));
+                .chain(tilings.iter().map(|t| t.0.as_str()))
+                .chain(mma_tiles.iter().map(|t| t.0.as_str()));
             if !names.into_iter().any(|v| {
                 ms.iter()
                     .any(|m| ctx.wanted(&format!("matmul/{} {name}/m{m}/{v}", s.model)))
@@ -351,6 +366,31 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                     let secs = ctx.time(c, &id, sets, |i| {
                         cubek_tma(ctx.client, &x, &ws[i].chunks[0], &y, *t).unwrap()
                     });
+                    ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
+                }
+                for (v, t) in mma_tiles.iter().filter(|_| m >= 64) {
+                    let id = format!("matmul/{shape}/m{m}/{v}");
+                    if !ctx.wanted(&id) {
+                        continue;
+                    }
+                    let run = |i: usize| {
+                        matmul_into_with(
+                            ctx.client,
+                            MatmulVariant::Mma,
+                            Some(*t),
+                            &x,
+                            &ws[i].chunks[0],
+                            None,
+                            &y,
+                            0,
+                        )
+                    };
+                    // A tile the kernel refuses (shared memory, shape) is reported, not timed.
+                    if let Err(e) = run(0) {
+                        println!("{id}: skipped: {e:#}");
+                        continue;
+                    }
+                    let secs = ctx.time(c, &id, sets, |i| run(i).unwrap());
                     ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                 }
                 for v in variants {

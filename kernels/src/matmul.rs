@@ -1100,6 +1100,23 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     y: &DeviceTensor<R, O>,
     col_off: usize,
 ) -> Result<()> {
+    matmul_into_with(client, variant, None, x, w, bias, y, col_off)
+}
+
+/// [`matmul_into`] with the mma kernel's tile given (`None`: `CUBEQWEN_MMA_TILE`, else
+/// [`crate::matmul_mma::tile_for`]); it is read where the variant resolves to `Mma` only. For
+/// tests and benches that compare tiles in one process.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into_with<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    variant: MatmulVariant,
+    mma_tile: Option<crate::matmul_mma::MmaTile>,
+    x: &DeviceTensor<R, F>,
+    w: &DeviceTensor<R, F>,
+    bias: Option<&DeviceTensor<R, f32>>,
+    y: &DeviceTensor<R, O>,
+    col_off: usize,
+) -> Result<()> {
     let (m, k, n) = product_shape(x, w)?;
     ensure!(
         y.shape.len() == 2 && y.shape[0] == m && y.shape[1] >= col_off + n,
@@ -1171,7 +1188,10 @@ pub fn matmul_into<R: Runtime, F: Float + CubeElement, O: Float + CubeElement>(
     }
     match resolved {
         MatmulVariant::Mma => {
-            let tile = crate::switches::switches()?.mma_tile;
+            let tile = match mma_tile {
+                Some(t) => Some(t),
+                None => crate::switches::switches()?.mma_tile,
+            };
             crate::matmul_mma::matmul_mma(
                 client,
                 tile,

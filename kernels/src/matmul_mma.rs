@@ -33,29 +33,29 @@ use half::f16;
 
 use crate::decode::copy_barrier;
 use crate::flash::{
-    mma_16816, mma_commit, mma_frags, mma_supported, mma_wait_tile, Pair32, MMA_PAD,
+    mma_16816, mma_commit, mma_frags, mma_supported, mma_wait_tile, Pair16, Pair32, MMA_PAD,
 };
 use crate::{DeviceTensor, KernelError};
 
 /// Rows of y a plane computes: 4 m-tiles of 16.
 const PLANE_M: usize = 64;
-/// Columns of y a plane computes: 4 n-tiles of 8.
-const PLANE_N: usize = 32;
 
-/// The tile of y a cube computes (`bm × bn`), the depth of one staged step (`bk`), and the
-/// steps staged at once (`stages`: 2 or 3 buffers).
+/// The tile of y a cube computes (`bm × bn`), the depth of one staged step (`bk`), the steps
+/// staged at once (`stages`: 2 or 3 buffers), and the columns of y a plane computes (`pn`: 32
+/// or 64, i.e. 4 or 8 n-tiles of 8; a plane's block is 64 × `pn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTile {
     pub bm: usize,
     pub bn: usize,
     pub bk: usize,
     pub stages: usize,
+    pub pn: usize,
 }
 
 impl MmaTile {
-    /// Planes a cube: one a 64 × 32 block of the tile.
+    /// Planes a cube: one a 64 × `pn` block of the tile.
     pub fn planes(&self) -> usize {
-        (self.bm / PLANE_M) * (self.bn / PLANE_N)
+        (self.bm / PLANE_M) * (self.bn / self.pn)
     }
 
     /// Shared memory a cube (bytes): `stages` buffers of x and W rows, a barrier a buffer,
@@ -76,8 +76,9 @@ impl MmaTile {
         ensure!(
             self.bm > 0
                 && self.bn > 0
+                && (self.pn == 32 || self.pn == 64)
                 && self.bm.is_multiple_of(PLANE_M)
-                && self.bn.is_multiple_of(PLANE_N)
+                && self.bn.is_multiple_of(self.pn)
                 && self.bk > 0
                 && self.bk.is_multiple_of(32)
                 && (2..=3).contains(&self.stages)
@@ -86,6 +87,40 @@ impl MmaTile {
             KernelError::unsupported("matmul (mma)", format!("tile {self:?}"))
         );
         Ok(())
+    }
+}
+
+impl std::str::FromStr for MmaTile {
+    type Err = anyhow::Error;
+
+    /// `BMxBNxBK[xSTAGES[xPN]]` (`CUBEQWEN_MMA_TILE`, the kernel bench's
+    /// `CUBEQWEN_BENCH_MMA_TILES`): 2 stages and planes of 32 columns where left out. Whether
+    /// the kernel can run it is [`MmaTile::check`]'s to say, at launch.
+    fn from_str(v: &str) -> Result<Self> {
+        let n: Vec<usize> = v
+            .trim()
+            .split('x')
+            .map(|p| p.parse::<usize>().ok())
+            .collect::<Option<_>>()
+            .filter(|n: &Vec<usize>| {
+                (3..=5).contains(&n.len())
+                    && n[..3].iter().all(|d| (16..=256).contains(d))
+                    && n.get(3).is_none_or(|s| (2..=3).contains(s))
+                    && n.get(4).is_none_or(|p| [32, 64].contains(p))
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "expected BMxBNxBK[xSTAGES[xPN]], each side from 16 to 256, 2 or 3 \
+                     stages, PN (a plane's columns) 32 or 64"
+                )
+            })?;
+        Ok(MmaTile {
+            bm: n[0],
+            bn: n[1],
+            bk: n[2],
+            stages: n.get(3).copied().unwrap_or(2),
+            pn: n.get(4).copied().unwrap_or(32),
+        })
     }
 }
 
@@ -101,6 +136,7 @@ pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
             bn: 32,
             bk: 32,
             stages: 3,
+            pn: 32,
         };
     }
     let big = m.div_ceil(128) * n.div_ceil(128);
@@ -110,6 +146,7 @@ pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
             bn: 128,
             bk: 64,
             stages: 2,
+            pn: 32,
         }
     } else {
         MmaTile {
@@ -117,6 +154,7 @@ pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
             bn: 128,
             bk: 64,
             stages: 3,
+            pn: 32,
         }
     }
 }
@@ -200,8 +238,9 @@ fn commit_on(
 /// (barrier `j`, which they were committed to; every unit is then past step `s - 1`, so that
 /// step's buffer is free), stages step `s + stages - 1` into that buffer (committed to that
 /// step's barrier, `(j + stages - 1) % stages`), and adds this plane's products of the step
-/// into `acc`. Per 16-deep k-step and m-tile: one `ldmatrix.x4` of x (A), and per
-/// n-tile one `ldmatrix.x2` of W (B) and an mma.
+/// into `acc`. Per 32 of k: one `ldmatrix.x4` of W a n-tile (B of two 16-deep k-steps, each
+/// in two consecutive registers, as the mma takes them), then per k-step and m-tile one
+/// `ldmatrix.x4` of x (A) and an mma a n-tile: `pn / 8` mmas a fragment load of A, 4 of B.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_step<V: Size>(
@@ -227,11 +266,13 @@ fn mma_step<V: Size>(
     #[comptime] bn: usize,
     #[comptime] bk: usize,
     #[comptime] stages: usize,
+    #[comptime] plane_n: usize,
     #[comptime] j: usize,
     #[comptime] emulate: bool,
 ) {
     let vec = V::value().comptime();
-    let threads = comptime!((bm / PLANE_M) * (bn / PLANE_N) * 32);
+    let nt = comptime!(plane_n / 8);
+    let threads = comptime!((bm / PLANE_M) * (bn / plane_n) * 32);
     let stride = comptime!((bk + MMA_PAD) / vec);
     wait_on(b0, b1, b2, j);
     let ahead = s + stages - 1;
@@ -246,41 +287,54 @@ fn mma_step<V: Size>(
     let xr = buf * bm + pm;
     let wr = buf * bn + pn;
     let mut c = Array::<Pair32>::new(2usize);
-    // Unrolled on CUDA (the accumulators stay in registers); loops in the emulation, whose
-    // unrolled mmas would take lavapipe minutes to compile.
+    let mut bf = Array::<Pair16>::new(2usize);
+    let mut wf = Array::<Pair16>::new(comptime!(4 * nt));
+    // Unrolled on CUDA (the accumulators and fragments stay in registers); loops in the
+    // emulation, whose unrolled mmas would take lavapipe minutes to compile.
     #[unroll(!emulate)]
-    for kk in 0..comptime!(bk / 16) {
+    for kk2 in 0..comptime!(bk / 32) {
+        // B of n-tile jn, k-step 2·kk2 + h: registers 4jn + 2h, 4jn + 2h + 1.
         #[unroll(!emulate)]
-        for i in 0..4usize {
-            let af = mma_frags::<V>(
-                xs,
-                xr + 16 * i,
-                16 * kk,
+        for jn in 0..nt {
+            let f = mma_frags::<V>(
+                ws,
+                wr + 8 * jn,
+                32 * kk2,
                 stride,
-                true,
+                false,
                 false,
                 4usize,
                 emulate,
             );
+            #[unroll]
+            for r in 0..4usize {
+                wf[4 * jn + r] = f[r];
+            }
+        }
+        #[unroll(!emulate)]
+        for h in 0..2usize {
             #[unroll(!emulate)]
-            for j in 0..4usize {
-                // B of n-tile j: W rows pn + 8j.., k +0 and +8, straight into the mma's two
-                // registers (a 4-matrix load would need moves to pair them).
-                let bf = mma_frags::<V>(
-                    ws,
-                    wr + 8 * j,
-                    16 * kk,
+            for i in 0..4usize {
+                let af = mma_frags::<V>(
+                    xs,
+                    xr + 16 * i,
+                    16 * (2 * kk2 + h),
                     stride,
+                    true,
                     false,
-                    false,
-                    2usize,
+                    4usize,
                     emulate,
                 );
-                c[0] = acc[2 * (4 * i + j)];
-                c[1] = acc[2 * (4 * i + j) + 1];
-                mma_16816(&af, &bf, &mut c, scratch, emulate);
-                acc[2 * (4 * i + j)] = c[0];
-                acc[2 * (4 * i + j) + 1] = c[1];
+                #[unroll(!emulate)]
+                for jn in 0..nt {
+                    bf[0] = wf[4 * jn + 2 * h];
+                    bf[1] = wf[4 * jn + 2 * h + 1];
+                    c[0] = acc[2 * (nt * i + jn)];
+                    c[1] = acc[2 * (nt * i + jn) + 1];
+                    mma_16816(&af, &bf, &mut c, scratch, emulate);
+                    acc[2 * (nt * i + jn)] = c[0];
+                    acc[2 * (nt * i + jn) + 1] = c[1];
+                }
             }
         }
     }
@@ -305,10 +359,12 @@ fn matmul_mma_kernel<O: Float, V: Size>(
     #[comptime] bn: usize,
     #[comptime] bk: usize,
     #[comptime] stages: usize,
+    #[comptime] plane_n: usize,
     #[comptime] emulate: bool,
 ) {
     let vec = V::value().comptime();
-    let planes_n = comptime!(bn / PLANE_N);
+    let nt = comptime!(plane_n / 8);
+    let planes_n = comptime!(bn / plane_n);
     let threads = comptime!((bm / PLANE_M) * planes_n * 32);
     let stride = comptime!((bk + MMA_PAD) / vec);
     let p = UNIT_POS as usize / 32;
@@ -316,9 +372,9 @@ fn matmul_mma_kernel<O: Float, V: Size>(
     let (g, t) = (lane / 4, lane % 4);
     let m0 = CUBE_POS_X as usize * bm;
     let n0 = CUBE_POS_Y as usize * bn;
-    // This plane's 64 × 32 block of the tile.
+    // This plane's 64 × `plane_n` block of the tile.
     let pm = (p / planes_n) * PLANE_M;
-    let pn = (p % planes_n) * PLANE_N;
+    let pn = (p % planes_n) * plane_n;
 
     let mut xs = SharedMemory::<Vector<f16, V>>::new_aligned(stages * bm * stride, 16usize);
     let mut ws = SharedMemory::<Vector<f16, V>>::new_aligned(stages * bn * stride, 16usize);
@@ -328,10 +384,11 @@ fn matmul_mma_kernel<O: Float, V: Size>(
     let scratch_len = comptime!(if emulate { 384 * threads / 32 } else { 1usize });
     let mut scratch = SharedMemory::<f32>::new(scratch_len);
 
-    // Accumulator of m-tile i, n-tile j: pairs 2(4i + j) (row g) and 2(4i + j) + 1 (row g + 8).
-    let mut acc = Array::<Pair32>::new(32usize);
+    // Accumulator of m-tile i, n-tile j: pairs 2(nt·i + j) (row g) and 2(nt·i + j) + 1 (row
+    // g + 8).
+    let mut acc = Array::<Pair32>::new(comptime!(8 * nt));
     #[unroll]
-    for i in 0..32usize {
+    for i in 0..comptime!(8 * nt) {
         let mut z = Pair32::empty();
         z[0] = 0.0;
         z[1] = 0.0;
@@ -379,6 +436,7 @@ fn matmul_mma_kernel<O: Float, V: Size>(
                     bn,
                     bk,
                     stages,
+                    plane_n,
                     j,
                     emulate,
                 );
@@ -395,8 +453,8 @@ fn matmul_mma_kernel<O: Float, V: Size>(
             let row = m0 + pm + 16 * i + g + 8 * r;
             if row < m {
                 #[unroll]
-                for j in 0..4usize {
-                    let v = acc[2 * (4 * i + j) + r];
+                for j in 0..nt {
+                    let v = acc[2 * (nt * i + j) + r];
                     #[unroll]
                     for e in 0..2usize {
                         let col = n0 + pn + 8 * j + 2 * t + e;
@@ -494,6 +552,7 @@ pub(crate) fn matmul_mma<R: Runtime, F: Float + CubeElement, O: Float + CubeElem
         tile.bn,
         tile.bk,
         tile.stages,
+        tile.pn,
         emulate,
     );
     Ok(())
@@ -519,10 +578,24 @@ mod tests {
                 }
             }
         }
-        let tile = |bm, bn, bk, stages| MmaTile { bm, bn, bk, stages };
+        let tile = |bm, bn, bk, stages| MmaTile {
+            bm,
+            bn,
+            bk,
+            stages,
+            pn: 32,
+        };
         assert!(tile(64, 32, 48, 2).check(8).is_err());
         assert!(tile(96, 32, 32, 2).check(8).is_err());
         assert!(tile(64, 32, 32, 4).check(8).is_err());
         assert!(tile(128, 128, 32, 3).check(8).is_ok());
+        let wide = MmaTile {
+            pn: 64,
+            ..tile(128, 128, 64, 3)
+        };
+        assert_eq!(wide.planes(), 4);
+        assert!(wide.check(8).is_ok());
+        assert!(MmaTile { pn: 48, ..wide }.check(8).is_err());
+        assert!(MmaTile { bn: 96, ..wide }.check(8).is_err());
     }
 }

@@ -19,7 +19,7 @@
 //! | `CUBEQWEN_TIMELINE` | graph kernels stamp a timeline ([`crate::graph`]) | off |
 //! | `CUBEQWEN_GRAPH_CHECKED` | graph kernels compiled with cubecl's bounds checks | unchecked |
 //! | `CUBEQWEN_GEMV_SHAPE` | `AxB`: A threads an output (a power of two), B outputs a cube | by device, rows and k |
-//! | `CUBEQWEN_MMA_TILE` | `BMxBNxBK[xS]`: the tile of the mma matmul and its stages (2 or 3; [`crate::matmul_mma::MmaTile`]; BM a multiple of 64, BN of 32, BK of 32) | by shape and device ([`crate::matmul_mma::tile_for`]) |
+//! | `CUBEQWEN_MMA_TILE` | `BMxBNxBK[xS[xPN]]`: the tile of the mma matmul, its stages (2 or 3) and a plane's columns (32 or 64; [`crate::matmul_mma::MmaTile`]; BM a multiple of 64, BN of PN, BK of 32) | by shape and device ([`crate::matmul_mma::tile_for`]) |
 //! | `CUBEQWEN_CUBEK_STRATEGY` | cubek's matmul algorithm ([`crate::matmul`]) | by device |
 //! | `CUBEQWEN_CUBEK_TILING` | `tiles=T,rows=R,pk=K,buf=single\|double` or `pm=,pn=,sm=,sn=,pk=,buf=` (any of them; [`CubekTiling`]), or `cubek` (cubek's own choice): the tiling of cubek's TMA kernel | [`crate::matmul::TMA_TILING`] |
 //!
@@ -192,30 +192,10 @@ impl Switches {
             _ => None,
         };
         let mma_tile = match get("CUBEQWEN_MMA_TILE") {
-            Some(v) if !v.trim().is_empty() => {
-                let n: Vec<usize> = v
-                    .trim()
-                    .split('x')
-                    .map(|p| p.parse::<usize>().ok())
-                    .collect::<Option<_>>()
-                    .filter(|n: &Vec<usize>| {
-                        (3..=4).contains(&n.len())
-                            && n[..3].iter().all(|d| (16..=256).contains(d))
-                            && n.get(3).is_none_or(|s| (2..=3).contains(s))
-                    })
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "CUBEQWEN_MMA_TILE={v}: expected BMxBNxBK or BMxBNxBKxSTAGES, \
-                             each side from 16 to 256, 2 or 3 stages"
-                        )
-                    })?;
-                Some(MmaTile {
-                    bm: n[0],
-                    bn: n[1],
-                    bk: n[2],
-                    stages: n.get(3).copied().unwrap_or(2),
-                })
-            }
+            Some(v) if !v.trim().is_empty() => Some(
+                v.parse::<MmaTile>()
+                    .map_err(|e| anyhow::anyhow!("CUBEQWEN_MMA_TILE={v}: {e:#}"))?,
+            ),
             _ => None,
         };
         Ok(Self {
@@ -304,7 +284,9 @@ mod tests {
         let tile = s.mma_tile.unwrap();
         assert_eq!((tile.bm, tile.bn, tile.bk, tile.stages), (128, 64, 32, 3));
         let two = parse(&[("CUBEQWEN_MMA_TILE", "64x128x64")]).unwrap();
-        assert_eq!(two.mma_tile.map(|t| t.stages), Some(2));
+        assert_eq!(two.mma_tile.map(|t| (t.stages, t.pn)), Some((2, 32)));
+        let wide = parse(&[("CUBEQWEN_MMA_TILE", "128x128x64x3x64")]).unwrap();
+        assert_eq!(wide.mma_tile.map(|t| (t.stages, t.pn)), Some((3, 64)));
         assert_eq!(
             "cubek".parse::<CubekTiling>().unwrap(),
             CubekTiling::default()
@@ -350,6 +332,8 @@ mod tests {
             ("CUBEQWEN_MMA_TILE", "128x64x8"),
             ("CUBEQWEN_MMA_TILE", "128xx64"),
             ("CUBEQWEN_MMA_TILE", "128x64x64x4"),
+            ("CUBEQWEN_MMA_TILE", "128x64x64x3x48"),
+            ("CUBEQWEN_MMA_TILE", "128x64x64x3x64x2"),
         ] {
             let e = format!("{:#}", parse(&[(k, v)]).unwrap_err());
             assert!(e.contains(k), "{k}={v}: {e}");

@@ -3,9 +3,10 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 use cubeqwen_kernels::matmul::{
-    cmma_supported, cubek_tma, matmul, matmul_into, reference, MatmulVariant, RowChunked,
-    TMA_TILING,
+    cmma_supported, cubek_tma, matmul, matmul_into, matmul_into_with, reference, MatmulVariant,
+    RowChunked, TMA_TILING,
 };
+use cubeqwen_kernels::matmul_mma::MmaTile;
 use cubeqwen_kernels::switches::CubekTiling;
 use cubeqwen_kernels::testing::*;
 use cubeqwen_kernels::{device_test, DeviceTensor, KernelError};
@@ -194,7 +195,7 @@ device_test! {
                 }
             }
         }
-        let (m, n, k, wide, col_off) = if native { (300, 896, 896, 1152, 128) } else { (70, 64, 128, 160, 32) };
+        let (m, n, k, wide, col_off) = if native { (300, 896, 896, 1152, 128) } else { (70, 96, 128, 160, 32) };
         let mut rng = Rng::new(seed ^ 0x5eed);
         let x = rng.f16_vec(m * k, 0.0, 1.0);
         let w = rng.f16_vec(n * k, 0.0, 1.0 / (k as f64).sqrt());
@@ -202,9 +203,6 @@ device_test! {
         let xd = DeviceTensor::<R, f16>::from_slice(client, &x, &[m, k])?;
         let wd = DeviceTensor::<R, f16>::from_slice(client, &w, &[n, k])?;
         let bd = DeviceTensor::<R, f32>::from_slice(client, &b, &[wide])?;
-        let yd = DeviceTensor::<R, f16>::from_slice(client, &vec![POISON_F16; m * wide], &[m, wide])?;
-        matmul_into(client, MatmulVariant::Mma, &xd, &wd, Some(&bd), &yd, col_off)?;
-        let y = yd.to_vec(client)?;
         let want = reference(
             &f16_to_f64(&x),
             &f16_to_f64(&w),
@@ -213,17 +211,29 @@ device_test! {
             n,
             k,
         );
-        let got: Vec<f64> = (0..m)
-            .flat_map(|r| f16_to_f64(&y[r * wide + col_off..r * wide + col_off + n]))
-            .collect();
-        let err = rel_err(&got, &want);
-        let outside = (0..m * wide)
-            .filter(|i| !(col_off..col_off + n).contains(&(i % wide)))
-            .filter(|&i| !y[i].is_nan())
-            .count();
-        println!("matmul Mma into columns {col_off}..{} of {wide}, m={m} k={k}: rel_err={err:.3e}", col_off + n);
-        ensure!(err <= TOL, "mma into columns: rel_err {err:.3e} > {TOL:.0e}");
-        ensure!(outside == 0, "mma into columns wrote {outside} outputs outside its columns");
+        // The default tile, then planes of 64 × 64 (8 n-tiles a plane; column tiles of 64
+        // emulated, so that the second of n = 96 is ragged).
+        let wide_tile = if native {
+            MmaTile { bm: 128, bn: 128, bk: 64, stages: 3, pn: 64 }
+        } else {
+            MmaTile { bm: 64, bn: 64, bk: 32, stages: 3, pn: 64 }
+        };
+        for tile in [None, Some(wide_tile)] {
+            let yd = DeviceTensor::<R, f16>::from_slice(client, &vec![POISON_F16; m * wide], &[m, wide])?;
+            matmul_into_with(client, MatmulVariant::Mma, tile, &xd, &wd, Some(&bd), &yd, col_off)?;
+            let y = yd.to_vec(client)?;
+            let got: Vec<f64> = (0..m)
+                .flat_map(|r| f16_to_f64(&y[r * wide + col_off..r * wide + col_off + n]))
+                .collect();
+            let err = rel_err(&got, &want);
+            let outside = (0..m * wide)
+                .filter(|i| !(col_off..col_off + n).contains(&(i % wide)))
+                .filter(|&i| !y[i].is_nan())
+                .count();
+            println!("matmul Mma ({tile:?}) into columns {col_off}..{} of {wide}, m={m} k={k}: rel_err={err:.3e}", col_off + n);
+            ensure!(err <= TOL, "mma ({tile:?}) into columns: rel_err {err:.3e} > {TOL:.0e}");
+            ensure!(outside == 0, "mma ({tile:?}) into columns wrote {outside} outputs outside its columns");
+        }
         Ok(())
     }
 }
