@@ -3,23 +3,24 @@
 //! logits), written into columns `col_off..` of a `y` that may be wider (`ldy`). The
 //! [`crate::matmul::MatmulVariant::Mma`] variant; reference: [`crate::matmul::reference`].
 //!
-//! A cube computes a `bm × bn` tile of y ([`MmaTile`]) with planes of 64 × 32 outputs each
-//! (4 × 4 `mma.m16n8k16` accumulators, 64 f32 a lane). Per step of `bk` along k the cube stages
-//! the x rows and W rows of its tile in shared memory, as global memory holds them (rows
-//! padded by 16 bytes, so that the 8 rows one `ldmatrix` phase reads fall in distinct banks),
-//! in `stages` buffers (2 or 3): the 16-byte `cp.async` copies of the next steps fly while the
-//! planes compute on the current one, each step's copies committed to a barrier of its own (one
-//! wait a step, as the flash kernel's K/V tiles). Fragments come from `ldmatrix`
-//! ([`crate::flash::mma_frags`]): `.x4` for A (16 × 16 of x), `.x2` for B (8 W rows × 16),
-//! straight into the registers the mma takes. Rows past `m` or `n` read the last row and are
+//! A cube computes a `bm × bn` tile of y ([`MmaTile`]) with planes of 64 × `pn` outputs each
+//! (4 × `pn / 8` `mma.m16n8k16` accumulators: 64 or 128 f32 a lane). Per step of `bk` along k
+//! the cube stages the x rows and W rows of its tile in shared memory, as global memory holds
+//! them (rows padded by 16 bytes, so that the 8 rows one `ldmatrix` phase reads fall in
+//! distinct banks), in `stages` buffers (2 or 3): the 16-byte `cp.async` copies of the next
+//! steps fly while the planes compute on the current one, each step's copies committed to a
+//! barrier of its own (one wait a step, as the flash kernel's K/V tiles). Fragments come from
+//! `ldmatrix` ([`crate::flash::mma_frags`]), straight into the registers the mma takes: per 32
+//! of k, `.x4` of 8 W rows (B of two k-steps) for each n-tile, then per k-step and m-tile
+//! `.x4` of x (A, 16 × 16) for `pn / 8` mmas. Rows past `m` or `n` read the last row and are
 //! not written. The cubes run down a column of tiles first (the cube index along m is the
 //! fastest), so the cubes resident at once share their W tiles and x's rows in L2.
 //!
-//! Speed (H200, BENCHMARKS.md "the project's own tensor-core matmul"): 0.66 to 0.87 of the
-//! time of cubek's TMA kernel at the prefill shapes (up to 256 TFLOP/s at the 7B gate, m =
-//! 2048, where cubek reaches 305 and cuBLAS 646), so `Auto` does not take it; `--matmul mma`
-//! does. ncu there: the tensor pipe 36–40% busy, issue slots 37%, 0.6 eligible warps a
-//! scheduler, one or two cubes of 8 planes a multiprocessor (114 to 129 registers a unit).
+//! Speed (H200, BENCHMARKS.md "2026-11-29d"): with planes of 64 × 64 (222 registers a unit,
+//! two cubes of 4 planes a multiprocessor, the tensor pipe 49% busy) 1.05–1.40× cubek's TMA
+//! kernel at the large prefill products (7B gate, m = 2048: 929 µs, 299 TFLOP/s; cubek 1301,
+//! cuBLAS 419), so `Auto` takes it there ([`crate::matmul::MMA_AUTO_MIN_PRODUCT`]); slower than
+//! cubek at the small ones (0.5B, few tiles).
 //!
 //! On CUDA (sm_80+, [`crate::flash::mma_supported`]) the mma and `ldmatrix` are the
 //! instructions; elsewhere the emulation runs the same code with each mma and fragment load
@@ -124,11 +125,12 @@ impl std::str::FromStr for MmaTile {
     }
 }
 
-/// The tile for `m × n` on a device of `sms` multiprocessors: 128 × 128 × 64 with 3 stages
-/// where that gives every multiprocessor two cubes, else 64 × 128 × 64 with 2 (H200, kernel
-/// bench, BENCHMARKS.md "the project's own tensor-core matmul": the fastest of the tiles
-/// measured at the 7B shapes, and at the 0.5B q/o). The emulation: 64 × 32 × 32, 3
-/// stages (one plane, within lavapipe's 32 KB of shared memory; the 3-buffer rotation tested).
+/// The tile for `m × n` on a device of `sms` multiprocessors: 128 × 128 × 64 with 2 stages and
+/// planes of 64 × 64 where that gives every multiprocessor two cubes, else 64 × 128 × 64 with 2
+/// stages and planes of 64 × 32 (H200, kernel bench, BENCHMARKS.md "2026-11-29d": the 64 × 64
+/// planes 1.3–1.4× the 64 × 32 ones at the 7B shapes, 2 stages ahead of 3 and of 8-plane
+/// tiles; with few tiles the 64-row ones). The emulation: 64 × 32 × 32, 3 stages (one plane,
+/// within lavapipe's 32 KB of shared memory; the 3-buffer rotation tested).
 pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
     if emulate {
         return MmaTile {
@@ -153,8 +155,8 @@ pub fn tile_for(m: usize, n: usize, sms: usize, emulate: bool) -> MmaTile {
             bm: 128,
             bn: 128,
             bk: 64,
-            stages: 3,
-            pn: 32,
+            stages: 2,
+            pn: 64,
         }
     }
 }
@@ -568,13 +570,13 @@ mod tests {
         // 128) takes 64-row tiles; the gate (16 × 38 = 608) 128-row tiles.
         assert_eq!(tile_for(2048, 896, 132, false).bm, 64);
         assert_eq!(tile_for(2048, 4864, 132, false).bm, 128);
+        assert_eq!(tile_for(2048, 4864, 132, false).pn, 64);
         for m in [1, 64, 512, 2048] {
             for n in [128, 896, 4864, 151936] {
                 for emulate in [false, true] {
                     let t = tile_for(m, n, 132, emulate);
                     t.check(8).unwrap();
-                    assert!(t.smem(emulate) <= if emulate { 32 << 10 } else { 120 << 10 });
-                    assert_eq!(t.smem(emulate) > 100 << 10, !emulate && t.stages == 3);
+                    assert!(t.smem(emulate) <= if emulate { 32 << 10 } else { 80 << 10 });
                 }
             }
         }
