@@ -10,8 +10,9 @@
 //!   for all of them).
 //! - `GemvMma`: short blocks on tensor cores, a plane a 16 × 8 tile ([`crate::gemv_mma`]).
 //! - `Mma`: many rows on tensor cores, the project's own kernel (`mma.m16n8k16` from `ldmatrix`
-//!   fragments, `cp.async` stages; [`crate::matmul_mma`]); faster than cubek's on Hopper at
-//!   large products only ([`MMA_AUTO_MIN_PRODUCT`]).
+//!   fragments, `cp.async` stages; [`crate::matmul_mma`]); by name only: faster than cubek's
+//!   in the kernel bench at the large 1.5B/7B products, but slower end to end (H200,
+//!   BENCHMARKS.md "2026-11-29d": 7B pp2048 −5%, 1.5B −16%).
 //! - `Blocked`: one thread per BLOCK_ROWS×BLOCK_COLS outputs in registers, vectorised loads
 //!   along k, no shared memory or barriers: for CPU-emulated devices, where every load is a
 //!   gather and every barrier a context switch, so each loaded value must feed several outputs.
@@ -19,10 +20,10 @@
 //! - `Auto`: where the device has f16 `mma.m16n8k16`, `GemvMma` for 2 to 16 rows (and up to
 //!   [`GEMV_MMA_MAX_ROWS`] for weights of at most [`GEMV_SHORT_MAX_BYTES`]); else `Gemv` up to [`GEMV_MAX_ROWS`] rows; above it, where the device has f16 tensor
 //!   cores, `Gemv` up to [`GEMV_SHORT_ROWS`] rows for weights of at most
-//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Mma` for f16
-//!   products of at least [`MMA_AUTO_MIN_PRODUCT`] with `k` ≥ [`MMA_AUTO_MIN_K`] where the
-//!   device has the mma, else `Cubek` (its TMA kernel at [`TMA_TILING`] on Hopper); else
-//!   `Blocked` on CPU-emulated devices (measured fastest there), else `Tiled`.
+//!   [`GEMV_SHORT_MAX_BYTES`] (twice that with `n < k` up to 16 rows), else `Cubek` (its TMA
+//!   kernel at [`TMA_TILING`] on Hopper: H200, m = 2048, the gate/up/down projections at a third
+//!   of cuBLAS's speed, BENCHMARKS.md); else `Blocked` on CPU-emulated devices (measured fastest
+//!   there), else `Tiled`.
 
 use anyhow::{bail, ensure, Result};
 use cubecl::ir::features::MmaConfig;
@@ -89,18 +90,6 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// launch): 1.5B gate (27.5 MB) 52.7 against cubek's 31.8, so larger weights take cubek
 /// (BENCHMARKS.md, "short prompts").
 pub const GEMV_SHORT_ROWS: usize = 32;
-
-/// The smallest product `m·n·k` that `Auto` gives to [`MatmulVariant::Mma`] (with `k` at least
-/// [`MMA_AUTO_MIN_K`]) on devices with the mma; smaller ones take cubek. H200, kernel bench,
-/// BENCHMARKS.md "2026-11-29d": planes of 64 × 64 in 128 × 128 tiles were 1.05–1.40× cubek's
-/// speed at every product from 2.6e10 (the 7B q/o/gate/down at 2048 rows, gate/down at 512,
-/// the 1.5B gate/down at 2048), and 0.6–0.95× at every one up to 8.9e9 (0.5B, the 1.5B q/k/o,
-/// the 1.5B gate/down at 512, the 7B k/v; the 7B q/o at 512 rows, 6.6e9, 1.06×).
-pub const MMA_AUTO_MIN_PRODUCT: usize = 16_000_000_000;
-
-/// The shortest `k` that `Auto` gives to [`MatmulVariant::Mma`]: at k = 896 (0.5B) its
-/// pipeline's fill and drain lost to cubek at every product measured.
-pub const MMA_AUTO_MIN_K: usize = 1536;
 
 /// Rows up to which `Auto` takes [`MatmulVariant::GemvMma`] for a weight of at most
 /// [`GEMV_SHORT_MAX_BYTES`] (any weight up to 16 rows).
@@ -598,12 +587,6 @@ pub fn resolve_variant<R: Runtime>(
                 || (n < k && bytes <= 2 * GEMV_SHORT_MAX_BYTES && m <= GEMV_MAX_ROWS_PER_CUBE);
             if m <= GEMV_SHORT_ROWS && fits {
                 MatmulVariant::Gemv
-            } else if m * n * k >= MMA_AUTO_MIN_PRODUCT
-                && k >= MMA_AUTO_MIN_K
-                && k.is_multiple_of(64)
-                && crate::flash::mma_supported(client)
-            {
-                MatmulVariant::Mma
             } else {
                 MatmulVariant::Cubek
             }
@@ -1180,11 +1163,7 @@ pub fn matmul_into_with<R: Runtime, F: Float + CubeElement, O: Float + CubeEleme
         );
         Ok(t as u32)
     };
-    let mut resolved = resolve_variant(client, variant, m, n, k);
-    let f16 = F::as_type_native_unchecked().elem_type() == ElemType::Float(FloatKind::F16);
-    if variant == MatmulVariant::Auto && resolved == MatmulVariant::Mma && !f16 {
-        resolved = MatmulVariant::Cubek; // the mma kernel takes f16 only
-    }
+    let resolved = resolve_variant(client, variant, m, n, k);
     if resolved == MatmulVariant::Cubek {
         if col_off == 0 && ldy == n {
             return cubek_into(client, x, w, bias, y);

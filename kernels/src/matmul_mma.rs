@@ -16,11 +16,14 @@
 //! not written. The cubes run down a column of tiles first (the cube index along m is the
 //! fastest), so the cubes resident at once share their W tiles and x's rows in L2.
 //!
-//! Speed (H200, BENCHMARKS.md "2026-11-29d"): with planes of 64 × 64 (222 registers a unit,
-//! two cubes of 4 planes a multiprocessor, the tensor pipe 49% busy) 1.05–1.40× cubek's TMA
-//! kernel at the large prefill products (7B gate, m = 2048: 929 µs, 299 TFLOP/s; cubek 1301,
-//! cuBLAS 419), so `Auto` takes it there ([`crate::matmul::MMA_AUTO_MIN_PRODUCT`]); slower than
-//! cubek at the small ones (0.5B, few tiles).
+//! Speed (H200, BENCHMARKS.md "2026-11-29d"): with planes of 64 × 64 (222–255 registers a
+//! unit, two cubes of 4 planes a multiprocessor, the tensor pipe 49% busy) 1.05–1.40× cubek's
+//! TMA kernel in the kernel bench at the large prefill products (7B gate, m = 2048: 929 µs,
+//! 299 TFLOP/s; cubek 1301, cuBLAS 419) and slower at the small ones (0.5B, few tiles). End to
+//! end it lost to cubek in the same call (7B pp2048 19 502 / 19 247 tok/s against 20 476 /
+//! 20 227; 1.5B 66 232 / 66 196 against 79 131 / 78 440), so `Auto` keeps cubek and this
+//! kernel runs by name (`--matmul mma`). cubek's speed differs from lease to lease (the 1.5B
+//! pp2048 with cubek: 61 170 in one call, 79 131 in another), this kernel's much less.
 //!
 //! On CUDA (sm_80+, [`crate::flash::mma_supported`]) the mma and `ldmatrix` are the
 //! instructions; elsewhere the emulation runs the same code with each mma and fragment load
