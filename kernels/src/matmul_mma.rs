@@ -17,7 +17,7 @@
 //! fastest), so the cubes resident at once share their W tiles and x's rows in L2.
 //!
 //! Speed (H200, BENCHMARKS.md "2026-11-29d"): with planes of 64 × 64 (222–255 registers a
-//! unit, two cubes of 4 planes a multiprocessor, the tensor pipe 49% busy) 1.05–1.40× cubek's
+//! unit, two cubes of 4 planes a multiprocessor, the tensor pipe 49% busy) 1.06–1.40× cubek's
 //! TMA kernel in the kernel bench at the large prefill products (7B gate, m = 2048: 929 µs,
 //! 299 TFLOP/s; cubek 1301, cuBLAS 419) and slower at the small ones (0.5B, few tiles). End to
 //! end it lost to cubek in the same call (7B pp2048 19 502 / 19 247 tok/s against 20 476 /
