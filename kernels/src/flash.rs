@@ -588,10 +588,7 @@ fn staged<V: Size>(
 /// on CUDA; with `emulate` each lane reads its elements (lane (g, t): of matrix j row g, dims
 /// 2t, 2t + 1; transposed: rows 2t, 2t + 1, dim g). K of `Q·Kᵀ` and W of a matmul: neither
 /// flag (B of two k-steps); V of `P·V`: both; x of a matmul: `rows16` (A of one k-step).
-/// With `count` 2, the first two matrices only (`ldmatrix.x2`): W of a matmul, B of one
-/// k-step, in the two registers the mma takes.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn mma_frags<V: Size>(
     s: &SharedMemory<Vector<f16, V>>,
     row0: usize,
@@ -599,15 +596,14 @@ pub(crate) fn mma_frags<V: Size>(
     #[comptime] stride: usize,
     #[comptime] rows16: bool,
     #[comptime] trans: bool,
-    #[comptime] count: usize,
     #[comptime] emulate: bool,
 ) -> Array<Pair16> {
     let lane = UNIT_POS as usize % 32;
     if comptime!(emulate) {
         let (g, t) = (lane / 4, lane % 4);
-        let mut out = Array::<Pair16>::new(count);
+        let mut out = Array::<Pair16>::new(4usize);
         #[unroll]
-        for j in 0..count {
+        for j in 0..4usize {
             let mut p = Pair16::empty();
             #[unroll]
             for e in 0..2usize {
@@ -624,14 +620,13 @@ pub(crate) fn mma_frags<V: Size>(
         }
         out
     } else {
-        // Lanes past the matrices read (16 up with `count` 2) name one of them: unused.
-        let (r, c) = frag_row(lane % comptime!(8 * count), rows16);
+        let (r, c) = frag_row(lane, rows16);
         let at = (row0 + r) * stride + (dim0 + 8 * c) / V::value();
         let def = cmma::MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
         def.load_matrix::<Vector<f16, V>, Const<2>>(
             &s.slice(at, at + 1),
             cmma::MatrixIdent::B,
-            count,
+            4usize,
             trans,
         )
     }
@@ -801,16 +796,8 @@ fn prefill_mma_kernel<V: Size>(
             // Two k-steps a fragment load: dims 32kk2.. of keys 8n..8n + 8.
             #[unroll(!emulate)]
             for kk2 in 0..comptime!(n_k / 2) {
-                let kf = mma_frags::<V>(
-                    &k_s,
-                    row_k + n * 8,
-                    kk2 * 32,
-                    stride,
-                    false,
-                    false,
-                    4usize,
-                    emulate,
-                );
+                let kf =
+                    mma_frags::<V>(&k_s, row_k + n * 8, kk2 * 32, stride, false, false, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let kk = 2 * kk2 + h;
@@ -916,16 +903,8 @@ fn prefill_mma_kernel<V: Size>(
             // Two 8-dim output blocks a fragment load: keys 16kk.., dims 16d2...
             #[unroll(!emulate)]
             for d2 in 0..comptime!(n_d / 2) {
-                let vf = mma_frags::<V>(
-                    &v_s,
-                    row_k + kk * 16,
-                    d2 * 16,
-                    stride,
-                    true,
-                    true,
-                    4usize,
-                    emulate,
-                );
+                let vf =
+                    mma_frags::<V>(&v_s, row_k + kk * 16, d2 * 16, stride, true, true, emulate);
                 #[unroll]
                 for h in 0..2usize {
                     let d = 2 * d2 + h;

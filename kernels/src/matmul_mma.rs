@@ -301,16 +301,7 @@ fn mma_step<V: Size>(
         // B of n-tile jn, k-step 2·kk2 + h: registers 4jn + 2h, 4jn + 2h + 1.
         #[unroll(!emulate)]
         for jn in 0..nt {
-            let f = mma_frags::<V>(
-                ws,
-                wr + 8 * jn,
-                32 * kk2,
-                stride,
-                false,
-                false,
-                4usize,
-                emulate,
-            );
+            let f = mma_frags::<V>(ws, wr + 8 * jn, 32 * kk2, stride, false, false, emulate);
             #[unroll]
             for r in 0..4usize {
                 wf[4 * jn + r] = f[r];
@@ -327,7 +318,6 @@ fn mma_step<V: Size>(
                     stride,
                     true,
                     false,
-                    4usize,
                     emulate,
                 );
                 #[unroll(!emulate)]
