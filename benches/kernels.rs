@@ -157,6 +157,26 @@ impl<R: Runtime> Ctx<'_, R> {
         })
     }
 
+    /// [`Ctx::time`] of a launch that may be refused (a tiling cubek or the TMA box refuses, a
+    /// tile the mma kernel refuses): `None` where the bench is not wanted, or where the first
+    /// call fails, which is reported rather than timed.
+    fn time_or_skip(
+        &self,
+        c: &mut Criterion,
+        id: &str,
+        sets: usize,
+        f: impl Fn(usize) -> Result<()>,
+    ) -> Option<f64> {
+        if !self.wanted(id) {
+            return None;
+        }
+        if let Err(e) = f(0) {
+            println!("{id}: skipped: {e:#}");
+            return None;
+        }
+        Some(self.time(c, id, sets, |i| f(i).unwrap()))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
@@ -262,27 +282,13 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
     let cmma = cmma_supported(ctx.client);
     let mma = cubeqwen_kernels::flash::mma_supported(ctx.client);
     // cubek's TMA kernel at these tilings, side by side (CUDA, from 64 rows):
-    // CUBEQWEN_BENCH_TILINGS="tiles=8,rows=2,pk=4;tiles=8,rows=1,pk=2".
-    let tilings: Vec<(String, CubekTiling)> = match std::env::var("CUBEQWEN_BENCH_TILINGS") {
-        Ok(v) if ctx.cuda => v
-            .split(';')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| Ok((format!("tma[{t}]"), t.parse()?))) // `cubek`: cubek's own blueprint
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
-    };
+    // CUBEQWEN_BENCH_TILINGS="tiles=8,rows=2,pk=4;tiles=8,rows=1,pk=2" (`cubek`: cubek's own
+    // blueprint).
+    let tilings: Vec<(String, CubekTiling)> =
+        bench_list("CUBEQWEN_BENCH_TILINGS", "tma", ctx.cuda)?;
     // The mma matmul at these tiles, side by side (from 64 rows):
     // CUBEQWEN_BENCH_MMA_TILES="128x128x64x3;128x128x64x3x64".
-    let mma_tiles: Vec<(String, MmaTile)> = match std::env::var("CUBEQWEN_BENCH_MMA_TILES") {
-        Ok(v) if mma => v
-            .split(';')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| Ok((format!("mma[{t}]"), t.parse()?)))
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
-    };
+    let mma_tiles: Vec<(String, MmaTile)> = bench_list("CUBEQWEN_BENCH_MMA_TILES", "mma", mma)?;
     let mut rng = Rng::new(5);
     let shapes: &[Shape] = if ctx.full { &SHAPES } else { &SHAPES[..1] };
     for s in shapes {
@@ -353,45 +359,24 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
                 if mma && m >= 64 {
                     variants.push("mma");
                 }
+                // The tilings and tiles named in the environment, from 64 rows.
+                let client = ctx.client;
                 for (v, t) in tilings.iter().filter(|_| m >= 64) {
                     let id = format!("matmul/{shape}/m{m}/{v}");
-                    // A tiling cubek or the TMA box refuses is reported, not timed.
-                    if !ctx.wanted(&id) {
-                        continue;
+                    let run = |i: usize| cubek_tma(client, &x, &ws[i].chunks[0], &y, *t);
+                    if let Some(secs) = ctx.time_or_skip(c, &id, sets, run) {
+                        ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                     }
-                    if let Err(e) = cubek_tma(ctx.client, &x, &ws[0].chunks[0], &y, *t) {
-                        println!("{id}: skipped: {e:#}");
-                        continue;
-                    }
-                    let secs = ctx.time(c, &id, sets, |i| {
-                        cubek_tma(ctx.client, &x, &ws[i].chunks[0], &y, *t).unwrap()
-                    });
-                    ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                 }
                 for (v, t) in mma_tiles.iter().filter(|_| m >= 64) {
                     let id = format!("matmul/{shape}/m{m}/{v}");
-                    if !ctx.wanted(&id) {
-                        continue;
-                    }
                     let run = |i: usize| {
-                        matmul_into_with(
-                            ctx.client,
-                            MatmulVariant::Mma,
-                            Some(*t),
-                            &x,
-                            &ws[i].chunks[0],
-                            None,
-                            &y,
-                            0,
-                        )
+                        let w = &ws[i].chunks[0];
+                        matmul_into_with(client, MatmulVariant::Mma, Some(*t), &x, w, None, &y, 0)
                     };
-                    // A tile the kernel refuses (shared memory, shape) is reported, not timed.
-                    if let Err(e) = run(0) {
-                        println!("{id}: skipped: {e:#}");
-                        continue;
+                    if let Some(secs) = ctx.time_or_skip(c, &id, sets, run) {
+                        ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                     }
-                    let secs = ctx.time(c, &id, sets, |i| run(i).unwrap());
-                    ctx.record("matmul", v, shape.clone(), (m, n, k, 0), secs, bytes, flops);
                 }
                 for v in variants {
                     let id = format!("matmul/{shape}/m{m}/{v}");
@@ -452,6 +437,23 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `;`-separated values of the environment variable `var` (none where it is unset or `on`
+/// is false), each parsed and named `prefix[value]` as the bench ids show it.
+fn bench_list<T: std::str::FromStr>(var: &str, prefix: &str, on: bool) -> Result<Vec<(String, T)>>
+where
+    anyhow::Error: From<T::Err>,
+{
+    match std::env::var(var) {
+        Ok(v) if on => v
+            .split(';')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Ok((format!("{prefix}[{t}]"), t.parse()?)))
+            .collect(),
+        _ => Ok(Vec::new()),
+    }
 }
 
 fn attention_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
