@@ -590,6 +590,10 @@ mod tests {
         };
         assert_eq!(wide.planes(), 4);
         assert!(wide.check(8).is_ok());
+        // Shared memory counts every stage's buffers: 3 stages of 128 × 128 × 64 take over 100
+        // KB (two such cubes fit a multiprocessor's 227 KB, three do not), 2 stages under 80 KB.
+        assert!(wide.smem(false) > 100 << 10);
+        assert!(MmaTile { stages: 2, ..wide }.smem(false) < 80 << 10);
         assert!(MmaTile { pn: 48, ..wide }.check(8).is_err());
         assert!(MmaTile { bn: 96, ..wide }.check(8).is_err());
     }
