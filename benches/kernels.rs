@@ -440,7 +440,8 @@ fn matmul_group<R: Runtime>(ctx: &mut Ctx<R>, c: &mut Criterion) -> Result<()> {
 }
 
 /// The `;`-separated values of the environment variable `var` (none where it is unset or `on`
-/// is false), each parsed and named `prefix[value]` as the bench ids show it.
+/// is false), each parsed and named `prefix[value]` as the bench ids show it; a value that does
+/// not parse is an error naming the variable.
 fn bench_list<T: std::str::FromStr>(var: &str, prefix: &str, on: bool) -> Result<Vec<(String, T)>>
 where
     anyhow::Error: From<T::Err>,
@@ -450,7 +451,12 @@ where
             .split(';')
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|t| Ok((format!("{prefix}[{t}]"), t.parse()?)))
+            .map(|t| {
+                let v = t
+                    .parse()
+                    .map_err(|e| anyhow::Error::from(e).context(format!("{var}={t}")))?;
+                Ok((format!("{prefix}[{t}]"), v))
+            })
             .collect(),
         _ => Ok(Vec::new()),
     }
