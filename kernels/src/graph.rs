@@ -640,6 +640,41 @@ pub struct LaunchTimes {
     pub wait: Option<u64>,
     /// The last warp's end.
     pub end: u64,
+    /// How the warps spread between those (`None` where built by hand, as in tests).
+    pub spread: Option<Spread>,
+}
+
+/// Where a launch's warps are between its first start and its last end (ns of
+/// `%globaltimer`): the last warp's start, the median and last warp past its wait (the
+/// warp's start for kernels without one), and the median warp's end. A late last start says
+/// the launch's cubes waited for room on the multiprocessors; a late median wait, that they
+/// waited for the kernel before; a median end far before the last, a tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spread {
+    pub start_last: u64,
+    pub wait_median: u64,
+    pub wait_last: u64,
+    pub end_median: u64,
+}
+
+impl Spread {
+    /// Of `[start, wait, end]` a warp (`wait` 0: none); `None` for no warps.
+    fn of(warps: &[[u64; 3]]) -> Option<Self> {
+        let median = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let past: Vec<u64> = warps
+            .iter()
+            .map(|w| if w[1] > 0 { w[1] } else { w[0] })
+            .collect();
+        Some(Self {
+            start_last: warps.iter().map(|w| w[0]).max()?,
+            wait_median: median(past.clone()),
+            wait_last: past.into_iter().max()?,
+            end_median: median(warps.iter().map(|w| w[2]).collect()),
+        })
+    }
 }
 
 impl Timeline {
@@ -692,6 +727,7 @@ impl Timeline {
                 start: warps.iter().map(|w| w[0]).min().unwrap_or(0),
                 wait: warps.iter().map(|w| w[1]).filter(|&t| t > 0).min(),
                 end: warps.iter().map(|w| w[2]).max().unwrap_or(0),
+                spread: Spread::of(warps),
             });
         }
         Ok(out)
@@ -799,7 +835,52 @@ pub fn timeline_summary(times: &[LaunchTimes]) -> String {
             r / n
         );
     }
+    spread_summary(&mut out, times);
     out
+}
+
+/// Per kernel, the means over its launches of where its warps spread ([`Spread`]), in µs:
+/// first start → last start, first past the wait → median and last past it, median past the
+/// wait → median end, median end → last end. Nothing where no launch has a spread.
+fn spread_summary(out: &mut String, times: &[LaunchTimes]) {
+    use std::fmt::Write;
+    let mut kinds: Vec<((usize, String, u32), [f64; 6])> = Vec::new();
+    for t in times {
+        let Some(s) = t.spread else { continue };
+        let first_wait = t.wait.unwrap_or(t.start);
+        let d = |a: u64, b: u64| (a as f64 - b as f64) / 1e3;
+        let v = [
+            1.0,
+            d(s.start_last, t.start),
+            d(s.wait_median, first_wait),
+            d(s.wait_last, first_wait),
+            d(s.end_median, s.wait_median),
+            d(t.end, s.end_median),
+        ];
+        let key = (t.launch.kernel, t.launch.name.clone(), t.launch.cubes);
+        match kinds.iter_mut().find(|k| k.0 == key) {
+            Some(k) => k.1.iter_mut().zip(v).for_each(|(a, b)| *a += b),
+            None => kinds.push((key, v)),
+        }
+    }
+    if kinds.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nwhere the warps are (means over launches, µs):\n\n| kernel | cubes | starts spread | to median past wait | to last past wait | median past wait → median end | median → last end |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for ((_, name, cubes), [n, a, b, c, d, e]) in kinds {
+        let _ = writeln!(
+            out,
+            "| {name} | {cubes} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            a / n,
+            b / n,
+            c / n,
+            d / n,
+            e / n
+        );
+    }
 }
 
 #[cfg(test)]
@@ -822,6 +903,7 @@ mod tests {
             start,
             wait,
             end,
+            spread: None,
         };
         // a (no wait) 1000–3000; b resident from 2000, past its wait at 3500, ends 6000; a
         // again 6000–7000 (boundary 0); b resident from 6500, past its wait 7400, ends 8000.
@@ -841,6 +923,46 @@ mod tests {
         assert!(out.contains("| a | 2 | 2 | 0.00 | 1.50 | 1.50 |"), "{out}");
         // b: boundaries 0.5 and 0.4, bodies 2.5 and 0.6, resident 4 and 1.5.
         assert!(out.contains("| b | 2 | 2 | 0.45 | 1.55 | 2.75 |"), "{out}");
+    }
+
+    #[test]
+    fn timeline_spread_takes_quantiles_of_the_warps() {
+        // Three warps: starts 100, 130, 400; past the wait 500, 520, 900; ends 700, 800, 2000.
+        let warps = [[100, 500, 700], [130, 520, 800], [400, 900, 2000]];
+        let s = Spread::of(&warps).unwrap();
+        assert_eq!(
+            s,
+            Spread {
+                start_last: 400,
+                wait_median: 520,
+                wait_last: 900,
+                end_median: 800
+            }
+        );
+        // Without a wait, a warp's start stands for it.
+        let s = Spread::of(&[[100, 0, 300], [200, 0, 400]]).unwrap();
+        assert_eq!((s.wait_median, s.wait_last), (200, 200));
+        assert_eq!(Spread::of(&[]), None);
+        let launch = TimelineLaunch {
+            kernel: 0,
+            name: "k".into(),
+            cubes: 3,
+            warps: 3,
+        };
+        let t = LaunchTimes {
+            launch,
+            start: 100,
+            wait: Some(500),
+            end: 2000,
+            spread: Spread::of(&warps),
+        };
+        let out = timeline_summary(&[t]);
+        // starts spread 0.30; to median wait 0.02, to last 0.40; median wait → median end
+        // 0.28; median → last end 1.20.
+        assert!(
+            out.contains("| k | 3 | 0.30 | 0.02 | 0.40 | 0.28 | 1.20 |"),
+            "{out}"
+        );
     }
 
     #[test]
