@@ -1057,7 +1057,7 @@ fn commit_copy_group(#[comptime] async_copy: bool) {
     }
 }
 
-/// Waits until at most `pending` (≤ 7) of this unit's committed copy groups are still in
+/// Waits until at most `pending` (≤ 3) of this unit's committed copy groups are still in
 /// flight (`cp.async.wait_group`; nothing without `async_copy`). A unit waits for its own
 /// copies only: the kernels that use it read back just the vectors each unit copied itself.
 #[cube]
@@ -1069,16 +1069,8 @@ fn wait_copy_groups(#[comptime] async_copy: bool, #[comptime] pending: usize) {
             comment!("cubeqwen:cp-async-wait-1");
         } else if comptime!(pending == 2) {
             comment!("cubeqwen:cp-async-wait-2");
-        } else if comptime!(pending == 3) {
-            comment!("cubeqwen:cp-async-wait-3");
-        } else if comptime!(pending == 4) {
-            comment!("cubeqwen:cp-async-wait-4");
-        } else if comptime!(pending == 5) {
-            comment!("cubeqwen:cp-async-wait-5");
-        } else if comptime!(pending == 6) {
-            comment!("cubeqwen:cp-async-wait-6");
         } else {
-            comment!("cubeqwen:cp-async-wait-7");
+            comment!("cubeqwen:cp-async-wait-3");
         }
     }
 }
@@ -1185,18 +1177,10 @@ fn ffn_in_stream_kernel<F: Float, V: Size>(
     #[comptime] row_sum: Reduction,
     #[comptime] cube: Reduction,
     #[comptime] async_copy: bool,
-    #[comptime] balance: bool,
 ) {
     let lane = UNIT_POS_X as usize;
     let y = UNIT_POS_Y as usize;
-    // The plane's first pair. Balanced: cube c's planes take pairs c, c + cubes, ..., so that
-    // every cube (and every multiprocessor of a grid that is a multiple of them) has its share
-    // to within one pair; else a cube's planes take consecutive pairs.
-    let plane = if comptime!(balance) {
-        CUBE_POS + comptime!(planes / PLANES) * y
-    } else {
-        CUBE_POS * PLANES + y
-    };
+    let plane = CUBE_POS * PLANES + y;
     let slot = comptime!(2 * k_vec);
     let mut h = SharedMemory::<f32>::new(d);
     let mut ring = SharedMemory::<Vector<F, V>>::new(comptime!(PLANES * stages * 2 * k_vec));
@@ -1569,9 +1553,9 @@ fn async_prefetch<R: Runtime>(
 /// twice, tok/s): one-shot 0.5B 1411 / 1392, 1.5B 692 / 691; 1 stage 1442 / 1453, 740 / 743;
 /// 2 stages 1451 / 1443, 734 / 740; 3 stages 1436 / 1453, 729 / 731 (BENCHMARKS.md).
 pub const FFN_STAGES: usize = 1;
-/// The most row pairs a plane of the streamed `ffn_in` keeps in flight (its
-/// `cp.async.wait_group` markers count to 7 pending behind the oldest).
-pub const MAX_FFN_STAGES: usize = 8;
+/// The most row pairs a plane of the streamed `ffn_in` keeps in flight (`cp.async.wait_group`
+/// counts to 3 pending behind the oldest).
+pub const MAX_FFN_STAGES: usize = 4;
 /// Cubes of the streamed kernels where the device does not say how many multiprocessors it
 /// has (wgpu): enough planes that the 0.5B shapes take several steps a plane.
 const STREAM_CUBES_UNKNOWN: usize = 32;
@@ -1600,7 +1584,6 @@ pub fn ffn_stream_plan<R: Runtime>(
     d: usize,
     row_bytes: usize,
     stages: usize,
-    balance: bool,
 ) -> Option<FfnStreamPlan> {
     // The kernel's three reductions (the norm's, gate's and up's): a shared array of a value a
     // unit each without plane operations, of a value a plane each with them.
@@ -1617,14 +1600,12 @@ pub fn ffn_stream_plan<R: Runtime>(
         stages,
         hw_smem(client),
         sms(client),
-        balance,
     )
 }
 
 /// [`ffn_stream_plan`] for a device with `max_smem` bytes of shared memory a cube (a
 /// multiprocessor holds that plus 1 KiB a resident cube) and `sms` multiprocessors; `fixed`:
-/// the cube's shared bytes besides the ring (the normed input, the reductions); `balance`:
-/// [`fit_stream`]'s.
+/// the cube's shared bytes besides the ring (the normed input, the reductions).
 pub fn ffn_stream_grid(
     ffn: usize,
     fixed: usize,
@@ -1632,11 +1613,9 @@ pub fn ffn_stream_grid(
     stages: usize,
     max_smem: usize,
     sms: Option<usize>,
-    balance: bool,
 ) -> Option<FfnStreamPlan> {
     let smem_for = |stages: usize| PLANES * stages * 2 * row_bytes + fixed;
-    let (cubes, steps, stages, smem) =
-        fit_stream(ffn, PLANES, stages, smem_for, max_smem, sms, balance)?;
+    let (cubes, steps, stages, smem) = fit_stream(ffn, PLANES, stages, smem_for, max_smem, sms)?;
     Some(FfnStreamPlan {
         cubes,
         steps,
@@ -1650,9 +1629,7 @@ pub fn ffn_stream_grid(
 /// The most stages up to `stages` that fit a cube (fewer where the ring would not: small shared
 /// memories, wgpu), as many cubes as fit the device at once and no more than the items need,
 /// the steps, and no more stages than steps: `(cubes, steps, stages, smem)`; `None` for
-/// `stages` 0, no items, or not one stage that fits. With `balance` (and a known device) the
-/// cubes are a multiple of the multiprocessors (the items' cubes rounded up, at most the
-/// resident ones), for a kernel that deals the items to the cubes in turn.
+/// `stages` 0, no items, or not one stage that fits.
 fn fit_stream(
     n: usize,
     groups: usize,
@@ -1660,7 +1637,6 @@ fn fit_stream(
     smem_for: impl Fn(usize) -> usize,
     max_smem: usize,
     sms: Option<usize>,
-    balance: bool,
 ) -> Option<(usize, usize, usize, usize)> {
     if stages == 0 || n == 0 {
         return None;
@@ -1668,14 +1644,7 @@ fn fit_stream(
     let stages = (1..=stages).rev().find(|&s| smem_for(s) <= max_smem)?;
     let need = n.div_ceil(groups);
     let cubes = match sms {
-        Some(sms) => {
-            let resident = sms * resident_cubes(max_smem, smem_for(stages));
-            if balance {
-                need.next_multiple_of(sms).min(resident)
-            } else {
-                need.min(resident)
-            }
-        }
+        Some(sms) => need.min(sms * resident_cubes(max_smem, smem_for(stages))),
         None => need.min(STREAM_CUBES_UNKNOWN),
     };
     let steps = n.div_ceil(cubes * groups);
@@ -1773,8 +1742,7 @@ pub fn stream_grid(
     let groups = PLANES / split;
     let fixed = fixed + LANES * PLANES * size_of::<f32>();
     let smem_for = |s: usize| groups * s * item_rows * k_vec * vec_bytes + fixed;
-    let (cubes, steps, stages, smem) =
-        fit_stream(n, groups, stages, smem_for, max_smem, sms, false)?;
+    let (cubes, steps, stages, smem) = fit_stream(n, groups, stages, smem_for, max_smem, sms)?;
     Some(GemvStreamPlan {
         cubes,
         split,
@@ -2211,20 +2179,10 @@ pub fn ffn_in<R: Runtime, F: Float + CubeElement>(
     eps: f32,
     s: &DeviceTensor<R, F>,
 ) -> Result<()> {
-    let switches = crate::switches::switches()?;
-    let stages = switches.ffn_stages.unwrap_or(FFN_STAGES);
-    ffn_in_balanced(
-        client,
-        rec,
-        x,
-        norm,
-        w_gate,
-        w_up,
-        eps,
-        s,
-        stages,
-        switches.ffn_balance,
-    )
+    let stages = crate::switches::switches()?
+        .ffn_stages
+        .unwrap_or(FFN_STAGES);
+    ffn_in_with(client, rec, x, norm, w_gate, w_up, eps, s, stages)
 }
 
 /// [`ffn_in`] with `stages` row pairs in flight a plane ([`ffn_stream_plan`]; fewer where they
@@ -2242,26 +2200,6 @@ pub fn ffn_in_with<R: Runtime, F: Float + CubeElement>(
     eps: f32,
     s: &DeviceTensor<R, F>,
     stages: usize,
-) -> Result<()> {
-    ffn_in_balanced(client, rec, x, norm, w_gate, w_up, eps, s, stages, false)
-}
-
-/// [`ffn_in_with`]; with `balance`, the streamed kernel's grid is a multiple of the
-/// multiprocessors and its row pairs are dealt to the cubes in turn ([`fit_stream`]): every
-/// multiprocessor within a pair or so of the others, where consecutive pairs to a cube leave
-/// some multiprocessors a cube more than others. The same bits either way.
-#[allow(clippy::too_many_arguments)]
-pub fn ffn_in_balanced<R: Runtime, F: Float + CubeElement>(
-    client: &ComputeClient<R>,
-    rec: Rec<'_>,
-    x: &DeviceTensor<R, f32>,
-    norm: &DeviceTensor<R, f32>,
-    w_gate: &DeviceTensor<R, F>,
-    w_up: &DeviceTensor<R, F>,
-    eps: f32,
-    s: &DeviceTensor<R, F>,
-    stages: usize,
-    balance: bool,
 ) -> Result<()> {
     let d = x.len();
     ensure!(
@@ -2282,7 +2220,7 @@ pub fn ffn_in_balanced<R: Runtime, F: Float + CubeElement>(
     let vec = vector_size(client, size_of::<F>(), d);
     let k_vec = d / vec;
     let vec_bytes = vec * size_of::<F>();
-    if let Some(plan) = ffn_stream_plan(client, ffn, d, k_vec * vec_bytes, stages, balance) {
+    if let Some(plan) = ffn_stream_plan(client, ffn, d, k_vec * vec_bytes, stages) {
         // cp.async only where the graph recorder compiles the kernel (it turns the group
         // markers into instructions); cubecl's own launches stage with plain loads.
         let async_copy = rec.is_some() && async_prefetch(client, vec_bytes, plan.smem)?;
@@ -2291,7 +2229,7 @@ pub fn ffn_in_balanced<R: Runtime, F: Float + CubeElement>(
             sizes [vec]; arrays [x => 1, norm => 1, w_gate => vec, w_up => vec, s => 1];
             scalars [usize ffn, f32 eps];
             comptime [d, k_vec, plan.stages, plan.steps, plan.cubes * PLANES,
-                row_sum(client, 1), gemv_cube(client), async_copy, balance]);
+                row_sum(client, 1), gemv_cube(client), async_copy]);
     }
     let split = split_for(k_vec, ffn);
     let smem = 2 * (PLANES / split) * k_vec * vec_bytes + d * size_of::<f32>();
@@ -2434,42 +2372,21 @@ mod tests {
     fn ffn_stream_grid_fills_the_gpu_once() {
         // 0.5B: 1792-byte rows, 2 stages: 60 928 bytes a cube, 3 a multiprocessor, 396 cubes
         // (3 168 planes), 2 steps.
-        let p = ffn_stream_grid(4864, 3584, 1792, 2, SMEM, Some(132), false).unwrap();
+        let p = ffn_stream_grid(4864, 3584, 1792, 2, SMEM, Some(132)).unwrap();
         assert_eq!((p.cubes, p.steps, p.stages, p.smem), (396, 2, 2, 60_928));
         // 1.5B: 3072-byte rows: 2 a multiprocessor, 264 cubes, 5 steps.
-        let p = ffn_stream_grid(8960, 6144, 3072, 2, SMEM, Some(132), false).unwrap();
+        let p = ffn_stream_grid(8960, 6144, 3072, 2, SMEM, Some(132)).unwrap();
         assert_eq!((p.cubes, p.steps, p.stages), (264, 5, 2));
         // More stages than steps: as many as there are steps.
-        let p = ffn_stream_grid(4864, 3584, 1792, 4, SMEM, Some(132), false).unwrap();
+        let p = ffn_stream_grid(4864, 3584, 1792, 4, SMEM, Some(132)).unwrap();
         assert_eq!((p.cubes, p.steps, p.stages), (132, 5, 4));
-        let p = ffn_stream_grid(1000, 1024, 512, 4, SMEM, Some(132), false).unwrap();
+        let p = ffn_stream_grid(1000, 1024, 512, 4, SMEM, Some(132)).unwrap();
         assert_eq!((p.cubes, p.steps, p.stages), (125, 1, 1));
         // A small shared memory: fewer stages; none fits: the one-shot kernel.
-        let p = ffn_stream_grid(4864, 3584, 1792, 4, 32_768, None, false).unwrap();
+        let p = ffn_stream_grid(4864, 3584, 1792, 4, 32_768, None).unwrap();
         assert_eq!((p.cubes, p.steps, p.stages), (STREAM_CUBES_UNKNOWN, 19, 1));
-        assert_eq!(
-            ffn_stream_grid(8960, 6144, 3072, 2, 32_768, None, false),
-            None
-        );
-        assert_eq!(
-            ffn_stream_grid(4864, 3584, 1792, 0, SMEM, Some(132), false),
-            None
-        );
-        // Balanced: a multiple of the multiprocessors. 0.5B, 1 stage: 608 cubes would hold the
-        // pairs (5 cubes on some multiprocessors, 4 on others), 660 do (5 on each).
-        let p = ffn_stream_grid(4864, 3584, 1792, 1, SMEM, Some(132), false).unwrap();
-        assert_eq!((p.cubes, p.steps, p.stages), (608, 1, 1));
-        let p = ffn_stream_grid(4864, 3584, 1792, 1, SMEM, Some(132), true).unwrap();
-        assert_eq!((p.cubes, p.steps, p.stages), (660, 1, 1));
-        // At most the resident cubes (1.5B: 4 a multiprocessor), already a multiple.
-        let p = ffn_stream_grid(8960, 6144, 3072, 1, SMEM, Some(132), true).unwrap();
-        assert_eq!((p.cubes, p.steps, p.stages), (528, 3, 1));
-        // Fewer pairs than multiprocessors' planes: a cube each.
-        let p = ffn_stream_grid(1000, 1024, 512, 4, SMEM, Some(132), true).unwrap();
-        assert_eq!((p.cubes, p.steps, p.stages), (132, 1, 1));
-        // Unknown device: as without.
-        let p = ffn_stream_grid(4864, 3584, 1792, 4, 32_768, None, true).unwrap();
-        assert_eq!((p.cubes, p.steps, p.stages), (STREAM_CUBES_UNKNOWN, 19, 1));
+        assert_eq!(ffn_stream_grid(8960, 6144, 3072, 2, 32_768, None), None);
+        assert_eq!(ffn_stream_grid(4864, 3584, 1792, 0, SMEM, Some(132)), None);
     }
 
     #[test]

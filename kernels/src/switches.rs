@@ -10,8 +10,7 @@
 //! | `CUBEQWEN_NO_FLASH` | the chunked attention kernel for prompts | the flash kernel |
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
-//! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 8): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
-//! | `CUBEQWEN_FFN_BALANCE` | the streamed `ffn_in`'s grid a multiple of the multiprocessors, its row pairs dealt to the cubes in turn (every cube within one pair of the others) | as many cubes as the pairs need, consecutive pairs to a cube's planes |
+//! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
 //! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_ATTN_IN_STAGES` | `N` (0 to 4): pair-rows in flight a plane group in the decode step's `attn_in` where its one-shot grid would take more than one wave ([`crate::decode::attn_in`]); 0: the one-shot kernel always | [`crate::decode::ATTN_IN_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
@@ -50,8 +49,6 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
-    /// The streamed `ffn_in`'s grid balanced over the multiprocessors.
-    pub ffn_balance: bool,
     /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
     pub gemv_stages: Option<usize>,
     /// Pair-rows in flight a plane group in the decode step's streamed `attn_in`.
@@ -212,7 +209,6 @@ impl Switches {
             flash_exact_exp: flag("CUBEQWEN_FLASH_EXACT_EXP")?,
             flash_splits,
             ffn_stages,
-            ffn_balance: flag("CUBEQWEN_FFN_BALANCE")?,
             gemv_stages,
             attn_in_stages,
             timeline: flag("CUBEQWEN_TIMELINE")?,
@@ -248,7 +244,6 @@ mod tests {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
         assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma && !s.flash_exact_exp);
-        assert!(!s.ffn_balance);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
@@ -265,11 +260,9 @@ mod tests {
             ("CUBEQWEN_NO_GRAPHS", "1"),
             ("CUBEQWEN_TIMELINE", "yes"),
             ("CUBEQWEN_NO_FUSED_GEMV", "on"),
-            ("CUBEQWEN_FFN_BALANCE", "true"),
         ])
         .unwrap();
         assert!(on.no_graphs && on.timeline && on.no_fused_gemv && !on.no_pdl);
-        assert!(on.ffn_balance);
         let off = parse(&[("CUBEQWEN_NO_GRAPHS", "0"), ("CUBEQWEN_NO_PDL", "")]).unwrap();
         assert!(!off.no_graphs && !off.no_pdl);
     }
@@ -317,7 +310,6 @@ mod tests {
     fn bad_values_are_errors_that_name_the_variable() {
         for (k, v) in [
             ("CUBEQWEN_NO_GRAPHS", "maybe"),
-            ("CUBEQWEN_FFN_BALANCE", "2"),
             ("CUBEQWEN_GEMV_SHAPE", "12x4"),
             ("CUBEQWEN_GEMV_SHAPE", "32x64"),
             ("CUBEQWEN_GEMV_SHAPE", "32"),
@@ -331,7 +323,7 @@ mod tests {
             ("CUBEQWEN_CUBEK_TILING", "tiles=8,pn=4"),
             ("CUBEQWEN_FLASH_SPLITS", "0"),
             ("CUBEQWEN_FLASH_SPLITS", "65"),
-            ("CUBEQWEN_FFN_STAGES", "9"),
+            ("CUBEQWEN_FFN_STAGES", "5"),
             ("CUBEQWEN_FFN_STAGES", "two"),
             ("CUBEQWEN_GEMV_STAGES", "5"),
             ("CUBEQWEN_GEMV_STAGES", "-1"),

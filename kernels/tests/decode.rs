@@ -497,23 +497,15 @@ impl RuntimeJob for Streamed {
                 MAX_FFN_STAGES + 1
             );
             let mut one_shot: Option<Vec<f16>> = None;
-            let runs = (0..=MAX_FFN_STAGES).flat_map(|st| {
-                let both: &[bool] = if st == 0 { &[false] } else { &[false, true] };
-                both.iter().map(move |&b| (st, b))
-            });
-            for (stages, balance) in runs {
+            for stages in 0..=MAX_FFN_STAGES {
                 let s =
                     DeviceTensor::<R, f16>::from_slice(&client, &vec![POISON_F16; ffn], &[1, ffn])?;
-                let plan = ffn_stream_plan(&client, ffn, d, d * 2, stages, balance);
-                println!("stages {stages}, balanced {balance}: {plan:?}");
-                ffn_in_balanced(
-                    &client, None, &xd, &nd, &wgd, &wud, 1e-6, &s, stages, balance,
-                )?;
+                let plan = ffn_stream_plan(&client, ffn, d, d * 2, stages);
+                println!("stages {stages}: {plan:?}");
+                ffn_in_with(&client, None, &xd, &nd, &wgd, &wud, 1e-6, &s, stages)?;
                 let got = s.to_vec(&client)?;
                 check(
-                    &format!(
-                        "ffn_in d={d} ffn={ffn} stages {stages} balanced {balance} on {device}: {plan:?}"
-                    ),
+                    &format!("ffn_in d={d} ffn={ffn} stages {stages} on {device}: {plan:?}"),
                     rel_err(&widen(&got), &want),
                     TOL_F16,
                     seed,
@@ -569,35 +561,20 @@ fn ffn_in_streamed_in_a_graph() -> Result<()> {
                 want.iter().all(|v| v.is_finite()),
                 "ffn_in d={d}: a value not written"
             );
-            for balance in [false, true] {
-                let s = T::<f16>::from_slice(&client, &vec![POISON_F16; ffn], &[1, ffn])?;
-                once_in_a_graph(&mut rec, |rec| {
-                    ffn_in_balanced(
-                        &client,
-                        Some(rec),
-                        &xd,
-                        &nd,
-                        &wg,
-                        &wu,
-                        1e-6,
-                        &s,
-                        stages,
-                        balance,
-                    )
-                })?;
-                let got = s.to_vec(&client)?;
-                let same = want
-                    .iter()
-                    .zip(&got)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                println!(
-                    "ffn_in d={d} ffn={ffn} stages {stages} balanced {balance} in a graph: same bits {same}"
-                );
-                ensure!(
-                    same,
-                    "ffn_in d={d} ffn={ffn}: {stages} stages (balanced {balance}) in a graph differ (seed {seed})"
-                );
-            }
+            let s = T::<f16>::from_slice(&client, &vec![POISON_F16; ffn], &[1, ffn])?;
+            once_in_a_graph(&mut rec, |rec| {
+                ffn_in_with(&client, Some(rec), &xd, &nd, &wg, &wu, 1e-6, &s, stages)
+            })?;
+            let got = s.to_vec(&client)?;
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            println!("ffn_in d={d} ffn={ffn} stages {stages} in a graph: same bits {same}");
+            ensure!(
+                same,
+                "ffn_in d={d} ffn={ffn}: {stages} stages in a graph differ (seed {seed})"
+            );
         }
     }
     Ok(())
