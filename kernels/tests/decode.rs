@@ -810,3 +810,126 @@ fn attn_in_streamed_in_a_graph() -> Result<()> {
     }
     Ok(())
 }
+
+/// On CUDA, the decode attention inside a CUDA graph, where the last cube of each head merges
+/// the chunks (its parts written before its count, the graph recorder's fences), against the
+/// same kernel launched by cubecl with the merge kernel: the same bits, at the 0.5B and 1.5B
+/// head shapes (14 and 12 heads on 2 kv heads, 64 and 128 dims), from one chunk to 32, and
+/// against the f64 reference. Each graph holds two attentions on one scratch and is launched
+/// twice, so the per-head counts must be back at 0 after every launch (a count left behind
+/// would merge too early or never: the outputs start poisoned). CUDA only: `#[ignore]`d here,
+/// run by `scripts/run-gpu.sh` (with --include-ignored).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs CUDA: run on the GPU machine by scripts/run-gpu.sh"]
+fn attention_merges_in_a_graph() -> Result<()> {
+    type C = cubecl::cuda::CudaRuntime;
+    type T<E> = DeviceTensor<C, E>;
+    let (client, device) = cubeqwen_kernels::runtime::cuda_client()?;
+    println!("test device: {device}");
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut rec = GraphRecorder::new(&client)?;
+    let max_ctx = 4096;
+    for (n_heads, n_kv, hd) in [(14usize, 2usize, 64usize), (12, 2, 128)] {
+        let (qd, kvd) = (n_heads * hd, n_kv * hd);
+        for pos in [127usize, 128, 129, 1000, 4095] {
+            let keys = pos + 1;
+            let k = rng.f16_vec(keys * kvd, 0.0, 1.0);
+            let v = rng.f16_vec(keys * kvd, 0.0, 1.0);
+            let cache = KvCache::<C, f16>::new(&client, n_kv, max_ctx, hd)?;
+            let k_up = T::<f16>::from_slice(&client, &k, &[keys, kvd])?;
+            let v_up = T::<f16>::from_slice(&client, &v, &[keys, kvd])?;
+            cache.append(&client, &k_up, &v_up, 0)?;
+            let st = DecodeState::new(&client, pos as u32, 0)?;
+            let scratch = AttentionScratch::new(&client, n_heads, hd, max_ctx)?;
+            let qs = [rng.f16_vec(qd, 0.0, 1.0), rng.f16_vec(qd, 0.0, 1.0)];
+            let q_up = [
+                T::<f16>::from_slice(&client, &qs[0], &[1, qd])?,
+                T::<f16>::from_slice(&client, &qs[1], &[1, qd])?,
+            ];
+            let poisoned = || T::<f16>::from_slice(&client, &vec![POISON_F16; qd], &[1, qd]);
+            // cubecl's launches: the merge kernel.
+            let mut want = Vec::new();
+            for q in &q_up {
+                let out = poisoned()?;
+                attention(&client, None, q, &cache, &st, pos, n_heads, &scratch, &out)?;
+                want.push(out.to_vec(&client)?);
+            }
+            for (i, q) in qs.iter().enumerate() {
+                let r = cubeqwen_kernels::attention::reference(
+                    &widen(q),
+                    &widen(&k),
+                    &widen(&v),
+                    n_heads,
+                    n_kv,
+                    hd,
+                    pos,
+                );
+                check(
+                    &format!("attention {n_heads}×{hd} pos {pos} q{i} (merge kernel)"),
+                    rel_err(&widen(&want[i]), &r),
+                    TOL_ATT,
+                    seed,
+                )?;
+            }
+            // One graph, two attentions on the scratch, launched twice.
+            let outs = [poisoned()?, poisoned()?];
+            rec.wait_for_cubecl()?;
+            let graph = rec.capture(|rec| {
+                for (q, out) in q_up.iter().zip(&outs) {
+                    attention(
+                        &client,
+                        Some(&mut *rec),
+                        q,
+                        &cache,
+                        &st,
+                        pos,
+                        n_heads,
+                        &scratch,
+                        out,
+                    )?;
+                }
+                Ok(())
+            })?;
+            for launch in 0..2 {
+                graph.launch()?;
+                rec.synchronize()?;
+                for (i, out) in outs.iter().enumerate() {
+                    let got = out.to_vec(&client)?;
+                    let same = got
+                        .iter()
+                        .zip(&want[i])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    println!(
+                        "attention {n_heads}×{hd} pos {pos} q{i} launch {launch} in a graph: same bits {same}"
+                    );
+                    ensure!(
+                        same,
+                        "attention {n_heads}×{hd} pos {pos}: q{i}, launch {launch} of the graph \
+                         differs from cubecl's (seed {seed})"
+                    );
+                }
+                // Poison again: the second launch must write every value anew.
+                let word = u32::from(POISON_F16.to_bits()) * 0x1_0001;
+                for out in &outs {
+                    let at = rec.address(&out.handle)?;
+                    for i in 0..qd / 2 {
+                        // SAFETY: `out` holds qd f16s, i.e. qd / 2 u32 words from `at`.
+                        unsafe { rec.set_u32(at + 4 * i as u64, word)? };
+                    }
+                }
+                rec.synchronize()?;
+                ensure!(
+                    outs[0]
+                        .to_vec(&client)?
+                        .iter()
+                        .all(|v| v.to_bits() == POISON_F16.to_bits()),
+                    "the outputs were not poisoned again"
+                );
+                rec.wait_for_cubecl()?;
+            }
+        }
+    }
+    Ok(())
+}
