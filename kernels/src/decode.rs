@@ -42,10 +42,8 @@ const ATT_PLANES: usize = 4;
 /// Key positions per cube of the decode attention: a context of up to 128 tokens needs no merge
 /// kernel, and 4096 keys still spread over 32 chunks × 14 heads = 448 cubes (0.5B).
 pub const ATT_CHUNK: usize = LANES * ATT_PLANES;
-/// Units that merge a head's chunks ([`merge_parts`]): the attention kernel's cube, so that the
-/// merge kernel and the attention kernel's last cube of a head (which merges in graphs) add in
-/// the same order (a multiple of the head dimension).
-const MERGE_UNITS: usize = ATT_THREADS;
+/// Units of the decode attention's merge kernel (a multiple of the head dimension).
+const MERGE_UNITS: usize = 256;
 /// Units per cube of the decode attention.
 const ATT_THREADS: usize = ATT_CHUNK;
 /// Planes per cube of the fused GEMVs; `split` of them share a row (a row pair for
@@ -77,15 +75,6 @@ struct Pair {
 #[cube]
 pub(crate) fn grid_dependency() {
     comment!("cubeqwen:grid-dependency");
-}
-
-/// Where the graph recorder places `__threadfence()` (cubecl 0.10's IR has no memory fence):
-/// orders this unit's memory accesses before and after it for the whole device. Elsewhere a
-/// comment, so only graph launches may rely on it ([`attention`]'s merge in its last cube,
-/// [`crate::gridsync::grid_barrier`]).
-#[cube]
-pub(crate) fn fence() {
-    comment!("cubeqwen:fence");
 }
 
 /// RMSNorm of `x[0..d]` (f32) with weight `nw`, rounded to `F`, into `h` (every unit of the
@@ -741,7 +730,6 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     out: &mut Array<F>,
     part_out: &mut Array<f32>,
     part_max_sum: &mut Array<f32>,
-    arrived: &Array<Atomic<u32>>,
     max_ctx: usize,
     scale: f32,
     #[comptime] group: usize,
@@ -750,8 +738,6 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
     #[comptime] k_vecs: usize,
     #[comptime] v_lanes: usize,
     #[comptime] keys: Reduction,
-    #[comptime] merge: bool,
-    #[comptime] all: Reduction,
 ) {
     grid_dependency();
     let chunk = CUBE_POS_X as usize;
@@ -869,48 +855,24 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
             }
         }
     }
-    if comptime!(merge && !single) {
-        // The head's last chunk to finish merges them all (graphs only: the fences are the
-        // graph recorder's). Its parts are written before its count (a fence after the cube's
-        // writes), and the last cube reads the others' after its own (a fence after the count),
-        // as `gridsync::grid_barrier` orders them.
-        let mut last = SharedMemory::<u32>::new(1usize);
-        sync_cube();
-        if tid == 0 {
-            fence();
-            let before = arrived[head].fetch_add(1u32);
-            let mut is_last = 0u32;
-            if before as usize == chunks - 1 {
-                // Every chunk of this head has counted: ready for the next launch.
-                arrived[head].store(0u32);
-                is_last = 1u32;
-            }
-            fence();
-            last[0] = is_last;
-        }
-        sync_cube();
-        if last[0] == 1u32 {
-            merge_parts::<F>(part_out, part_max_sum, out, head, chunks, head_dim, all);
-        }
-    }
 }
 
-/// Merges head `head`'s `chunks` parts (unnormalised output, max, sum) into its output with the
-/// online-softmax rule ([`crate::attention::part_weight`]); every unit of a cube of
-/// [`MERGE_UNITS`] calls it. The units take the chunks in turn for the maximum and the
-/// denominator; then each of the `MERGE_UNITS / head_dim` groups sums every so-many chunk's
+/// Merges the chunk parts of [`attention_kernel`] with the online-softmax rule
+/// ([`crate::attention::part_weight`]); one cube per
+/// query head. The cube's [`MERGE_UNITS`] units take the chunks in turn for the maximum and the
+/// denominator; then each of its `MERGE_UNITS / head_dim` groups sums every so-many chunk's
 /// output for its dimension, and the groups' sums are added.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn merge_parts<F: Float>(
+#[cube(launch)]
+fn attention_merge_kernel<F: Float>(
     part_out: &Array<f32>,
     part_max_sum: &Array<f32>,
     out: &mut Array<F>,
-    head: usize,
     chunks: usize,
     #[comptime] head_dim: usize,
     #[comptime] all: Reduction,
 ) {
+    grid_dependency();
+    let head = CUBE_POS;
     let base = head * chunks;
     let tid = UNIT_POS as usize;
     let mut mx = f32::new(-1.0e30);
@@ -958,22 +920,6 @@ fn merge_parts<F: Float>(
         }
         out[head * head_dim + dim] = F::cast_from(total / denom);
     }
-}
-
-/// Merges the chunk parts of [`attention_kernel`] ([`merge_parts`]): one cube per query head,
-/// after the attention kernel. Where the attention kernel merges in its last cube of a head
-/// (graphs), this launch is left out.
-#[cube(launch)]
-fn attention_merge_kernel<F: Float>(
-    part_out: &Array<f32>,
-    part_max_sum: &Array<f32>,
-    out: &mut Array<F>,
-    chunks: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] all: Reduction,
-) {
-    grid_dependency();
-    merge_parts::<F>(part_out, part_max_sum, out, CUBE_POS, chunks, head_dim, all);
 }
 
 /// `x[r] += Σ_k W[r][k]·a[k]` for every row r of W ([n, k]): the o-projection and the down
@@ -2031,8 +1977,6 @@ fn sms<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
 pub struct AttentionScratch<R: Runtime> {
     part_out: DeviceTensor<R, f32>,
     part_max_sum: DeviceTensor<R, f32>,
-    /// Per head, the chunks that have written their part in this launch (0 between launches).
-    arrived: DeviceTensor<R, u32>,
 }
 
 impl<R: Runtime> AttentionScratch<R> {
@@ -2046,7 +1990,6 @@ impl<R: Runtime> AttentionScratch<R> {
         Ok(Self {
             part_out: DeviceTensor::empty(client, &[parts, head_dim])?,
             part_max_sum: DeviceTensor::empty(client, &[parts, 2])?,
-            arrived: DeviceTensor::from_slice(client, &vec![0u32; n_heads], &[n_heads])?,
         })
     }
 }
@@ -2104,28 +2047,19 @@ pub fn attention<R: Runtime, F: Float + CubeElement>(
     // Value dimensions per unit: the row spread over the plane's 32 units (fewer below 32).
     let v_vec = (hd / LANES).max(1);
     let keys = Reduction::new(client, ATT_THREADS, LANES);
-    let all = Reduction::cube(client, MERGE_UNITS);
-    // In a graph the head's last chunk merges (the recorder compiles its fences); cubecl's
-    // launches, or `CUBEQWEN_ATTN_MERGE_KERNEL`, take the merge kernel: the same sums.
-    let merge = !single && rec.is_some() && !crate::switches::switches()?.attn_merge_kernel;
-    ensure!(
-        scratch.arrived.len() >= n_heads,
-        "attention: scratch made for fewer heads"
-    );
-    let arrived = &scratch.arrived;
     launch!(rec.as_deref_mut(), client, attention_kernel::AttentionKernel<F>,
         CubeCount::Static(chunks as u32, n_heads as u32, 1),
         CubeDim::new_2d(LANES as u32, ATT_PLANES as u32);
         sizes [k_vec, v_vec];
         arrays [q => 1, cache.k => k_vec, cache.v => v_vec, st.state => 1, out => 1,
-            part_out => 1, part_max_sum => 1, arrived => 1];
+            part_out => 1, part_max_sum => 1];
         scalars [usize max_ctx, f32 scale];
-        comptime [group, hd, single, hd / k_vec, hd / v_vec, keys, merge, all])?;
-    if !single && !merge {
+        comptime [group, hd, single, hd / k_vec, hd / v_vec, keys])?;
+    if !single {
         launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
             cube_count(n_heads)?, CubeDim::new_1d(MERGE_UNITS as u32);
             sizes []; arrays [part_out => 1, part_max_sum => 1, out => 1]; scalars [usize chunks];
-            comptime [hd, all])?;
+            comptime [hd, Reduction::cube(client, MERGE_UNITS)])?;
     }
     Ok(())
 }

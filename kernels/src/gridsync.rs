@@ -26,7 +26,7 @@
 use anyhow::{ensure, Result};
 use cubecl::prelude::*;
 
-use crate::decode::{fence, grid_dependency};
+use crate::decode::grid_dependency;
 use crate::launch::launch;
 use crate::DeviceTensor;
 
@@ -37,6 +37,12 @@ pub const RELAY_UNITS: usize = 256;
 /// Relay cubes per multiprocessor, at most: 4 × 256 units, half of the 2048 an NVIDIA
 /// multiprocessor holds since Volta (the kernel needs few registers and no shared memory).
 const MAX_RESIDENT: u32 = 4;
+
+/// Where the graph recorder places `__threadfence()` (see the module docs).
+#[cube]
+fn fence() {
+    comment!("cubeqwen:fence");
+}
 
 /// Waits until every cube of the launch (`cubes` of them, all resident at once) has called it
 /// as often as this one; writes made before the call by any cube are visible to every unit

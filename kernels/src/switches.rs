@@ -11,7 +11,6 @@
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
-//! | `CUBEQWEN_ATTN_MERGE_KERNEL` | graph decode merges a long context's attention chunks in a kernel of its own | the attention kernel's last cube of a head merges ([`crate::decode::attention`]) |
 //! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_ATTN_IN_STAGES` | `N` (0 to 4): pair-rows in flight a plane group in the decode step's `attn_in` where its one-shot grid would take more than one wave ([`crate::decode::attn_in`]); 0: the one-shot kernel always | [`crate::decode::ATTN_IN_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
@@ -50,8 +49,6 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
-    /// Graph decode merges attention chunks in a kernel of its own.
-    pub attn_merge_kernel: bool,
     /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
     pub gemv_stages: Option<usize>,
     /// Pair-rows in flight a plane group in the decode step's streamed `attn_in`.
@@ -212,7 +209,6 @@ impl Switches {
             flash_exact_exp: flag("CUBEQWEN_FLASH_EXACT_EXP")?,
             flash_splits,
             ffn_stages,
-            attn_merge_kernel: flag("CUBEQWEN_ATTN_MERGE_KERNEL")?,
             gemv_stages,
             attn_in_stages,
             timeline: flag("CUBEQWEN_TIMELINE")?,
@@ -248,7 +244,6 @@ mod tests {
         let s = parse(&[]).unwrap();
         assert!(!s.no_graphs && !s.no_pdl && !s.no_async_copy && !s.no_flash && !s.timeline);
         assert!(!s.graph_checked && !s.no_fused_gemv && !s.no_gemv_mma && !s.flash_exact_exp);
-        assert!(!s.attn_merge_kernel);
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
@@ -265,11 +260,9 @@ mod tests {
             ("CUBEQWEN_NO_GRAPHS", "1"),
             ("CUBEQWEN_TIMELINE", "yes"),
             ("CUBEQWEN_NO_FUSED_GEMV", "on"),
-            ("CUBEQWEN_ATTN_MERGE_KERNEL", "1"),
         ])
         .unwrap();
         assert!(on.no_graphs && on.timeline && on.no_fused_gemv && !on.no_pdl);
-        assert!(on.attn_merge_kernel);
         let off = parse(&[("CUBEQWEN_NO_GRAPHS", "0"), ("CUBEQWEN_NO_PDL", "")]).unwrap();
         assert!(!off.no_graphs && !off.no_pdl);
     }
@@ -317,7 +310,6 @@ mod tests {
     fn bad_values_are_errors_that_name_the_variable() {
         for (k, v) in [
             ("CUBEQWEN_NO_GRAPHS", "maybe"),
-            ("CUBEQWEN_ATTN_MERGE_KERNEL", "sometimes"),
             ("CUBEQWEN_GEMV_SHAPE", "12x4"),
             ("CUBEQWEN_GEMV_SHAPE", "32x64"),
             ("CUBEQWEN_GEMV_SHAPE", "32"),
