@@ -861,8 +861,7 @@ fn attention_kernel<F: Float, KV: Size, VV: Size>(
 /// ([`crate::attention::part_weight`]); one cube per
 /// query head. The cube's [`MERGE_UNITS`] units take the chunks in turn for the maximum and the
 /// denominator; then each of its `MERGE_UNITS / head_dim` groups sums every so-many chunk's
-/// output for its dimension, `batch` chunks' loads at a time (all in flight together; added in
-/// the same order whatever the batch), and the groups' sums are added.
+/// output for its dimension, and the groups' sums are added.
 #[cube(launch)]
 fn attention_merge_kernel<F: Float>(
     part_out: &Array<f32>,
@@ -871,7 +870,6 @@ fn attention_merge_kernel<F: Float>(
     chunks: usize,
     #[comptime] head_dim: usize,
     #[comptime] all: Reduction,
-    #[comptime] batch: usize,
 ) {
     grid_dependency();
     let head = CUBE_POS;
@@ -903,32 +901,13 @@ fn attention_merge_kernel<F: Float>(
     let mut acc = 0.0f32;
     let mut c = g;
     while c < chunks {
-        // Chunks c, c + groups, ..., `batch` of them: every load first, then the sums in order.
-        let mut ws = Array::<f32>::new(batch);
-        let mut ps = Array::<f32>::new(batch);
-        #[unroll]
-        for j in 0..batch {
-            let cj = c + j * groups;
-            let mut w = 0.0f32;
-            let mut p = 0.0f32;
-            if cj < chunks {
-                w = part_weight(
-                    part_max_sum[(base + cj) * 2],
-                    part_max_sum[(base + cj) * 2 + 1],
-                    mx,
-                );
-                p = part_out[(base + cj) * head_dim + dim];
-            }
-            ws[j] = w;
-            ps[j] = p;
-        }
-        #[unroll]
-        for j in 0..batch {
-            if c + j * groups < chunks {
-                acc += ws[j] * ps[j];
-            }
-        }
-        c += comptime!(batch * groups);
+        let w = part_weight(
+            part_max_sum[(base + c) * 2],
+            part_max_sum[(base + c) * 2 + 1],
+            mx,
+        );
+        acc += w * part_out[(base + c) * head_dim + dim];
+        c += groups;
     }
     let mut sums = SharedMemory::<f32>::new(MERGE_UNITS);
     sums[tid] = acc;
@@ -2026,32 +2005,6 @@ pub fn attention_chunks(pos: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn attention<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
-    rec: Rec<'_>,
-    q: &DeviceTensor<R, F>,
-    cache: &KvCache<R, F>,
-    st: &DecodeState<R>,
-    pos: usize,
-    n_heads: usize,
-    scratch: &AttentionScratch<R>,
-    out: &DeviceTensor<R, F>,
-) -> Result<()> {
-    let batch = crate::switches::switches()?
-        .merge_batch
-        .unwrap_or(MERGE_BATCH);
-    attention_with(client, rec, q, cache, st, pos, n_heads, scratch, out, batch)
-}
-
-/// Chunks whose parts a unit of the merge kernel loads at once by default
-/// (`CUBEQWEN_MERGE_BATCH` overrides; 1: a chunk at a time).
-pub const MERGE_BATCH: usize = 8;
-/// The most chunks a merge unit loads at once.
-pub const MAX_MERGE_BATCH: usize = 16;
-
-/// [`attention`] with the merge kernel loading `batch` chunks' parts at a time a unit (1 to
-/// [`MAX_MERGE_BATCH`]; the same bits whatever the batch).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_with<R: Runtime, F: Float + CubeElement>(
-    client: &ComputeClient<R>,
     mut rec: Rec<'_>,
     q: &DeviceTensor<R, F>,
     cache: &KvCache<R, F>,
@@ -2060,12 +2013,7 @@ pub fn attention_with<R: Runtime, F: Float + CubeElement>(
     n_heads: usize,
     scratch: &AttentionScratch<R>,
     out: &DeviceTensor<R, F>,
-    batch: usize,
 ) -> Result<()> {
-    ensure!(
-        (1..=MAX_MERGE_BATCH).contains(&batch),
-        "attention: merge batch {batch}; 1 to {MAX_MERGE_BATCH}"
-    );
     let hd = cache.head_dim;
     ensure!(
         q.len() == n_heads * hd && out.len() == q.len(),
@@ -2111,7 +2059,7 @@ pub fn attention_with<R: Runtime, F: Float + CubeElement>(
         launch!(rec, client, attention_merge_kernel::AttentionMergeKernel<F>,
             cube_count(n_heads)?, CubeDim::new_1d(MERGE_UNITS as u32);
             sizes []; arrays [part_out => 1, part_max_sum => 1, out => 1]; scalars [usize chunks];
-            comptime [hd, Reduction::cube(client, MERGE_UNITS), batch])?;
+            comptime [hd, Reduction::cube(client, MERGE_UNITS)])?;
     }
     Ok(())
 }

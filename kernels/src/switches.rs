@@ -11,7 +11,6 @@
 //! | `CUBEQWEN_NO_FUSED_GEMV` | a short chunk's q/k/v and gate/up + SwiGLU as separate launches | fused ([`crate::fused_gemv`]) where `Auto` gives their weights to the GEMV |
 //! | `CUBEQWEN_NO_GEMV_MMA` | `Auto` never takes the tensor-core GEMV (2 to 32 rows: the scalar GEMV or cubek) | tensor cores where the device has `mma.m16n8k16` |
 //! | `CUBEQWEN_FFN_STAGES` | `N` (0 to 4): row pairs in flight a plane in the decode step's `ffn_in` ([`crate::decode::ffn_in`]); 0: the one-shot kernel (every row of a cube staged, one wait) | [`crate::decode::FFN_STAGES`] |
-//! | `CUBEQWEN_MERGE_BATCH` | `N` (1 to 16): chunks whose parts a unit of the decode attention's merge kernel loads at once ([`crate::decode::attention`]) | [`crate::decode::MERGE_BATCH`] |
 //! | `CUBEQWEN_GEMV_STAGES` | `N` (0 to 4): rows in flight a plane group in the decode step's GEMV + residual (o, down) where its one-shot grid would take more than one wave ([`crate::decode::gemv_residual`]); 0: the one-shot kernel always | [`crate::decode::GEMV_STAGES`] |
 //! | `CUBEQWEN_ATTN_IN_STAGES` | `N` (0 to 4): pair-rows in flight a plane group in the decode step's `attn_in` where its one-shot grid would take more than one wave ([`crate::decode::attn_in`]); 0: the one-shot kernel always | [`crate::decode::ATTN_IN_STAGES`] |
 //! | `CUBEQWEN_FLASH_KERNEL` | `auto`, `portable`, `mma`, `mma-emulated` | `auto` |
@@ -50,8 +49,6 @@ pub struct Switches {
     pub flash_splits: Option<usize>,
     /// Row pairs in flight a plane in the decode `ffn_in` (0: the one-shot kernel).
     pub ffn_stages: Option<usize>,
-    /// Chunks a unit of the decode attention's merge kernel loads at once.
-    pub merge_batch: Option<usize>,
     /// Rows in flight a plane group in the decode step's streamed GEMV + residual.
     pub gemv_stages: Option<usize>,
     /// Pair-rows in flight a plane group in the decode step's streamed `attn_in`.
@@ -170,7 +167,6 @@ impl Switches {
         let flash_splits = number("CUBEQWEN_FLASH_SPLITS", 1, crate::flash::MAX_SPLITS)?;
         let ffn_stages = number("CUBEQWEN_FFN_STAGES", 0, crate::decode::MAX_FFN_STAGES)?;
         let gemv_stages = number("CUBEQWEN_GEMV_STAGES", 0, crate::decode::MAX_GEMV_STAGES)?;
-        let merge_batch = number("CUBEQWEN_MERGE_BATCH", 1, crate::decode::MAX_MERGE_BATCH)?;
         let attn_in_stages = number("CUBEQWEN_ATTN_IN_STAGES", 0, crate::decode::MAX_GEMV_STAGES)?;
         let gemv_shape = match get("CUBEQWEN_GEMV_SHAPE") {
             Some(v) => Some(parse_gemv_shape(v.trim()).ok_or_else(|| {
@@ -213,7 +209,6 @@ impl Switches {
             flash_exact_exp: flag("CUBEQWEN_FLASH_EXACT_EXP")?,
             flash_splits,
             ffn_stages,
-            merge_batch,
             gemv_stages,
             attn_in_stages,
             timeline: flag("CUBEQWEN_TIMELINE")?,
@@ -252,7 +247,7 @@ mod tests {
         assert_eq!(s.flash_kernel, PrefillKernel::Auto);
         assert_eq!((s.gemv_shape, s.cubek_strategy), (None, None));
         assert_eq!((s.cubek_tiling, s.flash_splits), (None, None));
-        assert_eq!((s.mma_tile, s.merge_batch), (None, None));
+        assert_eq!(s.mma_tile, None);
         assert_eq!(
             (s.ffn_stages, s.gemv_stages, s.attn_in_stages),
             (None, None, None)
@@ -284,10 +279,8 @@ mod tests {
             ("CUBEQWEN_GEMV_STAGES", "3"),
             ("CUBEQWEN_ATTN_IN_STAGES", "1"),
             ("CUBEQWEN_MMA_TILE", "128x64x32x3"),
-            ("CUBEQWEN_MERGE_BATCH", "16"),
         ])
         .unwrap();
-        assert_eq!(s.merge_batch, Some(16));
         let tile = s.mma_tile.unwrap();
         assert_eq!((tile.bm, tile.bn, tile.bk, tile.stages), (128, 64, 32, 3));
         let two = parse(&[("CUBEQWEN_MMA_TILE", "64x128x64")]).unwrap();
@@ -335,8 +328,6 @@ mod tests {
             ("CUBEQWEN_GEMV_STAGES", "5"),
             ("CUBEQWEN_GEMV_STAGES", "-1"),
             ("CUBEQWEN_ATTN_IN_STAGES", "5"),
-            ("CUBEQWEN_MERGE_BATCH", "0"),
-            ("CUBEQWEN_MERGE_BATCH", "17"),
             ("CUBEQWEN_MMA_TILE", "128x64"),
             ("CUBEQWEN_MMA_TILE", "128x64x8"),
             ("CUBEQWEN_MMA_TILE", "128xx64"),

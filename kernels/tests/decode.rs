@@ -259,48 +259,14 @@ impl RuntimeJob for Fused {
                 hd,
                 pos,
             );
-            let bits = out.to_vec(&client)?;
+            let got = widen(&out.to_vec(&client)?);
             check(
                 &format!("attention   pos {pos}"),
-                rel_err(&widen(&bits), &want),
+                rel_err(&got, &want),
                 TOL_ATT,
                 seed,
             )?;
-            // The merge kernel's loads a chunk at a time, and 3 (batches cut by the chunk
-            // count): the same sums in the same order.
-            for batch in [1, 3] {
-                let again = up(&vec![POISON_F16; qd], &[1, qd])?;
-                let q_up = up(&q, &[1, qd])?;
-                attention_with(
-                    &client, None, &q_up, &cache, &st, pos, n_heads, &scratch, &again, batch,
-                )?;
-                let same = again
-                    .to_vec(&client)?
-                    .iter()
-                    .zip(&bits)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                ensure!(
-                    same,
-                    "attention pos {pos}: merge batch {batch} differs from {MERGE_BATCH} (seed {seed})"
-                );
-            }
         }
-        ensure!(
-            attention_with(
-                &client,
-                None,
-                &up(&vec![POISON_F16; qd], &[1, qd])?,
-                &KvCache::<R, f16>::new(&client, n_kv, max_ctx, hd)?,
-                &DecodeState::new(&client, 0, 0)?,
-                0,
-                n_heads,
-                &AttentionScratch::new(&client, n_heads, hd, max_ctx)?,
-                &up(&vec![POISON_F16; qd], &[1, qd])?,
-                MAX_MERGE_BATCH + 1,
-            )
-            .is_err(),
-            "attention: a merge batch over {MAX_MERGE_BATCH} was not refused"
-        );
 
         // --- ffn_in: norm → gate, up → SwiGLU.
         let (wg, wu) = (
