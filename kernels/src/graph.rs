@@ -787,7 +787,7 @@ pub fn timeline_summary(times: &[LaunchTimes]) -> String {
     let mut out = String::new();
     // Per kernel (its number, name and cube count), in order of first launch: launches and
     // the sums of their boundary, body and resident times.
-    let mut kinds: Vec<((usize, String, u32), [f64; 4])> = Vec::new();
+    let mut kinds: PerKernel<4> = Vec::new();
     let _ = writeln!(
         out,
         "| # | kernel | cubes | start µs | past wait µs | end µs | boundary µs | body µs |\n|---:|---|---:|---:|---:|---:|---:|---:|"
@@ -806,18 +806,8 @@ pub fn timeline_summary(times: &[LaunchTimes]) -> String {
             us(past),
             us(t.end),
         );
-        let key = (t.launch.kernel, t.launch.name.clone(), t.launch.cubes);
-        let at = match kinds.iter().position(|k| k.0 == key) {
-            Some(at) => at,
-            None => {
-                kinds.push((key, [0.0; 4]));
-                kinds.len() - 1
-            }
-        };
         let resident = (t.end as f64 - t.start as f64) / 1e3;
-        for (sum, v) in kinds[at].1.iter_mut().zip([1.0, boundary, body, resident]) {
-            *sum += v;
-        }
+        add_per_kernel(&mut kinds, t, [1.0, boundary, body, resident]);
         prev_end = Some(t.end);
     }
     let total = times.iter().map(|t| t.end).max().unwrap_or(t0);
@@ -839,12 +829,24 @@ pub fn timeline_summary(times: &[LaunchTimes]) -> String {
     out
 }
 
+/// Sums per kernel (its number, name and cube count), in the order of its first launch.
+type PerKernel<const N: usize> = Vec<((usize, String, u32), [f64; N])>;
+
+/// Adds `v` to the sums of `t`'s kernel (a new row at its first launch).
+fn add_per_kernel<const N: usize>(kinds: &mut PerKernel<N>, t: &LaunchTimes, v: [f64; N]) {
+    let key = (t.launch.kernel, t.launch.name.clone(), t.launch.cubes);
+    match kinds.iter_mut().find(|k| k.0 == key) {
+        Some(k) => k.1.iter_mut().zip(v).for_each(|(sum, x)| *sum += x),
+        None => kinds.push((key, v)),
+    }
+}
+
 /// Per kernel, the means over its launches of where its warps spread ([`Spread`]), in µs:
 /// first start → last start, first past the wait → median and last past it, median past the
 /// wait → median end, median end → last end. Nothing where no launch has a spread.
 fn spread_summary(out: &mut String, times: &[LaunchTimes]) {
     use std::fmt::Write;
-    let mut kinds: Vec<((usize, String, u32), [f64; 6])> = Vec::new();
+    let mut kinds: PerKernel<6> = Vec::new();
     for t in times {
         let Some(s) = t.spread else { continue };
         let first_wait = t.wait.unwrap_or(t.start);
@@ -857,11 +859,7 @@ fn spread_summary(out: &mut String, times: &[LaunchTimes]) {
             d(s.end_median, s.wait_median),
             d(t.end, s.end_median),
         ];
-        let key = (t.launch.kernel, t.launch.name.clone(), t.launch.cubes);
-        match kinds.iter_mut().find(|k| k.0 == key) {
-            Some(k) => k.1.iter_mut().zip(v).for_each(|(a, b)| *a += b),
-            None => kinds.push((key, v)),
-        }
+        add_per_kernel(&mut kinds, t, v);
     }
     if kinds.is_empty() {
         return;
